@@ -1,0 +1,663 @@
+"""QEMU's own savevm/migration stream, byte for byte (spec §0-§6).
+
+:func:`decode` turns an iterable of byte chunks into events;
+:func:`encode` turns events back into chunks.  Decoding then encoding a
+stream QEMU wrote gives back the same bytes.
+
+Device sections (FULL) need a schema.  It comes from the ``schemas``
+argument (a vmdesc found by the caller at the end of a seekable file, or a
+``--schema`` file), or from the stream itself: when the decoder meets a
+device section before it has schemas, it buffers the rest of the stream
+(device sections, EOF and the vmdesc are small) and reads the vmdesc at its
+end.  RAM is never buffered: page runs are handed out as views of the input
+chunks.
+
+Whatever the bytes, :func:`decode` raises only
+:class:`~vmferry.errors.DecodeError` (with offset and path).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+from ..errors import DecodeError, EncodeError, FerryError, SchemaError, TruncatedError
+from ..events import (
+    CMD_PACKAGED,
+    COMMAND,
+    CONFIGURATION,
+    EOF_TYPE,
+    QEMU_VM_FILE_MAGIC,
+    RAM_COMPRESS_PAGE,
+    RAM_CONTINUE,
+    RAM_EOS,
+    RAM_HOOK,
+    RAM_MEM_SIZE,
+    RAM_MULTIFD_FLUSH,
+    RAM_PAGE,
+    RAM_XBZRLE,
+    RAM_ZERO,
+    SECTION_END,
+    SECTION_FOOTER,
+    SECTION_FULL,
+    SECTION_KIND_NAMES,
+    SECTION_PART,
+    SECTION_START,
+    VMDESCRIPTION,
+    Command,
+    Configuration,
+    DeviceSection,
+    Eof,
+    Event,
+    Header,
+    IterBegin,
+    IterEnd,
+    OpaqueSection,
+    RamBlock,
+    RamEos,
+    RamMemSize,
+    RamPages,
+    RamRecord,
+    RamZeros,
+    Vmdesc,
+)
+from ..serialize.drive import visit_vmsd
+from ..serialize.qemu_vmdesc import load_json, schemas_from_vmdesc
+from ..serialize.schema import SchemaSet, Vmsd
+from ..serialize.visitor import LegacyReader, LegacyWriter
+from .configuration import CONFIGURATION_VMSD
+from .window import Window
+
+NAME = "legacy"
+MAGIC = b"QEVM"
+
+BE16 = struct.Struct(">H")
+BE32 = struct.Struct(">I")
+BE64 = struct.Struct(">Q")
+
+RAM_IDSTR = "ram"
+RAM_VERSION = 4
+MAX_VMDESC = 64 << 20  # QEMU's are ~100 KB; analyze-migration.py reads at most 10 MiB
+MAX_BUFFERED_TAIL = 256 << 20  # device sections + vmdesc held while waiting for the vmdesc
+MAX_SECTION = 64 << 20  # largest VMState body we are willing to buffer
+MAX_PACKAGED = 256 << 20
+
+
+def sniff(head: bytes) -> bool:
+    return head[:4] == MAGIC
+
+
+@dataclass
+class DecodeOptions:
+    """What the decoder cannot learn from the stream itself."""
+
+    schemas: SchemaSet | None = None  # schemas known before the stream's own vmdesc
+    page_size: int = 4096  # target page size (x86: 4096); a vmdesc's page_size wins
+    chunk_hint: int = 1 << 22
+
+
+@dataclass
+class _RamState:
+    """What RAM records depend on from earlier in the stream."""
+
+    block: str | None = None  # block of the previous page record (CONTINUE)
+    ignore_shared: bool = False  # configuration announced x-ignore-shared: GPA per block
+    postcopy_psize: int | None = None  # POSTCOPY_ADVISE pagesize summary, when sent
+
+
+@dataclass
+class _State:
+    opts: DecodeOptions
+    schemas: SchemaSet | None
+    page_size: int
+    ram: _RamState = field(default_factory=_RamState)
+    handlers: dict[int, str] = field(default_factory=dict)  # section id -> idstr (START/FULL seen)
+
+
+def find_vmdesc(tail: bytes | memoryview, tail_offset: int = 0) -> tuple[int, bytes] | None:
+    """Locate the vmdesc at the end of ``tail`` (the last bytes of a stream), spec §4.7.
+
+    Returns (absolute offset of the 0x06 byte, JSON bytes) or None.
+    """
+    view = memoryview(tail)
+    n = len(view)
+    p = bytes(view).rfind(b"\x06", 0, n)
+    data = bytes(view)
+    while p >= 0:
+        if p + 6 <= n and data[p + 5:p + 6] == b"{" and BE32.unpack_from(data, p + 1)[0] == n - p - 5:
+            return tail_offset + p, data[p + 5:]
+        p = data.rfind(b"\x06", 0, p)
+    return None
+
+
+def parse_vmdesc(text: bytes, offset: int | None = None) -> SchemaSet:
+    try:
+        return schemas_from_vmdesc(load_json(text, "vmdesc"), "vmdesc")
+    except SchemaError as e:
+        raise DecodeError(f"bad vmdesc: {e}", offset, "$.vmdesc") from None
+
+
+# ---------------------------------------------------------------------------
+# Decoding
+# ---------------------------------------------------------------------------
+
+
+def decode(chunks: Iterable[bytes | bytearray | memoryview], options: DecodeOptions | None = None) -> Iterator[Event]:
+    """Decode a QEMU stream.  Raises only :class:`DecodeError`."""
+    opts = options or DecodeOptions()
+    w = Window(chunks)
+    st = _State(opts, opts.schemas, opts.schemas.page_size if opts.schemas else opts.page_size)
+    try:
+        yield from _decode_stream(w, st)
+    except FerryError as e:
+        if isinstance(e, DecodeError):
+            raise
+        raise DecodeError(str(e), w.offset, "$") from None
+    except (ValueError, IndexError, KeyError, struct.error, UnicodeError, OverflowError, RecursionError) as e:
+        # A bug's last line of defence: hostile bytes must never escape as another exception.
+        raise DecodeError(f"malformed input ({type(e).__name__}: {e})", w.offset, "$") from None
+
+
+def _u8(w: Window, what: str) -> int:
+    w.need(1, what)
+    b = w.buf[w.pos]
+    w.pos += 1
+    return b
+
+
+def _be16(w: Window, what: str) -> int:
+    w.need(2, what)
+    (v,) = BE16.unpack_from(w.buf, w.pos)
+    w.pos += 2
+    return v
+
+
+def _be32(w: Window, what: str) -> int:
+    w.need(4, what)
+    (v,) = BE32.unpack_from(w.buf, w.pos)
+    w.pos += 4
+    return v
+
+
+def _be64(w: Window, what: str) -> int:
+    w.need(8, what)
+    (v,) = BE64.unpack_from(w.buf, w.pos)
+    w.pos += 8
+    return v
+
+
+def _cstr(w: Window, what: str) -> str:
+    n = _u8(w, what)
+    return bytes(w.take(n, what)).decode("latin-1")
+
+
+def _decode_stream(w: Window, st: _State) -> Iterator[Event]:
+    w.path = "$.header"
+    w.need(8, "header")
+    magic, version = struct.unpack_from(">II", w.buf, w.pos)
+    if magic != QEMU_VM_FILE_MAGIC:
+        raise DecodeError(f"not a QEMU migration stream (magic {magic:#010x}, expected 0x5145564d 'QEVM')", w.offset,
+                          "$.header")
+    if version != 3:
+        raise DecodeError(f"unsupported stream version {version} (only 3 is supported)", w.offset + 4, "$.header")
+    w.pos += 8
+    yield Header(version)
+
+    first = True
+    while True:
+        w.path = "$"
+        start = w.offset
+        t = _u8(w, "record type")
+        if t == CONFIGURATION and first:
+            w.path = "$.configuration"
+            yield _decode_configuration(w, st)
+        elif t in (SECTION_START, SECTION_FULL, SECTION_PART, SECTION_END):
+            yield from _decode_section(w, st, t, start)
+        elif t == COMMAND:
+            yield _decode_command(w, st)
+        elif t == EOF_TYPE:
+            yield Eof()
+            yield from _decode_trailer(w, st)
+            return
+        else:
+            raise DecodeError(f"unknown record type {t:#04x}", start, "$")
+        first = False
+
+
+def _decode_configuration(w: Window, st: _State) -> Configuration:
+    state = _read_vmstate(w, CONFIGURATION_VMSD, 1, "$.configuration")
+    caps = [bytes(c) for c in state.get("configuration/capabilities", {}).get("capabilities", [])]
+    st.ram.ignore_shared = b"x-ignore-shared" in caps
+    return Configuration(state)
+
+
+def _read_vmstate(w: Window, vmsd: Vmsd, version: int, path: str) -> dict[str, Any]:
+    """Decode one VMState body at the window position, pulling more input until it fits."""
+    want = 4096
+    while True:
+        w.fill(want)
+        reader = LegacyReader(w.view, w.pos, len(w.buf), w.base)
+        reader._path = [path]
+        try:
+            state = visit_vmsd(reader, vmsd, None, version)
+        except TruncatedError:
+            if w.eof or w.available >= MAX_SECTION:
+                raise
+            want = max(want, w.available) * 4
+            continue
+        # A subsection header cut by the window's end would have been missed: look again with more.
+        if not w.eof and len(w.buf) - reader.pos < 2 + 255 + 5 and w.available < MAX_SECTION:
+            want = max(want, w.available) * 4
+            continue
+        w.pos = reader.pos
+        return state
+
+
+def _decode_footer(w: Window, section_id: int, idstr: str) -> bool:
+    """Consume a footer if one follows; return whether it did."""
+    if not w.fill(1) or w.buf[w.pos] != SECTION_FOOTER:
+        return False
+    w.need(5, "section footer")
+    (fid,) = BE32.unpack_from(w.buf, w.pos + 1)
+    if fid != section_id:
+        raise DecodeError(f"footer of section {idstr!r} has id {fid}, expected {section_id}", w.offset, w.path)
+    w.pos += 5
+    return True
+
+
+def _decode_section(w: Window, st: _State, kind: int, start: int) -> Iterator[Event]:
+    kind_name = SECTION_KIND_NAMES[kind]
+    section_id = _be32(w, "section id")
+    if kind in (SECTION_START, SECTION_FULL):
+        idstr = _cstr(w, "section idstr")
+        instance_id = _be32(w, "instance id")
+        version_id = _be32(w, "version id")
+        st.handlers[section_id] = idstr
+    else:
+        if section_id not in st.handlers:
+            raise DecodeError(f"{kind_name} of section id {section_id} that was never started", start, "$")
+        idstr = st.handlers[section_id]
+        instance_id = version_id = 0
+    w.path = f"$.{idstr}" if instance_id == 0 else f"$.{idstr}[{instance_id}]"
+
+    if idstr == RAM_IDSTR:
+        if kind in (SECTION_START, SECTION_FULL) and version_id != RAM_VERSION:
+            raise DecodeError(f"ram section version {version_id}, expected {RAM_VERSION}", start, w.path)
+        yield IterBegin(kind, section_id, idstr, instance_id, version_id)
+        yield from _decode_ram(w, st)
+        yield IterEnd(section_id, _decode_footer(w, section_id, idstr))
+        return
+    if kind != SECTION_FULL:
+        raise DecodeError(f"iterative section {idstr!r} is not supported (only 'ram' is)", start, w.path)
+
+    found = st.schemas.lookup(idstr, instance_id) if st.schemas is not None else None
+    if found is None and st.schemas is None:
+        # The vmdesc, if any, is at the very end: hold the rest of the stream and read it.
+        _load_trailing_vmdesc(w, st, idstr, instance_id)
+        found = st.schemas.lookup(idstr, instance_id) if st.schemas is not None else None
+    if found is None and st.schemas is not None:
+        vmsd = st.schemas.by_vmsd_name.get(idstr.rsplit("/", 1)[-1])
+        if vmsd is not None:
+            found = (vmsd, {})
+    if found is None:
+        where = "the stream has no vmdesc; pass --schema FILE" if st.schemas is None else \
+            f"the schema ({st.schemas.origin}) does not describe it"
+        raise DecodeError(f"no schema for section {idstr!r} instance {instance_id}: {where}", start, w.path)
+    vmsd, desc = found
+    body_start = w.offset
+    state = _read_vmstate(w, vmsd, version_id, w.path)
+    size = w.offset - body_start
+    footer = _decode_footer(w, section_id, idstr)
+    if not footer and w.fill(1) and w.buf[w.pos] not in (SECTION_START, SECTION_PART, SECTION_END, SECTION_FULL,
+                                                        COMMAND, EOF_TYPE):
+        raise DecodeError(f"section {idstr!r} does not end where its schema ({vmsd.name!r}) says: next byte "
+                          f"{w.buf[w.pos]:#04x} is no record type", w.offset, w.path)
+    if not desc:
+        from ..serialize.describe import describe_section  # a schema without vmdesc entry: describe it
+
+        desc = describe_section(vmsd, state, idstr, instance_id, version_id)
+    yield DeviceSection(section_id, idstr, instance_id, version_id, state, vmsd, desc, footer, size)
+
+
+def _load_trailing_vmdesc(w: Window, st: _State, idstr: str, instance_id: int) -> None:
+    w.read_all(MAX_BUFFERED_TAIL, f"waiting for the vmdesc to decode section {idstr!r}")
+    found = find_vmdesc(w.view[w.pos:], w.offset)
+    if found is None:
+        return
+    offset, text = found
+    st.schemas = parse_vmdesc(text, offset)
+    st.page_size = st.schemas.page_size
+
+
+def _decode_command(w: Window, st: _State) -> Command:
+    w.path = "$.command"
+    cmd = _be16(w, "command")
+    n = _be16(w, "command length")
+    payload = bytes(w.take(n, "command payload"))
+    if cmd == 3 and n == 16:  # POSTCOPY_ADVISE: pagesize summary, target page size
+        st.ram.postcopy_psize = BE64.unpack_from(payload, 0)[0]
+    if cmd != CMD_PACKAGED:
+        return Command(cmd, payload)
+    if n != 4:
+        raise DecodeError(f"PACKAGED command with a {n}-byte payload, expected 4", w.offset - n, w.path)
+    (length,) = BE32.unpack(payload)
+    if length > MAX_PACKAGED:
+        raise DecodeError(f"PACKAGED blob of {length} bytes exceeds {MAX_PACKAGED}", w.offset, w.path)
+    base = w.offset
+    blob = bytes(w.take(length, "packaged records"))
+    inner = Window([blob], "$.packaged")
+    inner.base = base
+    nested: list[Event] = []
+    while not inner.at_end():
+        start = inner.offset
+        t = _u8(inner, "record type")
+        if t in (SECTION_START, SECTION_FULL, SECTION_PART, SECTION_END):
+            nested.extend(_decode_section(inner, st, t, start))
+        elif t == COMMAND:
+            nested.append(_decode_command(inner, st))
+        else:
+            raise DecodeError(f"record type {t:#04x} inside a PACKAGED command", start, "$.packaged")
+    return Command(cmd, payload, nested)
+
+
+def _decode_trailer(w: Window, st: _State) -> Iterator[Event]:
+    if w.at_end():
+        return
+    w.path = "$.vmdesc"
+    start = w.offset
+    t = _u8(w, "vmdesc")
+    if t != VMDESCRIPTION:
+        raise DecodeError(f"expected the vmdesc (0x06) or the end after EOF, got {t:#04x}", start, w.path)
+    n = _be32(w, "vmdesc length")
+    if n > MAX_VMDESC:
+        raise DecodeError(f"vmdesc of {n} bytes exceeds the {MAX_VMDESC}-byte limit", start + 1, w.path)
+    text = bytes(w.take(n, "vmdesc"))
+    if not w.at_end():
+        raise DecodeError("unexpected bytes after the vmdesc", w.offset, w.path)
+    yield Vmdesc(text)
+
+
+# --- RAM -------------------------------------------------------------------
+
+
+def _decode_ram(w: Window, st: _State) -> Iterator[Event]:
+    ps = st.page_size
+    mask = ps - 1
+    ram = st.ram
+    while True:
+        w.need(8, "ram record")
+        (addr,) = BE64.unpack_from(w.buf, w.pos)
+        flags = addr & mask
+        offset = addr & ~mask
+        kind = flags & ~RAM_CONTINUE
+        if kind == RAM_EOS:
+            if flags != RAM_EOS or offset:
+                raise DecodeError(f"malformed EOS record {addr:#x}", w.offset, w.path)
+            w.pos += 8
+            yield RamEos()
+            return
+        if kind == RAM_PAGE or kind == RAM_ZERO:
+            yield _decode_page_run(w, st, addr, ps)
+        elif kind == RAM_MEM_SIZE:
+            w.pos += 8
+            yield _decode_mem_size(w, ram, offset)
+        elif kind in (RAM_XBZRLE, RAM_COMPRESS_PAGE):
+            w.pos += 8
+            named, block = _record_block(w, ram, flags)
+            if kind == RAM_XBZRLE:
+                enc = _u8(w, "xbzrle encoding")
+                n = _be16(w, "xbzrle length")
+                if n > ps:
+                    raise DecodeError(f"XBZRLE payload of {n} bytes exceeds the page size", w.offset - 2, w.path)
+                payload = bytes([enc]) + BE16.pack(n) + bytes(w.take(n, "xbzrle data"))
+            else:
+                n = _be32(w, "compressed length")
+                if n > 2 * ps + 64:
+                    raise DecodeError(f"compressed page of {n} bytes is implausibly large", w.offset - 4, w.path)
+                payload = BE32.pack(n) + bytes(w.take(n, "compressed page"))
+            yield RamRecord(flags, offset, block, named, payload)
+        elif kind in (RAM_MULTIFD_FLUSH, RAM_HOOK) and not flags & RAM_CONTINUE:
+            w.pos += 8
+            yield RamRecord(flags, offset)
+        else:
+            raise DecodeError(f"unknown RAM record flags {flags:#x}", w.offset, w.path)
+
+
+def _record_block(w: Window, ram: _RamState, flags: int) -> tuple[bool, str]:
+    if flags & RAM_CONTINUE:
+        if ram.block is None:
+            raise DecodeError("RAM record continues a block, but no block was named before", w.offset - 8, w.path)
+        return False, ram.block
+    ram.block = _cstr(w, "ram block name")
+    return True, ram.block
+
+
+def _decode_page_run(w: Window, st: _State, addr: int, ps: int) -> RamPages | RamZeros:
+    mask = ps - 1
+    flags = addr & mask
+    kind = flags & ~RAM_CONTINUE
+    body = ps if kind == RAM_PAGE else 1
+    # Make the whole first record available before taking positions: filling rebases the window.
+    head = 8
+    if not flags & RAM_CONTINUE:
+        w.need(9, "ram block name")
+        head = 9 + w.buf[w.pos + 8]
+    w.need(head + body, "ram page")
+    rec_start = w.pos
+    w.pos += 8
+    named, block = _record_block(w, st.ram, flags)
+    buf = w.buf
+    offset = addr & ~mask
+    pos = w.pos + body
+    count = 1
+    expect = offset + ps
+    step = 8 + body
+    end = len(buf)
+    follow = kind | RAM_CONTINUE
+    unpack = BE64.unpack_from
+    if kind == RAM_PAGE:
+        while pos + step <= end and unpack(buf, pos)[0] == expect | follow:
+            pos += step
+            expect += ps
+            count += 1
+        run: RamPages | RamZeros = RamPages(block, offset, count, named, ps, legacy=w.view[rec_start:pos])
+    else:
+        first_fill = buf[w.pos]
+        fill = bytearray([first_fill]) if first_fill else None
+        while pos + step <= end and unpack(buf, pos)[0] == expect | follow:
+            b = buf[pos + 8]
+            if b or fill is not None:
+                if fill is None:
+                    fill = bytearray(count)
+                fill.append(b)
+            pos += step
+            expect += ps
+            count += 1
+        run = RamZeros(block, offset, count, named, ps, bytes(fill) if fill is not None else None)
+    w.pos = pos
+    return run
+
+
+def _decode_mem_size(w: Window, ram: _RamState, total: int) -> RamMemSize:
+    blocks: list[RamBlock] = []
+    remaining = total
+    psize_field = ram.postcopy_psize is not None and ram.postcopy_psize != 4096
+    while remaining > 0:
+        name = _cstr(w, "ram block name")
+        length = _be64(w, "ram block length")
+        if length > remaining:
+            raise DecodeError(f"ram block {name!r} of {length:#x} bytes exceeds the announced total {total:#x}",
+                              w.offset - 8, w.path)
+        remaining -= length
+        page_size = gpa = None
+        if psize_field:
+            w.need(8, "ram block page size")
+            (peek,) = BE64.unpack_from(w.buf, w.pos)
+            if peek and peek & 0xFFF == 0 and peek & (peek - 1) == 0:
+                page_size = peek
+                w.pos += 8
+        if ram.ignore_shared:
+            gpa = _be64(w, "ram block address")
+        blocks.append(RamBlock(name, length, page_size, gpa))
+    return RamMemSize(total, blocks)
+
+
+# ---------------------------------------------------------------------------
+# Encoding
+# ---------------------------------------------------------------------------
+
+FLUSH_AT = 1 << 16
+
+
+def encode(events: Iterable[Event]) -> Iterator[bytes | memoryview]:
+    """Encode events as a QEMU stream; yields chunks (big page runs as views, uncopied)."""
+    out = bytearray()
+    for ev in events:
+        if isinstance(ev, RamPages):
+            if ev.legacy is not None:
+                if out:
+                    yield bytes(out)
+                    out.clear()
+                yield ev.legacy
+                continue
+            _encode_pages(out, ev)
+        else:
+            encode_event(out, ev)
+        if len(out) >= FLUSH_AT:
+            yield bytes(out)
+            out.clear()
+    if out:
+        yield bytes(out)
+
+
+def encode_event(out: bytearray, ev: Event) -> None:
+    """Append the legacy bytes of one event to ``out``."""
+    if isinstance(ev, RamZeros):
+        _encode_zeros(out, ev)
+    elif isinstance(ev, RamPages):
+        if ev.legacy is not None:
+            out += ev.legacy
+        else:
+            _encode_pages(out, ev)
+    elif isinstance(ev, RamRecord):
+        out += BE64.pack(ev.offset | ev.flags)
+        if ev.named:
+            _put_cstr(out, ev.block, "$.ram")
+        out += ev.payload
+    elif isinstance(ev, RamEos):
+        out += BE64.pack(RAM_EOS)
+    elif isinstance(ev, RamMemSize):
+        out += BE64.pack(ev.total | RAM_MEM_SIZE)
+        for b in ev.blocks:
+            _put_cstr(out, b.name, "$.ram")
+            out += BE64.pack(b.length)
+            if b.page_size is not None:
+                out += BE64.pack(b.page_size)
+            if b.gpa is not None:
+                out += BE64.pack(b.gpa)
+    elif isinstance(ev, IterBegin):
+        out.append(ev.kind)
+        out += BE32.pack(ev.section_id)
+        if ev.kind in (SECTION_START, SECTION_FULL):
+            _put_cstr(out, ev.idstr, "$")
+            out += BE32.pack(ev.instance_id)
+            out += BE32.pack(ev.version_id)
+    elif isinstance(ev, IterEnd):
+        if ev.footer:
+            out.append(SECTION_FOOTER)
+            out += BE32.pack(ev.section_id)
+    elif isinstance(ev, DeviceSection):
+        out.append(SECTION_FULL)
+        out += BE32.pack(ev.section_id)
+        _put_cstr(out, ev.idstr, "$")
+        out += BE32.pack(ev.instance_id)
+        out += BE32.pack(ev.version_id)
+        writer = LegacyWriter(out)
+        writer._path = [f"$.{ev.idstr}"]
+        visit_vmsd(writer, ev.schema, ev.state, ev.version_id)
+        if ev.footer:
+            out.append(SECTION_FOOTER)
+            out += BE32.pack(ev.section_id)
+    elif isinstance(ev, OpaqueSection):
+        out.append(ev.kind)
+        out += BE32.pack(ev.section_id)
+        if ev.kind in (SECTION_START, SECTION_FULL):
+            _put_cstr(out, ev.idstr, "$")
+            out += BE32.pack(ev.instance_id)
+            out += BE32.pack(ev.version_id)
+        out += ev.body
+        if ev.footer:
+            out.append(SECTION_FOOTER)
+            out += BE32.pack(ev.section_id)
+    elif isinstance(ev, Header):
+        out += BE32.pack(QEMU_VM_FILE_MAGIC)
+        out += BE32.pack(ev.version)
+    elif isinstance(ev, Configuration):
+        out.append(CONFIGURATION)
+        writer = LegacyWriter(out)
+        writer._path = ["$.configuration"]
+        visit_vmsd(writer, CONFIGURATION_VMSD, ev.state)
+    elif isinstance(ev, Command):
+        _encode_command(out, ev)
+    elif isinstance(ev, Eof):
+        out.append(EOF_TYPE)
+    elif isinstance(ev, Vmdesc):
+        out.append(VMDESCRIPTION)
+        out += BE32.pack(len(ev.text))
+        out += ev.text
+    else:
+        raise EncodeError(f"cannot encode {type(ev).__name__} as a QEMU stream")
+
+
+def _put_cstr(out: bytearray, s: str, path: str) -> None:
+    data = s.encode("latin-1")
+    if len(data) > 255:
+        raise EncodeError(f"name {s[:40]!r}... is longer than 255 bytes", path)
+    out.append(len(data))
+    out += data
+
+
+def _encode_command(out: bytearray, ev: Command) -> None:
+    payload = ev.payload
+    nested = b""
+    if ev.cmd == CMD_PACKAGED and ev.packaged is not None:
+        inner = bytearray()
+        for sub in ev.packaged:
+            encode_event(inner, sub)
+        nested = bytes(inner)
+        payload = BE32.pack(len(nested))
+    if len(payload) > 0xFFFF:
+        raise EncodeError(f"command payload of {len(payload)} bytes (at most 65535)", "$.command")
+    out.append(COMMAND)
+    out += BE16.pack(ev.cmd)
+    out += BE16.pack(len(payload))
+    out += payload
+    out += nested
+
+
+def _encode_pages(out: bytearray, ev: RamPages) -> None:
+    ps = ev.page_size
+    for i in range(ev.count):
+        first = i == 0 and ev.named
+        out += BE64.pack((ev.offset + i * ps) | RAM_PAGE | (0 if first else RAM_CONTINUE))
+        if first:
+            _put_cstr(out, ev.block, "$.ram")
+        out += ev.page(i)
+
+
+def _encode_zeros(out: bytearray, ev: RamZeros) -> None:
+    ps = ev.page_size
+    fill = ev.fill
+    for i in range(ev.count):
+        first = i == 0 and ev.named
+        out += BE64.pack((ev.offset + i * ps) | RAM_ZERO | (0 if first else RAM_CONTINUE))
+        if first:
+            _put_cstr(out, ev.block, "$.ram")
+        out.append(fill[i] if fill is not None else 0)
+
+
+def vmdesc_text(obj: Any) -> bytes:
+    """QEMU's vmdesc JSON text for an object (identical to QEMU's writer for ASCII content)."""
+    return json.dumps(obj).encode()

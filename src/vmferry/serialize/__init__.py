@@ -1,0 +1,1 @@
+"""Layer 1: serializing device state through visitors and VMState schemas."""

@@ -1,0 +1,29 @@
+"""Descriptions in QEMU's vmdesc form, from schemas or from visit functions."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .drive import visit_vmsd
+from .schema import Vmsd
+from .visitor import Describer, Visitor
+
+
+def describe_section(vmsd: Vmsd, state: dict[str, Any], idstr: str, instance_id: int,
+                     version: int | None = None) -> dict[str, Any]:
+    """The vmdesc ``devices`` entry QEMU would write for ``state`` saved with ``vmsd``."""
+    d = Describer()
+    d._path = [f"$.{idstr}"]
+    visit_vmsd(d, vmsd, state, version)
+    if vmsd.old_style:
+        return {"name": idstr, "instance_id": instance_id, "size": d.size, "fields": d.fields}
+    return d.device(idstr, instance_id, vmsd.name, vmsd.version_id if version is None else version)
+
+
+def describe_visit(fn: Callable[[Visitor, Any], Any], state: Any, idstr: str, instance_id: int,
+                   vmsd_name: str, version: int) -> dict[str, Any]:
+    """The vmdesc entry for a device described by a visit function."""
+    d = Describer()
+    d._path = [f"$.{idstr}"]
+    fn(d, state)
+    return d.device(idstr, instance_id, vmsd_name, version)
