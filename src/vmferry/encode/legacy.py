@@ -93,7 +93,8 @@ def sniff(head: bytes) -> bool:
 class DecodeOptions:
     """What the decoder cannot learn from the stream itself."""
 
-    schemas: SchemaSet | None = None  # schemas known before the stream's own vmdesc
+    schemas: SchemaSet | None = None  # schemas to use instead of the stream's own vmdesc
+    fallback_schemas: SchemaSet | None = None  # schemas for a stream that turns out to have no vmdesc
     page_size: int = 4096  # target page size (x86: 4096); a vmdesc's page_size wins
     chunk_hint: int = 1 << 22
 
@@ -114,6 +115,7 @@ class _State:
     page_size: int
     ram: _RamState = field(default_factory=_RamState)
     handlers: dict[int, str] = field(default_factory=dict)  # section id -> idstr (START/FULL seen)
+    tail_loaded: bool = False
 
 
 def find_vmdesc(tail: bytes | memoryview, tail_offset: int = 0) -> tuple[int, bytes] | None:
@@ -293,8 +295,9 @@ def _decode_section(w: Window, st: _State, kind: int, start: int) -> Iterator[Ev
         raise DecodeError(f"iterative section {idstr!r} is not supported (only 'ram' is)", start, w.path)
 
     found = st.schemas.lookup(idstr, instance_id) if st.schemas is not None else None
-    if found is None and st.schemas is None:
+    if found is None and st.schemas is None and not st.tail_loaded:
         # The vmdesc, if any, is at the very end: hold the rest of the stream and read it.
+        st.tail_loaded = True
         _load_trailing_vmdesc(w, st, idstr, instance_id)
         found = st.schemas.lookup(idstr, instance_id) if st.schemas is not None else None
     if found is None and st.schemas is not None:
@@ -325,6 +328,7 @@ def _load_trailing_vmdesc(w: Window, st: _State, idstr: str, instance_id: int) -
     w.read_all(MAX_BUFFERED_TAIL, f"waiting for the vmdesc to decode section {idstr!r}")
     found = find_vmdesc(w.view[w.pos:], w.offset)
     if found is None:
+        st.schemas = st.opts.fallback_schemas
         return
     offset, text = found
     st.schemas = parse_vmdesc(text, offset)

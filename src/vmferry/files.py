@@ -1,0 +1,130 @@
+"""Files for the orchestration layer: reading streams in chunks, sniffing, schema files.
+
+This is where bytes come off the disk (or stdin) for the CLI, the demo and
+the benchmarks; the codecs below only ever see iterables of chunks.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterator
+
+from . import encode
+from .encode import legacy
+from .errors import DecodeError, SchemaError
+from .serialize.qemu_vmdesc import (
+    is_dump_vmstate,
+    is_vmdesc,
+    load_json,
+    schemas_from_dump_vmstate,
+    schemas_from_vmdesc,
+)
+from .serialize.schema import SchemaSet
+
+CHUNK = 4 << 20
+SNIFF_BYTES = 64
+
+
+@dataclass
+class Input:
+    """An opened input stream: its chunks (sniffed bytes included), format and size if known."""
+
+    chunks: Iterator[bytes]
+    format: str
+    size: int | None
+    name: str
+
+
+def read_chunks(f: BinaryIO, first: bytes = b"", chunk: int = CHUNK,
+                progress: Callable[[int], None] | None = None) -> Iterator[bytes]:
+    """Yield ``first`` then fresh ``chunk``-sized blocks of ``f`` until its end."""
+    if first:
+        if progress:
+            progress(len(first))
+        yield first
+    while True:
+        data = f.read(chunk)
+        if not data:
+            return
+        if progress:
+            progress(len(data))
+        yield data
+
+
+def open_input(path: str, progress: Callable[[int], None] | None = None) -> Input:
+    """Open ``path`` (``-`` is stdin) and sniff its format from the first bytes."""
+    if path == "-":
+        f: BinaryIO = sys.stdin.buffer
+        size = None
+    else:
+        f = open(path, "rb")  # noqa: SIM115 - closed when the generator finishes
+        size = os.fstat(f.fileno()).st_size if Path(path).is_file() else None
+    head = b""
+    while len(head) < SNIFF_BYTES:
+        more = f.read(SNIFF_BYTES - len(head))
+        if not more:
+            break
+        head += more
+    fmt = encode.sniff(head)
+
+    def chunks() -> Iterator[bytes]:
+        try:
+            yield from read_chunks(f, head, progress=progress)
+        finally:
+            if f is not sys.stdin.buffer:
+                f.close()
+
+    return Input(chunks(), fmt, size, path)
+
+
+def read_stream_vmdesc(path: str) -> bytes | None:
+    """The vmdesc JSON at the end of a stream file, found by reading only its tail."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        for tail in (256 << 10, 4 << 20, legacy.MAX_VMDESC + 5):
+            n = min(size, tail)
+            f.seek(size - n)
+            found = legacy.find_vmdesc(f.read(n), size - n)
+            if found is not None:
+                return found[1]
+            if n == size:
+                break
+    return None
+
+
+def load_schema_file(path: str) -> SchemaSet:
+    """Schemas from a stream with a vmdesc, a vmdesc JSON, or a ``-dump-vmstate`` JSON."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if legacy.sniff(head):
+        text = read_stream_vmdesc(path)
+        if text is None:
+            raise SchemaError(f"{path}: this stream has no vmdesc to take schemas from")
+        try:
+            return schemas_from_vmdesc(load_json(text, path), f"vmdesc of {path}")
+        except SchemaError as e:
+            raise SchemaError(f"{path}: {e}") from None
+    size = os.path.getsize(path)
+    if size > legacy.MAX_VMDESC:
+        raise SchemaError(f"{path}: {size} bytes is too large for a schema file")
+    obj = load_json(Path(path).read_bytes(), path)
+    if is_vmdesc(obj):
+        return schemas_from_vmdesc(obj, f"vmdesc {path}")
+    if is_dump_vmstate(obj):
+        return schemas_from_dump_vmstate(obj, f"-dump-vmstate {path}")
+    raise SchemaError(f"{path}: neither a stream, a vmdesc JSON nor a -dump-vmstate JSON")
+
+
+def decode_input(inp: Input, schema: SchemaSet | None = None):
+    """Events of an opened input, with ``schema`` as the fallback for streams without a vmdesc."""
+    mod = encode.codec(inp.format)
+    if inp.format == "legacy":
+        return mod.decode(inp.chunks, legacy.DecodeOptions(fallback_schemas=schema))
+    return mod.decode(inp.chunks)
+
+
+__all__ = ["DecodeError", "Input", "decode_input", "load_schema_file", "open_input", "read_chunks",
+           "read_stream_vmdesc"]
