@@ -37,6 +37,7 @@ T = TypeVar("T")
 VisitFn = Callable[["Visitor", T], T]
 ElementFn = Callable[["Visitor", str, Any], Any]
 
+MAX_EMPTY_ELEMENTS = 4096  # zero-byte elements (empty structs) tolerated beyond the bytes left
 NULL_POINTER_BYTE = 0x30  # written instead of a NULL element of an array of pointers
 SUBSECTION_MARKER = 0x05  # QEMU_VM_SUBSECTION
 
@@ -70,9 +71,14 @@ class Visitor:
     # --- paths -----------------------------------------------------------
     @property
     def path(self) -> str:
-        out = self._path[0]
-        for part in self._path[1:]:
-            out += part if part.startswith("[") else "." + part
+        parts = self._path
+        out = parts[0]
+        for i in range(1, len(parts)):
+            part = parts[i]
+            if part.startswith("["):
+                out += part
+            elif not (i >= 2 and parts[i - 1].startswith("[") and parts[i - 2] == part):
+                out += "." + part  # an array element visited under the array's own name adds nothing
         return out
 
     def _push(self, part: str) -> None:
@@ -362,8 +368,9 @@ class LegacyReader(Visitor):
         self._push(name)
         if count < 0:
             raise DecodeError(f"negative element count {count}", self.base + self.pos, self.path)
-        # Every element takes at least one byte: a count beyond what is left is corrupt.
-        if count > self.end - self.pos and count > 0:
+        # Elements take at least one byte, except empty structs; a count far beyond what
+        # is left is corrupt, and must not make us loop or allocate for it.
+        if count > self.end - self.pos + MAX_EMPTY_ELEMENTS:
             raise TruncatedError(f"{count} elements cannot fit in the {self.end - self.pos} bytes left",
                                  self.base + self.pos, self.path)
         out = []
@@ -730,7 +737,10 @@ class Describer(Visitor):
         if count == 1:
             fields.extend(entries)
         elif count > 1:
-            if compressible:
+            # QEMU 7.2 compresses on a static rule and then describes every element like the
+            # first; we also require the elements to really look alike, so the description
+            # stays exact where QEMU's would not be (spec §4.5), and equals it everywhere else.
+            if compressible and len(entries) == count and all(e == entries[0] for e in entries):
                 first = dict(entries[0])
                 compressed = {"name": first.pop("name"), "array_len": count}
                 compressed.update(first)
