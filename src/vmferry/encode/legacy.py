@@ -85,6 +85,9 @@ MAX_SECTION = 64 << 20  # largest VMState body we are willing to buffer
 MAX_PACKAGED = 256 << 20
 
 
+_RECORD_TYPES = (SECTION_START, SECTION_PART, SECTION_END, SECTION_FULL, COMMAND, EOF_TYPE)
+
+
 def sniff(head: bytes) -> bool:
     return head[:4] == MAGIC
 
@@ -116,6 +119,7 @@ class _State:
     ram: _RamState = field(default_factory=_RamState)
     handlers: dict[int, str] = field(default_factory=dict)  # section id -> idstr (START/FULL seen)
     tail_loaded: bool = False
+    footers: bool | None = None  # whether this stream's sections end with footers, once known
 
 
 def find_vmdesc(tail: bytes | memoryview, tail_offset: int = 0) -> tuple[int, bytes] | None:
@@ -289,7 +293,11 @@ def _decode_section(w: Window, st: _State, kind: int, start: int) -> Iterator[Ev
             raise DecodeError(f"ram section version {version_id}, expected {RAM_VERSION}", start, w.path)
         yield IterBegin(kind, section_id, idstr, instance_id, version_id)
         yield from _decode_ram(w, st)
-        yield IterEnd(section_id, _decode_footer(w, section_id, idstr))
+        footer = _decode_footer(w, section_id, idstr)
+        if st.footers and not footer:
+            raise DecodeError(f"section {idstr!r} lacks its footer", w.offset, w.path)
+        st.footers = footer
+        yield IterEnd(section_id, footer)
         return
     if kind != SECTION_FULL:
         raise DecodeError(f"iterative section {idstr!r} is not supported (only 'ram' is)", start, w.path)
@@ -313,10 +321,11 @@ def _decode_section(w: Window, st: _State, kind: int, start: int) -> Iterator[Ev
     state = _read_vmstate(w, vmsd, version_id, w.path)
     size = w.offset - body_start
     footer = _decode_footer(w, section_id, idstr)
-    if not footer and w.fill(1) and w.buf[w.pos] not in (SECTION_START, SECTION_PART, SECTION_END, SECTION_FULL,
-                                                        COMMAND, EOF_TYPE):
-        raise DecodeError(f"section {idstr!r} does not end where its schema ({vmsd.name!r}) says: next byte "
-                          f"{w.buf[w.pos]:#04x} is no record type", w.offset, w.path)
+    if not footer and (st.footers or w.fill(1) and w.buf[w.pos] not in _RECORD_TYPES):
+        nxt = f"{w.buf[w.pos]:#04x}" if w.fill(1) else "the end of the stream"
+        raise DecodeError(f"section {idstr!r} does not end where its schema ({vmsd.name!r}) says: expected "
+                          f"{'its footer' if st.footers else 'a record'}, found {nxt}", w.offset, w.path)
+    st.footers = footer
     if not desc:
         from ..serialize.describe import describe_section  # a schema without vmdesc entry: describe it
 
