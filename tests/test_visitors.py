@@ -147,3 +147,25 @@ def test_float64_and_bool_oddities_are_kept():
     tree = visit_vmsd(LegacyReader(data), vmsd, None)
     assert math.isclose(tree["x"], 1.5) and tree["b"] == 2
     assert _legacy(vmsd, tree) == data
+
+
+def test_unknown_keys_are_refused_not_lost():
+    tree = {"cmos": b"abcd", "index": 1, "period": 9, "regs": [1, 2], "perod": 3}
+    with pytest.raises(EncodeError, match="unknown field 'perod'"):
+        _legacy(RTC_LIKE, tree)
+    nested = Vmsd("outer", 1, 1, (Field("inner", "struct", 0, struct=RTC_LIKE),))
+    reader = TreeReader({"inner": dict(tree)})
+    with pytest.raises(DecodeError, match="unknown field 'perod'") as e:
+        visit_vmsd(reader, nested, None)
+    assert e.value.path == "$.inner"
+    top = TreeReader(dict(tree))
+    visit_vmsd(top, RTC_LIKE, None)
+    with pytest.raises(DecodeError, match="unknown field 'perod'"):
+        top.finish()
+
+
+def test_cut_subsection_header_is_truncation():
+    data = _legacy(RTC_LIKE, {"cmos": b"abcd", "index": 7, "period": 9, "regs": [1, 2], "rtc/extra": {"x": 1}})
+    cut = data.index(b"\x05\x09rtc/extra") + 4
+    with pytest.raises(TruncatedError, match="subsection header cut short"):
+        visit_vmsd(LegacyReader(data[:cut]), RTC_LIKE, None)

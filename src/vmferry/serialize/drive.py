@@ -45,7 +45,17 @@ def visit_vmsd(v: Visitor, vmsd: Vmsd, state: dict[str, Any] | None, version: in
         if got is not None:
             out[name] = got
     v.end_subsections(vmsd.name)
+    if not v.loading and len(src) > len(out):
+        unknown = [k for k in src if k not in out and not _skipped(vmsd, k)]
+        if unknown:
+            raise EncodeError(f"unknown field {unknown[0]!r} for {vmsd.name!r} (a misspelt name would be lost)",
+                              v.path)
     return out
+
+
+def _skipped(vmsd: Vmsd, key: str) -> bool:
+    """A key the schema knows but did not visit (field version or test, subsection not needed)."""
+    return any(f.name == key for f in vmsd.fields) or vmsd.subsection(key) is not None
 
 
 def _require(v: Visitor, src: dict[str, Any], name: str) -> Any:

@@ -64,6 +64,9 @@ class Visitor:
     """Base class: the primitive and container methods every visitor offers."""
 
     loading = False
+    #: The version the current top-level vmsd is visited at (a section header's
+    #: version), for visit functions with since-version fields; None: the newest.
+    version: int | None = None
 
     def __init__(self) -> None:
         self._path: list[str] = ["$"]
@@ -385,11 +388,12 @@ class LegacyReader(Visitor):
     def peek_subsection(self) -> str | None:
         """The name of the subsection that starts at the current position, if any."""
         p = self.pos
-        if p + 2 > self.end or self.buf[p] != SUBSECTION_MARKER:
+        if p >= self.end or self.buf[p] != SUBSECTION_MARKER:
             return None
+        if p + 2 > self.end or p + 2 + self.buf[p + 1] > self.end:
+            # A marker whose header the buffer cuts: more input is needed to tell.
+            raise TruncatedError("subsection header cut short", self.base + p, self.path)
         n = self.buf[p + 1]
-        if p + 2 + n > self.end:
-            return None
         return bytes(self.buf[p + 2:p + 2 + n]).decode("latin-1")
 
     def subsection(self, name, version, needed, fn, value):
@@ -519,6 +523,28 @@ class TreeReader(_TreeVisitor):
         super().__init__()
         self._frames = [tree]
         self._cursor: list[int] = [0]
+        self._used: list[set[str]] = [set()]
+
+    def _enter(self, frame: Any) -> None:
+        self._frames.append(frame)
+        self._cursor.append(0)
+        self._used.append(set())
+
+    def _leave(self) -> None:
+        frame = self._frames.pop()
+        self._cursor.pop()
+        used = self._used.pop()
+        if isinstance(frame, dict) and len(used) < len(frame):
+            self._unknown(frame, used)
+
+    def _unknown(self, frame: dict[str, Any], used: set[str]) -> None:
+        extra = next(k for k in frame if k not in used)
+        raise DecodeError(f"unknown field {extra!r} (a misspelt name would be lost)", None, self.path)
+
+    def finish(self) -> None:
+        """Check that the visit used every key of the top-level tree."""
+        if len(self._used[0]) < len(self._frames[0]):
+            self._unknown(self._frames[0], self._used[0])
 
     def _get(self, name: str) -> Any:
         frame = self._frames[-1]
@@ -532,6 +558,7 @@ class TreeReader(_TreeVisitor):
             raise DecodeError(f"expected an object, got {type(frame).__name__}", None, self.path)
         if name not in frame:
             raise DecodeError(f"missing field {name!r}", None, self.path)
+        self._used[-1].add(name)
         return frame[name]
 
     def integer(self, name, value, type_name):
@@ -593,11 +620,9 @@ class TreeReader(_TreeVisitor):
         sub = self._get(name)
         if not isinstance(sub, dict):
             raise DecodeError(f"expected an object, got {type(sub).__name__}", None, self.path)
-        self._frames.append(sub)
-        self._cursor.append(0)
+        self._enter(sub)
         out = fn(self, value)
-        self._cursor.pop()
-        self._frames.pop()
+        self._leave()
         self._pop()
         return out
 
@@ -608,16 +633,14 @@ class TreeReader(_TreeVisitor):
             raise DecodeError(f"expected an array, got {type(items).__name__}", None, self.path)
         if len(items) != count:
             raise DecodeError(f"expected {count} elements, got {len(items)}", None, self.path)
-        self._frames.append(items)
-        self._cursor.append(0)
+        self._enter(items)
         out = []
         for i in range(count):
             self._path.append(f"[{i}]")
             template = values[i] if values is not None and i < len(values) else None
             out.append(fn(self, name, template))
             self._path.pop()
-        self._cursor.pop()
-        self._frames.pop()
+        self._leave()
         self._pop()
         return out
 
@@ -626,14 +649,13 @@ class TreeReader(_TreeVisitor):
         if not isinstance(frame, dict) or name not in frame:
             return None
         self._push(name)
+        self._used[-1].add(name)
         sub = frame[name]
         if not isinstance(sub, dict):
             raise DecodeError(f"expected an object, got {type(sub).__name__}", None, self.path)
-        self._frames.append(sub)
-        self._cursor.append(0)
+        self._enter(sub)
         out = fn(self, value)
-        self._cursor.pop()
-        self._frames.pop()
+        self._leave()
         self._pop()
         return out
 
