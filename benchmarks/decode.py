@@ -11,7 +11,7 @@ memory backend filled with random data (vmferry.qemu_recipes).  QEMU's
 analyze-migration.py comes from Debian's QEMU source package (``apt-get
 source qemu``, needs a deb-src line) unless ``--analyze`` points at it.
 
-    .venv/bin/python benchmarks/decode.py [--size 1G] [--workdir DIR] [--stream FILE]
+    .venv/bin/python benchmarks/decode.py [--workdir DIR] [--stream FILE] [--repeat N]
 """
 
 from __future__ import annotations
@@ -42,26 +42,22 @@ def analyze_script(cache: Path) -> Path:
     return Path(found[0])
 
 
-def make_stream(workdir: Path, size: str) -> Path:
-    from vmferry.qemu_recipes import random_ram_stream
+def make_stream(workdir: Path) -> Path:
+    from vmferry.qemu_recipes import Corpus
 
-    out = workdir / f"random-{size}.mig"
-    if not out.exists():
-        print(f"saving a {size} random-RAM guest with QEMU ...", file=sys.stderr)
-        random_ram_stream(out, size=size, workdir=workdir)
-    return out
+    print("saving (or reusing) a 1 GiB random-RAM guest saved by QEMU ...", file=sys.stderr)
+    return Corpus(workdir / "corpus", reuse=True).get("pc-7.2-1g-random")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", default="1G", help="guest RAM size (default 1G)")
     ap.add_argument("--workdir", type=Path, default=REPO / "benchmarks" / ".cache")
     ap.add_argument("--stream", type=Path, help="use this stream instead of saving one")
     ap.add_argument("--analyze", type=Path, help="path of QEMU's analyze-migration.py")
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    stream = args.stream or make_stream(args.workdir, args.size)
+    stream = args.stream or make_stream(args.workdir)
     analyze = args.analyze or analyze_script(args.workdir / "qemu-source")
     nbytes = stream.stat().st_size
     copy = args.workdir / "copy.mig"
