@@ -15,8 +15,9 @@ def describe_section(vmsd: Vmsd, state: dict[str, Any], idstr: str, instance_id:
     d = Describer()
     d._path = [f"$.{idstr}"]
     visit_vmsd(d, vmsd, state, version)
-    if vmsd.old_style:
-        return {"name": idstr, "instance_id": instance_id, "size": d.size, "fields": d.fields}
+    if vmsd.old_style:  # QEMU writes these by hand, with "size" before "type"
+        fields = [{"name": f["name"], "size": f["size"], "type": f["type"]} for f in d.fields]
+        return {"name": idstr, "instance_id": instance_id, "size": d.size, "fields": fields}
     return d.device(idstr, instance_id, vmsd.name, vmsd.version_id if version is None else version)
 
 
