@@ -153,6 +153,11 @@ def _fields_from_desc(entries: list[Any], path: str, depth: int) -> list[Field]:
             f = Field(f.name, f.type, f.size, count=n, struct=f.struct, array=True)
         fields.append(f)
     flush()
+    seen: set[str] = set()
+    for f in fields:
+        if f.name in seen:  # QEMU makes names unique; a repeat would make two fields share one tree key
+            raise SchemaError(f"{path}: field {f.name!r} appears twice")
+        seen.add(f.name)
     return fields
 
 
