@@ -168,4 +168,8 @@ def test_cut_subsection_header_is_truncation():
     data = _legacy(RTC_LIKE, {"cmos": b"abcd", "index": 7, "period": 9, "regs": [1, 2], "rtc/extra": {"x": 1}})
     cut = data.index(b"\x05\x09rtc/extra") + 4
     with pytest.raises(TruncatedError, match="subsection header cut short"):
-        visit_vmsd(LegacyReader(data[:cut]), RTC_LIKE, None)
+        visit_vmsd(LegacyReader(data[:cut], more_follows=True), RTC_LIKE, None)
+    # At the true end of the input QEMU reads such bytes as "no subsection".
+    reader = LegacyReader(data[:cut])
+    visit_vmsd(reader, RTC_LIKE, None)
+    assert reader.pos == cut - 4

@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from typing import Any, BinaryIO, Iterator
 
 from . import __version__, encode
-from .encode.json import tree_to_json
 from .errors import FerryError
 from .events import DeviceSection, OpaqueSection
 from .files import Input, decode_input, load_schema_file, open_input
@@ -85,6 +84,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     inp = _open(args.stream)
     summary = StreamSummary()
     devices: list[dict[str, Any]] = []
+    if args.json:
+        from .encode.json import tree_to_json
     for ev in decode_input(inp, schema):
         summary.add(ev)
         if args.json and isinstance(ev, DeviceSection):
@@ -163,15 +164,18 @@ def _output(path: str) -> Iterator[BinaryIO]:
 def cmd_convert(args: argparse.Namespace) -> int:
     schema = _schema(args)
     target = encode.codec(args.to)
+    if args.compress is not None and args.to != "ferry":
+        raise UsageError("--compress applies to --to ferry only")
     if args.input != "-" and args.output != "-" and os.path.abspath(args.input) == os.path.abspath(args.output):
         raise UsageError("input and output are the same file")
     size = os.path.getsize(args.input) if args.input != "-" and os.path.isfile(args.input) else None
     with _progress(f"{args.to}", size, not args.quiet) as advance:
         inp = _open(args.input, advance)
-        events = decode_input(inp, schema)
+        events = decode_input(inp, schema, target=args.to)
+        options = {"compress": args.compress} if args.compress is not None else {}
         try:
             with _output(args.output) as out:
-                out.writelines(target.encode(events))
+                out.writelines(target.encode(events, **options))
         except OSError as e:
             if isinstance(e, BrokenPipeError):
                 return EXIT_OK
@@ -180,10 +184,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_formats(args: argparse.Namespace) -> int:
-    for name in encode.names():
-        mod = encode.codec(name)
-        doc = (mod.__doc__ or "").strip().splitlines()[0]
-        print(f"{name:10} {doc}")
+    rows = [encode.info(name) for name in encode.names()]
+    if args.json:
+        json.dump(rows, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return EXIT_OK
+    for r in rows:
+        ready = "ready" if not r["missing"] else "needs " + ", ".join(r["missing"])
+        print(f"{r['name']:9} {r['capability']:15} {ready:8} {r['summary']}")
+        if r["features"]:
+            print(f"{'':9} supports: {', '.join(r['features'])}")
     return EXIT_OK
 
 
@@ -224,10 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("output", help="output file; '-' for stdout")
     conv.add_argument("--to", required=True, choices=encode.names(), help="output format")
     conv.add_argument("--schema", metavar="FILE", help=schema_help)
+    conv.add_argument("--compress", choices=["none", "zstd", "lz4"],
+                      help="compress each frame of a ferry stream (default none)")
     conv.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     conv.set_defaults(func=cmd_convert)
 
-    fmts = sub.add_parser("formats", help="list the formats vmferry reads and writes")
+    fmts = sub.add_parser("formats", help="list the formats vmferry reads and writes, and what each supports")
+    fmts.add_argument("--json", action="store_true", help="print the list as JSON")
     fmts.set_defaults(func=cmd_formats)
     return p
 

@@ -6,6 +6,7 @@ the benchmarks; the codecs below only ever see iterables of chunks.
 
 from __future__ import annotations
 
+import mmap
 import os
 import sys
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from .serialize.qemu_vmdesc import (
 from .serialize.schema import SchemaSet
 
 CHUNK = 4 << 20
+MAP_WINDOW = 32 << 20
 SNIFF_BYTES = 64
 
 
@@ -54,8 +56,29 @@ def read_chunks(f: BinaryIO, first: bytes = b"", chunk: int = CHUNK,
         yield data
 
 
+def mapped_chunks(f: BinaryIO, size: int, window: int = MAP_WINDOW,
+                  progress: Callable[[int], None] | None = None) -> Iterator[memoryview]:
+    """A regular file as read-only mapped windows: no copy, and bytes never looked at are never read.
+
+    Each window is its own mapping, unmapped once nothing holds a view of it,
+    so resident memory stays bounded by a few windows however large the file.
+    """
+    pos = 0
+    while pos < size:
+        n = min(window, size - pos)
+        m = mmap.mmap(f.fileno(), n, access=mmap.ACCESS_READ, offset=pos)
+        m.madvise(mmap.MADV_SEQUENTIAL)
+        if progress:
+            progress(n)
+        yield memoryview(m)
+        pos += n
+
+
 def open_input(path: str, progress: Callable[[int], None] | None = None) -> Input:
-    """Open ``path`` (``-`` is stdin) and sniff its format from the first bytes."""
+    """Open ``path`` (``-`` is stdin) and sniff its format from the first bytes.
+
+    Regular files are mapped (see :func:`mapped_chunks`); pipes are read in chunks.
+    """
     if path == "-":
         f: BinaryIO = sys.stdin.buffer
         size = None
@@ -70,9 +93,12 @@ def open_input(path: str, progress: Callable[[int], None] | None = None) -> Inpu
         head += more
     fmt = encode.sniff(head)
 
-    def chunks() -> Iterator[bytes]:
+    def chunks() -> Iterator[bytes | memoryview]:
         try:
-            yield from read_chunks(f, head, progress=progress)
+            if size:
+                yield from mapped_chunks(f, size, progress=progress)
+            else:
+                yield from read_chunks(f, head, progress=progress)
         finally:
             if f is not sys.stdin.buffer:
                 f.close()
@@ -118,11 +144,17 @@ def load_schema_file(path: str) -> SchemaSet:
     raise SchemaError(f"{path}: neither a stream, a vmdesc JSON nor a -dump-vmstate JSON")
 
 
-def decode_input(inp: Input, schema: SchemaSet | None = None):
-    """Events of an opened input, with ``schema`` as the fallback for streams without a vmdesc."""
+def decode_input(inp: Input, schema: SchemaSet | None = None, target: str | None = None):
+    """Events of an opened input, with ``schema`` as the fallback for streams without a vmdesc.
+
+    ``target`` names the format the events are for: unknown ferry frames are
+    kept for every target that can carry them (all but QEMU's own stream).
+    """
     mod = encode.codec(inp.format)
     if inp.format == "legacy":
         return mod.decode(inp.chunks, legacy.DecodeOptions(fallback_schemas=schema))
+    if inp.format == "ferry":
+        return mod.decode(inp.chunks, mod.DecodeOptions(keep_unknown=target not in (None, "legacy")))
     return mod.decode(inp.chunks)
 
 

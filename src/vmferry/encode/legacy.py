@@ -244,7 +244,7 @@ def _read_vmstate(w: Window, vmsd: Vmsd, version: int, path: str) -> dict[str, A
     want = 4096
     while True:
         w.fill(want)
-        reader = LegacyReader(w.view, w.pos, len(w.buf), w.base)
+        reader = LegacyReader(w.view, w.pos, len(w.buf), w.base, more_follows=not w.eof)
         reader._path = [path]
         try:
             state = visit_vmsd(reader, vmsd, None, version)
@@ -470,6 +470,20 @@ def _decode_page_run(w: Window, st: _State, addr: int, ps: int) -> RamPages | Ra
     end = len(buf)
     follow = kind | RAM_CONTINUE
     unpack = BE64.unpack_from
+    # Whole batches of records at once: one C call reads BATCH headers at their fixed stride.
+    batch = _batch_struct(step, kind)
+    span = BATCH * step
+    while pos + span <= end:
+        first = expect | follow
+        got = batch.unpack_from(buf, pos)
+        if kind == RAM_PAGE:
+            if got != tuple(range(first, first + BATCH * ps, ps)):
+                break
+        elif got[0::2] != tuple(range(first, first + BATCH * ps, ps)) or any(got[1::2]) or fill_seen(buf, w.pos):
+            break
+        pos += span
+        expect += BATCH * ps
+        count += BATCH
     if kind == RAM_PAGE:
         while pos + step <= end and unpack(buf, pos)[0] == expect | follow:
             pos += step
@@ -479,6 +493,8 @@ def _decode_page_run(w: Window, st: _State, addr: int, ps: int) -> RamPages | Ra
     else:
         first_fill = buf[w.pos]
         fill = bytearray([first_fill]) if first_fill else None
+        if fill is not None:
+            fill += bytes(count - 1)  # batched records all had fill 0
         while pos + step <= end and unpack(buf, pos)[0] == expect | follow:
             b = buf[pos + 8]
             if b or fill is not None:
@@ -491,6 +507,27 @@ def _decode_page_run(w: Window, st: _State, addr: int, ps: int) -> RamPages | Ra
         run = RamZeros(block, offset, count, named, ps, bytes(fill) if fill is not None else None)
     w.pos = pos
     return run
+
+
+BATCH = 64
+_BATCH_STRUCTS: dict[tuple[int, int], struct.Struct] = {}
+
+
+def _batch_struct(step: int, kind: int) -> struct.Struct:
+    """BATCH big-endian headers at stride ``step`` (with each ZERO record's fill byte)."""
+    key = (step, kind)
+    found = _BATCH_STRUCTS.get(key)
+    if found is None:
+        one = "QB" if kind == RAM_ZERO else "Q"
+        gap = step - struct.calcsize(">" + one)
+        found = struct.Struct(">" + f"{gap}x".join([one] * BATCH) + (f"{gap}x" if gap else ""))
+        _BATCH_STRUCTS[key] = found
+    return found
+
+
+def fill_seen(buf: bytes | memoryview, first_fill_at: int) -> bool:
+    """Whether the first record of a zero run had a non-zero fill byte (then no batching)."""
+    return buf[first_fill_at] != 0
 
 
 def _decode_mem_size(w: Window, ram: _RamState, total: int) -> RamMemSize:

@@ -2,9 +2,12 @@
 
 Decoders pull bytes through a :class:`Window`: ``need(n)`` makes sure ``n``
 bytes are available at ``pos``, taking more chunks from the iterable when
-necessary.  Buffers are immutable ``bytes``, never reused, so the
-``memoryview`` slices handed out in events stay valid for as long as someone
-holds them, and memory is bounded by the chunk size plus one record.
+necessary.  Chunks are used in place, never copied, whether they are
+``bytes`` or ``memoryview`` slices of a mapped file; only a record that
+straddles two chunks is copied, into a small bridge buffer holding just
+that record.  Chunks are never written to, so the ``memoryview`` slices
+handed out in events stay valid for as long as someone holds them, and
+memory is bounded by the chunk size plus one record.
 """
 
 from __future__ import annotations
@@ -13,13 +16,16 @@ from typing import Iterable, Iterator
 
 from ..errors import DecodeError, TruncatedError
 
+Chunk = bytes | bytearray | memoryview
+
 
 class Window:
-    """``buf[pos:]`` is the unread part of the input; ``base`` is the absolute offset of ``buf[0]``."""
+    """``buf[pos:]`` is the unread part of the current buffer; ``base`` is the absolute offset of ``buf[0]``."""
 
-    def __init__(self, chunks: Iterable[bytes | bytearray | memoryview], path: str = "$") -> None:
-        self._chunks: Iterator[bytes | bytearray | memoryview] = iter(chunks)
-        self.buf: bytes = b""
+    def __init__(self, chunks: Iterable[Chunk], path: str = "$") -> None:
+        self._chunks: Iterator[Chunk] = iter(chunks)
+        self._pending: memoryview | None = None  # the unread tail of a chunk a bridge took from
+        self.buf: bytes | memoryview = b""
         self.view = memoryview(self.buf)
         self.pos = 0
         self.base = 0
@@ -35,20 +41,40 @@ class Window:
     def available(self) -> int:
         return len(self.buf) - self.pos
 
+    def _next_chunk(self) -> memoryview | None:
+        if self._pending is not None:
+            chunk, self._pending = self._pending, None
+            return chunk
+        while True:
+            data = next(self._chunks, None)
+            if data is None:
+                self.eof = True
+                return None
+            if len(data):
+                return data if isinstance(data, memoryview) else memoryview(data)
+
+    def _set(self, buf: bytes | memoryview, consumed: int) -> None:
+        self.base += consumed
+        self.buf = buf
+        self.view = buf if isinstance(buf, memoryview) else memoryview(buf)
+        self.pos = 0
+
     def fill(self, n: int) -> bool:
         """Try to make ``n`` bytes available; False if the input ends first."""
-        while len(self.buf) - self.pos < n and not self.eof:
-            chunk = next(self._chunks, None)
+        while len(self.buf) - self.pos < n:
+            chunk = self._next_chunk()
             if chunk is None:
-                self.eof = True
                 break
-            if not chunk:
-                continue
             rest = self.view[self.pos:]
-            self.base += self.pos
-            self.buf = bytes(chunk) if not rest else bytes(rest) + bytes(chunk)
-            self.view = memoryview(self.buf)
-            self.pos = 0
+            if not len(rest):
+                self._set(chunk, self.pos)
+                continue
+            # Bridge: the unread rest plus just enough of the next chunk.
+            take = n - len(rest)
+            if take < len(chunk):
+                self._pending = chunk[take:]
+                chunk = chunk[:take]
+            self._set(bytes(rest) + bytes(chunk), self.pos)
         return len(self.buf) - self.pos >= n
 
     def need(self, n: int, what: str = "") -> None:
@@ -68,8 +94,15 @@ class Window:
         return out
 
     def read_all(self, limit: int, what: str) -> None:
-        """Pull the rest of the input into the window (at most ``limit`` bytes more)."""
-        while not self.eof:
-            if len(self.buf) - self.pos > limit:
+        """Pull the rest of the input into one buffer (at most ``limit`` bytes)."""
+        parts = [bytes(self.view[self.pos:])]
+        size = len(parts[0])
+        while True:
+            chunk = self._next_chunk()
+            if chunk is None:
+                break
+            size += len(chunk)
+            if size > limit:
                 raise DecodeError(f"{what}: more than {limit} bytes would have to be buffered", self.offset, self.path)
-            self.fill(len(self.buf) - self.pos + 1)
+            parts.append(bytes(chunk))
+        self._set(b"".join(parts), self.pos)

@@ -295,12 +295,16 @@ class LegacyReader(Visitor):
 
     loading = True
 
-    def __init__(self, buf: bytes | memoryview, pos: int = 0, end: int | None = None, base: int = 0) -> None:
+    def __init__(self, buf: bytes | memoryview, pos: int = 0, end: int | None = None, base: int = 0,
+                 more_follows: bool = False) -> None:
         super().__init__()
         self.buf = memoryview(buf)
         self.pos = pos
         self.end = len(self.buf) if end is None else end
         self.base = base
+        # The input goes on after ``end`` (a decoder's window): a subsection header cut by
+        # ``end`` then means "read more", where at the true end it means "no subsection".
+        self.more_follows = more_follows
 
     def _need(self, n: int) -> None:
         if self.pos + n > self.end:
@@ -391,8 +395,9 @@ class LegacyReader(Visitor):
         if p >= self.end or self.buf[p] != SUBSECTION_MARKER:
             return None
         if p + 2 > self.end or p + 2 + self.buf[p + 1] > self.end:
-            # A marker whose header the buffer cuts: more input is needed to tell.
-            raise TruncatedError("subsection header cut short", self.base + p, self.path)
+            if self.more_follows:
+                raise TruncatedError("subsection header cut short", self.base + p, self.path)
+            return None  # QEMU's rule: a header the input cannot hold is no subsection
         n = self.buf[p + 1]
         return bytes(self.buf[p + 2:p + 2 + n]).decode("latin-1")
 

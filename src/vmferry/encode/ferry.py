@@ -1,0 +1,643 @@
+"""The ferry format: sized, checksummed, skippable frames (docs/format.md).
+
+:func:`encode` turns events into a ferry stream, one frame at a time;
+:class:`FerryDecoder` is a sans-IO state machine (h11-style) that is fed
+bytes and hands back events, and :func:`decode` drives it over an iterable
+of chunks.  Both hold at most one frame, so memory stays constant however
+large the guest.  Page data is handed on as views of the input, uncopied.
+
+``legacy -> ferry -> legacy`` is byte-exact.  A flipped bit anywhere is
+caught by a CRC32C and reported with the offset of its frame; a stream cut
+short is reported as truncated.  Whatever the bytes, decoding raises only
+:class:`~vmferry.errors.DecodeError`.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+from ..caps import Cap
+from ..errors import DecodeError, EncodeError, FerryError, TruncatedError
+from ..events import (
+    DeviceSection,
+    Event,
+    IterBegin,
+    OpaqueSection,
+    RamPages,
+    RamRecord,
+    RamZeros,
+)
+from .records import NATIVE, RecordDecoder, RecordEncoder, UnknownFrame
+
+NAME = "ferry"
+CAP = Cap.CODEC_FERRY
+FEATURES = Cap.FERRY_FRAMING | Cap.FRAME_CRC32C | Cap.ZSTD | Cap.LZ4 | Cap.SELF_DESCRIBING
+REQUIRES = ("msgpack", "crc32c")  # zstandard and lz4 only for --compress
+MAGIC = b"\x89FRY\r\n\x1a\n"
+FORMAT_VERSION = 1
+HEADER_LEN = 32
+PAYLOAD_MSGPACK = 1
+PAYLOAD_CODECS = {PAYLOAD_MSGPACK: "msgpack"}
+
+MUST_UNDERSTAND = 0x80
+T_RECORD = 0x01
+T_SCHEMA = 0x02
+T_DEVICE = 0x03
+T_PAGES = 0x10
+T_ZEROS = 0x11
+T_END = 0x7F
+FRAME_NAMES = {T_RECORD: "RECORD", T_SCHEMA: "SCHEMA", T_DEVICE: "DEVICE", T_PAGES: "PAGES", T_ZEROS: "ZEROS",
+               T_END: "END"}
+
+COMP_NONE = 0
+COMP_ZSTD = 1
+COMP_LZ4 = 2
+COMP_MASK = 0x03
+COMPRESSIONS = {"none": COMP_NONE, "zstd": COMP_ZSTD, "lz4": COMP_LZ4}
+COMPRESSION_CAPS = {COMP_ZSTD: Cap.ZSTD, COMP_LZ4: Cap.LZ4}
+# Bits a version-1 stream may set in its header.
+STREAM_CAPS = Cap.FERRY_FRAMING | Cap.FRAME_CRC32C | Cap.ZSTD | Cap.LZ4 | Cap.SELF_DESCRIBING
+
+MAX_BODY = 64 << 20
+PAGES_PER_FRAME = 256
+COMPRESS_MIN = 64  # smaller bodies are never worth compressing
+ZSTD_LEVEL = 3
+
+_HEAD = struct.Struct(">8sHHQB7x")  # magic, version, header length, caps, payload codec (28 bytes)
+_FRAME = struct.Struct(">BBHII")  # type, flags, reserved, length, body crc (12 bytes) + header crc
+_RUN = struct.Struct(">QIIBB")  # offset, count, page size, flags, name length
+_END = struct.Struct(">7Q")
+_BE32 = struct.Struct(">I")
+RUN_NAMED = 0x01
+RUN_FILL = 0x02
+
+
+def sniff(head: bytes) -> bool:
+    return head[:8] == MAGIC
+
+
+# ---------------------------------------------------------------------------
+# CRC32C and compression (imported lazily)
+# ---------------------------------------------------------------------------
+
+_crc: Callable[..., int] | None = None
+CRC_IMPLEMENTATION = "unknown"
+
+
+def _table_crc32c() -> Callable[..., int]:
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+
+    def crc32c(data: Any, value: int = 0) -> int:
+        c = value ^ 0xFFFFFFFF
+        for b in bytes(data):
+            c = table[(c ^ b) & 0xFF] ^ (c >> 8)
+        return c ^ 0xFFFFFFFF
+
+    return crc32c
+
+
+def crc32c(data: Any, value: int = 0) -> int:
+    """CRC32C (Castagnoli) of ``data``, continuing from ``value``."""
+    global _crc, CRC_IMPLEMENTATION
+    if _crc is None:
+        try:
+            import crc32c as _mod
+
+            _crc = _mod.crc32c
+            CRC_IMPLEMENTATION = "crc32c package"
+        except ImportError:
+            warnings.warn("the crc32c package is missing: ferry falls back to a pure-Python CRC32C, which is "
+                          "about 1000x slower (pip install crc32c)", RuntimeWarning, stacklevel=2)
+            _crc = _table_crc32c()
+            CRC_IMPLEMENTATION = "pure Python (slow)"
+    return _crc(data, value)
+
+
+def _compressor(kind: int, level: int | None) -> Callable[[Any], bytes]:
+    try:
+        if kind == COMP_ZSTD:
+            import zstandard
+
+            return zstandard.ZstdCompressor(level=ZSTD_LEVEL if level is None else level).compress
+        import lz4.block
+
+        return lambda data: lz4.block.compress(data, store_size=False)
+    except ImportError:
+        extra = "zstd" if kind == COMP_ZSTD else "lz4"
+        raise EncodeError(f"--compress {extra} needs the {extra} extra (pip install 'vmferry[{extra}]')") from None
+
+
+def _decompressor(kind: int) -> Callable[[bytes, int], bytes]:
+    if kind == COMP_ZSTD:
+        import zstandard
+
+        d = zstandard.ZstdDecompressor()
+        return lambda data, n: d.decompress(data, max_output_size=n)
+    import lz4.block
+
+    return lambda data, n: lz4.block.decompress(data, uncompressed_size=n)
+
+
+def available_caps() -> Cap:
+    """The stream features this installation can read and write."""
+    mask = Cap.FERRY_FRAMING | Cap.FRAME_CRC32C | Cap.SELF_DESCRIBING
+    for cap, mod in ((Cap.ZSTD, "zstandard"), (Cap.LZ4, "lz4.block")):
+        try:
+            __import__(mod)
+            mask |= cap
+        except ImportError:
+            pass
+    return mask
+
+
+def _msgpack() -> Any:
+    try:
+        import msgpack
+
+        return msgpack
+    except ImportError:
+        raise FerryError("the ferry format needs the msgpack package (pip install msgpack)") from None
+
+
+# ---------------------------------------------------------------------------
+# Encoding
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Totals:
+    """The END frame's counters (docs/format.md §2.3)."""
+
+    frames: int = 0
+    sections: int = 0
+    pages: int = 0
+    zero_pages: int = 0
+    other_records: int = 0
+    page_bytes: int = 0
+    stream_bytes: int = 0
+
+    def count(self, ev: Any) -> None:
+        if isinstance(ev, RamPages):
+            self.pages += ev.count
+            self.page_bytes += ev.count * ev.page_size
+        elif isinstance(ev, RamZeros):
+            self.zero_pages += ev.count
+        elif isinstance(ev, RamRecord):
+            self.other_records += 1
+        elif isinstance(ev, (DeviceSection, OpaqueSection, IterBegin)):
+            self.sections += 1
+
+    def pack(self) -> bytes:
+        return _END.pack(self.frames, self.sections, self.pages, self.zero_pages, self.other_records,
+                         self.page_bytes, self.stream_bytes)
+
+    NAMES = ("frames", "sections", "pages", "zero pages", "other RAM records", "page bytes", "stream bytes")
+
+    def values(self) -> tuple[int, ...]:
+        return (self.frames, self.sections, self.pages, self.zero_pages, self.other_records, self.page_bytes,
+                self.stream_bytes)
+
+
+def header(caps: int, payload: int = PAYLOAD_MSGPACK) -> bytes:
+    head = _HEAD.pack(MAGIC, FORMAT_VERSION, HEADER_LEN, caps, payload)
+    return head + _BE32.pack(crc32c(head))
+
+
+def frame_header(ftype: int, flags: int, body_len: int, body_crc: int) -> bytes:
+    h = _FRAME.pack(ftype, flags, 0, body_len, body_crc)
+    return h + _BE32.pack(crc32c(h))
+
+
+class _Writer:
+    def __init__(self, compress: str, level: int | None) -> None:
+        if compress not in COMPRESSIONS:
+            raise EncodeError(f"unknown compression {compress!r}; choose one of {', '.join(COMPRESSIONS)}")
+        self.comp = COMPRESSIONS[compress]
+        self.compressor = _compressor(self.comp, level) if self.comp else None
+        self.packb = _msgpack().packb
+        self.totals = Totals()
+        self.records = RecordEncoder(NATIVE, schema_table=True)
+
+    def frame(self, ftype: int, parts: list[Any], size: int, compressible: bool = True) -> Iterator[Any]:
+        """Yield one frame whose body is the concatenation of ``parts`` (``size`` bytes)."""
+        flags = 0
+        if self.compressor is not None and compressible and size >= COMPRESS_MIN:
+            raw = parts[0] if len(parts) == 1 else b"".join(parts)
+            packed = self.compressor(raw)
+            if len(packed) + 4 < size:
+                parts = [_BE32.pack(size), packed]
+                size = len(packed) + 4
+                flags = self.comp
+        if size > MAX_BODY:
+            raise EncodeError(f"a {FRAME_NAMES.get(ftype & 0x7F, 'frame')} frame of {size} bytes exceeds "
+                              f"{MAX_BODY}")
+        c = 0
+        for p in parts:
+            c = crc32c(p, c)
+        yield frame_header(ftype, flags, size, c)
+        yield from parts
+        self.totals.frames += 1
+        self.totals.stream_bytes += 16 + size
+
+    def record_frames(self, ev: Any) -> Iterator[Any]:
+        for rec in self.records.records(ev):
+            t = rec["t"]
+            ftype = T_SCHEMA if t == "schema" else T_DEVICE if t == "device" else T_RECORD
+            body = self.packb(rec, use_bin_type=True)
+            yield from self.frame(MUST_UNDERSTAND | ftype, [body], len(body))
+
+    def pages(self, ev: RamPages) -> Iterator[Any]:
+        ps = ev.page_size
+        name = ev.block.encode("latin-1")
+        if len(name) > 255:
+            raise EncodeError(f"block name {ev.block[:40]!r}... is longer than 255 bytes", "$.ram")
+        whole = memoryview(ev.data) if ev.data is not None else None
+        per = max(1, min(PAGES_PER_FRAME, MAX_BODY // ps - 1))
+        for start in range(0, ev.count, per):
+            n = min(per, ev.count - start)
+            flags = RUN_NAMED if ev.named and start == 0 else 0
+            head = _RUN.pack(ev.offset + start * ps, n, ps, flags, len(name)) + name
+            if whole is not None:
+                data: Any = whole[start * ps:(start + n) * ps]
+            else:
+                data = b"".join([ev.page(i) for i in range(start, start + n)])
+            yield from self.frame(MUST_UNDERSTAND | T_PAGES, [head, data], len(head) + n * ps)
+
+    def zeros(self, ev: RamZeros) -> Iterator[Any]:
+        name = ev.block.encode("latin-1")
+        if len(name) > 255:
+            raise EncodeError(f"block name {ev.block[:40]!r}... is longer than 255 bytes", "$.ram")
+        flags = (RUN_NAMED if ev.named else 0) | (RUN_FILL if ev.fill is not None else 0)
+        body = _RUN.pack(ev.offset, ev.count, ev.page_size, flags, len(name)) + name + (ev.fill or b"")
+        yield from self.frame(MUST_UNDERSTAND | T_ZEROS, [body], len(body))
+
+
+def encode(events: Iterable[Event], compress: str = "none", level: int | None = None) -> Iterator[bytes | memoryview]:
+    """Encode events as a ferry stream; ``compress`` is ``none``, ``zstd`` or ``lz4``.
+
+    Yields chunks: frame headers, and page data as views of the events' buffers.
+    """
+    w = _Writer(compress, level)
+    caps = Cap.FERRY_FRAMING | Cap.FRAME_CRC32C | Cap.SELF_DESCRIBING | COMPRESSION_CAPS.get(w.comp, Cap(0))
+    head = header(caps)
+    w.totals.stream_bytes = len(head)
+    yield head
+    for ev in events:
+        w.totals.count(ev)
+        if isinstance(ev, RamPages):
+            yield from w.pages(ev)
+        elif isinstance(ev, RamZeros):
+            yield from w.zeros(ev)
+        elif isinstance(ev, UnknownFrame):
+            c = crc32c(ev.body)
+            yield frame_header(ev.type, ev.flags, len(ev.body), c)
+            yield ev.body
+            w.totals.frames += 1
+            w.totals.stream_bytes += 16 + len(ev.body)
+        else:
+            yield from w.record_frames(ev)
+    body = w.totals.pack()
+    yield frame_header(MUST_UNDERSTAND | T_END, 0, len(body), crc32c(body))
+    yield body
+
+
+# ---------------------------------------------------------------------------
+# Decoding: a sans-IO state machine
+# ---------------------------------------------------------------------------
+
+
+class _Sentinel:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+NEED_DATA = _Sentinel("NEED_DATA")
+DONE = _Sentinel("DONE")
+
+
+class State(enum.Enum):
+    HEADER = "header"
+    FRAMES = "frames"
+    DONE = "done"
+    ERROR = "error"
+
+
+@dataclass
+class DecodeOptions:
+    """What a ferry reader may be asked for."""
+
+    keep_unknown: bool = False  # hand skippable unknown frames on as UnknownFrame events
+    max_body: int = MAX_BODY
+
+
+class FerryDecoder:
+    """Bytes in, events out; no I/O (docs/format.md §5).
+
+    ``feed(data)`` appends input; ``next_event()`` returns the next event,
+    :data:`NEED_DATA` when it needs more input, or :data:`DONE` after the END
+    frame; ``feed_eof()`` says the input ended (a stream that ends early
+    then raises :class:`TruncatedError`).  After an error the decoder stays
+    in state ``ERROR`` and raises again.
+    """
+
+    def __init__(self, options: DecodeOptions | None = None) -> None:
+        self.opts = options or DecodeOptions()
+        self.state = State.HEADER
+        self.caps = Cap(0)
+        self.version = 0
+        self._chunks: list[memoryview] = []
+        self._have = 0
+        self._offset = 0  # absolute offset of the first buffered byte
+        self._eof = False
+        self._pending: list[Any] = []
+        self._records = RecordDecoder(NATIVE)
+        self._totals = Totals()
+        self._unpackb: Any = None
+        self._decompress: dict[int, Callable[[bytes, int], bytes]] = {}
+        self.frames_skipped = 0
+
+    # --- input
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if self._eof:
+            raise RuntimeError("feed() after feed_eof()")
+        if data:
+            view = memoryview(data)
+            if not isinstance(data, bytes):  # a caller's mutable buffer: keep our own copy
+                view = memoryview(bytes(view))
+            self._chunks.append(view)
+            self._have += len(view)
+
+    def feed_eof(self) -> None:
+        self._eof = True
+
+    @property
+    def offset(self) -> int:
+        return self._offset
+
+    def _peek(self, n: int) -> memoryview | None:
+        """The next ``n`` bytes as one view (joining chunks only when they span), or None."""
+        if self._have < n:
+            return None
+        first = self._chunks[0]
+        if len(first) >= n:
+            return first[:n]
+        parts = []
+        need = n
+        while need:
+            c = self._chunks[0]
+            if len(c) <= need:
+                parts.append(c)
+                need -= len(c)
+                self._chunks.pop(0)
+            else:
+                parts.append(c[:need])
+                self._chunks[0] = c[need:]
+                need = 0
+        joined = memoryview(b"".join(parts))
+        self._chunks.insert(0, joined)
+        return joined
+
+    def _consume(self, n: int) -> None:
+        self._have -= n
+        self._offset += n
+        while n:
+            c = self._chunks[0]
+            if len(c) <= n:
+                n -= len(c)
+                self._chunks.pop(0)
+            else:
+                self._chunks[0] = c[n:]
+                n = 0
+
+    # --- output
+    def next_event(self) -> Any:
+        if self.state is State.ERROR:
+            raise DecodeError("the decoder failed earlier", self._offset, "$")
+        try:
+            while not self._pending:
+                if self.state is State.DONE:
+                    if self._have:
+                        raise DecodeError("bytes after the END frame", self._offset, "$")
+                    return DONE
+                progressed = self._header() if self.state is State.HEADER else self._frame()
+                if not progressed:
+                    if self._eof:
+                        self._truncated()
+                    return NEED_DATA
+            ev = self._pending.pop(0)
+            self._totals.count(ev)
+            return ev
+        except DecodeError:
+            self.state = State.ERROR
+            raise
+        except FerryError as e:
+            self.state = State.ERROR
+            raise DecodeError(str(e), self._offset, "$") from None
+        except (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError, struct.error,
+                UnicodeError) as e:
+            self.state = State.ERROR
+            raise DecodeError(f"malformed ferry stream ({type(e).__name__}: {e})", self._offset, "$") from None
+
+    def _truncated(self) -> None:
+        if self.state is State.HEADER:
+            if self._have == 0 and self._offset == 0:
+                raise TruncatedError("empty input", 0, "$")
+            raise TruncatedError(f"the stream ends inside its header ({self._have} bytes)", self._offset, "$.header")
+        if self._have == 0:
+            raise TruncatedError("the stream ends without its END frame (truncated)", self._offset, "$")
+        raise TruncatedError(f"the stream ends inside the frame at offset {self._offset:#x} ({self._have} of its "
+                             "bytes arrived; truncated)", self._offset, "$")
+
+    def _header(self) -> bool:
+        head = self._peek(14)
+        if head is None:
+            n = min(8, len(self._chunks[0])) if self._chunks else 0
+            if n and bytes(self._chunks[0][:n]) != MAGIC[:n]:
+                raise DecodeError("not a ferry stream (bad magic)", 0, "$.header")
+            return False
+        if bytes(head[:8]) != MAGIC:
+            raise DecodeError(f"not a ferry stream (magic {bytes(head[:8]).hex(' ')})", 0, "$.header")
+        version, hlen = struct.unpack_from(">HH", head, 8)
+        if hlen < HEADER_LEN or hlen > 4096:
+            raise DecodeError(f"ferry header length {hlen} is implausible", 10, "$.header")
+        data = self._peek(hlen)
+        if data is None:
+            return False
+        (want,) = _BE32.unpack_from(data, hlen - 4)
+        if crc32c(data[:hlen - 4]) != want:
+            raise DecodeError("ferry header CRC mismatch: the header is corrupted", 0, "$.header")
+        if version != FORMAT_VERSION:
+            raise DecodeError(f"ferry format version {version}; this reader knows version {FORMAT_VERSION}", 8,
+                              "$.header")
+        _, _, _, caps, payload = _HEAD.unpack_from(data, 0)
+        self.version, self.caps = version, Cap(caps)
+        unknown = Cap(caps & ~STREAM_CAPS)
+        if unknown:
+            from ..caps import names
+
+            raise DecodeError(f"the stream needs capabilities this reader lacks: {', '.join(names(unknown))}", 12,
+                              "$.header")
+        lacking = Cap(caps & ~available_caps())
+        if lacking:
+            from ..caps import names
+
+            raise DecodeError(f"the stream uses {', '.join(names(lacking))}, which is not installed here "
+                              "(pip install 'vmferry[zstd,lz4]')", 12, "$.header")
+        if payload not in PAYLOAD_CODECS:
+            raise DecodeError(f"unknown payload codec {payload}", 20, "$.header")
+        self._unpackb = _msgpack().unpackb
+        self._totals.stream_bytes = hlen
+        self._consume(hlen)
+        self.state = State.FRAMES
+        return True
+
+    def _frame(self) -> bool:
+        start = self._offset
+        fh = self._peek(16)
+        if fh is None:
+            return False
+        (hcrc,) = _BE32.unpack_from(fh, 12)
+        if crc32c(fh[:12]) != hcrc:
+            raise DecodeError("corrupted frame header (CRC32C mismatch)", start, "$")
+        ftype, flags, reserved, n, bcrc = _FRAME.unpack_from(fh, 0)
+        kind = ftype & 0x7F
+        name = FRAME_NAMES.get(kind, f"type {kind:#04x}")
+        if n > self.opts.max_body:
+            raise DecodeError(f"{name} frame of {n} bytes exceeds the {self.opts.max_body}-byte limit", start, "$")
+        whole = self._peek(16 + n)
+        if whole is None:
+            return False
+        body = whole[16:]
+        if crc32c(body) != bcrc:
+            raise DecodeError(f"{name} frame body is corrupted (CRC32C mismatch)", start, "$")
+        known = kind in FRAME_NAMES and not flags & ~COMP_MASK and flags & COMP_MASK != 3 and not reserved
+        if not known:
+            if ftype & MUST_UNDERSTAND:
+                raise DecodeError(f"frame {name} (flags {flags:#04x}) must be understood, and this reader "
+                                  f"(format version {FORMAT_VERSION}) does not know it", start, "$")
+            self.frames_skipped += 1
+            self._totals.frames += 1
+            if self.opts.keep_unknown:
+                self._pending.append(UnknownFrame(ftype, flags, bytes(body)))
+            self._consume(16 + n)
+            return True
+        if flags & COMP_MASK:
+            body = self._inflate(flags & COMP_MASK, body, start, name)
+        if kind == T_END:
+            self._end(body, start)
+        else:
+            self._totals.frames += 1
+            if kind == T_PAGES or kind == T_ZEROS:
+                self._pending.append(self._run(kind, body, start))
+            else:
+                self._record(kind, body, start)
+        self._consume(16 + n)
+        return True
+
+    def _inflate(self, comp: int, body: memoryview, start: int, name: str) -> memoryview:
+        if comp not in self._decompress:
+            cap = COMPRESSION_CAPS[comp]
+            if not self.caps & cap:
+                raise DecodeError(f"{name} frame is compressed with {cap.name.lower()}, which the header does not "
+                                  "announce", start, "$")
+            self._decompress[comp] = _decompressor(comp)
+        if len(body) < 4:
+            raise DecodeError(f"compressed {name} frame too short", start, "$")
+        (size,) = _BE32.unpack_from(body, 0)
+        if size > self.opts.max_body:
+            raise DecodeError(f"{name} frame inflates to {size} bytes, over the limit", start, "$")
+        try:
+            out = self._decompress[comp](bytes(body[4:]), size)
+        except Exception as e:  # noqa: BLE001 - zstandard/lz4 raise their own error types
+            raise DecodeError(f"{name} frame does not decompress ({e})", start, "$") from None
+        if len(out) != size:
+            raise DecodeError(f"{name} frame inflates to {len(out)} bytes, its header says {size}", start, "$")
+        return memoryview(out)
+
+    def _run(self, kind: int, body: memoryview, start: int) -> RamPages | RamZeros:
+        path = "$.ram"
+        if len(body) < _RUN.size:
+            raise DecodeError("RAM frame too short", start, path)
+        offset, count, ps, flags, nlen = _RUN.unpack_from(body, 0)
+        pos = _RUN.size + nlen
+        if len(body) < pos:
+            raise DecodeError("RAM frame too short for its block name", start, path)
+        block = bytes(body[_RUN.size:pos]).decode("latin-1")
+        if ps < 512 or ps > (1 << 21) or ps & (ps - 1):
+            raise DecodeError(f"implausible page size {ps}", start, path)
+        if count == 0:
+            raise DecodeError("RAM frame of no pages", start, path)
+        if flags & ~(RUN_NAMED | RUN_FILL) or (kind == T_PAGES and flags & RUN_FILL):
+            raise DecodeError(f"unknown RAM frame flags {flags:#04x}", start, path)
+        named = bool(flags & RUN_NAMED)
+        if kind == T_PAGES:
+            if len(body) - pos != count * ps:
+                raise DecodeError(f"PAGES frame holds {len(body) - pos} bytes for {count} pages of {ps}", start, path)
+            return RamPages(block, offset, count, named, ps, data=body[pos:])
+        fill = None
+        if flags & RUN_FILL:
+            if len(body) - pos != count:
+                raise DecodeError(f"ZEROS frame holds {len(body) - pos} fill bytes for {count} pages", start, path)
+            fill = bytes(body[pos:])
+        elif len(body) != pos:
+            raise DecodeError("ZEROS frame has trailing bytes", start, path)
+        return RamZeros(block, offset, count, named, ps, fill)
+
+    def _record(self, kind: int, body: memoryview, start: int) -> None:
+        path = f"$.frames[{self._totals.frames - 1}]"
+        try:
+            rec = self._unpackb(body, raw=False, strict_map_key=True, use_list=True)
+        except Exception as e:  # noqa: BLE001 - msgpack raises several unrelated types
+            raise DecodeError(f"{FRAME_NAMES[kind]} frame body is not MessagePack ({type(e).__name__})", start,
+                              path) from None
+        t = rec.get("t") if isinstance(rec, dict) else None
+        expect = {T_SCHEMA: ("schema",), T_DEVICE: ("device",)}.get(kind)
+        if (expect is not None and t not in expect) or (kind == T_RECORD and t in ("schema", "device", "stream",
+                                                                                   "fin", "frame")):
+            raise DecodeError(f"{FRAME_NAMES[kind]} frame holds a {t!r} record", start, path)
+        self._pending.extend(self._records.record(rec, start, path))
+
+    def _end(self, body: memoryview, start: int) -> None:
+        if len(body) < _END.size:
+            raise DecodeError("END frame too short", start, "$.end")
+        theirs = _END.unpack_from(body, 0)
+        self._totals.stream_bytes = start
+        ours = self._totals.values()  # every event before the END frame has been handed out and counted
+        diff = [f"{n}: {t} announced, {o} received" for n, t, o in zip(Totals.NAMES, theirs, ours) if t != o]
+        if diff:
+            raise DecodeError("the END frame's totals do not match the stream (data was lost or added): "
+                              + "; ".join(diff), start, "$.end")
+        self._records.finish()
+        self.state = State.DONE
+
+
+def decode(chunks: Iterable[bytes | bytearray | memoryview], options: DecodeOptions | None = None) -> Iterator[Event]:
+    """Decode a ferry stream from an iterable of chunks.  Raises only :class:`DecodeError`."""
+    dec = FerryDecoder(options)
+    try:
+        for chunk in chunks:
+            dec.feed(chunk)
+            while True:
+                ev = dec.next_event()
+                if ev is NEED_DATA or ev is DONE:
+                    break
+                yield ev
+        dec.feed_eof()
+        while (ev := dec.next_event()) is not DONE:
+            yield ev
+    except DecodeError:
+        raise
+    except FerryError as e:
+        raise DecodeError(str(e), dec.offset, "$") from None
