@@ -136,8 +136,9 @@ def _print_summary(s: StreamSummary, inp: Input) -> None:
         b = Table(title=f"RAM: {s.total_pages:,} pages, {s.total_zero_pages:,} zero pages", title_justify="left")
         for col in ("block", "length", "pages", "zero pages", "other records"):
             b.add_column(col, justify="left" if col == "block" else "right")
-        for row in s.blocks.values():
-            b.add_row(row.name, f"{row.length:#x}", f"{row.pages:,}", f"{row.zero_pages:,}", f"{row.other_records:,}")
+        for block in s.blocks.values():
+            b.add_row(block.name, f"{block.length:#x}", f"{block.pages:,}", f"{block.zero_pages:,}",
+                      f"{block.other_records:,}")
         con.print(b)
 
 

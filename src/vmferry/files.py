@@ -34,7 +34,7 @@ SNIFF_BYTES = 64
 class Input:
     """An opened input stream: its chunks (sniffed bytes included), format and size if known."""
 
-    chunks: Iterator[bytes]
+    chunks: Iterator[bytes | memoryview]
     format: str
     size: int | None
     name: str

@@ -95,9 +95,9 @@ class StreamSummary:
             self.sections.append(row)
             self._iter[ev.section_id] = row
         elif isinstance(ev, IterEnd):
-            row = self._iter.get(ev.section_id)
-            if row is not None:
-                row.footer = ev.footer
+            started = self._iter.get(ev.section_id)
+            if started is not None:
+                started.footer = ev.footer
             self.footers = ev.footer if self.footers is None else self.footers
         elif isinstance(ev, DeviceSection):
             self.sections.append(SectionRow("full", ev.section_id, ev.idstr, ev.instance_id, ev.version_id, ev.size,

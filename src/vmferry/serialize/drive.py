@@ -10,7 +10,7 @@ fields.  It returns the tree, whichever direction the visitor goes.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import DecodeError, EncodeError
 from .schema import FLOAT_TYPES, INT_TYPES, Field, Vmsd
@@ -40,8 +40,7 @@ def visit_vmsd(v: Visitor, vmsd: Vmsd, state: dict[str, Any] | None, version: in
             needed = sub.needed(src)
         else:
             needed = name in src
-        got = v.subsection(name, sub.vmsd.version_id, needed,
-                           lambda vv, s, _sub=sub.vmsd: visit_vmsd(vv, _sub, s), src.get(name))
+        got = v.subsection(name, sub.vmsd.version_id, needed, _subsection_visitor(sub.vmsd), src.get(name))
         if got is not None:
             out[name] = got
     v.end_subsections(vmsd.name)
@@ -56,6 +55,10 @@ def visit_vmsd(v: Visitor, vmsd: Vmsd, state: dict[str, Any] | None, version: in
 def _skipped(vmsd: Vmsd, key: str) -> bool:
     """A key the schema knows but did not visit (field version or test, subsection not needed)."""
     return any(f.name == key for f in vmsd.fields) or vmsd.subsection(key) is not None
+
+
+def _subsection_visitor(sub: Vmsd) -> Callable[[Visitor, Any], dict[str, Any]]:
+    return lambda v, state: visit_vmsd(v, sub, state)
 
 
 def _require(v: Visitor, src: dict[str, Any], name: str) -> Any:

@@ -27,6 +27,7 @@ legacy reader, the byte offset.
 
 from __future__ import annotations
 
+import builtins
 import struct
 from typing import Any, Callable, TypeVar
 
@@ -152,7 +153,7 @@ class Visitor:
         raise NotImplementedError
 
     def array(self, name: str, values: list | None, count: int, fn: ElementFn,
-              compressible: bool = True) -> list:
+              compressible: builtins.bool = True) -> list:
         """``count`` elements, each visited by ``fn(v, name, element)``.
 
         The count is fixed or the value of an earlier field: both look alike
@@ -163,7 +164,7 @@ class Visitor:
         """
         raise NotImplementedError
 
-    def subsection(self, name: str, version: int, needed: bool, fn: VisitFn, value: Any) -> Any:
+    def subsection(self, name: str, version: int, needed: builtins.bool, fn: VisitFn, value: Any) -> Any:
         """A subsection; saved iff ``needed``.  Returns its value, or None when absent."""
         raise NotImplementedError
 
