@@ -173,25 +173,24 @@ def _u8(w: Window, what: str) -> int:
     return b
 
 
-def _be16(w: Window, what: str) -> int:
-    w.need(2, what)
-    (v,) = BE16.unpack_from(w.buf, w.pos)
-    w.pos += 2
+def _uint(w: Window, codec: struct.Struct, what: str) -> int:
+    """The next big-endian unsigned integer of ``codec``'s size, consumed."""
+    w.need(codec.size, what)
+    (v,) = codec.unpack_from(w.buf, w.pos)
+    w.pos += codec.size
     return v
+
+
+def _be16(w: Window, what: str) -> int:
+    return _uint(w, BE16, what)
 
 
 def _be32(w: Window, what: str) -> int:
-    w.need(4, what)
-    (v,) = BE32.unpack_from(w.buf, w.pos)
-    w.pos += 4
-    return v
+    return _uint(w, BE32, what)
 
 
 def _be64(w: Window, what: str) -> int:
-    w.need(8, what)
-    (v,) = BE64.unpack_from(w.buf, w.pos)
-    w.pos += 8
-    return v
+    return _uint(w, BE64, what)
 
 
 def _cstr(w: Window, what: str) -> str:
