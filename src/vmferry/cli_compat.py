@@ -1,0 +1,287 @@
+"""The compatibility commands of ``vmferry``: ``transform``, ``diff`` and ``plan``.
+
+``vmferry transform IN OUT --machine TARGET`` converts a stream saved under one
+QEMU machine type into the stream of the same guest under another
+(:mod:`vmferry.compat`).  ``vmferry diff A B`` lists what differs between two
+schema sets (streams, vmdesc JSON, ``-dump-vmstate`` JSON) and whether a
+registered transform covers each difference.  ``vmferry plan A B`` shows the
+chain of transforms between two machine types and what each mirrors.
+
+:func:`add_subcommands` adds them to the ``vmferry`` parser.  Exit status as
+for every command (0 success, 2 bad input or request, 1 internal error),
+and for ``diff`` 3 when some difference is not covered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from . import encode
+from .cli import EXIT_OK, UsageError, _open, _output, _progress
+from .compat import qemu_registry, transform_events
+from .compat.check import Report, Schemas, diff, from_dump_vmstate, from_vmdesc
+from .encode import legacy
+from .errors import SchemaError
+from .events import Configuration, DeviceSection, IterEnd, OpaqueSection, RamMemSize, Vmdesc
+from .files import decode_input, load_schema_file, read_stream_vmdesc
+from .serialize.qemu_vmdesc import is_dump_vmstate, is_vmdesc, load_json
+
+__all__ = ["EXIT_UNCOVERED", "add_subcommands", "cmd_diff", "cmd_plan", "cmd_transform", "load_schemas"]
+
+#: ``vmferry diff``: some difference is not covered by a registered transform.
+EXIT_UNCOVERED = 3
+
+
+# ---------------------------------------------------------------------------
+# transform
+# ---------------------------------------------------------------------------
+
+
+def cmd_transform(args: argparse.Namespace) -> int:
+    if args.input != "-" and args.output != "-" and os.path.abspath(args.input) == os.path.abspath(args.output):
+        raise UsageError("input and output are the same file")
+    schema = None
+    if args.schema:
+        try:
+            schema = load_schema_file(args.schema)
+        except FileNotFoundError:
+            raise UsageError(f"{args.schema}: no such file") from None
+    registry = qemu_registry()
+    registry.release(args.machine)  # an unknown target fails before any output is written
+    if args.from_machine:
+        registry.release(args.from_machine)
+    size = os.path.getsize(args.input) if args.input != "-" and os.path.isfile(args.input) else None
+    with _progress(f"{args.machine}", size, not args.quiet) as advance:
+        inp = _open(args.input, advance)
+        fmt = args.to or inp.format
+        target = encode.codec(fmt)
+        events = transform_events(decode_input(inp, schema, target=fmt), registry, args.machine, args.from_machine)
+        try:
+            with _output(args.output) as out:
+                out.writelines(target.encode(events))
+        except OSError as e:
+            if isinstance(e, BrokenPipeError):
+                return EXIT_OK
+            raise UsageError(f"{args.output}: {e.strerror or e}") from None
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------
+# diff
+# ---------------------------------------------------------------------------
+
+
+def _stream_head(path: str) -> tuple[Configuration | None, bool | None, list[Any] | None]:
+    """Configuration, footers and RAM blocks, from the first events of a stream."""
+    config = None
+    footers = None
+    ram = None
+    events = decode_input(_open(path))
+    try:
+        for ev in events:
+            if isinstance(ev, Configuration):
+                config = ev
+            elif isinstance(ev, RamMemSize):
+                ram = list(ev.blocks)
+            elif isinstance(ev, IterEnd):
+                footers = ev.footer
+                break
+            elif isinstance(ev, (DeviceSection, OpaqueSection)):
+                footers = ev.footer
+                break
+    finally:
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()
+    return config, footers, ram
+
+
+def _stream_schemas(path: str, fmt: str) -> Schemas:
+    if fmt == "legacy":
+        config, footers, ram = _stream_head(path)
+        text = read_stream_vmdesc(path)
+        if text is None:
+            raise SchemaError(f"{path}: this stream has no vmdesc to compare")
+        obj = load_json(text, f"vmdesc of {path}")
+    else:  # other formats: read the whole stream, the descriptions travel with the sections
+        config = None
+        footers = ram = None
+        devices = []
+        obj = None
+        for ev in decode_input(_open(path)):
+            if isinstance(ev, Configuration):
+                config = ev
+            elif isinstance(ev, RamMemSize) and ram is None:
+                ram = list(ev.blocks)
+            elif isinstance(ev, IterEnd) and footers is None:
+                footers = ev.footer
+            elif isinstance(ev, DeviceSection):
+                devices.append(ev.desc)
+                footers = ev.footer if footers is None else footers
+            elif isinstance(ev, OpaqueSection) and ev.desc is not None:
+                devices.append(ev.desc)
+            elif isinstance(ev, Vmdesc):
+                obj = load_json(ev.text, f"vmdesc of {path}")
+        if obj is None:
+            obj = {"page_size": 4096, "devices": devices}
+    s = from_vmdesc(obj, path, "stream", config.machine if config is not None else None)
+    s.configuration = config is not None
+    s.footers = footers
+    s.ram = ram
+    return s
+
+
+def load_schemas(path: str) -> Schemas:
+    """A diff side from a stream (any format), a vmdesc JSON or a ``-dump-vmstate`` JSON file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path}: is a directory") from None
+    if legacy.sniff(head):
+        return _stream_schemas(path, "legacy")
+    if head.lstrip()[:1] == b"{" and os.path.getsize(path) <= legacy.MAX_VMDESC:
+        with open(path, "rb") as f:
+            try:
+                obj = load_json(f.read(), path)
+            except SchemaError:
+                obj = None
+        if is_vmdesc(obj):
+            return from_vmdesc(obj, path)
+        if is_dump_vmstate(obj):
+            return from_dump_vmstate(obj, path)
+    inp = _open(path)
+    fmt = inp.format
+    close = getattr(inp.chunks, "close", None)
+    if close is not None:
+        close()
+    return _stream_schemas(path, fmt)
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    a = load_schemas(args.a)
+    b = load_schemas(args.b)
+    registry = qemu_registry()
+    report = diff(a, b, registry, source=args.from_machine, target=args.to_machine)
+    if args.json:
+        json.dump(report.as_dict(), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        _print_report(report)
+    return EXIT_UNCOVERED if report.uncovered else EXIT_OK
+
+
+def _print_report(r: Report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console(highlight=False)
+    for side, s in (("A", r.a), ("B", r.b)):
+        con.print(f"{side}: [bold]{s.origin}[/bold] ({s.kind}, machine {s.machine or 'not named'})")
+    if r.plan:
+        con.print("path: " + (" -> ".join(r.plan) if len(r.plan) > 1 else "same machine type"))
+    elif r.plan_error:
+        con.print(f"[bold]no transform path[/bold]: {r.plan_error}")
+    if not r.differences:
+        con.print("no differences")
+        return
+    t = Table(title=f"{len(r.differences)} differences, {len(r.uncovered)} not covered", title_justify="left")
+    for col in ("kind", "section", "item", "detail", "covered by"):
+        t.add_column(col)
+    for d in r.differences:
+        cov = ", ".join(d.covered_by) if d.covered else "[bold red]not covered[/bold red]"
+        t.add_row(d.kind, d.section, d.item, d.detail, cov)
+    con.print(t)
+
+
+# ---------------------------------------------------------------------------
+# plan
+# ---------------------------------------------------------------------------
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    registry = qemu_registry()
+    if args.list:
+        rows = {line: names for line, names in registry.lines().items()}
+        if args.json:
+            json.dump(rows, sys.stdout, indent=1)
+            sys.stdout.write("\n")
+        else:
+            for line, names in rows.items():
+                print(f"{line}: {', '.join(n.rsplit('-', 1)[1] for n in names)}")
+        return EXIT_OK
+    if not args.source or not args.target:
+        raise UsageError("plan needs SOURCE and TARGET machine types (or --list)")
+    plan = registry.plan(args.source, args.target)
+    steps: list[dict[str, Any]] = [{"from": s.source, "to": s.target, "lossless": s.lossless,
+              "transforms": [{"name": t.name, "kind": t.kind, "section": t.section, "lossless": t.lossless,
+                              "mirrors": t.mirrors} for t in s.transforms]} for s in plan.steps]
+    if args.json:
+        json.dump({"source": plan.source, "target": plan.target, "lossless": plan.lossless, "steps": steps},
+                  sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return EXIT_OK
+    print(f"{plan.source} -> {plan.target}: {len(steps)} steps, {'lossless' if plan.lossless else 'lossy'}")
+    for s in steps:
+        print(f"  {s['from']} -> {s['to']}")
+        for t in s["transforms"]:
+            where = f"[{t['section']}]" if t["section"] else "[machine]"
+            print(f"    {t['name']} {where} {'lossless' if t['lossless'] else 'lossy'}: {t['mirrors']}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------
+# parser
+# ---------------------------------------------------------------------------
+
+
+def add_subcommands(sub: Any) -> None:
+    """Add ``transform``, ``diff`` and ``plan`` to the ``vmferry`` subcommand parsers."""
+    tr = sub.add_parser(
+        "transform", help="convert a stream from one QEMU machine type to another",
+        description="Convert a stream saved by QEMU under one machine type (pc-i440fx-2.3 .. 7.2, "
+                    "pc-q35-2.4 .. 7.2) into the stream of the same guest under another, for QEMU 7.2 to load "
+                    "with that machine type. The source machine type is read from the stream's configuration "
+                    "section; streams without one (pc-i440fx-2.3) need --from-machine. RAM passes through; "
+                    "device state is converted step by step (see 'vmferry plan').")
+    tr.add_argument("input", help="input stream (any format vmferry reads); '-' for stdin")
+    tr.add_argument("output", help="output file; '-' for stdout")
+    tr.add_argument("--machine", required=True, metavar="TARGET", help="target machine type, e.g. pc-i440fx-2.12")
+    tr.add_argument("--from-machine", metavar="SOURCE",
+                    help="source machine type, for streams without a configuration section")
+    tr.add_argument("--to", choices=encode.names(), help="output format (default: the input's)")
+    tr.add_argument("--schema", metavar="FILE", help="schema for a stream without a vmdesc (as for convert)")
+    tr.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    tr.set_defaults(func=cmd_transform)
+
+    df = sub.add_parser(
+        "diff", help="compare two schema sets and say which transforms cover the differences",
+        description="Compare the device descriptions of A and B (each a stream, a vmdesc JSON or QEMU's "
+                    "-dump-vmstate JSON) and list every incompatibility for loading A's state as B: sections, "
+                    "fields and subsections added or removed, fields resized, versions out of range, and for "
+                    "streams the configuration section, footers, machine name and RAM blocks. Each is marked "
+                    "covered when a registered transform on the path between the machine types handles it.",
+        epilog="Exit status: 0 when every difference is covered (or there are none), 3 when some is not, "
+               "2 for bad input.")
+    df.add_argument("a", help="schema set A (the source)")
+    df.add_argument("b", help="schema set B (the destination)")
+    df.add_argument("--from-machine", metavar="MACHINE", help="A's machine type, when A does not name it")
+    df.add_argument("--to-machine", metavar="MACHINE", help="B's machine type, when B does not name it")
+    df.add_argument("--json", action="store_true", help="print the report as JSON")
+    df.set_defaults(func=cmd_diff)
+
+    pl = sub.add_parser(
+        "plan", help="show the transforms between two machine types",
+        description="Show the chain of steps between two machine types, with each transform, whether it is "
+                    "lossless, and the QEMU behaviour it mirrors. --list prints the known machine types.")
+    pl.add_argument("source", nargs="?", help="source machine type")
+    pl.add_argument("target", nargs="?", help="target machine type")
+    pl.add_argument("--list", action="store_true", help="list the machine types of the catalogue")
+    pl.add_argument("--json", action="store_true", help="print as JSON")
+    pl.set_defaults(func=cmd_plan)

@@ -1,0 +1,39 @@
+"""Compatibility transforms between device-model releases and QEMU machine types.
+
+* :mod:`.registry`: register transforms (one section, or the whole
+  machine), plan the unique chain between two releases in either
+  direction, apply it.
+* :mod:`.ops`: the reusable operations transforms are made of: add, drop,
+  rename and change fields, versions and subsections; add, drop, rename,
+  split and merge sections.
+* :mod:`.machines`: the catalogue of QEMU 7.2's x86 machine types
+  (``pc-i440fx-2.3`` .. ``7.2``, ``pc-q35-2.4`` .. ``7.2``).
+* :mod:`.stream`: apply a plan to an event stream, RAM passing through.
+* :mod:`.check`: the static diff of two schema sets (``vmferry diff``).
+
+Everything here is a pure function over events, trees and schemas: no I/O.
+"""
+
+from __future__ import annotations
+
+from .machines import build_registry, qemu_registry
+from .ops import Machine, Node, Part
+from .registry import Change, Plan, Registry, Release, Step, Transform, apply
+from .stream import source_release, transform_events
+
+__all__ = [
+    "Change",
+    "Machine",
+    "Node",
+    "Part",
+    "Plan",
+    "Registry",
+    "Release",
+    "Step",
+    "Transform",
+    "apply",
+    "build_registry",
+    "qemu_registry",
+    "source_release",
+    "transform_events",
+]

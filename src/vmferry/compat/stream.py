@@ -1,0 +1,271 @@
+"""Apply a plan to an event stream, with memory bounded by the device state.
+
+:func:`transform_events` takes the events of a stream of one release and
+yields the events of the same state in another release.  RAM events pass
+through as they come (only block names are rewritten where a step renames
+a block, and the first bytes of blocks a transform asked for are kept);
+the device sections, which are small, are held until ``Eof`` and then
+transformed together, so that a transform can read any section.  The
+configuration section is rewritten for the target (the machine name is
+what QEMU compares: spec §1.2), footers follow the target release, and the
+vmdesc is regenerated from the transformed sections so that it keeps
+describing exactly what is on the wire (and written for a target release
+whose streams carry one when the source had none).
+
+Nothing here does I/O; this is a generator from events to events.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Iterable, Iterator
+
+from ..encode.configuration import configuration_state
+from ..errors import CompatError, EncodeError
+from ..events import (
+    Command,
+    Configuration,
+    DeviceSection,
+    Eof,
+    Event,
+    Header,
+    IterBegin,
+    IterEnd,
+    OpaqueSection,
+    RamBlock,
+    RamMemSize,
+    RamPages,
+    RamRecord,
+    RamZeros,
+    Vmdesc,
+)
+from ..serialize.describe import describe_section
+from .ops import Machine
+from .registry import Plan, Registry, apply
+
+__all__ = ["PEEK_BYTES", "source_release", "transform_events"]
+
+#: How many bytes of a peeked RAM block are kept (enough for any ACPI RSDP).
+PEEK_BYTES = 64
+#: The x86 target page size, for a vmdesc written where the source had none.
+DEFAULT_PAGE_SIZE = 4096
+
+
+def source_release(configuration: Configuration | None, given: str | None) -> str:
+    """The release a stream is in: its configuration's machine name, or ``given`` if it has none."""
+    found = configuration.machine if configuration is not None else None
+    if found and given and found != given:
+        raise CompatError(f"the stream says it is {found}, but {given} was given as its machine type")
+    name = found or given
+    if not name:
+        raise CompatError("the stream has no configuration section to name its machine type "
+                          "(machine types up to 2.3 send none): give the source machine type "
+                          "(vmferry transform --from-machine)")
+    return name
+
+
+def transform_events(events: Iterable[Event], registry: Registry, target: str,
+                     source: str | None = None) -> Iterator[Event]:
+    """The events of ``events`` (a stream of ``source``, or of the machine its configuration names)
+    converted to release ``target``.
+
+    Raises :class:`CompatError` when no unique path exists or a transform refuses.
+    """
+    it = iter(events)
+    first = next(it, None)
+    if first is None:
+        return
+    head: list[Event] = []
+    pending: list[Event] = []
+    if isinstance(first, Header):
+        head.append(first)
+        second = next(it, None)
+        config = second if isinstance(second, Configuration) else None
+        if second is not None and config is None:
+            pending.append(second)
+    else:
+        config = None
+        pending.append(first)
+    # Plan before anything is handed out: a stream that cannot be converted yields nothing.
+    plan = registry.plan(source_release(config, source), target)
+    runner = _Runner(plan, registry)
+    yield from head
+    if plan.steps or config is not None:
+        out_config = runner.configuration(config)
+        if out_config is not None:
+            yield out_config
+    for ev in pending:
+        yield from runner.event(ev)
+    for ev in it:
+        yield from runner.event(ev)
+    yield from runner.finish()
+
+
+class _Runner:
+    def __init__(self, plan: Plan, registry: Registry) -> None:
+        self.plan = plan
+        self.identity = not plan.steps
+        self.src = registry.release(plan.source)
+        self.dst = registry.release(plan.target)
+        self.footers = self.dst.footers
+        self.renames: dict[str, str] = {}
+        self.blocks: tuple[RamBlock, ...] = ()
+        self.peek = plan.peek_blocks()
+        self.heads: dict[str, bytes] = {}
+        self.sections: list[DeviceSection | OpaqueSection] = []
+        self.iter_ids: set[int] = set()
+        self.vmdesc: Vmdesc | None = None
+        self.done = False
+        self.result: Machine | None = None
+
+    # ------------------------------------------------------------- records
+
+    def configuration(self, config: Configuration | None) -> Configuration | None:
+        if self.identity:
+            return config
+        if not self.dst.configuration:
+            if config is not None and any(k != "len" and k != "name" for k in config.state):
+                extra = ", ".join(k for k in config.state if k not in ("len", "name"))
+                raise CompatError(f"{self.dst.name} streams have no configuration section, so {extra} "
+                                  f"cannot be carried over")
+            return None
+        state = dict(config.state) if config is not None else configuration_state(self.dst.name)
+        name = self.dst.name.encode("ascii")
+        state["len"], state["name"] = len(name), name
+        # keep the fields first and the subsections after them, as on the wire
+        ordered = {"len": state.pop("len"), "name": state.pop("name")}
+        ordered.update(state)
+        return Configuration(ordered)
+
+    def event(self, ev: Event) -> Iterator[Event]:
+        if self.identity:
+            yield ev
+            return
+        if isinstance(ev, (DeviceSection, OpaqueSection)):
+            if self.done:
+                raise CompatError(f"section {ev.idstr!r} after the end of the stream")
+            self.sections.append(ev)
+            return
+        if isinstance(ev, Eof):
+            yield from self._flush()
+            yield ev
+            return
+        if isinstance(ev, Vmdesc):
+            self.vmdesc = ev
+            if self.dst.vmdesc:
+                yield self._vmdesc(ev)
+            return
+        if isinstance(ev, RamMemSize):
+            self.renames = self.plan.rename_blocks(ev.blocks)
+            blocks = [dataclasses.replace(b, name=self.renames.get(b.name, b.name)) for b in ev.blocks]
+            self.blocks = tuple(blocks)
+            yield RamMemSize(ev.total, blocks)
+            return
+        if isinstance(ev, (RamPages, RamZeros, RamRecord)):
+            yield self._ram(ev)
+            return
+        if isinstance(ev, IterEnd):
+            yield dataclasses.replace(ev, footer=self.footers)
+            return
+        if isinstance(ev, IterBegin):
+            self.iter_ids.add(ev.section_id)
+        if isinstance(ev, Command) and ev.packaged:
+            if any(isinstance(x, (DeviceSection, OpaqueSection)) for x in ev.packaged):
+                raise CompatError("device state inside a PACKAGED command (postcopy) cannot be transformed yet")
+        yield ev
+
+    def _ram(self, ev: RamPages | RamZeros | RamRecord) -> Event:
+        if isinstance(ev, RamPages) and ev.offset == 0:
+            name = self.renames.get(ev.block, ev.block)
+            if name in self.peek:
+                self.heads[name] = bytes(ev.page(0)[:PEEK_BYTES])
+        new = self.renames.get(ev.block)
+        if new is None:
+            return ev
+        if isinstance(ev, RamPages) and ev.legacy is not None:
+            # The record bytes name the old block: carry the pages as data instead.
+            return RamPages(new, ev.offset, ev.count, ev.named, ev.page_size, data=ev.contiguous())
+        return dataclasses.replace(ev, block=new)
+
+    # ---------------------------------------------------------- the sections
+
+    def _flush(self) -> Iterator[Event]:
+        if self.done:
+            raise CompatError("two EOF records in one stream")
+        self.done = True
+        footers = self.sections[0].footer if self.sections else self.src.footers
+        m = Machine(self.plan.source, tuple(self.sections), self.blocks, dict(self.heads), footers,
+                    frozenset(self.iter_ids))
+        m = apply(self.plan, m)
+        m = dataclasses.replace(m, footers=self.footers)
+        out = []
+        for sec in m.sections:
+            if sec.footer != self.footers:
+                sec = dataclasses.replace(sec, footer=self.footers)
+            if isinstance(sec, DeviceSection) and not sec.desc:
+                sec = _described(sec)
+            out.append(sec)
+        self.result = dataclasses.replace(m, sections=tuple(out))
+        yield from out
+
+    def _vmdesc(self, ev: Vmdesc | None) -> Vmdesc:
+        assert self.result is not None
+        try:
+            obj: dict[str, Any] = json.loads(ev.text) if ev is not None else {"page_size": DEFAULT_PAGE_SIZE}
+        except ValueError:
+            obj = {"page_size": DEFAULT_PAGE_SIZE}
+        devices = []
+        for sec in self.result.sections:
+            if isinstance(sec, DeviceSection):
+                devices.append(sec.desc)
+            elif sec.desc is not None:
+                devices.append(sec.desc)
+            else:
+                devices.append({"name": sec.idstr, "instance_id": sec.instance_id, "size": sec.size,
+                                "fields": [{"name": "data", "size": sec.size, "type": "buffer"}]})
+        out = {k: v for k, v in obj.items() if k != "devices"}
+        if "configuration" in out and isinstance(out["configuration"], dict):
+            out["configuration"] = _configuration_desc(out["configuration"], self.dst.name)
+        out["devices"] = devices
+        return Vmdesc(json.dumps(out).encode())
+
+    def finish(self) -> Iterator[Event]:
+        if self.identity:
+            return
+        if not self.done:
+            # A stream cut before EOF: still hand out what was transformed.
+            yield from self._flush()
+        elif self.vmdesc is None and self.dst.vmdesc:
+            # The source sent none (suppress-vmdesc) but the target's streams carry one: QEMU
+            # only warns without it, but a description of what is on the wire costs nothing.
+            yield self._vmdesc(None)
+
+
+def _described(sec: DeviceSection) -> DeviceSection:
+    try:
+        desc = describe_section(sec.schema, sec.state, sec.idstr, sec.instance_id, sec.version_id)
+    except EncodeError as e:
+        raise CompatError(f"section {sec.idstr!r} does not fit its schema after the transforms: {e}") from None
+    size = _desc_size(desc)
+    return dataclasses.replace(sec, desc=desc, size=size)
+
+
+def _desc_size(desc: dict[str, Any]) -> int:
+    total = 0
+    for f in desc.get("fields", []):
+        total += f["size"] * f.get("array_len", 1)
+    for s in desc.get("subsections", []):
+        total += 2 + len(s["vmsd_name"]) + 4 + _desc_size(s)
+    return total
+
+
+def _configuration_desc(desc: dict[str, Any], machine: str) -> dict[str, Any]:
+    out = dict(desc)
+    fields = []
+    for f in desc.get("fields", []):
+        if f.get("name") == "name":
+            f = dict(f, size=len(machine))
+        fields.append(f)
+    out["fields"] = fields
+    return out
