@@ -149,6 +149,11 @@ def _output(path: str) -> Iterator[BinaryIO]:
         yield sys.stdout.buffer
         sys.stdout.buffer.flush()
         return
+    if os.path.exists(path) and not os.path.isfile(path):
+        # a device or a FIFO (/dev/null, a named pipe): write to it, never replace it
+        with open(path, "wb") as f:
+            yield f
+        return
     tmp = f"{path}.vmferry-partial"
     try:
         with open(tmp, "wb") as f:
@@ -243,6 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     fmts = sub.add_parser("formats", help="list the formats vmferry reads and writes, and what each supports")
     fmts.add_argument("--json", action="store_true", help="print the list as JSON")
     fmts.set_defaults(func=cmd_formats)
+
+    from . import cli_compat, cli_live  # they import this module's helpers
+
+    cli_live.add_subcommands(sub)
+    cli_compat.add_subcommands(sub)
     return p
 
 

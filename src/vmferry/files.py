@@ -154,7 +154,8 @@ def decode_input(inp: Input, schema: SchemaSet | None = None, target: str | None
     if inp.format == "legacy":
         return mod.decode(inp.chunks, legacy.DecodeOptions(fallback_schemas=schema))
     if inp.format == "ferry":
-        return mod.decode(inp.chunks, mod.DecodeOptions(keep_unknown=target not in (None, "legacy")))
+        return mod.decode(inp.chunks, mod.DecodeOptions(keep_unknown=target not in (None, "legacy"),
+                                                        legacy_records=target == "legacy"))
     return mod.decode(inp.chunks)
 
 

@@ -25,7 +25,7 @@ from ..caps import Cap
 from ..errors import DecodeError, EncodeError, FerryError, TruncatedError
 from ..events import Event
 from ..serialize.schema import FLOAT_TYPES, INT_TYPES, Field, Vmsd
-from .records import NATIVE_BYTES, RecordStreamDecoder, encode_records
+from .records import NATIVE_BYTES, RecordStreamDecoder, encode_records, pieces
 
 MODULE_NAME = "VmFerry"
 MAX_RECORD = 64 << 20
@@ -377,7 +377,7 @@ class _Codec:
         pos = 0
         started = self.rules in ("der", "per")
         ended = False
-        for chunk in chunks:
+        for chunk in pieces(chunks):
             buf = buf[pos:] + bytes(chunk)
             base += pos
             pos = 0

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Iterator
 from ..caps import Cap
 from ..errors import DecodeError, FerryError, TruncatedError
 from ..events import Event
-from .records import NATIVE_BYTES, RecordStreamDecoder, encode_records
+from .records import NATIVE_BYTES, RecordStreamDecoder, encode_records, pieces
 
 NAME = "cbor"
 CAP = Cap.CODEC_CBOR
@@ -68,7 +68,7 @@ def decode(chunks: Iterable[bytes | bytearray | memoryview], options: Any = None
     base = 0  # absolute offset of buf[0]
     pos = 0  # position in buf of the next item
     try:
-        for chunk in chunks:
+        for chunk in pieces(chunks):
             buf = buf[pos:] + bytes(chunk)
             base += pos
             pos = 0

@@ -21,8 +21,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 from ..caps import Cap
+from ..caps import name as caps_name
 from ..errors import DecodeError, EncodeError, FerryError, TruncatedError
 from ..events import (
+    RAM_CONTINUE,
+    _legacy_page_start,
+    RAM_PAGE,
     DeviceSection,
     Event,
     IterBegin,
@@ -74,6 +78,7 @@ _END = struct.Struct(">7Q")
 _BE32 = struct.Struct(">I")
 RUN_NAMED = 0x01
 RUN_FILL = 0x02
+RUN_QEMU_LAYOUT = 0x04  # PAGES: the pages as QEMU's own PAGE records (docs/format.md §2.2)
 
 
 def sniff(head: bytes) -> bool:
@@ -261,16 +266,22 @@ class _Writer:
         if len(name) > 255:
             raise EncodeError(f"block name {ev.block[:40]!r}... is longer than 255 bytes", "$.ram")
         whole = memoryview(ev.data) if ev.data is not None else None
-        per = max(1, min(PAGES_PER_FRAME, MAX_BODY // ps - 1))
+        records = memoryview(ev.legacy) if whole is None and ev.legacy is not None else None
+        per = max(1, min(PAGES_PER_FRAME, MAX_BODY // (ps + 8) - 1))
         for start in range(0, ev.count, per):
             n = min(per, ev.count - start)
             flags = RUN_NAMED if ev.named and start == 0 else 0
-            head = _RUN.pack(ev.offset + start * ps, n, ps, flags, len(name)) + name
-            if whole is not None:
-                data: Any = whole[start * ps:(start + n) * ps]
+            if records is not None:
+                # QEMU's records as they came: a slice of the input, nothing copied.
+                begin = 0 if start == 0 else _legacy_page_start(ev, start) - 8
+                data: Any = records[begin:_legacy_page_start(ev, start + n - 1) + ps]
+                flags |= RUN_QEMU_LAYOUT
+            elif whole is not None:
+                data = whole[start * ps:(start + n) * ps]
             else:
                 data = b"".join([ev.page(i) for i in range(start, start + n)])
-            yield from self.frame(MUST_UNDERSTAND | T_PAGES, [head, data], len(head) + n * ps)
+            head = _RUN.pack(ev.offset + start * ps, n, ps, flags, len(name)) + name
+            yield from self.frame(MUST_UNDERSTAND | T_PAGES, [head, data], len(head) + len(data))
 
     def zeros(self, ev: RamZeros) -> Iterator[Any]:
         name = ev.block.encode("latin-1")
@@ -340,6 +351,9 @@ class DecodeOptions:
 
     keep_unknown: bool = False  # hand skippable unknown frames on as UnknownFrame events
     max_body: int = MAX_BODY
+    # Also give each page run its exact QEMU record bytes (RamPages.legacy), built in one pass:
+    # the legacy encoder then writes them as they are.  For output to QEMU's format.
+    legacy_records: bool = False
 
 
 class FerryDecoder:
@@ -374,8 +388,10 @@ class FerryDecoder:
             raise RuntimeError("feed() after feed_eof()")
         if data:
             view = memoryview(data)
-            if not isinstance(data, bytes):  # a caller's mutable buffer: keep our own copy
+            if not view.readonly:  # a caller's mutable buffer: keep our own copy (bytes and mmaps are not copied)
                 view = memoryview(bytes(view))
+            if view.ndim != 1 or view.itemsize != 1:
+                view = view.cast("B")
             self._chunks.append(view)
             self._have += len(view)
 
@@ -408,6 +424,21 @@ class FerryDecoder:
         joined = memoryview(b"".join(parts))
         self._chunks.insert(0, joined)
         return joined
+
+    def _span(self, skip: int, n: int) -> list[memoryview]:
+        """Views of the ``n`` buffered bytes after the first ``skip`` (which must all be buffered)."""
+        out = []
+        for c in self._chunks:
+            if skip >= len(c):
+                skip -= len(c)
+                continue
+            piece = c[skip:skip + n]
+            skip = 0
+            out.append(piece)
+            n -= len(piece)
+            if not n:
+                break
+        return out
 
     def _consume(self, n: int) -> None:
         self._have -= n
@@ -461,35 +492,33 @@ class FerryDecoder:
                              "bytes arrived; truncated)", self._offset, "$")
 
     def _header(self) -> bool:
-        head = self._peek(14)
-        if head is None:
+        data = self._peek(HEADER_LEN)
+        if data is None:
             n = min(8, len(self._chunks[0])) if self._chunks else 0
             if n and bytes(self._chunks[0][:n]) != MAGIC[:n]:
                 raise DecodeError("not a ferry stream (bad magic)", 0, "$.header")
             return False
-        if bytes(head[:8]) != MAGIC:
-            raise DecodeError(f"not a ferry stream (magic {bytes(head[:8]).hex(' ')})", 0, "$.header")
-        version, hlen = struct.unpack_from(">HH", head, 8)
-        if hlen < HEADER_LEN or hlen > 4096:
-            raise DecodeError(f"ferry header length {hlen} is implausible", 10, "$.header")
-        data = self._peek(hlen)
-        if data is None:
-            return False
-        (want,) = _BE32.unpack_from(data, hlen - 4)
-        if crc32c(data[:hlen - 4]) != want:
+        if bytes(data[:8]) != MAGIC:
+            raise DecodeError(f"not a ferry stream (magic {bytes(data[:8]).hex(' ')})", 0, "$.header")
+        # The first 32 bytes are checked before any of their fields is believed (docs/format.md §1).
+        (want,) = _BE32.unpack_from(data, HEADER_LEN - 4)
+        if crc32c(data[:HEADER_LEN - 4]) != want:
             raise DecodeError("ferry header CRC mismatch: the header is corrupted", 0, "$.header")
+        version, hlen = struct.unpack_from(">HH", data, 8)
         if version != FORMAT_VERSION:
             raise DecodeError(f"ferry format version {version}; this reader knows version {FORMAT_VERSION}", 8,
                               "$.header")
+        if hlen != HEADER_LEN:
+            raise DecodeError(f"ferry version 1 header of {hlen} bytes (expected {HEADER_LEN})", 10, "$.header")
         _, _, _, caps, payload = _HEAD.unpack_from(data, 0)
         self.version, self.caps = version, Cap(caps)
-        unknown = Cap(caps & ~STREAM_CAPS)
+        unknown = Cap(caps & ~int(STREAM_CAPS))
         if unknown:
             from ..caps import names
 
             raise DecodeError(f"the stream needs capabilities this reader lacks: {', '.join(names(unknown))}", 12,
                               "$.header")
-        lacking = Cap(caps & ~available_caps())
+        lacking = Cap(caps & ~int(available_caps()))
         if lacking:
             from ..caps import names
 
@@ -516,12 +545,22 @@ class FerryDecoder:
         name = FRAME_NAMES.get(kind, f"type {kind:#04x}")
         if n > self.opts.max_body:
             raise DecodeError(f"{name} frame of {n} bytes exceeds the {self.opts.max_body}-byte limit", start, "$")
-        whole = self._peek(16 + n)
-        if whole is None:
+        if self._have < 16 + n:
             return False
-        body = whole[16:]
-        if crc32c(body) != bcrc:
+        parts = self._span(16, n)  # the body as views of the input, however the chunks fell: nothing joined yet
+        c = 0
+        for part in parts:
+            c = crc32c(part, c)
+        if c != bcrc:
             raise DecodeError(f"{name} frame body is corrupted (CRC32C mismatch)", start, "$")
+        if len(parts) == 1:
+            body = parts[0]
+        elif kind == T_PAGES and not flags & COMP_MASK and n > _RUN.size:
+            # page data stays a view when it lies in one chunk: join only the run header
+            fixed = _join_after(parts, _RUN.size).head
+            body = _join_after(parts, _RUN.size + fixed[-1])
+        else:
+            body = memoryview(b"".join(parts))
         known = kind in FRAME_NAMES and not flags & ~COMP_MASK and flags & COMP_MASK != 3 and not reserved
         if not known:
             if ftype & MUST_UNDERSTAND:
@@ -550,7 +589,7 @@ class FerryDecoder:
         if comp not in self._decompress:
             cap = COMPRESSION_CAPS[comp]
             if not self.caps & cap:
-                raise DecodeError(f"{name} frame is compressed with {cap.name.lower()}, which the header does not "
+                raise DecodeError(f"{name} frame is compressed with {caps_name(cap)}, which the header does not "
                                   "announce", start, "$")
             self._decompress[comp] = _decompressor(comp)
         if len(body) < 4:
@@ -566,32 +605,45 @@ class FerryDecoder:
             raise DecodeError(f"{name} frame inflates to {len(out)} bytes, its header says {size}", start, "$")
         return memoryview(out)
 
-    def _run(self, kind: int, body: memoryview, start: int) -> RamPages | RamZeros:
+    def _run(self, kind: int, body: Any, start: int) -> RamPages | RamZeros:
         path = "$.ram"
-        if len(body) < _RUN.size:
+        head = body.head if isinstance(body, _Pieces) else body  # _Pieces: a PAGES body that spanned chunks
+        if len(head) < _RUN.size:
             raise DecodeError("RAM frame too short", start, path)
-        offset, count, ps, flags, nlen = _RUN.unpack_from(body, 0)
+        offset, count, ps, flags, nlen = _RUN.unpack_from(head, 0)
         pos = _RUN.size + nlen
-        if len(body) < pos:
+        if len(head) < pos:
             raise DecodeError("RAM frame too short for its block name", start, path)
-        block = bytes(body[_RUN.size:pos]).decode("latin-1")
+        block = bytes(head[_RUN.size:pos]).decode("latin-1")
+        tail = body.rest if isinstance(body, _Pieces) else body[pos:]
         if ps < 512 or ps > (1 << 21) or ps & (ps - 1):
             raise DecodeError(f"implausible page size {ps}", start, path)
         if count == 0:
             raise DecodeError("RAM frame of no pages", start, path)
-        if flags & ~(RUN_NAMED | RUN_FILL) or (kind == T_PAGES and flags & RUN_FILL):
+        if flags & ~(RUN_NAMED | RUN_FILL | RUN_QEMU_LAYOUT) or (kind == T_PAGES and flags & RUN_FILL) or (
+                kind == T_ZEROS and flags & RUN_QEMU_LAYOUT):
             raise DecodeError(f"unknown RAM frame flags {flags:#04x}", start, path)
+        if offset % ps:
+            raise DecodeError(f"RAM run offset {offset:#x} is not page-aligned", start, path)
         named = bool(flags & RUN_NAMED)
+        if kind == T_PAGES and flags & RUN_QEMU_LAYOUT:
+            records = tail
+            _check_qemu_records(records, block, offset, count, named, ps, start)
+            return RamPages(block, offset, count, named, ps, legacy=records)
         if kind == T_PAGES:
-            if len(body) - pos != count * ps:
-                raise DecodeError(f"PAGES frame holds {len(body) - pos} bytes for {count} pages of {ps}", start, path)
-            return RamPages(block, offset, count, named, ps, data=body[pos:])
+            if len(tail) != count * ps:
+                raise DecodeError(f"PAGES frame holds {len(tail)} bytes for {count} pages of {ps}", start, path)
+            data = tail
+            run = RamPages(block, offset, count, named, ps, data=data)
+            if self.opts.legacy_records:
+                run.legacy = legacy_page_records(block, offset, count, named, ps, data)
+            return run
         fill = None
         if flags & RUN_FILL:
-            if len(body) - pos != count:
-                raise DecodeError(f"ZEROS frame holds {len(body) - pos} fill bytes for {count} pages", start, path)
-            fill = bytes(body[pos:])
-        elif len(body) != pos:
+            if len(tail) != count:
+                raise DecodeError(f"ZEROS frame holds {len(tail)} fill bytes for {count} pages", start, path)
+            fill = bytes(tail)
+        elif len(tail):
             raise DecodeError("ZEROS frame has trailing bytes", start, path)
         return RamZeros(block, offset, count, named, ps, fill)
 
@@ -621,6 +673,78 @@ class FerryDecoder:
                               + "; ".join(diff), start, "$.end")
         self._records.finish()
         self.state = State.DONE
+
+
+_BE64 = struct.Struct(">Q")
+
+
+class _Pieces:
+    """A PAGES body in two parts: a small head (joined) and the rest (a view when it lies in one chunk)."""
+
+    __slots__ = ("head", "rest")
+
+    def __init__(self, head: bytes, rest: memoryview) -> None:
+        self.head, self.rest = head, rest
+
+
+def _join_after(parts: list[memoryview], k: int) -> Any:
+    """``parts`` as one body, joining the first ``k`` bytes and the rest separately (see _Pieces)."""
+    head: list[memoryview] = []
+    need = min(k, sum(len(p) for p in parts))
+    rest = list(parts)
+    while need:
+        p = rest.pop(0)
+        if len(p) <= need:
+            head.append(p)
+            need -= len(p)
+        else:
+            head.append(p[:need])
+            rest.insert(0, p[need:])
+            need = 0
+    tail = rest[0] if len(rest) == 1 else memoryview(b"".join(rest))
+    return _Pieces(b"".join(head), tail)
+
+
+def _check_qemu_records(rec: memoryview, block: str, offset: int, count: int, named: bool, ps: int,
+                        start: int) -> None:
+    """Check that QEMU-layout page records say exactly what the run header says (no call per page)."""
+    name = block.encode("latin-1")
+    head = 8 + (1 + len(name) if named else 0)
+    stride = 8 + ps
+    if len(rec) != head + ps + (count - 1) * stride:
+        raise DecodeError(f"PAGES frame holds {len(rec)} bytes of QEMU records for {count} pages of {ps}", start,
+                          "$.ram")
+    flag = RAM_PAGE | RAM_CONTINUE
+    first = offset | (RAM_PAGE if named else flag)
+    if _BE64.unpack_from(rec, 0)[0] != first or (named and bytes(rec[8:head]) != bytes([len(name)]) + name):
+        raise DecodeError("PAGES frame: the first QEMU record does not match the run", start, "$.ram")
+    n = count - 1
+    if n:
+        want = struct.pack(f">{n}Q", *range((offset + ps) | flag, offset + count * ps, ps))
+        rest = rec[head + ps:]
+        for j in range(8):  # byte j of every address word, in one strided comparison
+            if rest[j::stride] != want[j::8]:
+                raise DecodeError("PAGES frame: a QEMU record header does not match the run", start, "$.ram")
+
+
+def legacy_page_records(block: str, offset: int, count: int, named: bool, ps: int, data: memoryview) -> bytes:
+    """The QEMU PAGE records of a run (spec §5.1), in one join: what the legacy encoder would write."""
+    pack = _BE64.pack
+    flag = RAM_PAGE | RAM_CONTINUE
+    parts: list[Any] = []
+    append = parts.append
+    if named:
+        name = block.encode("latin-1")
+        append(pack(offset | RAM_PAGE) + bytes([len(name)]) + name)
+    else:
+        append(pack(offset | flag))
+    append(data[:ps])
+    pos = ps
+    for addr in range(offset + ps, offset + count * ps, ps):
+        append(pack(addr | flag))
+        append(data[pos:pos + ps])
+        pos += ps
+    return b"".join(parts)
 
 
 def decode(chunks: Iterable[bytes | bytearray | memoryview], options: DecodeOptions | None = None) -> Iterator[Event]:

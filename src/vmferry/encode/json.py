@@ -37,7 +37,16 @@ from typing import Any, Iterable, Iterator
 from ..caps import Cap
 from ..errors import DecodeError, FerryError
 from ..events import Event, Vmdesc
-from .records import JSON_TEXT, PAGES_PER_RECORD, SECTIONS_PLACEHOLDER, RecordDecoder, RecordEncoder, tree_in, tree_out
+from .records import (
+    JSON_TEXT,
+    PAGES_PER_RECORD,
+    SECTIONS_PLACEHOLDER,
+    RecordDecoder,
+    RecordEncoder,
+    pieces,
+    tree_in,
+    tree_out,
+)
 
 NAME = "json"
 CAP = Cap.CODEC_JSON
@@ -123,7 +132,7 @@ def decode(chunks: Iterable[bytes | bytearray | memoryview], options: Any = None
 def _lines(chunks: Iterable[bytes | bytearray | memoryview]) -> Iterator[tuple[int, bytes]]:
     buf = b""
     offset = 0
-    for chunk in chunks:
+    for chunk in pieces(chunks):
         buf += bytes(chunk)
         start = 0
         while True:

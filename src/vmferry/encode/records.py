@@ -512,12 +512,12 @@ class RecordDecoder:
         elif t == "configuration":
             yield Configuration(tree_in(field(rec, "state", dict, path), self.sp, f"{path}.state"))
         elif t == "command":
-            packaged = None
+            packaged: list[Event] | None = None
             if "packaged" in rec:
                 packaged = []
                 for i, sub in enumerate(field(rec, "packaged", list, path)):
                     sp = f"{path}.packaged[{i}]"
-                    if field(sub, "t", str, sp) in ("command", "stream", "fin", "header", "vmdesc", "eof"):
+                    if field(sub, "t", str, sp) in ("stream", "fin", "header", "vmdesc", "eof", "schema"):
                         raise DecodeError("record not allowed inside a PACKAGED command", None, sp)
                     packaged.extend(self._record(sub, sp))
             yield Command(field(rec, "cmd", int, path), self._blob(rec, "payload", path), packaged)
@@ -548,6 +548,22 @@ class RecordDecoder:
 
 # ---------------------------------------------------------------------------
 # Record streams: a first "stream" record, the records, a last "fin" record
+# ---------------------------------------------------------------------------
+
+PIECE = 4 << 20
+
+
+def pieces(chunks: Iterable[Any], size: int = PIECE) -> Iterator[memoryview]:
+    """The input in views of at most ``size`` bytes (a mapped 32 MiB window is not copied whole)."""
+    for chunk in chunks:
+        view = memoryview(chunk)
+        if view.ndim != 1 or view.itemsize != 1:
+            view = view.cast("B")
+        for i in range(0, len(view), size):
+            yield view[i:i + size]
+
+
+# ---------------------------------------------------------------------------
 # ---------------------------------------------------------------------------
 
 

@@ -1,0 +1,212 @@
+"""``vmferry serve``, ``vmferry caps`` and ``vmferry migrate``: live migration from the command line.
+
+``serve`` runs a vmferry endpoint (:mod:`vmferry.machine`) behind QMP;
+``caps`` prints what one side (an endpoint or a real QEMU) supports;
+``migrate`` is the management tool (:mod:`vmferry.migrate`).  Errors are one
+line on stderr and a non-zero exit, as everywhere in the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from . import caps
+
+EXIT_OK = 0
+EXIT_FAILED = 2
+
+
+def add_subcommands(sub: Any) -> None:
+    """Add ``serve``, ``caps`` and ``migrate`` to the ``vmferry`` parser's subparsers."""
+    srv = sub.add_parser("serve", help="run a vmferry endpoint (RAM, device models, a counter) behind QMP",
+                         description="Run a vmferry endpoint: guest RAM, vmferry's Python device models and a "
+                                     "counter, kept busy by a workload that dirties RAM, behind a QMP server "
+                                     "that qemu.qmp clients (and vmferry migrate) can drive. With --incoming it "
+                                     "waits for migrate-incoming, like QEMU's -incoming defer.")
+    srv.add_argument("--qmp", required=True, metavar="ADDR",
+                     help="QMP address: unix:PATH (created mode 0600) or tcp:HOST:PORT (loopback unless "
+                          "--allow-remote)")
+    srv.add_argument("--incoming", action="store_true", help="wait for an incoming migration (migrate-incoming)")
+    srv.add_argument("--ram", default="64M", metavar="SIZE", help="guest RAM, e.g. 64M or 1G (default 64M)")
+    srv.add_argument("--paused", action="store_true", help="start stopped (run with 'cont'), like QEMU's -S")
+    srv.add_argument("--rate", type=int, default=100, metavar="HZ", help="workload ticks per second (default 100)")
+    srv.add_argument("--dirty", type=int, default=16, metavar="PAGES",
+                     help="pages the workload dirties per tick (default 16)")
+    srv.add_argument("--fill", choices=["zero", "random"], default="zero",
+                     help="initial RAM contents of a source (default zero)")
+    srv.add_argument("--caps", metavar="NAMES",
+                     help="the capabilities to offer, comma-separated, 'none' for mask 0 (default: all it can)")
+    srv.add_argument("--no-capability-commands", action="store_true",
+                     help="hide query-/set-migration-capabilities, like a peer that predates them")
+    srv.add_argument("--device-version", action="append", default=[], metavar="VMSD=N",
+                     help="run an older version of a device (e.g. mc146818rtc=2); repeatable")
+    srv.add_argument("--compress", choices=["none", "zstd", "lz4"], default="none",
+                     help="compress ferry frames when both sides agree on it (default none)")
+    srv.add_argument("--allow-remote", action="store_true", help="allow a QMP TCP address beyond loopback")
+    _tls_options(srv)
+    srv.add_argument("-q", "--quiet", action="store_true", help="no start-up line on stderr")
+    srv.set_defaults(func=cmd_serve)
+
+    cp = sub.add_parser("caps", help="show what one side (vmferry endpoint or QEMU) supports",
+                        description="Query one side over QMP. A vmferry endpoint shows its capability mask; a "
+                                    "real QEMU has mask 0 and shows its own capability list.")
+    cp.add_argument("address", metavar="ADDR", help="QMP address: unix:PATH or tcp:HOST:PORT")
+    cp.add_argument("--json", action="store_true", help='print {"mask": N, "names": [...], ...}')
+    cp.set_defaults(func=cmd_caps)
+
+    mg = sub.add_parser("migrate", help="live-migrate between two endpoints (QEMU or vmferry)",
+                        description="Query both sides, set the intersection of their capabilities on both, start "
+                                    "the incoming side and then the migration, and follow it until the "
+                                    "destination runs. On failure the migration is cancelled and the source "
+                                    "keeps running.")
+    mg.add_argument("--source", required=True, metavar="ADDR", help="QMP address of the source")
+    mg.add_argument("--dest", required=True, metavar="ADDR", help="QMP address of the destination")
+    mg.add_argument("--uri", help="migration URI (default: a private unix socket)")
+    mg.add_argument("--set-caps", metavar="NAMES",
+                    help="use only these capabilities (comma-separated vmferry or QEMU names; 'none' for mask 0)")
+    mg.add_argument("--max-bandwidth", type=int, metavar="BYTES_PER_S", help="bandwidth cap on the source")
+    mg.add_argument("--downtime-limit", type=int, metavar="MS", help="downtime the source aims for")
+    mg.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds (default 600)")
+    mg.add_argument("--json", action="store_true", help="print the result as JSON")
+    mg.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    mg.set_defaults(func=cmd_migrate)
+
+
+def _tls_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-cert", metavar="FILE", help="certificate (PEM) for tls: migration URIs")
+    p.add_argument("--tls-key", metavar="FILE", help="private key of --tls-cert")
+    p.add_argument("--tls-ca", metavar="FILE", help="CA to check the peer against (a listener then requires "
+                                                    "client certificates)")
+    p.add_argument("--tls-hostname", metavar="NAME", help="name the peer's certificate must carry")
+
+
+def _split(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    if text.strip().lower() in ("", "none"):
+        return []
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .errors import FerryError
+    from .machine import ServeOptions, parse_size, serve
+    from .transport import TlsOptions
+
+    class UsageError(FerryError):
+        pass
+
+    try:
+        ram = parse_size(args.ram)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    supported = None
+    names = _split(args.caps)
+    if names is not None and names != ["all"]:
+        try:
+            supported = int(caps.from_names(names))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    versions: dict[str, int] = {}
+    for item in args.device_version:
+        name, sep, v = item.partition("=")
+        if not sep or not v.isdigit():
+            raise UsageError(f"--device-version {item!r}: expected VMSD=N")
+        versions[name] = int(v)
+    tls = None
+    if args.tls_cert or args.tls_ca or args.tls_key:
+        tls = TlsOptions(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca, hostname=args.tls_hostname)
+    try:
+        opts = ServeOptions(qmp=args.qmp, incoming=args.incoming, ram_size=ram, paused=args.paused, rate=args.rate,
+                            dirty_per_tick=args.dirty, fill=args.fill, supported=supported,
+                            capability_commands=not args.no_capability_commands, device_versions=versions,
+                            allow_remote=args.allow_remote, tls=tls, compress=args.compress, quiet=args.quiet)
+        return serve(opts)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def cmd_caps(args: argparse.Namespace) -> int:
+    from .migrate import capabilities
+
+    info = capabilities(args.address)
+    if args.json:
+        json.dump(info, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return EXIT_OK
+    print(f"{args.address}: {info['kind']} endpoint ({info['version'] or 'version unknown'}), {info['status']}")
+    print(f"mask: {info['mask']:#x} ({', '.join(info['names']) or 'none: the protocol QEMU speaks today'})")
+    if info["kind"] == "vmferry" and info["supported"] != info["mask"]:
+        print(f"supported: {info['supported']:#x} ({', '.join(info['supported-names'])})")
+    qemu_caps = info["qemu-capabilities"]
+    if qemu_caps:
+        on = [n for n, s in qemu_caps.items() if s]
+        print(f"QEMU capabilities ({len(qemu_caps)}): {', '.join(qemu_caps)}")
+        print(f"  on: {', '.join(on) or 'none'}")
+    return EXIT_OK
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from .migrate import migrate
+
+    params: dict[str, Any] = {}
+    if args.max_bandwidth is not None:
+        params["max-bandwidth"] = args.max_bandwidth
+    if args.downtime_limit is not None:
+        params["downtime-limit"] = args.downtime_limit
+    show = not args.quiet and not args.json and sys.stderr.isatty()
+    with _Bar(show) as bar:
+        result = migrate(args.source, args.dest, args.uri, _split(args.set_caps), progress=bar.update,
+                         timeout=args.timeout, params=params or None)
+    if args.json:
+        json.dump(result.to_json(), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print(result.line())
+    return EXIT_OK
+
+
+class _Bar:
+    """A rich progress bar on stderr: bytes, pages, rate and the remainder."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._progress: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> _Bar:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
+                TextColumn("{task.fields[pages]} pages"), TextColumn("{task.fields[rate]}"),
+                TextColumn("left {task.fields[left]}"), TimeElapsedColumn(),
+                console=Console(stderr=True), transient=True)
+            self._progress.start()
+            self._task = self._progress.add_task("migrate", total=None, pages="0", rate="-", left="-")
+        return self
+
+    def update(self, info: dict[str, Any]) -> None:
+        if self._progress is None:
+            return
+        ram = info.get("ram", {})
+        total = ram.get("total") or None
+        done = ram.get("transferred", 0)
+        pages = ram.get("normal", 0) + ram.get("duplicate", 0)
+        rate = f"{ram.get('mbps', 0) / 8:.0f} MB/s" if ram.get("mbps") else "-"
+        left = f"{ram.get('remaining', 0) / 1048576:.1f} MiB"
+        desc = f"migrate ({info.get('status', '?')}, pass {ram.get('dirty-sync-count', 0)})"
+        self._progress.update(self._task, total=total, completed=min(done, total or done), pages=f"{pages:,}",
+                              rate=rate, left=left, description=desc)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+__all__ = ["add_subcommands"]

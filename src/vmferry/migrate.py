@@ -1,0 +1,354 @@
+"""The management tool: migrate a running machine between two endpoints, each a real QEMU or vmferry's own.
+
+:func:`migrate` does what the seed asks of a management tool:
+
+1. query both sides: ``query-migration-capabilities`` (a side without it,
+   such as QEMU, has mask 0) and QEMU's own ``query-migrate-capabilities``;
+2. take the intersection: of the vmferry masks, and of QEMU's capability
+   lists by name (a capability on at one side only is switched off), limited
+   to ``--set-caps`` when given; set it on both sides;
+3. start the incoming side (``migrate-incoming``), then the migration;
+4. follow ``query-migrate`` (progress: bytes, pages, rate, remainder) until
+   it completes, then wait until the destination runs.
+
+Any failure cancels the migration (``migrate_cancel``), makes sure the
+source runs again (``cont`` when it ended up stopped and the destination
+is not running), and raises :class:`MigrationError` with one clear line.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import caps
+from .caps import Cap
+from .errors import FerryError
+from .qmp.client import QMPCommandError, QMPConnectError, QMPConnection
+
+
+class MigrationError(FerryError):
+    """The migration did not happen; the source keeps running."""
+
+
+@dataclass
+class Side:
+    """One endpoint as the tool sees it."""
+
+    role: str
+    address: str
+    conn: QMPConnection
+    kind: str = "qemu"  # "qemu" (no mask commands) or "vmferry"
+    mask: Cap = Cap(0)
+    supported: Cap = Cap(0)
+    qemu: dict[str, bool] = field(default_factory=dict)
+    status: str = ""
+    version: str = ""
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "version": self.version, "status": self.status, "mask": int(self.mask),
+                "names": caps.names(self.mask), "supported": int(self.supported),
+                "supported-names": caps.names(self.supported), "qemu-capabilities": self.qemu}
+
+
+def probe(conn: QMPConnection, role: str, address: str) -> Side:
+    """Ask one side what it is and what it supports."""
+    side = Side(role, address, conn)
+    try:
+        r = conn.cmd("query-migration-capabilities")
+        side.kind = "vmferry"
+        side.mask = Cap(int(r.get("mask", 0)))
+        side.supported = Cap(int(r.get("supported", side.mask)))
+    except QMPCommandError as e:
+        if e.error_class != "CommandNotFound":
+            raise
+    try:
+        side.qemu = caps.parse_qemu_list(conn.cmd("query-migrate-capabilities"))
+    except QMPCommandError as e:
+        if e.error_class != "CommandNotFound":
+            raise
+    except ValueError as e:
+        raise MigrationError(f"{role}: odd query-migrate-capabilities answer: {e}") from None
+    try:
+        v = conn.cmd("query-version")
+        q = v.get("qemu", {})
+        side.version = (v.get("package") or "").strip() or f"{q.get('major')}.{q.get('minor')}.{q.get('micro')}"
+        if side.kind == "qemu":
+            side.version = f"QEMU {q.get('major')}.{q.get('minor')}.{q.get('micro')}"
+    except QMPCommandError:
+        pass
+    side.status = str(conn.cmd("query-status").get("status", ""))
+    return side
+
+
+@dataclass
+class Plan:
+    """What the tool sets on both sides."""
+
+    mask: Cap
+    qemu: dict[str, bool]
+    unused: list[str] = field(default_factory=list)  # requested but not available on both sides
+
+    @property
+    def qemu_on(self) -> list[str]:
+        return sorted(n for n, on in self.qemu.items() if on)
+
+
+def make_plan(src: Side, dst: Side, requested: list[str] | None) -> Plan:
+    """The intersection of both sides, limited to ``requested`` (None: everything both support)."""
+    req_mask, req_qemu = caps.split_requested(requested or [], set(src.qemu) | set(dst.qemu))
+    mask = caps.intersect(src.mask, dst.mask)
+    if requested is not None:
+        mask = caps.restrict(mask, req_mask)
+    plan = caps.qemu_plan(src.qemu, dst.qemu, req_qemu)
+    if src.kind == "vmferry" and dst.kind == "vmferry":
+        plan = {}  # both speak masks: QEMU's names are only mirrors of the bits
+    unused = [caps.name(b) for b in caps.bits(req_mask & ~mask)]
+    unused += [n for n in req_qemu if not plan.get(n) and caps.from_qemu_name(n) is None]
+    return Plan(mask, plan, unused)
+
+
+def apply_plan(side: Side, plan: Plan) -> None:
+    if side.kind == "vmferry":
+        r = side.conn.cmd("set-migration-capabilities", {"mask": int(plan.mask)})
+        side.mask = Cap(int(r.get("mask", plan.mask)))
+        return
+    changes: list[dict[str, Any]] = [{"capability": n, "state": want} for n, want in plan.qemu.items()
+               if n in side.qemu and side.qemu[n] != want]
+    if changes:
+        side.conn.cmd("migrate-set-capabilities", {"capabilities": changes})
+        for c in changes:
+            side.qemu[c["capability"]] = c["state"]
+
+
+@dataclass
+class Result:
+    """What a migration did."""
+
+    seconds: float
+    transferred: int
+    total: int
+    downtime_ms: int | None
+    mask: int
+    qemu_caps: list[str]
+    codec: str
+    source: dict[str, Any]
+    destination: dict[str, Any]
+    final: dict[str, Any]
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.transferred / self.seconds / 1e6 if self.seconds else 0.0
+
+    def line(self) -> str:
+        down = f", downtime {self.downtime_ms} ms" if self.downtime_ms is not None else ""
+        codec = f", {self.codec} stream" if self.codec else ""
+        used = caps.names(self.mask) + self.qemu_caps
+        return (f"migrated: {self.transferred / 1e6:.1f} MB in {self.seconds:.2f} s ({self.mb_per_s:.0f} MB/s)"
+                f"{down}{codec}; capabilities: {', '.join(used) or 'none (mask 0)'}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"seconds": round(self.seconds, 3), "transferred": self.transferred, "total": self.total,
+                "mb_per_s": round(self.mb_per_s, 1), "downtime_ms": self.downtime_ms, "mask": self.mask,
+                "names": caps.names(self.mask), "qemu_capabilities": self.qemu_caps, "codec": self.codec,
+                "source": self.source, "destination": self.destination}
+
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+def migrate(source: str, dest: str, uri: str | None = None, set_caps: list[str] | None = None, *,
+            progress: Progress | None = None, timeout: float = 600.0, poll: float = 0.1,
+            params: dict[str, Any] | None = None, qmp_timeout: float = 30.0) -> Result:
+    """Migrate from the endpoint at QMP address ``source`` to the one at ``dest``; see the module doc."""
+    tmpdir: str | None = None
+    src_conn = _open(source, "source", qmp_timeout)
+    try:
+        dst_conn = _open(dest, "destination", qmp_timeout)
+    except BaseException:
+        src_conn.close()
+        raise
+    src = dst = None
+    started = False
+    try:
+        src = probe(src_conn, "source", source)
+        dst = probe(dst_conn, "destination", dest)
+        if dst.status != "inmigrate":
+            raise MigrationError(f"the destination is {dst.status or 'in an unknown state'}, not waiting for a "
+                                 "migration (start it with 'vmferry serve --incoming' or QEMU's -incoming defer)")
+        if src.status in ("inmigrate", "postmigrate", "finish-migrate"):
+            raise MigrationError(f"the source is {src.status}: nothing to migrate")
+        try:
+            plan = make_plan(src, dst, set_caps)
+        except ValueError as e:
+            raise MigrationError(str(e)) from None
+        for side in (src, dst):
+            apply_plan(side, plan)
+        if params:
+            wanted = {k: v for k, v in params.items() if src.kind == "vmferry" or not k.startswith("x-vmferry-")}
+            if wanted:
+                src_conn.cmd("migrate-set-parameters", wanted)
+        if uri is None:
+            tmpdir = tempfile.mkdtemp(prefix="vmferry-mig-")
+            uri = f"unix:{os.path.join(tmpdir, 'stream.sock')}"
+        dst_conn.cmd("migrate-incoming", {"uri": uri})
+        started = True
+        t0 = time.monotonic()
+        src_conn.cmd("migrate", {"uri": uri})
+        info = _follow(src_conn, dst_conn, progress, timeout, poll)
+        elapsed = time.monotonic() - t0
+        _wait_destination(dst_conn, src.status == "running", timeout=60.0)
+        ram = info.get("ram", {})
+        vm = info.get("x-vmferry", {})
+        return Result(elapsed, int(ram.get("transferred", 0)), int(ram.get("total", 0)), info.get("downtime"),
+                      int(plan.mask), plan.qemu_on, vm.get("codec", "legacy" if src.kind == "qemu" else ""),
+                      src.describe(), dst.describe(), info)
+    except (FerryError, TimeoutError) as e:
+        message = str(e) if isinstance(e, FerryError) else "timed out"
+        if started and src is not None:
+            if _recover(src_conn, dst_conn, src.status == "running"):
+                info = _safe(src_conn, "query-migrate") or {}
+                ram = info.get("ram", {})
+                return Result(0.0, int(ram.get("transferred", 0)), int(ram.get("total", 0)), info.get("downtime"),
+                              0, [], "", src.describe(), dst.describe() if dst else {}, info)
+        raise MigrationError(message.splitlines()[0] if message else "migration failed") from None
+    finally:
+        src_conn.close()
+        dst_conn.close()
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _open(address: str, role: str, timeout: float) -> QMPConnection:
+    try:
+        return QMPConnection(address, timeout=timeout, name=role).connect()
+    except QMPConnectError as e:
+        raise MigrationError(f"{role}: {e}") from None
+
+
+def _follow(src: QMPConnection, dst: QMPConnection, progress: Progress | None, timeout: float,
+            poll: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    last_dst_check = 0.0
+    while True:
+        try:
+            info = src.cmd("query-migrate")
+        except QMPConnectError as e:
+            raise MigrationError(f"lost the source: {e}") from None
+        status = info.get("status")
+        if progress is not None:
+            progress(info)
+        if status == "completed":
+            return dict(info)
+        if status in ("failed", "cancelled"):
+            time.sleep(0.1)  # let the destination record why, if it knows
+            theirs, ours = _dest_error(dst), info.get("error-desc")
+            desc = f"{ours} ({theirs})" if theirs == "the destination went away" and ours else \
+                theirs or ours or "no reason given"
+            raise MigrationError(f"migration {status}: {desc}")
+        now = time.monotonic()
+        if now - last_dst_check > 0.5:
+            last_dst_check = now
+            try:
+                d = dst.cmd("query-migrate")
+            except QMPConnectError:
+                raise MigrationError("the destination went away during the migration") from None
+            if d.get("status") in ("failed", "cancelled"):
+                raise MigrationError(f"the destination failed: {d.get('error-desc') or d.get('status')}")
+        if now > deadline:
+            raise MigrationError(f"migration not completed within {timeout:.0f} s (status {status!r})")
+        time.sleep(poll)
+
+
+def _dest_error(dst: QMPConnection) -> str | None:
+    try:
+        d = dst.cmd("query-migrate", timeout=5.0)
+    except QMPConnectError:
+        return "the destination went away"
+    except FerryError:
+        return None
+    if d and d.get("status") == "failed":
+        return f"the destination refused the stream: {d.get('error-desc')}"
+    return None
+
+
+def _wait_destination(dst: QMPConnection, source_was_running: bool, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            st = dst.cmd("query-status").get("status")
+        except QMPConnectError:
+            raise MigrationError("the destination exited after the stream was sent (it refused the stream)") from None
+        if st == "running":
+            return st
+        if st in ("paused", "postmigrate") and not source_was_running:
+            return st
+        if st == "paused" and source_was_running:
+            dst.cmd("cont")
+            continue
+        if st not in ("inmigrate", "paused", "prelaunch", "restore-vm"):
+            raise MigrationError(f"the destination ended in state {st!r}")
+        d = _safe(dst, "query-migrate") or {}
+        if d.get("status") == "failed":
+            raise MigrationError(f"the destination refused the stream: {d.get('error-desc')}")
+        if time.monotonic() > deadline:
+            raise MigrationError(f"the destination did not start within {timeout:.0f} s (state {st!r})")
+        time.sleep(0.05)
+
+
+def _safe(conn: QMPConnection, name: str) -> Any:
+    try:
+        return conn.cmd(name, timeout=5.0)
+    except FerryError:
+        return None
+
+
+def _recover(src: QMPConnection, dst: QMPConnection, source_was_running: bool) -> bool:
+    """After a failure: cancel, and leave the source running.  True if the destination runs after all."""
+    _safe(src, "migrate_cancel")
+    deadline = time.monotonic() + 15.0
+    while time.monotonic() < deadline:
+        info = _safe(src, "query-migrate") or {}
+        if info.get("status") not in ("active", "setup", "cancelling", "device", "pre-switchover"):
+            break
+        time.sleep(0.05)
+    dst_state = (_safe(dst, "query-status") or {}).get("status")
+    if dst_state == "running":
+        return True  # the guest lives on at the destination: never run it twice
+    st = (_safe(src, "query-status") or {}).get("status")
+    if source_was_running and st in ("paused", "postmigrate", "finish-migrate"):
+        try:
+            src.cmd("cont", timeout=10.0)
+        except FerryError:
+            pass
+    _safe(dst, "migrate_cancel")
+    return False
+
+
+def qemu_qmp_args(path: str, chardev_id: str = "vmferry-mgmt") -> list[str]:
+    """QEMU options for an extra QMP monitor on the unix socket ``path``, for the management tool.
+
+    A QEMU chardev socket serves one client at a time: a QEMU that is already
+    driven over its own QMP socket needs a second monitor for ``vmferry migrate``.
+    """
+    safe = path.replace(",", ",,")
+    return ["-chardev", f"socket,id={chardev_id},path={safe},server=on,wait=off",
+            "-mon", f"chardev={chardev_id},mode=control"]
+
+
+def capabilities(address: str, timeout: float = 30.0) -> dict[str, Any]:
+    """What one side supports: ``vmferry caps``."""
+    conn = _open(address, "endpoint", timeout)
+    try:
+        side = probe(conn, "endpoint", address)
+    finally:
+        conn.close()
+    return side.describe()
+
+
+__all__ = ["MigrationError", "Plan", "Result", "Side", "apply_plan", "capabilities", "make_plan", "migrate", "probe",
+           "qemu_qmp_args"]
