@@ -333,6 +333,8 @@ def test_unknown_frames_skipped_kept_or_refused(tmp_path):
     assert (tmp_path / "back.fry").read_bytes() == data
     assert main(["convert", "-q", str(src), str(tmp_path / "back.mig"), "--to", "legacy"]) == 0
     assert (tmp_path / "back.mig").read_bytes() == plain
+    assert main(["convert", "-q", str(tmp_path / "c.cbor"), str(tmp_path / "back2.mig"), "--to", "legacy"]) == 0
+    assert (tmp_path / "back2.mig").read_bytes() == plain
 
     must = encode_with("ferry", events[:3] + [UnknownFrame(0xC0, 0, b"x")] + events[3:])
     with pytest.raises(DecodeError, match="must be understood") as e:

@@ -17,7 +17,7 @@ from typing import Any, BinaryIO, Iterator
 from . import __version__, encode
 from .errors import FerryError
 from .events import DeviceSection, OpaqueSection
-from .files import Input, decode_input, load_schema_file, open_input
+from .files import Input, decode_input, load_schema_file, open_input, widen_pipe
 from .summary import StreamSummary
 
 EXIT_OK = 0
@@ -146,6 +146,7 @@ def _print_summary(s: StreamSummary, inp: Input) -> None:
 def _output(path: str) -> Iterator[BinaryIO]:
     """``path`` for writing (``-`` is stdout); a partial file is removed on failure."""
     if path == "-":
+        widen_pipe(sys.stdout.buffer)
         yield sys.stdout.buffer
         sys.stdout.buffer.flush()
         return
