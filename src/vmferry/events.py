@@ -211,8 +211,15 @@ class RamPages:
         if self.data is not None:
             return memoryview(self.data)[i * ps:(i + 1) * ps]
         assert self.legacy is not None
-        start = _legacy_page_start(self, i)
+        start = self.page_start(i)
         return memoryview(self.legacy)[start:start + ps]
+
+    def page_start(self, i: int) -> int:
+        """Where page ``i``'s data starts in ``legacy`` (the run's QEMU record bytes)."""
+        head = 8 + (1 + len(self.block.encode("latin-1")) if self.named else 0)
+        if i == 0:
+            return head
+        return head + self.page_size + (i - 1) * (8 + self.page_size) + 8
 
     def pages(self):
         for i in range(self.count):
@@ -223,13 +230,6 @@ class RamPages:
         if self.data is not None:
             return self.data
         return b"".join(self.pages())
-
-
-def _legacy_page_start(run: RamPages, i: int) -> int:
-    head = 8 + (1 + len(run.block.encode()) if run.named else 0)
-    if i == 0:
-        return head
-    return head + run.page_size + (i - 1) * (8 + run.page_size) + 8
 
 
 @dataclass(slots=True)

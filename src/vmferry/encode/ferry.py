@@ -25,7 +25,6 @@ from ..caps import name as caps_name
 from ..errors import DecodeError, EncodeError, FerryError, TruncatedError
 from ..events import (
     RAM_CONTINUE,
-    _legacy_page_start,
     RAM_PAGE,
     DeviceSection,
     Event,
@@ -273,8 +272,8 @@ class _Writer:
             flags = RUN_NAMED if ev.named and start == 0 else 0
             if records is not None:
                 # QEMU's records as they came: a slice of the input, nothing copied.
-                begin = 0 if start == 0 else _legacy_page_start(ev, start) - 8
-                data: Any = records[begin:_legacy_page_start(ev, start + n - 1) + ps]
+                begin = 0 if start == 0 else ev.page_start(start) - 8
+                data: Any = records[begin:ev.page_start(start + n - 1) + ps]
                 flags |= RUN_QEMU_LAYOUT
             elif whole is not None:
                 data = whole[start * ps:(start + n) * ps]

@@ -23,6 +23,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
+from ..caps import Cap
 from ..errors import DecodeError, EncodeError, FerryError, SchemaError, TruncatedError
 from ..events import (
     CMD_PACKAGED,
@@ -71,6 +72,7 @@ from .configuration import CONFIGURATION_VMSD
 from .window import Window
 
 NAME = "legacy"
+CAP = Cap.NONE  # QEMU's own stream: what a peer with mask 0 speaks
 MAGIC = b"QEVM"
 
 BE16 = struct.Struct(">H")
@@ -688,12 +690,17 @@ def _encode_command(out: bytearray, ev: Command) -> None:
 
 def _encode_pages(out: bytearray, ev: RamPages) -> None:
     ps = ev.page_size
+    parts: list[bytes | memoryview] = []
     for i in range(ev.count):
         first = i == 0 and ev.named
-        out += BE64.pack((ev.offset + i * ps) | RAM_PAGE | (0 if first else RAM_CONTINUE))
+        header = BE64.pack((ev.offset + i * ps) | RAM_PAGE | (0 if first else RAM_CONTINUE))
         if first:
-            _put_cstr(out, ev.block, "$.ram")
-        out += ev.page(i)
+            name = bytearray()
+            _put_cstr(name, ev.block, "$.ram")
+            header += bytes(name)
+        parts.append(header)
+        parts.append(ev.page(i))
+    out += b"".join(parts)
 
 
 def _encode_zeros(out: bytearray, ev: RamZeros) -> None:
