@@ -927,8 +927,9 @@ class Endpoint:
         if not self.incoming_expected or self.runstate != "inmigrate":
             raise CommandFailed("'-incoming' was not specified on the command line (serve --incoming)")
         if self._busy() or self.incoming_failed:
-            raise CommandFailed("The incoming migration has already been started" if self._busy()
-                                else f"the incoming migration failed earlier: {self.info.error}")
+            # A failed load reports that, even while its thread is still winding down.
+            raise CommandFailed(f"the incoming migration failed earlier: {self.info.error}" if self.incoming_failed
+                                else "The incoming migration has already been started")
         try:
             listener = listen(parse_uri(uri, self.tls))
         except TransportError as e:
