@@ -85,7 +85,7 @@ def run(machine: str, workdir: Path) -> int:
             console.print(f"[red]the guest restarted instead of going on from {stopped_at}[/red]")
             return 1
     console.print(f"\n[bold green]demo OK[/bold green]: saved at {stopped_at}, round-tripped byte for byte, "
-                  f"resumed at {counts[0]}.  Files in {workdir}")
+                  f"resumed at {counts[0]}.")
     return 0
 
 
@@ -104,7 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="vmferry-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        return run(args.machine, workdir)
+        status = run(args.machine, workdir)
+        if args.keep is not None:
+            console.print(f"The streams are in {workdir}.")
+        return status
     except QemuError as e:
         print(f"demo: QEMU failed: {e}", file=sys.stderr)
         return 1
