@@ -18,12 +18,12 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import encode
 from .cli import EXIT_OK, UsageError, _open, _output, _progress
-from .compat import qemu_registry, transform_events
-from .compat.check import Report, Schemas, diff, from_dump_vmstate, from_vmdesc
+if TYPE_CHECKING:  # the compat package is imported by the commands that use it, not at start-up
+    from .compat.check import Report, Schemas
 from .encode import legacy
 from .errors import SchemaError
 from .events import Configuration, DeviceSection, IterEnd, OpaqueSection, RamMemSize, Vmdesc
@@ -42,6 +42,8 @@ EXIT_UNCOVERED = 3
 
 
 def cmd_transform(args: argparse.Namespace) -> int:
+    from .compat import qemu_registry, transform_events
+
     if args.input != "-" and args.output != "-" and os.path.abspath(args.input) == os.path.abspath(args.output):
         raise UsageError("input and output are the same file")
     schema = None
@@ -101,6 +103,8 @@ def _stream_head(path: str) -> tuple[Configuration | None, bool | None, list[Any
 
 
 def _stream_schemas(path: str, fmt: str) -> Schemas:
+    from .compat.check import from_vmdesc
+
     if fmt == "legacy":
         config, footers, ram = _stream_head(path)
         text = read_stream_vmdesc(path)
@@ -137,6 +141,8 @@ def _stream_schemas(path: str, fmt: str) -> Schemas:
 
 def load_schemas(path: str) -> Schemas:
     """A diff side from a stream (any format), a vmdesc JSON or a ``-dump-vmstate`` JSON file."""
+    from .compat.check import from_dump_vmstate, from_vmdesc
+
     try:
         with open(path, "rb") as f:
             head = f.read(64)
@@ -165,6 +171,9 @@ def load_schemas(path: str) -> Schemas:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
+    from .compat import qemu_registry
+    from .compat.check import diff
+
     a = load_schemas(args.a)
     b = load_schemas(args.b)
     registry = qemu_registry()
@@ -206,6 +215,8 @@ def _print_report(r: Report) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from .compat import qemu_registry
+
     registry = qemu_registry()
     if args.list:
         rows = {line: names for line, names in registry.lines().items()}
