@@ -250,10 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     fmts.add_argument("--json", action="store_true", help="print the list as JSON")
     fmts.set_defaults(func=cmd_formats)
 
-    from . import cli_compat, cli_live  # they import this module's helpers
+    from . import cli_compat, cli_live, cli_proxy  # they import this module's helpers
 
     cli_live.add_subcommands(sub)
     cli_compat.add_subcommands(sub)
+    cli_proxy.add_subcommands(sub)
     return p
 
 

@@ -1,0 +1,68 @@
+"""The ``vmferry proxy`` subcommand: a live migration decoded, transformed and re-encoded in flight.
+
+:func:`add_subcommands` adds it to the ``vmferry`` parser (see :mod:`vmferry.proxy`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from .cli_live import _tls_options
+
+__all__ = ["add_subcommands", "cmd_proxy"]
+
+
+def cmd_proxy(args: argparse.Namespace) -> int:
+    from .proxy import Proxy
+    from .transport import TlsOptions
+
+    tls = None
+    if args.tls_cert or args.tls_ca or args.tls_key or args.tls_hostname:
+        tls = TlsOptions(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca, hostname=args.tls_hostname)
+    proxy = Proxy(args.listen, args.forward, machine=args.machine, wire=args.wire, from_machine=args.from_machine,
+                  tls=tls, accept_timeout=args.timeout)
+    proxy.bind()
+    if not args.quiet:
+        print(f"vmferry proxy: listening on {proxy.uri}, forwarding {args.wire} to {args.forward}"
+              + (f" as {args.machine}" if args.machine else ""), file=sys.stderr, flush=True)
+    try:
+        stats = proxy.run()
+    finally:
+        proxy.abort()
+    if args.json:
+        json.dump(stats.as_dict(), sys.stdout)
+        sys.stdout.write("\n")
+    elif not args.quiet:
+        print(f"vmferry proxy: {stats.input_format} in, {stats.bytes_in} bytes -> {args.wire} out, "
+              f"{stats.bytes_out} bytes", file=sys.stderr)
+    return 0
+
+
+def add_subcommands(sub: Any) -> None:
+    """Add ``proxy`` to the ``vmferry`` subcommand parsers."""
+    p = sub.add_parser(
+        "proxy", help="carry a live migration between QEMUs, transcoding it in flight",
+        description="Listen where a QEMU migrates to (QEMU's 'migrate' to the --listen URI), decode the stream "
+                    "as it arrives (QEMU's format or ferry from another proxy), optionally convert the device state "
+                    "to another machine type, and forward it: in QEMU's format to a destination QEMU "
+                    "('migrate-incoming' on the --forward URI) or in ferry to a proxy on the destination host. RAM "
+                    "streams through; device sections are held until the vmdesc at the end of the stream. If either "
+                    "side fails both are closed, so the source QEMU's migration fails and its guest keeps running. "
+                    "One migration per run.")
+    p.add_argument("--listen", required=True, metavar="URI", help="where the source connects: unix:PATH, "
+                                                                   "tcp:HOST:PORT or tls:HOST:PORT")
+    p.add_argument("--forward", required=True, metavar="URI", help="where the stream goes (unix:, tcp:, tls:)")
+    p.add_argument("--machine", metavar="TARGET", help="convert the device state to this machine type, "
+                                                         "e.g. pc-i440fx-7.2")
+    p.add_argument("--from-machine", metavar="SOURCE", help="source machine type, for streams without a "
+                                                              "configuration section")
+    p.add_argument("--wire", choices=("legacy", "ferry"), default="legacy",
+                   help="output format: legacy for a QEMU, ferry for another proxy (default: legacy)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="give up when no source connects in time")
+    p.add_argument("--json", action="store_true", help="print what was carried as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no messages on stderr")
+    _tls_options(p)
+    p.set_defaults(func=cmd_proxy)

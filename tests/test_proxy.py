@@ -1,0 +1,270 @@
+"""``vmferry proxy``: live migration of a running guest between real QEMUs through the transcoder.
+
+* QEMU -> proxy -> QEMU under the same machine type;
+* pc-i440fx-2.12 -> pc-i440fx-7.2 and pc-q35-2.12 -> pc-q35-6.2 with an e1000, the proxy converting
+  the device state;
+* QEMU -> proxy (ferry on the wire) -> proxy -> QEMU;
+* a proxy killed mid-migration: the source's migration fails and its guest keeps counting.
+
+In each the guest's count goes on on the destination from where it stopped on the source.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from vmferry.cli import main
+from vmferry.guest import parse_counts
+from vmferry.proxy import Proxy, ProxyError
+from vmferry.qemu_process import QemuVM
+from vmferry.transport import TlsOptions
+
+from test_transport import certs  # noqa: F401  (the fixture)
+
+UNLIMITED = {"max-bandwidth": 10 << 30}  # QEMU 7.2 defaults to 32 MiB/s
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    """A short directory for unix sockets (their paths are limited to 107 bytes)."""
+    d = Path(tempfile.mkdtemp(prefix="vmf-proxy-"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _wait_running(vm: QemuVM, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (state := vm.status()) != "running":
+        assert state in ("inmigrate", "paused", "prelaunch", "postmigrate", "finish-migrate"), state
+        assert time.monotonic() < deadline, f"destination still {state!r}"
+        time.sleep(0.05)
+
+
+def _check_continued(src_text: str, dst: QemuVM) -> None:
+    before = parse_counts(src_text)
+    assert before and before[-1] >= 5
+    _wait_running(dst)
+    dst.wait_for_count(before[-1] + 5, timeout=60)
+    dst_text = dst.serial_text()
+    assert not dst_text.startswith("1\r\n"), "the counter restarted"
+    combined = parse_counts(src_text + dst_text)
+    assert combined == list(range(1, len(combined) + 1)), combined[-40:]
+    assert combined[-1] > before[-1] + 4
+
+
+def _live(tmp_path: Path, sockdir: Path, src_machine: str, dst_machine: str, args: tuple[str, ...],
+          proxies: list[Proxy], listen: str, dst_sock: Path) -> None:
+    with QemuVM(src_machine, args, boot_sector=True, paused=False, name="source", workdir=tmp_path / "src") as src, \
+            QemuVM(dst_machine, args, incoming=True, paused=False, boot_sector=True, name="destination",
+                   workdir=tmp_path / "dst") as dst:
+        dst.cmd("migrate-incoming", uri=f"unix:{dst_sock}")
+        for p in reversed(proxies):
+            p.start()
+        src.wait_for_count(5, timeout=60)
+        src.set_params(UNLIMITED)
+        src.migrate(listen)
+        src.wait_migration(timeout=120)
+        assert src.status() == "postmigrate"
+        for p in proxies:
+            stats = p.join(60)
+            assert stats.error is None and stats.done, stats
+        _check_continued(src.serial_text(), dst)
+
+
+@pytest.mark.qemu
+def test_live_migration_through_the_proxy(tmp_path: Path, sockdir: Path) -> None:
+    dst_sock = sockdir / "dst.sock"
+    proxy = Proxy(f"unix:{sockdir / 'proxy.sock'}", f"unix:{dst_sock}", accept_timeout=120)
+    _live(tmp_path, sockdir, "pc-i440fx-7.2", "pc-i440fx-7.2", (), [proxy], f"unix:{sockdir / 'proxy.sock'}",
+          dst_sock)
+    assert proxy.stats.input_format == "legacy"
+    assert proxy.stats.bytes_in > 100_000 and proxy.stats.bytes_out > 100_000
+
+
+CROSS = [("pc-i440fx-2.12", "pc-i440fx-7.2"), ("pc-q35-2.12", "pc-q35-6.2")]
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize(("a", "b"), CROSS, ids=[f"{a}->{b}" for a, b in CROSS])
+def test_live_migration_to_a_newer_machine_type(tmp_path: Path, sockdir: Path, a: str, b: str) -> None:
+    dst_sock = sockdir / "dst.sock"
+    proxy = Proxy(f"unix:{sockdir / 'proxy.sock'}", f"unix:{dst_sock}", machine=b, accept_timeout=120)
+    _live(tmp_path, sockdir, a, b, ("-device", "e1000"), [proxy], f"unix:{sockdir / 'proxy.sock'}", dst_sock)
+
+
+@pytest.mark.qemu
+def test_live_migration_with_ferry_between_two_proxies(tmp_path: Path, sockdir: Path) -> None:
+    dst_sock = sockdir / "dst.sock"
+    near_dst = Proxy("tcp:127.0.0.1:0", f"unix:{dst_sock}", accept_timeout=120).bind()
+    near_src = Proxy(f"unix:{sockdir / 'proxy.sock'}", near_dst.uri, wire="ferry", accept_timeout=120)
+    _live(tmp_path, sockdir, "pc-i440fx-7.2", "pc-i440fx-7.2", (), [near_src, near_dst],
+          f"unix:{sockdir / 'proxy.sock'}", dst_sock)
+    assert near_src.stats.input_format == "legacy"
+    assert near_dst.stats.input_format == "ferry"
+
+
+@pytest.mark.qemu
+def test_a_killed_proxy_leaves_the_source_running(tmp_path: Path, sockdir: Path) -> None:
+    proxy_sock = sockdir / "proxy.sock"
+    dst_sock = sockdir / "dst.sock"
+    with QemuVM("pc-i440fx-7.2", boot_sector=True, paused=False, name="source", workdir=tmp_path / "src") as src, \
+            QemuVM("pc-i440fx-7.2", incoming=True, paused=False, boot_sector=True, name="destination",
+                   workdir=tmp_path / "dst") as dst:
+        dst.cmd("migrate-incoming", uri=f"unix:{dst_sock}")
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
+        proc = subprocess.Popen([sys.executable, "-m", "vmferry.cli", "proxy", "--listen", f"unix:{proxy_sock}",
+                                 "--forward", f"unix:{dst_sock}", "-q"], env=env)
+        try:
+            deadline = time.monotonic() + 30
+            while not proxy_sock.exists():
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.05)
+            src.wait_for_count(3, timeout=60)
+            src.set_params({"max-bandwidth": 65536})  # ~0.8 MB to send (zero pages are small): ~12 s
+            src.migrate(f"unix:{proxy_sock}")
+            deadline = time.monotonic() + 30
+            while src.query_migrate().get("ram", {}).get("transferred", 0) < 100_000:
+                assert src.query_migrate()["status"] in ("setup", "active") and time.monotonic() < deadline
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        deadline = time.monotonic() + 30
+        while (status := src.query_migrate()["status"]) not in ("failed", "cancelled", "completed"):
+            assert time.monotonic() < deadline, status
+            time.sleep(0.05)
+        assert status == "failed"
+        assert src.status() == "running"
+        n = src.counts()[-1]
+        src.wait_for_count(n + 3, timeout=30)
+
+
+@pytest.mark.qemu
+def test_an_aborted_proxy_fails_the_migration_cleanly(tmp_path: Path, sockdir: Path) -> None:
+    """The in-process proxy's abort() (what happens when the destination fails) closes the source too."""
+    dst_sock = sockdir / "dst.sock"
+    proxy = Proxy(f"unix:{sockdir / 'proxy.sock'}", f"unix:{dst_sock}", accept_timeout=60)
+    with QemuVM("pc-i440fx-7.2", boot_sector=True, paused=False, name="source", workdir=tmp_path / "src") as src, \
+            QemuVM("pc-i440fx-7.2", incoming=True, paused=False, boot_sector=True, name="destination",
+                   workdir=tmp_path / "dst") as dst:
+        dst.cmd("migrate-incoming", uri=f"unix:{dst_sock}")
+        proxy.start()
+        src.wait_for_count(3, timeout=60)
+        src.set_params({"max-bandwidth": 65536})
+        src.migrate(f"unix:{sockdir / 'proxy.sock'}")
+        deadline = time.monotonic() + 30
+        while proxy.stats.input_format == "":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        dst.kill()  # the destination goes away: the proxy's writes fail and it closes the source
+        stats = proxy.join(30)
+        assert stats.error and not stats.done
+        deadline = time.monotonic() + 30
+        while (status := src.query_migrate()["status"]) not in ("failed", "cancelled", "completed"):
+            assert time.monotonic() < deadline, status
+            time.sleep(0.05)
+        assert status == "failed"
+        assert src.status() == "running"
+        n = src.counts()[-1]
+        src.wait_for_count(n + 3, timeout=30)
+
+
+def test_proxy_refuses_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ProxyError, match="unix:, tcp: or tls:"):
+        Proxy("file:x", "unix:y")
+    with pytest.raises(ProxyError, match="wire"):
+        Proxy("unix:x", "unix:y", wire="json")
+    assert main(["proxy", "--listen", "unix:x", "--forward", "tcp:127.0.0.1:1", "--machine", "pc-nonesuch-1.0"]) != 0
+    assert "pc-nonesuch" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------- without QEMU
+
+
+def _send(uri: str, data: bytes) -> None:
+    from vmferry.transport import connect
+
+    with connect(uri) as s:
+        s.write_chunks(data[i:i + 65536] for i in range(0, len(data), 65536))
+        s.close_write()
+        while s.read(4096):
+            pass
+
+
+@pytest.fixture(params=["tcp", "tls"])
+def hop(request: pytest.FixtureRequest) -> tuple[TlsOptions | None, str]:
+    """The wire between the two proxies: (the listening proxy's certificates, the query the other one connects with)."""
+    if request.param == "tcp":
+        return None, ""
+    c = request.getfixturevalue("certs")
+    return TlsOptions(cert=c["cert"], key=c["key"]), f"?ca={c['cert']}"
+
+
+def test_a_built_stream_crosses_two_proxies_unchanged(sockdir: Path, hop: tuple[TlsOptions | None, str]) -> None:
+    import threading
+
+    from test_legacy_codec import build, full_stream
+    from vmferry.transport import listen
+
+    data = build(full_stream())
+    started = time.monotonic()
+    sink = listen(f"unix:{sockdir / 'sink.sock'}")
+    tls, query = hop
+    scheme = "tls" if tls else "tcp"
+    near_dst = Proxy(f"{scheme}:127.0.0.1:0", f"unix:{sockdir / 'sink.sock'}", tls=tls, accept_timeout=30).bind()
+    near_src = Proxy(f"unix:{sockdir / 'p.sock'}", near_dst.uri + query, wire="ferry", accept_timeout=30).bind()
+    near_dst.start()
+    near_src.start()
+    sender = threading.Thread(target=_send, args=(f"unix:{sockdir / 'p.sock'}", data))
+    sender.start()
+    with sink.accept(30) as got:
+        received = b"".join(got.chunks())
+    sink.close()
+    sender.join(30)
+    assert near_src.join(30).done and near_dst.join(30).done
+    assert received == data
+    assert (near_src.stats.input_format, near_dst.stats.input_format) == ("legacy", "ferry")
+    assert time.monotonic() - started < 20, "a proxy waited for an end of stream that TLS cannot send"
+
+
+def test_when_the_destination_goes_away_the_source_is_closed(sockdir: Path) -> None:
+    from test_legacy_codec import build, full_stream
+    from vmferry.errors import TransportError
+    from vmferry.transport import connect, listen
+
+    data = build(full_stream())
+    sink = listen(f"unix:{sockdir / 'sink.sock'}")
+    proxy = Proxy(f"unix:{sockdir / 'p.sock'}", f"unix:{sockdir / 'sink.sock'}", accept_timeout=30).bind()
+    proxy.start()
+    src = connect(f"unix:{sockdir / 'p.sock'}")
+    src.set_timeout(30)
+    src.write(data[:64])  # the proxy sniffs the format and connects on
+    sink.accept(30).abort()  # ... and the destination goes away
+    sink.close()
+    try:
+        src.write(data[64:])
+        src.close_write()
+    except TransportError:
+        pass
+    stats = proxy.join(30)
+    assert stats.error and not stats.done
+    try:  # the proxy closed the source's connection: an end of stream or a reset, never a wait
+        assert src.read(4096) == b""
+    except TransportError as e:
+        assert "timed out" not in str(e)
+    src.abort()
