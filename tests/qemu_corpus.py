@@ -20,6 +20,9 @@ import pytest
 
 from vmferry.qemu_recipes import Corpus, RecipeUnavailable
 
+# Streams without a vmdesc, and the stream whose vmdesc describes them (spec §4.7).
+SCHEMA_FOR = {"pc-2.2-novmdesc": "pc-2.3-nocfg", "pc-7.2-xen-devices": "pc-7.2-paused"}
+
 
 class PytestCorpus(Corpus):
     """A :class:`Corpus` that skips the asking test when a stream is unavailable."""

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 from strategies import vmsds, trees
 from test_legacy_codec import TIMER, build, full_stream
+from qemu_corpus import SCHEMA_FOR
 from vmferry import caps
 from vmferry.cli import main
 from vmferry.encode import asn1, ferry, legacy
@@ -62,7 +63,6 @@ from vmferry.serialize.visitor import LegacyReader
 
 CODECS = names()
 CHAIN = ["ferry", "cbor", "asn1-ber", "json", "msgpack", "legacy"]
-SCHEMA_FOR = {"pc-2.2-novmdesc": "pc-2.3-nocfg", "pc-7.2-xen-devices": "pc-7.2-paused"}
 PS = 4096
 
 

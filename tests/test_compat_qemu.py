@@ -35,7 +35,7 @@ from vmferry.events import Configuration, DeviceSection, OpaqueSection, RamBlock
 from vmferry.files import decode_input, open_input, read_stream_vmdesc
 from vmferry.guest import parse_counts
 from vmferry.qemu_process import QemuVM
-from vmferry.serialize.schema import INT_TYPES, Vmsd
+from vmferry.serialize.schema import INT_TYPES, Vmsd, int_range
 
 pytestmark = pytest.mark.qemu
 
@@ -360,8 +360,7 @@ def _mutate(vmsd: Vmsd, tree: dict[str, Any], data: st.DataObject) -> dict[str, 
         elif (vmsd.name, f.name) in DOMAINS:
             value = data.draw(DOMAINS[(vmsd.name, f.name)])
         elif f.type in INT_TYPES and not f.type.endswith(("equal", " le")):
-            size, signed = INT_TYPES[f.type]
-            lo, hi = (-(1 << (8 * size - 1)), (1 << (8 * size - 1)) - 1) if signed else (0, (1 << (8 * size)) - 1)
+            lo, hi = int_range(f.type)
             if isinstance(value, list):
                 rnd = random.Random(data.draw(st.integers(0, 2**32 - 1)))
                 value = [rnd.randint(lo, hi) for _ in value]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from qemu_corpus import SCHEMA_FOR
 from vmferry.cli import main
 from vmferry.encode import legacy
 from vmferry.events import Configuration, DeviceSection, RamPages, RamRecord, RamZeros
@@ -22,8 +23,6 @@ from vmferry.serialize.describe import describe_section
 
 pytestmark = pytest.mark.qemu
 
-# Streams without a vmdesc, and the stream whose vmdesc describes them (spec §4.7).
-SCHEMA_FOR = {"pc-2.2-novmdesc": "pc-2.3-nocfg", "pc-7.2-xen-devices": "pc-7.2-paused"}
 
 
 def _convert(src: Path, dst: Path, to: str, schema: Path | None = None) -> None:

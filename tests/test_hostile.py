@@ -22,6 +22,7 @@ import tracemalloc
 
 import pytest
 
+from qemu_corpus import SCHEMA_FOR
 from vmferry import DecodeError
 from vmferry.encode import legacy
 from vmferry.encode.legacy import encode_event
@@ -33,7 +34,6 @@ pytestmark = pytest.mark.qemu
 MAX_BOUNDARIES = 150
 RANDOM_CUTS = 100
 MUTATIONS = 25
-SCHEMA_FOR = {"pc-2.2-novmdesc": "pc-2.3-nocfg", "pc-7.2-xen-devices": "pc-7.2-paused"}
 
 
 def _options(qemu_corpus, name):

@@ -24,7 +24,7 @@ from typing import Any, Iterable, Iterator
 from ..caps import Cap
 from ..errors import DecodeError, EncodeError, FerryError, TruncatedError
 from ..events import Event
-from ..serialize.schema import FLOAT_TYPES, INT_TYPES, Field, Vmsd
+from ..serialize.schema import FLOAT_TYPES, INT_TYPES, Field, Vmsd, int_range
 from .records import NATIVE_BYTES, RecordStreamDecoder, encode_records, pieces
 
 MODULE_NAME = "VmFerry"
@@ -586,8 +586,7 @@ class TypedModule:
         if f.struct is not None:
             t = self._vmsd_type(f.struct)
         elif f.type in INT_TYPES:
-            size, signed = INT_TYPES[f.type]
-            lo, hi = (-(1 << (8 * size - 1)), (1 << (8 * size - 1)) - 1) if signed else (0, (1 << (8 * size)) - 1)
+            lo, hi = int_range(f.type)
             t = f"INTEGER ({lo}..{hi})"
         elif f.type == "bool":
             t = "Bool8"

@@ -46,6 +46,13 @@ INT_TYPES: dict[str, tuple[int, bool]] = {
     "uint16_from_uint8": (1, False),
 }
 FLOAT_TYPES = {"float64": 8}
+
+
+def int_range(type_name: str) -> tuple[int, int]:
+    """The smallest and largest value of an integer type of :data:`INT_TYPES`."""
+    size, signed = INT_TYPES[type_name]
+    bits = 8 * size
+    return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
 STRUCT_TYPES = ("struct", "tmp", "vstruct")
 
 # A field_exists test or a subsection's needed() rule, evaluated on the tree of

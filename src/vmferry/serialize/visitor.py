@@ -32,7 +32,7 @@ import struct
 from typing import Any, Callable, TypeVar
 
 from ..errors import DecodeError, EncodeError, TruncatedError
-from .schema import FLOAT_TYPES, INT_TYPES
+from .schema import FLOAT_TYPES, INT_TYPES, int_range
 
 T = TypeVar("T")
 VisitFn = Callable[["Visitor", T], T]
@@ -184,10 +184,9 @@ def pointer_element(fn: ElementFn, type_name: str) -> ElementFn:
 
 
 def _check_int(v: Visitor, value: Any, type_name: str) -> int:
-    size, signed = INT_TYPES[type_name]
     if isinstance(value, bool) or not isinstance(value, int):
         raise EncodeError(f"expected an integer for {type_name}, got {type(value).__name__}", v.path)
-    lo, hi = (-(1 << (8 * size - 1)), (1 << (8 * size - 1)) - 1) if signed else (0, (1 << (8 * size)) - 1)
+    lo, hi = int_range(type_name)
     if not lo <= value <= hi:
         raise EncodeError(f"{value} out of range for {type_name} [{lo}, {hi}]", v.path)
     return value
@@ -572,8 +571,7 @@ class TreeReader(_TreeVisitor):
         out = self._get(name)
         if isinstance(out, bool) or not isinstance(out, int):
             raise DecodeError(f"expected an integer for {type_name}, got {type(out).__name__}", None, self.path)
-        size, signed = INT_TYPES[type_name]
-        lo, hi = (-(1 << (8 * size - 1)), (1 << (8 * size - 1)) - 1) if signed else (0, (1 << (8 * size)) - 1)
+        lo, hi = int_range(type_name)
         if not lo <= out <= hi:
             raise DecodeError(f"{out} out of range for {type_name}", None, self.path)
         self._pop()
