@@ -267,3 +267,71 @@ def test_random_ram_recipe_yields_a_gibibyte_of_pages(tmp_path: Path) -> None:
         assert find_vmdesc(path) is not None
     finally:
         path.unlink(missing_ok=True)
+
+
+# ------------------------------------------------- (d) QEMU 10.0 in its chroot
+
+
+@pytest.mark.qemu10
+@pytest.mark.parametrize("machine", ["pc-i440fx-10.0", "pc-q35-10.0"])
+def test_guest_counts_under_qemu10(tmp_path: Path, machine: str) -> None:
+    with QemuVM(machine, paused=False, boot_sector=True, workdir=tmp_path, qemu_version="10.0") as vm:
+        assert vm.argv[0].endswith("chroot") and vm.argv[2] == "qemu-system-x86_64"
+        vm.wait_for_count(3, timeout=60)
+        # chroot execs QEMU: the pid we hold (and signal) is QEMU's own
+        assert Path(f"/proc/{vm.pid}/exe").resolve().name == "qemu-system-x86_64"
+        assert str(Path(f"/proc/{vm.pid}/root").resolve()) != "/"
+        assert vm.query("query-version")["qemu"]["major"] == 10
+    assert vm.counts()[:3] == [1, 2, 3]
+
+
+@pytest.mark.qemu10
+def test_qemu10_version_and_stream_path(tmp_path: Path) -> None:
+    from vmferry.qemu_process import qemu_version
+
+    assert qemu_version(release="10.0").startswith("QEMU emulator version 10.0")
+    stream = tmp_path / "out" / "paused.mig"
+    stream.parent.mkdir()
+    with QemuVM("pc-i440fx-10.0", workdir=tmp_path / "vm", serial=False, qemu_version="10.0") as vm:
+        vm.save(stream)
+    head = read_head(stream)
+    assert head[:8] == MAGIC and head[13:13 + 14] == b"pc-i440fx-10.0"
+
+
+@pytest.mark.qemu10
+def test_qemu10_dies_with_the_thread_that_started_it(tmp_path: Path) -> None:
+    import os
+    import threading
+
+    started: list[QemuVM] = []
+    t = threading.Thread(target=lambda: started.append(
+        QemuVM("pc-i440fx-10.0", workdir=tmp_path, serial=False, qemu_version="10.0").start()))
+    t.start()
+    t.join()
+    vm = started[0]
+    try:
+        assert vm._proc is not None
+        assert vm._proc.wait(30) == -9  # SIGKILL from PR_SET_PDEATHSIG, through chroot's exec
+        assert not os.path.exists(f"/proc/{vm.pid}/exe")
+    finally:
+        vm.kill()
+
+
+@pytest.mark.qemu10
+def test_qemu10_loads_what_it_saved_and_the_guest_counts_on(tmp_path: Path) -> None:
+    stream = tmp_path / "running.mig"
+    with QemuVM("pc-q35-10.0", paused=False, boot_sector=True, workdir=tmp_path / "src",
+                qemu_version="10.0") as src:
+        src.wait_for_count(3, timeout=60)
+        src.save(stream)
+        before = src.counts()[-1]
+    with QemuVM("pc-q35-10.0", incoming=True, paused=False, boot_sector=True, workdir=tmp_path / "dst",
+                qemu_version="10.0") as dst:
+        assert dst.load(stream) == "running"
+        dst.wait_for_count(before + 3, timeout=60)
+        assert not dst.serial_text().startswith("1\r\n")
+
+
+def test_unknown_qemu_release_is_refused() -> None:
+    with pytest.raises(QemuError, match="unknown QEMU release"):
+        QemuVM("pc", qemu_version="9.9")

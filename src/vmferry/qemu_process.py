@@ -14,7 +14,15 @@ sockets and sleeps.  It promises:
   runs in a private thread, so the blocking API also works from threads and
   from inside other event loops.
 
-The QEMU binary is ``$VMFERRY_QEMU`` or ``qemu-system-x86_64`` on ``PATH``.
+The QEMU binary is ``$VMFERRY_QEMU`` or ``qemu-system-x86_64`` on ``PATH``
+(the system's QEMU, 7.2 on Debian bookworm).  ``qemu_version="10.0"`` runs
+QEMU 10.0 instead, as ``chroot ROOT qemu-system-x86_64`` in the Debian trixie
+chroot that ``scripts/ensure-qemu10.sh`` builds (:func:`qemu10_root`).  The
+host directories QEMU must see (``/proc``, ``/dev``, the temporary directory
+and every work directory or stream file the harness hands to QEMU) are
+bind-mounted at the same path inside the chroot at first use, so every path
+means the same inside and outside.  ``chroot`` execs QEMU: the process id is
+QEMU's own, and the parent-death signal reaches QEMU.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import fcntl
 import os
 import shlex
 import shutil
@@ -44,7 +53,9 @@ __all__ = [
     "exec_load_uri",
     "exec_save_uri",
     "find_qemu",
+    "qemu10_root",
     "qemu_binary",
+    "qemu_command",
     "qemu_version",
     "write_boot_image",
 ]
@@ -81,13 +92,103 @@ def qemu_binary() -> str:
     return os.environ.get("VMFERRY_QEMU") or "qemu-system-x86_64"
 
 
-def qemu_version(binary: str | None = None) -> str:
-    """The first line of ``qemu-system-x86_64 --version``."""
-    exe = find_qemu(binary)
-    out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30, check=False)
+def qemu_version(binary: str | None = None, *, release: str | None = None) -> str:
+    """The first line of ``qemu-system-x86_64 --version`` (of QEMU ``release``, see :func:`qemu_command`)."""
+    command = qemu_command(release, binary)
+    out = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=30, check=False)
     if out.returncode != 0:
-        raise QemuError(f"{exe} --version failed with status {out.returncode}", stderr_tail=out.stderr)
+        raise QemuError(f"{shlex.join(command)} --version failed with status {out.returncode}",
+                        stderr_tail=out.stderr)
     return out.stdout.splitlines()[0].strip() if out.stdout else ""
+
+
+#: The QEMU releases besides the system's that :func:`qemu_command` can run.
+RELEASES = ("10.0",)
+#: Where ``scripts/ensure-qemu10.sh`` caches the Debian trixie chroot (``$VMFERRY_QEMU10_ROOT`` overrides).
+QEMU10_DEFAULT_ROOT = "/var/cache/vmferry/qemu-10.0-trixie"
+_QEMU10_INSTALL = "run scripts/ensure-qemu10.sh (or `make qemu10`) as root"
+#: QEMU's path inside the chroot.
+_CHROOT_QEMU = "/usr/bin/qemu-system-x86_64"
+#: Host directories every chroot QEMU needs, bind-mounted at the same path.
+_CHROOT_BINDS = ("/proc", "/dev")
+
+
+def qemu10_root() -> Path:
+    """The Debian trixie chroot holding QEMU 10.0; QemuError (saying how to build it) if missing."""
+    root = Path(os.environ.get("VMFERRY_QEMU10_ROOT") or QEMU10_DEFAULT_ROOT)
+    if not (root / _CHROOT_QEMU.lstrip("/")).is_file():
+        raise QemuError(f"QEMU 10.0 not found: no chroot with {_CHROOT_QEMU} at {root}; {_QEMU10_INSTALL}")
+    return root
+
+
+def qemu_command(release: str | None = None, binary: str | None = None) -> list[str]:
+    """The command that runs QEMU ``release`` (None: the system's, see :func:`find_qemu`).
+
+    For ``"10.0"``: ``[chroot, ROOT, "qemu-system-x86_64"]``, after making
+    sure ``/proc``, ``/dev`` and the temporary directory are visible inside
+    (see :func:`expose`).
+    """
+    if release is None:
+        return [find_qemu(binary)]
+    if release not in RELEASES:
+        raise QemuError(f"unknown QEMU release {release!r}: None (the system's QEMU) or one of {', '.join(RELEASES)}")
+    if binary is not None:
+        raise QemuError(f"give either a QEMU binary ({binary!r}) or a QEMU release ({release!r}), not both")
+    root = qemu10_root()
+    chroot = shutil.which("chroot") or "/usr/sbin/chroot"
+    for path in (*_CHROOT_BINDS, tempfile.gettempdir()):
+        expose(path, release)
+    return [chroot, str(root), "qemu-system-x86_64"]
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        sa, sb = a.stat(), b.stat()
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def expose(path: str | os.PathLike[str], release: str | None = None) -> None:
+    """Make the host directory ``path`` (or a file's directory) visible at the same path to QEMU ``release``.
+
+    Nothing to do for the system's QEMU.  For a chroot QEMU: if no directory
+    already bind-mounted covers ``path``, bind-mount the directory itself
+    (idempotent: a directory and its chroot twin with the same device and
+    inode are already bound; a lock file serialises concurrent callers).
+    Needs root; raises QemuError otherwise.
+    """
+    if release is None:
+        return
+    root = qemu10_root()
+    host = Path(path).absolute()
+    if not host.is_dir():
+        host = host.parent
+    if _visible(root, host):
+        return
+    if host == Path("/"):
+        raise QemuError(f"refusing to bind-mount / into {root}")
+    with open(root / ".vmferry-mount.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _visible(root, host):
+            return
+        inside = root / str(host).lstrip("/")
+        inside.mkdir(parents=True, exist_ok=True)
+        out = subprocess.run(["mount", "--bind", str(host), str(inside)],
+                             capture_output=True, text=True, timeout=30, check=False)
+        if out.returncode != 0:
+            raise QemuError(f"cannot show {host} to QEMU {release} in {root}: mount --bind failed "
+                            f"with status {out.returncode} (needs root)", stderr_tail=out.stderr)
+
+
+def _visible(root: Path, host: Path) -> bool:
+    """Whether ``host`` or one of its parents is the same directory inside ``root``."""
+    for d in (host, *host.parents):
+        if d == Path("/"):
+            return False
+        if _same_file(d, root / str(d).lstrip("/")):
+            return True
+    return False
 
 
 def find_qemu(binary: str | None = None) -> str:
@@ -200,6 +301,14 @@ class QemuVM:
     thread that started it exits (Linux ``PR_SET_PDEATHSIG``), so a test run
     that is killed never leaves a QEMU behind; start long-lived QEMUs from a
     long-lived thread, or pass False.
+
+    ``qemu_version`` picks the QEMU: None for the system's (``binary`` or
+    ``$VMFERRY_QEMU``), ``"10.0"`` for the chroot one (see
+    :func:`qemu_command`); it and ``binary`` exclude each other.  The
+    stream files of :meth:`save` and :meth:`load` are made visible to a
+    chroot QEMU automatically; call :meth:`expose` for any other host path
+    handed to QEMU (e.g. in a raw ``migrate`` URI) outside the temporary
+    directory.
     """
 
     def __init__(
@@ -219,6 +328,7 @@ class QemuVM:
         qmp_timeout: float = 30.0,
         start_timeout: float = 30.0,
         die_with_parent: bool = True,
+        qemu_version: str | None = None,
     ) -> None:
         self.machine = machine
         self.extra_args = list(args)
@@ -232,7 +342,12 @@ class QemuVM:
         self.qmp_timeout = qmp_timeout
         self.start_timeout = start_timeout
         self.die_with_parent = die_with_parent
-        self.binary = find_qemu(binary)
+        #: the QEMU release (None: the system's QEMU)
+        self.qemu_version = qemu_version
+        #: the command that runs QEMU (``[binary]``, or ``[chroot, ROOT, qemu-system-x86_64]``)
+        self.command = qemu_command(qemu_version, binary)
+        #: the QEMU binary (for a chroot QEMU: its path inside the chroot)
+        self.binary = self.command[0] if qemu_version is None else _CHROOT_QEMU
         self._own_workdir = workdir is None
         self.workdir = Path(tempfile.mkdtemp(prefix="vmferry-qemu-")) if workdir is None else Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -257,7 +372,7 @@ class QemuVM:
     def argv(self) -> list[str]:
         """The full QEMU command line."""
         argv = [
-            self.binary,
+            *self.command,
             "-machine", self.machine,
             "-accel", self.accel,
             "-nodefaults",
@@ -281,10 +396,16 @@ class QemuVM:
             argv += ["-incoming", "defer"]
         return argv + self.extra_args
 
+    def expose(self, path: str | os.PathLike[str]) -> None:
+        """Make the host directory ``path`` (or a file's directory) visible to this QEMU (see :func:`expose`)."""
+        expose(path, self.qemu_version)
+
     def start(self) -> QemuVM:
         """Start QEMU and connect to its QMP monitor."""
         if self._proc is not None:
             raise QemuError(f"{self.name}: already started")
+        self.expose(self.workdir)
+        self.expose(self.qmp_socket.parent)
         if self.boot_sector is not False:
             sector = None if self.boot_sector is True else bytes(self.boot_sector)
             write_boot_image(self.boot_image, sector)
@@ -532,6 +653,7 @@ class QemuVM:
         part = final.with_name(final.name + ".part")
         final.unlink(missing_ok=True)
         part.unlink(missing_ok=True)
+        self.expose(final.parent)
         self.set_caps(caps or {})
         self.set_params(params or {})
         deadline = time.monotonic() + timeout
@@ -575,6 +697,7 @@ class QemuVM:
         src = Path(path)
         if not src.is_file():
             raise QemuError(f"{self.name}: no stream file {src}")
+        self.expose(src.absolute().parent)
         self.set_caps(caps or {})
         self.set_params(params or {})
         self.cmd("migrate-incoming", uri=exec_load_uri(src))
