@@ -6,7 +6,7 @@ import json
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import pytest
 
@@ -22,9 +22,9 @@ pytestmark = pytest.mark.qemu
 class Managed:
     """A QemuVM plus a second QMP monitor for the management tool (QEMU serves one client per monitor)."""
 
-    def __init__(self, directory: Path, name: str, machine: str = "pc", **kw: Any) -> None:
+    def __init__(self, directory: Path, name: str, machine: str = "pc", args: Sequence[str] = (), **kw: Any) -> None:
         self.sock = directory / f"{name}-mgmt.sock"
-        self.vm = QemuVM(machine, qemu_qmp_args(str(self.sock)), workdir=directory / name, name=name,
+        self.vm = QemuVM(machine, [*qemu_qmp_args(str(self.sock)), *args], workdir=directory / name, name=name,
                          boot_sector=True, paused=False, **kw)
         self.address = f"unix:{self.sock}"
 

@@ -101,17 +101,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         json.dump(doc, sys.stdout, indent=1)
         sys.stdout.write("\n")
         return EXIT_OK
-    _print_summary(summary, inp)
+    size = f"{inp.size:,} bytes" if inp.size is not None else "size unknown"
+    print_summary(summary, f"{inp.name}: {inp.format} stream, version {summary.version}, {size}")
     return EXIT_OK
 
 
-def _print_summary(s: StreamSummary, inp: Input) -> None:
+def print_summary(s: StreamSummary, heading: str) -> None:
+    """Print what ``vmferry inspect`` shows: ``heading``, then the summary's lines and tables."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     con = Console(highlight=False)
-    size = f"{inp.size:,} bytes" if inp.size is not None else "size unknown"
-    con.print(f"[bold]{inp.name}[/bold]: {inp.format} stream, version {s.version}, {size}")
+    con.print(f"[bold]{escape(heading)}[/bold]")
     con.print(f"machine type: [bold]{s.machine or '(no configuration section)'}[/bold]")
     con.print(f"capabilities: {', '.join(s.capabilities) or 'none announced'}")
     if s.uuid:

@@ -61,7 +61,9 @@ def add_subcommands(sub: Any) -> None:
                         description="Query both sides, set the intersection of their capabilities on both, start "
                                     "the incoming side and then the migration, and follow it until the "
                                     "destination runs. On failure the migration is cancelled and the source "
-                                    "keeps running.")
+                                    "keeps running. With --via-proxy the stream passes through vmferry, which "
+                                    "converts it to the destination's machine type: a guest moves between machine "
+                                    "types that QEMU alone refuses to mix.")
     mg.add_argument("--source", required=True, metavar="ADDR", help="QMP address of the source")
     mg.add_argument("--dest", required=True, metavar="ADDR", help="QMP address of the destination")
     mg.add_argument("--uri", help="migration URI (default: a private unix socket)")
@@ -69,6 +71,15 @@ def add_subcommands(sub: Any) -> None:
                     help="use only these capabilities (comma-separated vmferry or QEMU names; 'none' for mask 0)")
     mg.add_argument("--max-bandwidth", type=int, metavar="BYTES_PER_S", help="bandwidth cap on the source")
     mg.add_argument("--downtime-limit", type=int, metavar="MS", help="downtime the source aims for")
+    mg.add_argument("--via-proxy", action="store_true",
+                    help="route the stream through vmferry proxies run by this command, which decode it in flight "
+                         "and convert the device state to the destination's machine type (read over QMP)")
+    mg.add_argument("--machine", default="auto", metavar="auto|TARGET",
+                    help="with --via-proxy: the machine type to convert to (default auto: the destination's)")
+    mg.add_argument("--wire", choices=("legacy", "ferry"), default="legacy",
+                    help="with --via-proxy: legacy is one proxy; ferry is two proxies with vmferry's ferry format "
+                         "between them over tcp, as on two hosts (their capabilities are negotiated; --set-caps "
+                         "zstd compresses the wire)")
     mg.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds (default 600)")
     mg.add_argument("--json", action="store_true", help="print the result as JSON")
     mg.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -160,7 +171,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     show = not args.quiet and not args.json and sys.stderr.isatty()
     with _Bar(show) as bar:
         result = migrate(args.source, args.dest, args.uri, _split(args.set_caps), progress=bar.update,
-                         timeout=args.timeout, params=params or None)
+                         timeout=args.timeout, params=params or None, via_proxy=args.via_proxy,
+                         machine=args.machine, wire=args.wire)
     if args.json:
         json.dump(result.to_json(), sys.stdout, indent=1)
         sys.stdout.write("\n")

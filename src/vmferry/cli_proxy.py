@@ -23,7 +23,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     if args.tls_cert or args.tls_ca or args.tls_key or args.tls_hostname:
         tls = TlsOptions(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca, hostname=args.tls_hostname)
     proxy = Proxy(args.listen, args.forward, machine=args.machine, wire=args.wire, from_machine=args.from_machine,
-                  tls=tls, accept_timeout=args.timeout)
+                  compress=args.compress, tls=tls, accept_timeout=args.timeout)
     proxy.bind()
     if not args.quiet:
         print(f"vmferry proxy: listening on {proxy.uri}, forwarding {args.wire} to {args.forward}"
@@ -61,6 +61,9 @@ def add_subcommands(sub: Any) -> None:
                                                               "configuration section")
     p.add_argument("--wire", choices=("legacy", "ferry"), default="legacy",
                    help="output format: legacy for a QEMU, ferry for another proxy (default: legacy)")
+    p.add_argument("--compress", choices=("none", "zstd", "lz4"), default="none",
+                   help="compress the frames of a ferry wire (the receiving proxy needs the same extra installed; "
+                        "worth it on slow links only, default none)")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="give up when no source connects in time")
     p.add_argument("--json", action="store_true", help="print what was carried as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no messages on stderr")

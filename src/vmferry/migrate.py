@@ -14,6 +14,12 @@
 Any failure cancels the migration (``migrate_cancel``), makes sure the
 source runs again (``cont`` when it ended up stopped and the destination
 is not running), and raises :class:`MigrationError` with one clear line.
+
+With ``via_proxy`` the stream goes through vmferry's proxies
+(:mod:`vmferry.proxy_route`): the destination's machine type is read over
+QMP (``qom-get /machine type``) and the device state is converted to it in
+flight, so a guest moves between machine types that QEMU alone refuses to
+mix; only the QEMU capabilities a proxy can carry stay on.
 """
 
 from __future__ import annotations
@@ -25,9 +31,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import caps
+from . import caps, proxy
 from .caps import Cap
 from .errors import FerryError
+from .events import Event
+from .proxy_route import ProxyRoute
 from .qmp.client import QMPCommandError, QMPConnectError, QMPConnection
 
 
@@ -139,6 +147,7 @@ class Result:
     source: dict[str, Any]
     destination: dict[str, Any]
     final: dict[str, Any]
+    route: dict[str, Any] | None = None
 
     @property
     def mb_per_s(self) -> float:
@@ -148,14 +157,20 @@ class Result:
         down = f", downtime {self.downtime_ms} ms" if self.downtime_ms is not None else ""
         codec = f", {self.codec} stream" if self.codec else ""
         used = caps.names(self.mask) + self.qemu_caps
-        return (f"migrated: {self.transferred / 1e6:.1f} MB in {self.seconds:.2f} s ({self.mb_per_s:.0f} MB/s)"
+        via = ""
+        if self.route is not None:
+            r = self.route
+            conv = f", {r['from_machine']} -> {r['machine']}" if r.get("machine") else ""
+            link = f", link mask {r['link_mask']:#x}" if r["wire"] == "ferry" else ""
+            via = f" via proxy ({r['wire']} on the wire{link}{conv})"
+        return (f"migrated{via}: {self.transferred / 1e6:.1f} MB in {self.seconds:.2f} s ({self.mb_per_s:.0f} MB/s)"
                 f"{down}{codec}; capabilities: {', '.join(used) or 'none (mask 0)'}")
 
     def to_json(self) -> dict[str, Any]:
         return {"seconds": round(self.seconds, 3), "transferred": self.transferred, "total": self.total,
                 "mb_per_s": round(self.mb_per_s, 1), "downtime_ms": self.downtime_ms, "mask": self.mask,
                 "names": caps.names(self.mask), "qemu_capabilities": self.qemu_caps, "codec": self.codec,
-                "source": self.source, "destination": self.destination}
+                "source": self.source, "destination": self.destination, "route": self.route}
 
 
 Progress = Callable[[dict[str, Any]], None]
@@ -163,9 +178,20 @@ Progress = Callable[[dict[str, Any]], None]
 
 def migrate(source: str, dest: str, uri: str | None = None, set_caps: list[str] | None = None, *,
             progress: Progress | None = None, timeout: float = 600.0, poll: float = 0.1,
-            params: dict[str, Any] | None = None, qmp_timeout: float = 30.0) -> Result:
-    """Migrate from the endpoint at QMP address ``source`` to the one at ``dest``; see the module doc."""
+            params: dict[str, Any] | None = None, qmp_timeout: float = 30.0, via_proxy: bool = False,
+            machine: str | None = "auto", wire: str = "legacy",
+            observe: Callable[[Event], None] | None = None) -> Result:
+    """Migrate from the endpoint at QMP address ``source`` to the one at ``dest``; see the module doc.
+
+    ``via_proxy`` routes the stream through proxies with ``wire`` between them, converting the device state
+    to ``machine`` (``auto``: the destination's machine type); ``observe`` sees every event they carry.
+    """
+    if not via_proxy and (wire != "legacy" or observe is not None or machine not in (None, "auto")):
+        raise MigrationError("--wire and --machine need --via-proxy (QEMU alone cannot convert a stream)")
+    if via_proxy and uri is not None:
+        raise MigrationError("--uri and --via-proxy exclude each other: the proxies choose the sockets")
     tmpdir: str | None = None
+    route: ProxyRoute | None = None
     src_conn = _open(source, "source", qmp_timeout)
     try:
         dst_conn = _open(dest, "destination", qmp_timeout)
@@ -186,6 +212,10 @@ def migrate(source: str, dest: str, uri: str | None = None, set_caps: list[str] 
             plan = make_plan(src, dst, set_caps)
         except ValueError as e:
             raise MigrationError(str(e)) from None
+        if via_proxy:
+            tmpdir = tempfile.mkdtemp(prefix="vmferry-mig-")
+            route = _route(src, dst, plan, set_caps, machine, wire, tmpdir, observe)
+            uri = route.source_uri
         for side in (src, dst):
             apply_plan(side, plan)
         if params:
@@ -195,20 +225,26 @@ def migrate(source: str, dest: str, uri: str | None = None, set_caps: list[str] 
         if uri is None:
             tmpdir = tempfile.mkdtemp(prefix="vmferry-mig-")
             uri = f"unix:{os.path.join(tmpdir, 'stream.sock')}"
-        dst_conn.cmd("migrate-incoming", {"uri": uri})
+        dst_conn.cmd("migrate-incoming", {"uri": route.dest_uri if route else uri})
         started = True
+        if route is not None:
+            route.start()
         t0 = time.monotonic()
         src_conn.cmd("migrate", {"uri": uri})
         info = _follow(src_conn, dst_conn, progress, timeout, poll)
         elapsed = time.monotonic() - t0
+        if route is not None:
+            route.finish()
         _wait_destination(dst_conn, src.status == "running", timeout=60.0)
         ram = info.get("ram", {})
         vm = info.get("x-vmferry", {})
         return Result(elapsed, int(ram.get("transferred", 0)), int(ram.get("total", 0)), info.get("downtime"),
                       int(plan.mask), plan.qemu_on, vm.get("codec", "legacy" if src.kind == "qemu" else ""),
-                      src.describe(), dst.describe(), info)
+                      src.describe(), dst.describe(), info, route.describe() if route else None)
     except (FerryError, TimeoutError) as e:
         message = str(e) if isinstance(e, FerryError) else "timed out"
+        if route is not None:
+            route.abort()
         if started and src is not None:
             if _recover(src_conn, dst_conn, src.status == "running"):
                 info = _safe(src_conn, "query-migrate") or {}
@@ -217,10 +253,42 @@ def migrate(source: str, dest: str, uri: str | None = None, set_caps: list[str] 
                               0, [], "", src.describe(), dst.describe() if dst else {}, info)
         raise MigrationError(message.splitlines()[0] if message else "migration failed") from None
     finally:
+        if route is not None:
+            route.abort()
         src_conn.close()
         dst_conn.close()
         if tmpdir is not None:
             shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def machine_type(conn: QMPConnection) -> str:
+    """The machine type a QEMU runs (its QOM type less ``-machine``): ``pc-i440fx-7.2``."""
+    try:
+        qom = str(conn.cmd("qom-get", {"path": "/machine", "property": "type"}))
+    except QMPCommandError as e:
+        raise MigrationError(f"{conn.name}: cannot read its machine type ({e}); give --machine") from None
+    return qom.removesuffix("-machine")
+
+
+def _route(src: Side, dst: Side, plan: Plan, requested: list[str] | None, machine: str | None, wire: str,
+           workdir: str, observe: Callable[[Event], None] | None) -> ProxyRoute:
+    """The proxies for this migration; narrows ``plan`` to what a proxy can carry.
+
+    The vmferry bits in ``requested`` (e.g. ``zstd``) are asked of the ferry wire between the proxies.
+    """
+    from_machine = machine_type(src.conn) if src.kind == "qemu" else None
+    if machine == "auto":
+        target = machine_type(dst.conn) if dst.kind == "qemu" else None
+        machine = target if target != from_machine else None
+    for name, on in plan.qemu.items():
+        if on and name not in proxy.QEMU_CAPABILITIES:
+            plan.qemu[name] = False
+    plan.mask = Cap(plan.mask & ~(Cap.RETURN_PATH | Cap.RECEIVER_TRANSFORMS | Cap.DEVICE_VERSIONS))
+    link_bits = caps.split_requested(requested, set(src.qemu) | set(dst.qemu))[0] if requested is not None else None
+    try:
+        return ProxyRoute(workdir, machine, from_machine, wire, link_bits, observe)
+    except FerryError as e:
+        raise MigrationError(str(e).splitlines()[0]) from None
 
 
 def _open(address: str, role: str, timeout: float) -> QMPConnection:
@@ -350,5 +418,5 @@ def capabilities(address: str, timeout: float = 30.0) -> dict[str, Any]:
     return side.describe()
 
 
-__all__ = ["MigrationError", "Plan", "Result", "Side", "apply_plan", "capabilities", "make_plan", "migrate", "probe",
-           "qemu_qmp_args"]
+__all__ = ["MigrationError", "Plan", "Result", "Side", "apply_plan", "capabilities", "machine_type", "make_plan",
+           "migrate", "probe", "qemu_qmp_args"]

@@ -20,12 +20,22 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
+from .caps import Cap
 from .encode import ferry, legacy
 from .errors import DecodeError, FerryError, TransportError
 from .events import Event
 from .transport import CHUNK, ByteStream, Listener, TlsOptions, connect, listen, parse_uri
 
 WIRES = ("legacy", "ferry")
+
+#: QEMU capabilities a proxy can carry: they neither change how the stream is framed nor need a
+#: channel back to the source (the proxy carries one way).  Every other one is switched off.
+QEMU_CAPABILITIES = frozenset({"events", "auto-converge", "late-block-activate", "validate-uuid"})
+
+
+def capabilities() -> Cap:
+    """The mask a proxy offers to the proxy at the other end of a ferry wire: ferry and its installed features."""
+    return Cap.CODEC_FERRY | ferry.available_caps()
 
 
 class ProxyError(FerryError):
@@ -96,8 +106,12 @@ def _ferry_events(chunks: Iterable[bytes], options: ferry.DecodeOptions) -> Iter
 
 
 def transcode(chunks: Iterable[bytes], input_format: str, wire: str = "legacy", machine: str | None = None,
-              from_machine: str | None = None) -> Iterator[bytes | memoryview]:
-    """The output chunks for the input ``chunks`` of ``input_format``, re-encoded as ``wire``."""
+              from_machine: str | None = None, *, compress: str = "none",
+              observe: Callable[[Event], None] | None = None) -> Iterator[bytes | memoryview]:
+    """The output chunks for the input ``chunks`` of ``input_format``, re-encoded as ``wire``.
+
+    ``compress`` applies to a ferry wire; ``observe`` sees every event as it is sent (after the transforms).
+    """
     if wire not in WIRES:
         raise ProxyError(f"unknown wire format {wire!r} (known: {', '.join(WIRES)})")
     events: Iterable[Event]
@@ -114,7 +128,15 @@ def transcode(chunks: Iterable[bytes], input_format: str, wire: str = "legacy", 
         if from_machine:
             registry.release(from_machine)
         events = transform_events(events, registry, machine, from_machine)
-    return legacy.encode(events) if wire == "legacy" else ferry.encode(events)
+    if observe is not None:
+        events = _observed(events, observe)
+    return legacy.encode(events) if wire == "legacy" else ferry.encode(events, compress=compress)
+
+
+def _observed(events: Iterable[Event], observe: Callable[[Event], None]) -> Iterator[Event]:
+    for ev in events:
+        observe(ev)
+        yield ev
 
 
 @dataclass
@@ -125,7 +147,8 @@ class Proxy:
     ``forward_uri`` is where the re-encoded stream goes (a destination QEMU's
     ``migrate-incoming`` URI, or another proxy's listen URI).  ``machine``
     converts the device state to that machine type; ``wire`` is the output
-    format.
+    format (``compress`` its compression when it is ferry); ``observe`` sees
+    every event sent (e.g. a :class:`vmferry.summary.StreamSummary`'s ``add``).
     """
 
     listen_uri: str
@@ -133,6 +156,8 @@ class Proxy:
     machine: str | None = None
     wire: str = "legacy"
     from_machine: str | None = None
+    compress: str = "none"
+    observe: Callable[[Event], None] | None = None
     tls: TlsOptions | None = None
     accept_timeout: float | None = None
     connect_timeout: float = 30.0
@@ -149,6 +174,9 @@ class Proxy:
     def __post_init__(self) -> None:
         if self.wire not in WIRES:
             raise ProxyError(f"unknown wire format {self.wire!r} (known: {', '.join(WIRES)})")
+        if self.compress not in ferry.COMPRESSIONS or (self.compress != "none" and self.wire != "ferry"):
+            raise ProxyError(f"compression {self.compress!r}: choose one of {', '.join(ferry.COMPRESSIONS)}, "
+                             "and only for a ferry wire")
         listen_addr = parse_uri(self.listen_uri, self.tls)
         forward_addr = parse_uri(self.forward_uri, self.tls)
         for what, addr in (("--listen", listen_addr), ("--forward", forward_addr)):
@@ -248,7 +276,8 @@ class Proxy:
         fmt, chunks = _sniff_chunks(source, self.chunk_size)
         self.stats.input_format = fmt
         dest = self._track(connect(parse_uri(self.forward_uri, self.tls), timeout=self.connect_timeout))
-        dest.write_chunks(self._count(transcode(chunks, fmt, self.wire, self.machine, self.from_machine)))
+        dest.write_chunks(self._count(transcode(chunks, fmt, self.wire, self.machine, self.from_machine,
+                                                   compress=self.compress, observe=self.observe)))
         dest.close_write()
         self.stats.bytes_in = source.bytes_read
         self.stats.bytes_out = dest.bytes_written
@@ -271,4 +300,4 @@ class Proxy:
             yield c
 
 
-__all__ = ["Proxy", "ProxyError", "ProxyStats", "WIRES", "transcode"]
+__all__ = ["QEMU_CAPABILITIES", "Proxy", "ProxyError", "ProxyStats", "WIRES", "capabilities", "transcode"]

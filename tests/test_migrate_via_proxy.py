@@ -1,0 +1,106 @@
+"""``vmferry migrate --via-proxy``: the management tool sets up the proxies (real QEMU 7.2).
+
+* QEMU alone refuses pc-i440fx-2.12 -> pc-i440fx-7.2; the same pair through
+  the proxies (ferry on the wire, machine type read from the destination)
+  migrates, and the guest counts on;
+* the QEMU capabilities a proxy cannot carry are switched off on both sides;
+* argument mistakes are one line and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from live_helpers import short_dir
+from test_live_qemu import Managed
+from vmferry import cli
+from vmferry.guest import parse_counts
+from vmferry.migrate import MigrationError, machine_type, migrate
+from vmferry.qemu_process import QemuVM
+from vmferry.qmp.client import QMPConnection
+from vmferry.summary import StreamSummary
+
+
+@pytest.fixture
+def where(tmp_path: Path) -> Iterator[Path]:
+    yield short_dir(tmp_path)
+
+
+def _counted_on(src: QemuVM, dst: QemuVM) -> None:
+    before = parse_counts(src.serial_text())[-1]
+    dst.wait_for_count(before + 5, timeout=60)
+    dst_text = dst.serial_text()
+    assert not dst_text.startswith("1\r\n"), "the guest restarted"
+    combined = parse_counts(src.serial_text() + dst_text)
+    assert combined == list(range(1, len(combined) + 1)), combined[-30:]
+
+
+@pytest.mark.qemu
+def test_qemu_refuses_the_pair_and_the_proxy_carries_it(where: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    e1000 = ("-device", "e1000")
+    s = Managed(where, "src", "pc-i440fx-2.12", e1000)
+    refused = Managed(where, "refused", "pc-i440fx-7.2", e1000, incoming=True)
+    with s as src:
+        src.wait_for_count(5, timeout=60)
+        with refused:
+            with pytest.raises(MigrationError, match="destination"):
+                migrate(s.address, refused.address, timeout=60)
+        assert "Machine type received is 'pc-i440fx-2.12'" in refused.vm.stderr_log.read_text()
+        assert src.status() == "running"
+        n = src.counts()[-1]
+        src.wait_for_count(n + 2, timeout=30)
+
+        d = Managed(where, "dst", "pc-i440fx-7.2", e1000, incoming=True)
+        with d as dst:
+            conn = QMPConnection(d.address, name="destination").connect()
+            try:
+                assert machine_type(conn) == "pc-i440fx-7.2"
+            finally:
+                conn.close()
+            code = cli.main(["migrate", "--source", s.address, "--dest", d.address, "--via-proxy", "--wire", "ferry",
+                             "--max-bandwidth", str(1 << 30), "--json"])
+            out = capsys.readouterr()
+            assert code == 0, out.err
+            result = json.loads(out.out)
+            route = result["route"]
+            assert route["wire"] == "ferry"
+            assert (route["from_machine"], route["machine"]) == ("pc-i440fx-2.12", "pc-i440fx-7.2")
+            assert "codec-ferry" in route["link_names"] and "frame-crc32c" in route["link_names"]
+            near_src, near_dst = route["proxies"]
+            assert near_src["input_format"] == "legacy" and near_dst["input_format"] == "ferry"
+            assert near_src["done"] and near_dst["done"] and near_dst["bytes_out"] > 100_000
+            assert result["mask"] == 0  # both ends are QEMU: today's protocol
+            _counted_on(src, dst)
+
+
+@pytest.mark.qemu
+def test_capabilities_a_proxy_cannot_carry_are_switched_off(where: Path) -> None:
+    s, d = Managed(where, "src", "pc-i440fx-7.2"), Managed(where, "dst", "pc-i440fx-7.2", incoming=True)
+    with s as src, d as dst:
+        src.wait_for_count(3, timeout=60)
+        for vm in (src, dst):
+            vm.set_caps({"return-path": True, "events": True})
+        summary = StreamSummary()
+        r = migrate(s.address, d.address, via_proxy=True, observe=summary.add, timeout=120)
+        assert r.qemu_caps == ["events"]
+        for vm in (src, dst):
+            states = {c["capability"]: c["state"] for c in vm.query("query-migrate-capabilities")}
+            assert states["return-path"] is False and states["events"] is True
+        assert r.route is not None and r.route["machine"] is None  # same machine type: nothing to convert
+        assert summary.machine == "pc-i440fx-7.2" and summary.has_eof and summary.total_pages > 0
+        assert "OPEN_RETURN_PATH" not in " ".join(summary.commands)
+        _counted_on(src, dst)
+
+
+def test_proxy_options_need_via_proxy(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["migrate", "--source", "unix:nowhere-a", "--dest", "unix:nowhere-b", "--wire", "ferry"]) != 0
+    err = capsys.readouterr().err
+    assert "--via-proxy" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert cli.main(["migrate", "--source", "unix:nowhere-a", "--dest", "unix:nowhere-b", "--via-proxy",
+                     "--uri", "unix:x"]) != 0
+    err = capsys.readouterr().err
+    assert "exclude" in err and len(err.strip().splitlines()) == 1
