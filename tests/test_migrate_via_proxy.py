@@ -104,3 +104,16 @@ def test_proxy_options_need_via_proxy(capsys: pytest.CaptureFixture[str]) -> Non
                      "--uri", "unix:x"]) != 0
     err = capsys.readouterr().err
     assert "exclude" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.qemu
+def test_the_demo_shows_the_whole_mission(capsys: pytest.CaptureFixture[str]) -> None:
+    from vmferry import demo
+
+    assert demo.main([]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # undo rich's wrapping
+    assert "the destination refuses: Machine type received is 'pc-i440fx-2.12'" in out
+    assert "proxy <-> proxy │ agreed" in out and "codec-ferry" in out
+    assert "migrated via proxy (ferry on the wire" in out and "pc-i440fx-2.12 -> pc-i440fx-7.2" in out
+    assert "machine type: pc-i440fx-2.12" in out and "0000:00:02.0/e1000" in out
+    assert "demo OK" in out

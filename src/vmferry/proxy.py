@@ -110,7 +110,7 @@ def transcode(chunks: Iterable[bytes], input_format: str, wire: str = "legacy", 
               observe: Callable[[Event], None] | None = None) -> Iterator[bytes | memoryview]:
     """The output chunks for the input ``chunks`` of ``input_format``, re-encoded as ``wire``.
 
-    ``compress`` applies to a ferry wire; ``observe`` sees every event as it is sent (after the transforms).
+    ``compress`` applies to a ferry wire; ``observe`` sees every event as it arrives (before the transforms).
     """
     if wire not in WIRES:
         raise ProxyError(f"unknown wire format {wire!r} (known: {', '.join(WIRES)})")
@@ -120,6 +120,8 @@ def transcode(chunks: Iterable[bytes], input_format: str, wire: str = "legacy", 
     else:
         events = _ferry_events(chunks, ferry.DecodeOptions(keep_unknown=wire != "legacy",
                                                            legacy_records=wire == "legacy"))
+    if observe is not None:
+        events = _observed(events, observe)
     if machine:
         from .compat import qemu_registry, transform_events
 
@@ -128,8 +130,6 @@ def transcode(chunks: Iterable[bytes], input_format: str, wire: str = "legacy", 
         if from_machine:
             registry.release(from_machine)
         events = transform_events(events, registry, machine, from_machine)
-    if observe is not None:
-        events = _observed(events, observe)
     return legacy.encode(events) if wire == "legacy" else ferry.encode(events, compress=compress)
 
 
@@ -148,7 +148,7 @@ class Proxy:
     ``migrate-incoming`` URI, or another proxy's listen URI).  ``machine``
     converts the device state to that machine type; ``wire`` is the output
     format (``compress`` its compression when it is ferry); ``observe`` sees
-    every event sent (e.g. a :class:`vmferry.summary.StreamSummary`'s ``add``).
+    every event received (e.g. a :class:`vmferry.summary.StreamSummary`'s ``add``).
     """
 
     listen_uri: str

@@ -9,7 +9,8 @@
   bits asked for) like any two sides' capabilities, and the result decides
   the ferry wire's compression.
 
-The proxy next to the destination converts the device state to ``machine``.
+The proxy next to the destination converts the device state to ``machine``;
+``observe`` sees every event of the stream as the source sent it.
 The management tool (:mod:`vmferry.migrate`) points the destination's
 ``migrate-incoming`` at :attr:`dest_uri` and the source at :attr:`source_uri`,
 then waits with :meth:`finish`; on any failure :meth:`abort` closes every
@@ -70,15 +71,15 @@ class ProxyRoute:
         self.dest_uri = f"unix:{os.path.join(self.workdir, 'dest.sock')}"
         self.source_uri = f"unix:{os.path.join(self.workdir, 'proxy.sock')}"
         near_dest = Proxy("tcp:127.0.0.1:0" if self.wire == "ferry" else self.source_uri, self.dest_uri,
-                          machine=self.machine, from_machine=self.from_machine, observe=self.observe,
-                          accept_timeout=self.accept_timeout)
+                          machine=self.machine, from_machine=self.from_machine, accept_timeout=self.accept_timeout)
         if self.wire == "legacy":
+            near_dest.observe = self.observe
             self.proxies = [near_dest]
             return
         self.mask = link_mask(proxy.capabilities(), proxy.capabilities(), self.requested)
         near_dest.bind()
         near_source = Proxy(self.source_uri, near_dest.uri, wire="ferry", compress=_compression(self.mask),
-                            accept_timeout=self.accept_timeout)
+                            observe=self.observe, accept_timeout=self.accept_timeout)
         self.proxies = [near_source, near_dest]
 
     def start(self) -> None:
