@@ -1,11 +1,12 @@
 # The README's two commands: `make demo` and `make test`.
-# Both create .venv, install vmferry with every extra, and make sure QEMU is there.
+# Both create .venv, install vmferry with every extra, and make sure QEMU is there;
+# `make test` also needs QEMU 10.0 (a Debian trixie chroot, built once by `make qemu10`).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test qemu lint bench clean
+.PHONY: demo test qemu qemu10 lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,10 +17,13 @@ $(STAMP): pyproject.toml
 qemu:
 	@bash scripts/ensure-qemu.sh
 
+qemu10:
+	@bash scripts/ensure-qemu10.sh
+
 demo: $(STAMP) qemu
 	$(BIN)/python -m vmferry.demo
 
-test: $(STAMP) qemu
+test: $(STAMP) qemu qemu10
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)
