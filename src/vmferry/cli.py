@@ -123,6 +123,7 @@ def print_summary(s: StreamSummary, heading: str) -> None:
     con.print(f"section footers: {footers}   vmdesc: {vmdesc}   EOF: {'yes' if s.has_eof else 'no'}")
     if s.commands:
         con.print(f"commands: {', '.join(s.commands)}")
+    con.print(f"written by: {escape(s.writer.text)}")
 
     t = Table(title=f"{len(s.sections)} sections", title_justify="left")
     for col, just in (("id", "right"), ("kind", "left"), ("idstr", "left"), ("inst", "right"), ("ver", "right"),

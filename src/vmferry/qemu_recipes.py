@@ -1,4 +1,4 @@
-"""Recipes for the golden migration streams that real QEMU 7.2 produces.
+"""Recipes for the golden migration streams that real QEMU 7.2 and 10.0 produce.
 
 A :class:`Recipe` says how one stream is made: machine type, extra devices,
 guest state (never started, or running the counting boot sector),
@@ -18,6 +18,9 @@ promises:
   the same recipe.
 * A recipe that needs something this QEMU build or host lacks (a device,
   a machine type, userfaultfd) raises :class:`RecipeUnavailable`.
+* A recipe with ``qemu_version="10.0"`` runs QEMU 10.0 (the chroot of
+  :func:`vmferry.qemu_process.qemu10_root`); ``names(qemu="10.0")`` lists
+  those, ``names()`` the system QEMU's (7.2) as before.
 
 Used by the tests (``tests/qemu_corpus.py``), the demo and the benchmarks.
 """
@@ -41,7 +44,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .guest import counting_boot_sector
-from .qemu_process import QemuError, QemuVM, escape_option, find_qemu, qemu_version
+from .qemu_process import QemuError, QemuVM, escape_option, expose, qemu_command, qemu_version
 
 __all__ = [
     "Corpus",
@@ -62,6 +65,8 @@ Kind = Literal[
 FIXED_UUID = "5c1c3a2e-7d6b-4b8e-9a41-1f2e3d4c5b6a"
 PC = "pc-i440fx-7.2"
 Q35 = "pc-q35-7.2"
+PC10 = "pc-i440fx-10.0"
+Q35_10 = "pc-q35-10.0"
 
 
 class RecipeUnavailable(QemuError):
@@ -89,6 +94,8 @@ class Recipe:
     has_vmdesc: bool = True
     #: big or slow (e.g. 1 GiB); left out of ``names()`` unless asked for
     heavy: bool = False
+    #: the QEMU that makes the stream: None for the system's (7.2), "10.0" for the chroot one
+    qemu_version: str | None = None
 
     @property
     def machine_type(self) -> str:
@@ -188,6 +195,7 @@ def _recipes() -> list[Recipe]:
         Recipe("pc-7.2-smp2", "two vCPUs (-smp 2), counting guest running, saved while it counts",
                args=("-smp", "2"), kind="running"),
     ]
+    r += _qemu10_recipes()
     # --- benchmarks
     r.append(Recipe(
         "pc-7.2-1g-random",
@@ -198,22 +206,65 @@ def _recipes() -> list[Recipe]:
     return r
 
 
+def _qemu10_recipes() -> list[Recipe]:
+    """Streams made by QEMU 10.0 (spec section 11): its own machine types and 7.2's."""
+    def r10(name: str, summary: str, **kw: Any) -> Recipe:
+        kw.setdefault("machine", PC10)
+        return Recipe(name, summary, qemu_version="10.0", **kw)
+
+    e1000 = ("-netdev", "user,id=net0", "-device", "e1000,netdev=net0")
+    return [
+        r10("pc-10.0-paused", "QEMU 10.0, pc-i440fx-10.0, 64 MiB, never started: SWITCHOVER_START before ram END"),
+        r10("q35-10.0-paused", "QEMU 10.0, pc-q35-10.0, never started", machine=Q35_10),
+        r10("pc-10.0-running", "QEMU 10.0, pc-i440fx-10.0, counting guest saved while it counts", kind="running"),
+        r10("q35-10.0-running", "QEMU 10.0, pc-q35-10.0, counting guest saved while it counts",
+            machine=Q35_10, kind="running"),
+        r10("pc-10.0-e1000-slirp", "QEMU 10.0, pc-i440fx-10.0, e1000 on -netdev user: slirp section first (id 1)",
+            args=e1000, devices=("e1000",)),
+        r10("pc-10.0-virtio-net", "QEMU 10.0, pc-i440fx-10.0, virtio-net-pci (no netdev)",
+            args=("-device", "virtio-net-pci"), devices=("virtio-net-pci",)),
+        r10("q35-10.0-virtio-net", "QEMU 10.0, pc-q35-10.0, virtio-net-pci (no netdev)", machine=Q35_10,
+            args=("-device", "virtio-net-pci"), devices=("virtio-net-pci",)),
+        r10("pc-7.2-on-10.0-paused", "QEMU 10.0 running machine type pc-i440fx-7.2, never started: "
+            "no SWITCHOVER_START (hw_compat_9_2)", machine=PC),
+        r10("pc-7.2-on-10.0-running", "QEMU 10.0 running machine type pc-i440fx-7.2, counting guest",
+            machine=PC, kind="running"),
+        r10("pc-10.0-no-switchover", "QEMU 10.0, pc-i440fx-10.0 with -global migration.send-switchover-start=off",
+            args=("-global", "migration.send-switchover-start=off")),
+        r10("pc-10.0-uuid-ignore-shared", "QEMU 10.0, validate-uuid + x-ignore-shared with -uuid",
+            args=("-uuid", FIXED_UUID), caps={"validate-uuid": True, "x-ignore-shared": True}),
+        r10("pc-10.0-return-path", "QEMU 10.0, return-path: OPEN_RETURN_PATH + PING(1); recorded with tee "
+            "between two QEMU 10.0 so the return path works", kind="postcopy", caps={"return-path": True}),
+        r10("pc-10.0-postcopy-ram", "QEMU 10.0, postcopy-ram enabled (never switched): OPEN_RETURN_PATH, PING, "
+            "POSTCOPY_ADVISE; recorded with tee between two QEMU 10.0", kind="postcopy", caps={"postcopy-ram": True}),
+        r10("pc-10.0-xbzrle-running", "QEMU 10.0, running counting guest dirtying 128 pages per count, xbzrle, "
+            "max-bandwidth 1 MiB/s and downtime-limit 1 ms until XBZRLE pages were sent",
+            kind="xbzrle", caps={"xbzrle": True},
+            params={"max-bandwidth": 1 << 20, "downtime-limit": 1}, guest={"dirty_pages": 128}),
+    ]
+
+
 RECIPES: dict[str, Recipe] = {rec.name: rec for rec in _recipes()}
 
 
-def names(*, include_heavy: bool = False) -> list[str]:
-    """Recipe names, in a stable order (heavy ones only when asked for)."""
-    return [n for n, rec in RECIPES.items() if include_heavy or not rec.heavy]
+def names(*, include_heavy: bool = False, qemu: str | None = None) -> list[str]:
+    """Recipe names made by QEMU ``qemu`` (None: the system's), in a stable order.
+
+    Heavy ones only when asked for.
+    """
+    return [n for n, rec in RECIPES.items()
+            if rec.qemu_version == qemu and (include_heavy or not rec.heavy)]
 
 
 # ------------------------------------------------------------- availability
 
 
 @lru_cache(maxsize=8)
-def _help_names(binary: str, option: str) -> frozenset[str]:
-    out = subprocess.run([binary, option, "help"], capture_output=True, text=True, timeout=60, check=False)
+def _help_names(command: tuple[str, ...], option: str) -> frozenset[str]:
+    out = subprocess.run([*command, option, "help"], capture_output=True, text=True, timeout=60, check=False)
     if out.returncode != 0:
-        raise QemuError(f"{binary} {option} help failed with status {out.returncode}", stderr_tail=out.stderr)
+        raise QemuError(f"{shlex.join(command)} {option} help failed with status {out.returncode}",
+                        stderr_tail=out.stderr)
     if option == "-device":
         return frozenset(re.findall(r'^name "([^"]+)"', out.stdout, re.M))
     return frozenset(line.split()[0] for line in out.stdout.splitlines()[1:] if line.strip())
@@ -221,10 +272,10 @@ def _help_names(binary: str, option: str) -> frozenset[str]:
 
 def check_available(recipe: Recipe, binary: str | None = None) -> None:
     """Raise :class:`RecipeUnavailable` if this QEMU lacks the recipe's machine or devices."""
-    exe = find_qemu(binary)
-    if recipe.machine_type not in _help_names(exe, "-machine"):
+    command = tuple(qemu_command(recipe.qemu_version, binary))
+    if recipe.machine_type not in _help_names(command, "-machine"):
         raise RecipeUnavailable(f"{recipe.name}: machine type {recipe.machine_type!r} is not in this QEMU build")
-    missing = [d for d in recipe.devices if d not in _help_names(exe, "-device")]
+    missing = [d for d in recipe.devices if d not in _help_names(command, "-device")]
     if missing:
         raise RecipeUnavailable(f"{recipe.name}: device(s) {', '.join(missing)} not in this QEMU build")
 
@@ -250,7 +301,8 @@ class _Run:
         kw.setdefault("args", rec.args)
         kw.setdefault("memory", rec.memory)
         kw.setdefault("serial", False)
-        vm = QemuVM(workdir=self.work / role, binary=self.binary, name=f"{rec.name}/{role}", **kw)
+        vm = QemuVM(workdir=self.work / role, binary=self.binary, name=f"{rec.name}/{role}",
+                    qemu_version=rec.qemu_version, **kw)
         self.vms.append((role, vm))
         return vm
 
@@ -465,10 +517,12 @@ def generate_with_provenance(
 ) -> tuple[Path, dict[str, Any]]:
     """Make the stream ``dest_dir/<name>.mig`` with real QEMU; return it and its provenance."""
     rec = RECIPES[recipe] if isinstance(recipe, str) else recipe
-    exe = find_qemu(binary)
+    command = qemu_command(rec.qemu_version, binary)
+    exe = command[0] if rec.qemu_version is None else None
     check_available(rec, exe)
     dest = Path(dest_dir).absolute()
     dest.mkdir(parents=True, exist_ok=True)
+    expose(dest, rec.qemu_version)  # the stream, the work directories and FIFOs live here
     out = dest / f"{rec.name}.mig"
     work = dest / ".work" / rec.name
     shutil.rmtree(work, ignore_errors=True)
@@ -488,12 +542,12 @@ def generate_with_provenance(
     with open(out, "rb") as f:
         while block := f.read(1 << 20):
             digest.update(block)
-    replacements = [(str(work), "$WORKDIR"), (str(dest), "$CORPUS"), (exe, Path(exe).name)]
+    replacements = [(str(work), "$WORKDIR"), (str(dest), "$CORPUS"), (command[0], Path(command[0]).name)]
     provenance = {
         "name": rec.name,
         "file": out.name,
         "summary": rec.summary,
-        "qemu": qemu_version(exe),
+        "qemu": qemu_version(exe, release=rec.qemu_version),
         "recipe": _scrub(dataclasses.asdict(rec), []),
         "fingerprint": rec.fingerprint(),
         "vms": [
@@ -547,6 +601,7 @@ class Corpus(Mapping[str, Path]):
         #: name -> why this QEMU build or host cannot make the stream
         self.unavailable: dict[str, str] = {}
         self._qemu: str | None = None
+        self._qemu_of: dict[str, str] = {}
         if reuse:
             self._load_previous()
 
@@ -557,6 +612,14 @@ class Corpus(Mapping[str, Path]):
             self._qemu = qemu_version(self.binary)
         return self._qemu
 
+    def qemu_of(self, recipe: Recipe) -> str:
+        """``--version`` of the QEMU that makes ``recipe`` (the system's, or a release's)."""
+        if recipe.qemu_version is None:
+            return self.qemu
+        if recipe.qemu_version not in self._qemu_of:
+            self._qemu_of[recipe.qemu_version] = qemu_version(release=recipe.qemu_version)
+        return self._qemu_of[recipe.qemu_version]
+
     def _load_previous(self) -> None:
         try:
             previous = json.loads((self.directory / self.PROVENANCE_FILE).read_text())
@@ -566,10 +629,16 @@ class Corpus(Mapping[str, Path]):
             rec = RECIPES.get(name)
             path = self.directory / str(prov.get("file", ""))
             if (rec is not None and prov.get("fingerprint") == rec.fingerprint()
-                    and prov.get("qemu") == self.qemu and path.is_file()
+                    and prov.get("qemu") == self._version_if_present(rec) and path.is_file()
                     and path.stat().st_size == prov.get("size")):
                 self._paths[name] = path
                 self._provenance[name] = prov
+
+    def _version_if_present(self, recipe: Recipe) -> str | None:
+        try:
+            return self.qemu_of(recipe)
+        except QemuError:  # that QEMU is not installed: nothing made by it is reused
+            return None
 
     # Mapping
     def __iter__(self) -> Iterator[str]:
@@ -594,7 +663,8 @@ class Corpus(Mapping[str, Path]):
             if name in self.unavailable:
                 raise RecipeUnavailable(self.unavailable[name])
             try:
-                path, prov = generate_with_provenance(rec, self.directory, binary=self.binary)
+                binary = self.binary if rec.qemu_version is None else None  # binary: the system's QEMU
+                path, prov = generate_with_provenance(rec, self.directory, binary=binary)
             except RecipeUnavailable as exc:
                 self.unavailable[name] = str(exc)
                 self._write_provenance()

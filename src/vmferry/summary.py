@@ -4,10 +4,18 @@
 type and capabilities, every section with its id, instance, version and
 size, the RAM blocks with their page and zero-page counts, and the commands.
 It consumes events one at a time, so it works on any size of stream.
+
+It also tells which QEMU wrote the stream when the content says so
+(:class:`WriterGuess`, spec section 11): a SWITCHOVER_START command or a
+10.0 machine type means QEMU >= 10.0, a ``block`` section or COMPRESS_PAGE
+records QEMU <= 9.0, and so on.  Only evidence seen in real streams or
+stated by the spec counts; when nothing tells, the guess says so.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -27,7 +35,115 @@ from .events import (
     RamRecord,
     RamZeros,
     Vmdesc,
+    RAM_COMPRESS_PAGE,
+    RAM_MULTIFD_FLUSH,
 )
+
+Version = tuple[int, int]
+
+#: Command 11 SWITCHOVER_START exists from QEMU 10.0 on (7.2: "MIG_CMD 0xb unknown"; spec 11.4).
+_CMD_SWITCHOVER_START = 11
+#: The release after 7.2 (QEMU numbered 7.2 -> 8.0).
+_AFTER_7_2 = (8, 0)
+_MACHINE_VERSION = re.compile(r"^pc-(?:i440fx|q35)-(\d+)\.(\d+)$")
+
+
+def _fmt(v: Version) -> str:
+    return f"{v[0]}.{v[1]}"
+
+
+@dataclass
+class WriterGuess:
+    """Which QEMU wrote a stream, as far as its content tells: a version range and why.
+
+    ``low``/``high`` are inclusive bounds (None: unbounded); ``evidence``
+    lists each clue as ``(text, low, high)``.
+    """
+
+    evidence: list[tuple[str, Version | None, Version | None]] = field(default_factory=list)
+
+    def note(self, text: str, low: Version | None = None, high: Version | None = None) -> None:
+        if all(e[0] != text for e in self.evidence):
+            self.evidence.append((text, low, high))
+
+    @property
+    def low(self) -> Version | None:
+        lows = [e[1] for e in self.evidence if e[1] is not None]
+        return max(lows) if lows else None
+
+    @property
+    def high(self) -> Version | None:
+        highs = [e[2] for e in self.evidence if e[2] is not None]
+        return min(highs) if highs else None
+
+    @property
+    def known(self) -> bool:
+        """Whether the content bounds the writer at all."""
+        return bool(self.evidence)
+
+    @property
+    def consistent(self) -> bool:
+        low, high = self.low, self.high
+        return low is None or high is None or low <= high
+
+    def range_text(self) -> str:
+        low, high = self.low, self.high
+        if not self.evidence:
+            return "cannot tell"
+        if not self.consistent:
+            return "contradictory"
+        if low is not None and high is not None:
+            return f"QEMU {_fmt(low)}" if low == high else f"QEMU {_fmt(low)} .. {_fmt(high)}"
+        return f"QEMU >= {_fmt(low)}" if low is not None else f"QEMU <= {_fmt(high)}"  # type: ignore[arg-type]
+
+    @property
+    def text(self) -> str:
+        """One line for ``vmferry inspect``."""
+        if not self.evidence:
+            return "cannot tell from the content (no machine type, no version-specific record)"
+        clues = "; ".join(e[0] for e in self.evidence)
+        tail = ""
+        if self.high is None and len(self.evidence) == 1 and self.evidence[0][0].startswith("machine type"):
+            tail = "; nothing else in the stream tells which QEMU wrote it"
+        return f"{self.range_text()} ({clues}{tail})"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "min": _fmt(self.low) if self.low else None,
+            "max": _fmt(self.high) if self.high else None,
+            "text": self.text,
+            "evidence": [e[0] for e in self.evidence],
+        }
+
+
+def vmdesc_clues(guess: WriterGuess, text: bytes) -> None:
+    """Add what the shape of a vmdesc tells (spec 11.8; absent from every 7.2 stream, seen in 10.0's)."""
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return
+    if not isinstance(doc, dict):
+        return
+    if "configuration" in doc:
+        guess.note("vmdesc with a configuration object (newer than 7.2)", _AFTER_7_2)
+    if _last_array_element_unindexed(doc.get("devices")):
+        guess.note("vmdesc arrays without the last index (newer than 7.2)", _AFTER_7_2)
+
+
+def _last_array_element_unindexed(node: Any) -> bool:
+    """Whether some field list has ``name`` with ``index`` followed by the same name without one."""
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, list):
+            for a, b in zip(n, n[1:]):
+                if (isinstance(a, dict) and isinstance(b, dict) and "index" in a and "index" not in b
+                        and a.get("name") is not None and a.get("name") == b.get("name")):
+                    return True
+            stack.extend(n)
+        elif isinstance(n, dict):
+            stack.extend(v for v in n.values() if isinstance(v, (list, dict)))
+    return False
 
 
 @dataclass
@@ -62,6 +178,8 @@ class StreamSummary:
     has_eof: bool = False
     vmdesc_size: int | None = None
     footers: bool | None = None
+    #: which QEMU wrote the stream, as far as its content tells
+    writer: WriterGuess = field(default_factory=WriterGuess)
     _iter: dict[int, SectionRow] = field(default_factory=dict, repr=False)
 
     def feed(self, events: Iterable[Event]) -> "StreamSummary":
@@ -83,6 +201,10 @@ class StreamSummary:
         elif isinstance(ev, RamRecord):
             if ev.block:
                 self._block(ev.block).other_records += 1
+            if ev.flags & RAM_COMPRESS_PAGE:
+                self.writer.note("COMPRESS_PAGE records (removed in 9.1)", None, (9, 0))
+            if ev.flags & RAM_MULTIFD_FLUSH:
+                self.writer.note("MULTIFD_FLUSH records (newer than 7.2)", _AFTER_7_2)
         elif isinstance(ev, RamMemSize):
             for b in ev.blocks:
                 self._block(b.name).length = b.length
@@ -94,6 +216,8 @@ class StreamSummary:
             row = SectionRow(SECTION_KIND_NAMES[ev.kind], ev.section_id, idstr, ev.instance_id, ev.version_id, 0, False)
             self.sections.append(row)
             self._iter[ev.section_id] = row
+            if idstr == "block":
+                self.writer.note("a block section (removed in 9.1)", None, (9, 0))
         elif isinstance(ev, IterEnd):
             started = self._iter.get(ev.section_id)
             if started is not None:
@@ -106,6 +230,8 @@ class StreamSummary:
         elif isinstance(ev, OpaqueSection):
             self.sections.append(SectionRow(SECTION_KIND_NAMES[ev.kind], ev.section_id, ev.idstr, ev.instance_id,
                                             ev.version_id, ev.size, ev.footer))
+            if ev.idstr == "block":
+                self.writer.note("a block section (removed in 9.1)", None, (9, 0))
         elif isinstance(ev, Configuration):
             self.machine = ev.machine
             self.capabilities = ev.capabilities
@@ -113,8 +239,15 @@ class StreamSummary:
             if uuid is not None:
                 h = bytes(uuid).hex()
                 self.uuid = f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+            m = _MACHINE_VERSION.match(self.machine)
+            if m:
+                self.writer.note(f"machine type {self.machine}", (int(m[1]), int(m[2])))
+            if "mapped-ram" in self.capabilities:
+                self.writer.note("mapped-ram capability (new in 9.0)", (9, 0))
         elif isinstance(ev, Command):
             self.commands.append(ev.name)
+            if ev.cmd == _CMD_SWITCHOVER_START:
+                self.writer.note("SWITCHOVER_START (new in 10.0)", (10, 0))
             for sub in ev.packaged or ():
                 self.add(sub)
         elif isinstance(ev, Header):
@@ -123,6 +256,7 @@ class StreamSummary:
             self.has_eof = True
         elif isinstance(ev, Vmdesc):
             self.vmdesc_size = len(ev.text)
+            vmdesc_clues(self.writer, ev.text)
 
     @property
     def total_pages(self) -> int:
@@ -144,4 +278,5 @@ class StreamSummary:
             "ram_blocks": [b.__dict__ for b in self.blocks.values()],
             "eof": self.has_eof,
             "vmdesc_bytes": self.vmdesc_size,
+            "writer": self.writer.as_dict(),
         }
