@@ -15,7 +15,10 @@ incompatibility:
 * ``subsection-added`` / ``subsection-removed`` / ``subsection-changed``;
 * for streams: ``configuration-added``/``-removed``, ``footers-added``/
   ``-removed``, ``machine`` (the machine name QEMU compares),
-  ``ram-block-added``/``-removed``/``-renamed``/``-resized``.
+  ``ram-block-added``/``-removed``/``-renamed``/``-resized``,
+  ``command-added``/``-removed`` (e.g. QEMU 10.0's ``switchover-start``);
+* for vmdescs: ``vmdesc-configuration-added``/``-removed`` (QEMU 10.0
+  describes the configuration section in the vmdesc).
 
 Each difference says whether a registered transform covers it: the planner
 finds the path between the two sides' machine types and the transforms on
@@ -35,6 +38,9 @@ from ..errors import CompatError, SchemaError
 from ..events import RamBlock
 from ..serialize.qemu_vmdesc import is_dump_vmstate, is_vmdesc
 from .registry import Change, Registry
+
+#: The QEMU versions a vmdesc tells apart: 10.0 describes the configuration section, 7.2 does not.
+QEMU_7_2, QEMU_10_0 = "7.2", "10.0"
 
 __all__ = ["Difference", "FieldDesc", "Report", "Schemas", "SectionDesc", "VmsdDesc", "diff", "from_dump_vmstate",
            "from_vmdesc"]
@@ -83,8 +89,12 @@ class Schemas:
     """One side of a diff.
 
     ``kind`` is ``stream``, ``vmdesc`` or ``dump-vmstate``; ``machine`` the
-    machine type if the input names one.  The stream-only facts are None
-    when unknown.
+    machine type if the input names one, ``qemu`` the QEMU version that
+    wrote it where the input shows it (a vmdesc that describes the
+    configuration section comes from QEMU 10.0, spec §11.8).  The
+    stream-only facts are None when unknown: ``commands`` the names of the
+    commands the stream carries, ``vmdesc_configuration`` whether its vmdesc
+    describes the configuration section.
     """
 
     origin: str
@@ -94,6 +104,9 @@ class Schemas:
     configuration: bool | None = None
     footers: bool | None = None
     ram: list[RamBlock] | None = None
+    qemu: str | None = None
+    commands: set[str] | None = None
+    vmdesc_configuration: bool | None = None
 
     @property
     def class_level(self) -> bool:
@@ -123,6 +136,7 @@ def _vmdesc_vmsd(d: Mapping[str, Any], path: str, name: str | None = None, versi
     if not isinstance(entries, list):
         raise SchemaError(f"{path}.fields: expected a list")
     by_name: dict[str, FieldDesc] = {}
+    indexed = None  # the name of the previous entry, if it was an array element ("index")
     for i, e in enumerate(entries):
         p = f"{path}.fields[{i}]"
         if not isinstance(e, Mapping):
@@ -135,8 +149,12 @@ def _vmdesc_vmsd(d: Mapping[str, Any], path: str, name: str | None = None, versi
             struct = _vmdesc_vmsd(e["struct"], f"{p}.struct")
         elif t in ("tmp", "vstruct") and "fields" in e:
             struct = _vmdesc_vmsd(e, p)
-        if "index" in e and fname in by_name:
-            prev = by_name[fname]  # one more element of an array described element by element
+        # One more element of an array described element by element.  QEMU 10.0 leaves the
+        # "index" out on the last element (spec §11.8), 7.2 writes it on every one.
+        more = fname in by_name and ("index" in e or fname == indexed)
+        indexed = fname if "index" in e else None
+        if more:
+            prev = by_name[fname]
             prev.count = (prev.count or 1) + 1
             continue
         f = FieldDesc(fname, t, size, _int(e, "array_len", p, 1), struct)
@@ -166,7 +184,9 @@ def from_vmdesc(obj: Any, origin: str, kind: str = "vmdesc", machine: str | None
             vmsd = VmsdDesc(idstr, 0, None, [FieldDesc("data", "buffer", _int(dev, "size", path))])
         key = idstr if inst == 0 else f"{idstr}#{inst}"
         sections[key] = SectionDesc(key, idstr, inst, vmsd)
-    return Schemas(origin, kind, sections, machine)
+    has_config = isinstance(obj.get("configuration"), Mapping)
+    return Schemas(origin, kind, sections, machine, qemu=QEMU_10_0 if has_config else QEMU_7_2,
+                   vmdesc_configuration=has_config)
 
 
 def _dump_vmsd(d: Mapping[str, Any], path: str) -> VmsdDesc:
@@ -290,6 +310,8 @@ def diff(a: Schemas, b: Schemas, registry: Registry | None = None, *, source: st
     src, dst = source or a.machine, target or b.machine
     if registry is not None and src and dst:
         try:
+            src = registry.resolve(src, None if source else a.qemu)
+            dst = registry.resolve(dst, None if target else b.qemu)
             p = registry.plan(src, dst)
             plan = p.path
             _cover(out, p.transforms, src != dst)
@@ -383,6 +405,16 @@ def _stream_diff(a: Schemas, b: Schemas) -> list[Difference]:
                               "section footers"))
     if a.configuration and b.configuration and a.machine and b.machine and a.machine != b.machine:
         out.append(Difference("machine", "stream", "configuration", "name", f"{a.machine} -> {b.machine}"))
+    if a.commands is not None and b.commands is not None:
+        for name in sorted(a.commands - b.commands):
+            out.append(Difference("command-removed", "stream", "stream", name, f"QEMU_VM_COMMAND {name}"))
+        for name in sorted(b.commands - a.commands):
+            out.append(Difference("command-added", "stream", "stream", name, f"QEMU_VM_COMMAND {name}"))
+    if a.vmdesc_configuration is not None and b.vmdesc_configuration is not None \
+            and a.vmdesc_configuration != b.vmdesc_configuration:
+        kind = "vmdesc-configuration-added" if b.vmdesc_configuration else "vmdesc-configuration-removed"
+        out.append(Difference(kind, "vmdesc", "vmdesc", "configuration",
+                              "the vmdesc's description of the configuration section"))
     if a.ram is not None and b.ram is not None:
         ra = {r.name: r for r in a.ram}
         rb = {r.name: r for r in b.ram}

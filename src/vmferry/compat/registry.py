@@ -11,7 +11,11 @@ a neighbouring one.  It is registered either
 * for the whole machine (:meth:`Registry.machine`): a function from a
   :class:`Machine` to a new one, which may add, drop, rename, split or merge
   sections.  A machine transform may also rename RAM blocks (``ram``) and
-  ask to see the first bytes of some RAM blocks (``peek``).
+  ask to see the first bytes of some RAM blocks (``peek``); or
+* for the stream (:meth:`Registry.stream`): a generator from events to
+  events, for what lies outside the device sections: commands (QEMU 10.0's
+  ``SWITCHOVER_START``), the configuration section, the vmdesc.  RAM must
+  pass through it untouched and unbuffered.
 
 Transforms are registered apart from the serializers, one small function
 each, and every one declares whether it is *lossless*: whether the
@@ -22,6 +26,11 @@ any two releases, in either direction.  It refuses two different paths
 in ordered *lines* (:meth:`Registry.line`) so that a gap can be named as the
 missing step between two neighbours.
 
+A release is a machine type *of one QEMU version*: ``pc-i440fx-7.2`` is the
+machine type run by QEMU 7.2, its home; the same machine type run by QEMU
+10.0 is ``pc-i440fx-7.2@10.0``.  :meth:`Registry.resolve` turns a machine type
+and an optional QEMU version into a release name.
+
 This module does no I/O; :func:`apply` is a pure function of a
 :class:`Machine`.
 """
@@ -30,17 +39,18 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from ..errors import CompatError
-from ..events import DeviceSection, RamBlock
+from ..events import DeviceSection, Event, RamBlock
 from .ops import Machine
 
-__all__ = ["Change", "Plan", "Registry", "Release", "Step", "Transform", "apply"]
+__all__ = ["Change", "Plan", "Registry", "Release", "Step", "StreamFn", "Transform", "apply"]
 
 SectionFn = Callable[[DeviceSection, Machine], DeviceSection]
 MachineFn = Callable[[Machine], Machine]
 RamFn = Callable[[Sequence[RamBlock]], Mapping[str, str]]
+StreamFn = Callable[[Iterator[Event]], Iterator[Event]]
 
 #: Paths explored before the planner gives up (a guard against pathological graphs).
 MAX_EXPANSIONS = 100_000
@@ -52,7 +62,9 @@ class Release:
 
     ``configuration``, ``footers`` and ``vmdesc`` say whether its streams
     carry the configuration section, section footers and the vmdesc
-    (spec §1.2, §2.4, §4.6).
+    (spec §1.2, §2.4, §4.6).  ``machine`` is the machine type QEMU names in
+    the configuration section (default: ``name``) and ``qemu`` the QEMU
+    version that runs it (None: not a QEMU release).
     """
 
     name: str
@@ -60,6 +72,12 @@ class Release:
     configuration: bool = True
     footers: bool = True
     vmdesc: bool = True
+    machine: str = ""
+    qemu: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.machine:
+            object.__setattr__(self, "machine", self.name)
 
 
 @dataclass(frozen=True)
@@ -92,16 +110,19 @@ class Transform:
     section: str | None = None
     section_fn: SectionFn | None = None
     machine_fn: MachineFn | None = None
+    stream_fn: StreamFn | None = None
     ram: RamFn | None = None
     peek: tuple[str, ...] = ()
     changes: tuple[Change, ...] = ()
 
     @property
     def kind(self) -> str:
+        if self.stream_fn is not None:
+            return "stream"
         return "section" if self.section is not None else "machine"
 
     def __str__(self) -> str:
-        where = f"section {self.section!r}" if self.section else "machine"
+        where = f"section {self.section!r}" if self.section else self.kind
         return f"{self.name} ({where}, {self.source} -> {self.target}, {'lossless' if self.lossless else 'lossy'})"
 
 
@@ -138,6 +159,10 @@ class Plan:
     @property
     def transforms(self) -> list[Transform]:
         return [t for s in self.steps for t in s.transforms]
+
+    def stream_fns(self) -> list[StreamFn]:
+        """The stream transforms of every step, in order."""
+        return [t.stream_fn for t in self.transforms if t.stream_fn is not None]
 
     def peek_blocks(self) -> set[str]:
         """RAM blocks whose first bytes some transform wants to read."""
@@ -185,10 +210,42 @@ class Registry:
         self._lines.setdefault(name, []).extend(order)
 
     def release(self, name: str) -> Release:
+        """The release ``name``; ``MACHINE@QEMU`` also names a release at its home QEMU version."""
         try:
             return self._releases[name]
         except KeyError:
-            raise CompatError(f"unknown release {name!r} (known: {self._known()})") from None
+            pass
+        machine, _, qemu = name.partition("@")
+        if qemu:
+            for r in self._releases.values():
+                if r.machine == machine and r.qemu == qemu:
+                    return r
+        raise CompatError(f"unknown release {name!r} (known: {self._known()})") from None
+
+    def resolve(self, machine: str, qemu: str | None = None) -> str:
+        """The release of machine type ``machine`` run by QEMU ``qemu``.
+
+        Without ``qemu``: the oldest QEMU version of the catalogue that has
+        the machine type (a 10.0 machine type implies QEMU 10.0).  A name with
+        ``@`` is taken as it is (then ``qemu`` must agree).
+        """
+        if "@" in machine:
+            rel = self.release(machine)
+            if qemu is not None and rel.qemu != qemu:
+                raise CompatError(f"{machine} names QEMU {rel.qemu}, but QEMU {qemu} was given")
+            return rel.name
+        found = [r for r in self._releases.values() if r.machine == machine]
+        if not found:
+            return self.release(machine).name  # raises, listing the known releases
+        if qemu is None:
+            return min(found, key=lambda r: _version(r.qemu)).name
+        for r in found:
+            if r.qemu == qemu:
+                return r.name
+        have = ", ".join(sorted({r.qemu or "?" for r in found}))
+        on = sorted(r.machine for r in self._releases.values() if r.qemu == qemu)
+        hint = f"; QEMU {qemu} machine types here: {', '.join(on)}" if on else f"; no QEMU {qemu} releases here"
+        raise CompatError(f"no release of {machine} for QEMU {qemu} (it has QEMU {have}){hint}")
 
     @property
     def releases(self) -> list[str]:
@@ -233,6 +290,16 @@ class Registry:
         return self._add(Transform(name, source, target, lossless, mirrors, machine_fn=fn or (lambda m: m),
                                    ram=ram, peek=tuple(peek), changes=tuple(changes)))
 
+    def stream(self, source: str, target: str, fn: StreamFn, *, lossless: bool, mirrors: str, name: str,
+               changes: Iterable[Change] = ()) -> Transform:
+        """Register a stream transform on the step ``source -> target``: ``fn(events) -> events``.
+
+        It sees the stream after the device sections were transformed (the
+        configuration already renamed, the vmdesc regenerated) and must pass
+        RAM events on as they come.
+        """
+        return self._add(Transform(name, source, target, lossless, mirrors, stream_fn=fn, changes=tuple(changes)))
+
     def transforms(self, source: str | None = None, target: str | None = None) -> list[Transform]:
         """Registered transforms, optionally only those of one step."""
         return [t for (s, d), ts in self._edges.items() for t in ts
@@ -251,6 +318,7 @@ class Registry:
         (naming both).
         """
         src, dst = self.release(source), self.release(target)
+        source, target = src.name, dst.name
         if source == target:
             return Plan(source, target, (), dict(self._releases))
         paths = self._paths(source, target, limit=2)
@@ -338,7 +406,13 @@ def apply(plan: Plan, machine: Machine) -> Machine:
     return m
 
 
+def _version(v: str | None) -> tuple[int, ...]:
+    return tuple(int(x) for x in v.split(".")) if v else (0,)
+
+
 def _apply_one(t: Transform, m: Machine) -> Machine:
+    if t.stream_fn is not None:
+        return m  # runs on the event stream (vmferry.compat.stream)
     if t.machine_fn is not None:
         try:
             out = t.machine_fn(m)

@@ -10,7 +10,10 @@ configuration section is rewritten for the target (the machine name is
 what QEMU compares: spec §1.2), footers follow the target release, and the
 vmdesc is regenerated from the transformed sections so that it keeps
 describing exactly what is on the wire (and written for a target release
-whose streams carry one when the source had none).
+whose streams carry one when the source had none).  Last, the plan's stream
+transforms run over the result, in order: they handle what lies outside the
+device sections (commands such as QEMU 10.0's ``SWITCHOVER_START``, the
+shape of the vmdesc).
 
 Nothing here does I/O; this is a generator from events to events.
 """
@@ -18,6 +21,7 @@ Nothing here does I/O; this is a generator from events to events.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from typing import Any, Iterable, Iterator
 
@@ -52,23 +56,29 @@ PEEK_BYTES = 64
 DEFAULT_PAGE_SIZE = 4096
 
 
-def source_release(configuration: Configuration | None, given: str | None) -> str:
-    """The release a stream is in: its configuration's machine name, or ``given`` if it has none."""
+def source_release(configuration: Configuration | None, given: str | None, registry: Registry | None = None,
+                   qemu: str | None = None) -> str:
+    """The release a stream is in: its configuration's machine name, or ``given`` if it has none.
+
+    With a ``registry``, the machine type is resolved to a release of QEMU
+    ``qemu`` (``given`` may name one, ``pc-i440fx-7.2@10.0``).
+    """
     found = configuration.machine if configuration is not None else None
-    if found and given and found != given:
+    given_machine = registry.release(given).machine if registry is not None and given else given
+    if found and given_machine and found != given_machine:
         raise CompatError(f"the stream says it is {found}, but {given} was given as its machine type")
-    name = found or given
+    name = given or found
     if not name:
         raise CompatError("the stream has no configuration section to name its machine type "
                           "(machine types up to 2.3 send none): give the source machine type "
                           "(vmferry transform --from-machine)")
-    return name
+    return registry.resolve(name, qemu) if registry is not None else name
 
 
 def transform_events(events: Iterable[Event], registry: Registry, target: str,
-                     source: str | None = None) -> Iterator[Event]:
-    """The events of ``events`` (a stream of ``source``, or of the machine its configuration names)
-    converted to release ``target``.
+                     source: str | None = None, source_qemu: str | None = None) -> Iterator[Event]:
+    """The events of ``events`` (a stream of ``source``, or of the machine its configuration names,
+    run by QEMU ``source_qemu``) converted to release ``target``.
 
     Raises :class:`CompatError` when no unique path exists or a transform refuses.
     """
@@ -76,19 +86,36 @@ def transform_events(events: Iterable[Event], registry: Registry, target: str,
     first = next(it, None)
     if first is None:
         return
+    head: list[Event] = [first]
+    second = next(it, None) if isinstance(first, Header) else None
+    if second is not None:
+        head.append(second)
+    config = second if isinstance(second, Configuration) else None
+    # Plan before anything is handed out: a stream that cannot be converted yields nothing.
+    plan = registry.plan(source_release(config, source, registry, source_qemu), target)
+    out: Iterator[Event] = _run(plan, registry, head, it)
+    for fn in plan.stream_fns():
+        out = fn(out)
+    yield from out
+
+
+def _run(plan: Plan, registry: Registry, first: list[Event], rest: Iterator[Event]) -> Iterator[Event]:
+    """The device-section part of :func:`transform_events`: ``first`` are the events read to plan."""
+    it = itertools.chain(first, rest)
+    first_ev = next(it, None)
+    if first_ev is None:
+        return
     head: list[Event] = []
     pending: list[Event] = []
-    if isinstance(first, Header):
-        head.append(first)
+    if isinstance(first_ev, Header):
+        head.append(first_ev)
         second = next(it, None)
         config = second if isinstance(second, Configuration) else None
         if second is not None and config is None:
             pending.append(second)
     else:
         config = None
-        pending.append(first)
-    # Plan before anything is handed out: a stream that cannot be converted yields nothing.
-    plan = registry.plan(source_release(config, source), target)
+        pending.append(first_ev)
     runner = _Runner(plan, registry)
     yield from head
     if plan.steps or config is not None:
@@ -130,8 +157,8 @@ class _Runner:
                 raise CompatError(f"{self.dst.name} streams have no configuration section, so {extra} "
                                   f"cannot be carried over")
             return None
-        state = dict(config.state) if config is not None else configuration_state(self.dst.name)
-        name = self.dst.name.encode("ascii")
+        state = dict(config.state) if config is not None else configuration_state(self.dst.machine)
+        name = self.dst.machine.encode("ascii")
         state["len"], state["name"] = len(name), name
         # keep the fields first and the subsections after them, as on the wire
         ordered = {"len": state.pop("len"), "name": state.pop("name")}
@@ -226,7 +253,7 @@ class _Runner:
                                 "fields": [{"name": "data", "size": sec.size, "type": "buffer"}]})
         out = {k: v for k, v in obj.items() if k != "devices"}
         if "configuration" in out and isinstance(out["configuration"], dict):
-            out["configuration"] = _configuration_desc(out["configuration"], self.dst.name)
+            out["configuration"] = _configuration_desc(out["configuration"], self.dst.machine)
         out["devices"] = devices
         return Vmdesc(json.dumps(out).encode())
 

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 from ..registry import Release
 
-__all__ = ["PC", "PC_LINE", "Q35", "Q35_LINE", "all_releases", "version_of"]
+__all__ = ["PC", "PC_LINE", "Q35", "Q35_LINE", "QEMU_7_2", "all_releases", "version_of"]
 
+#: The QEMU version whose machine types these lines are.
+QEMU_7_2 = "7.2"
 PC_LINE = "pc-i440fx"
 Q35_LINE = "pc-q35"
 
@@ -30,11 +32,11 @@ _Q35_VERSIONS.insert(_Q35_VERSIONS.index("4.1"), "4.0.1")
 
 def _pc(v: str) -> Release:
     old = v == "2.3"  # hw_compat_2_3: send-configuration, send-section-footer off
-    return Release(f"pc-i440fx-{v}", PC_LINE, configuration=not old, footers=not old, vmdesc=True)
+    return Release(f"pc-i440fx-{v}", PC_LINE, configuration=not old, footers=not old, vmdesc=True, qemu=QEMU_7_2)
 
 
 PC: list[Release] = [_pc(v) for v in _VERSIONS]
-Q35: list[Release] = [Release(f"pc-q35-{v}", Q35_LINE) for v in _Q35_VERSIONS]
+Q35: list[Release] = [Release(f"pc-q35-{v}", Q35_LINE, qemu=QEMU_7_2) for v in _Q35_VERSIONS]
 
 
 def all_releases() -> list[Release]:
@@ -42,5 +44,5 @@ def all_releases() -> list[Release]:
 
 
 def version_of(release: str) -> tuple[int, ...]:
-    """``pc-q35-4.0.1`` -> (4, 0, 1)."""
-    return tuple(int(x) for x in release.rsplit("-", 1)[1].split("."))
+    """``pc-q35-4.0.1`` -> (4, 0, 1); ``pc-i440fx-7.2@10.0`` -> (7, 2)."""
+    return tuple(int(x) for x in release.split("@", 1)[0].rsplit("-", 1)[1].split("."))

@@ -1,0 +1,408 @@
+"""QEMU 10.0's newest x86 machine types, and the way down to QEMU 7.2's.
+
+A release is a pair (QEMU version, machine type).  Two steps join QEMU
+10.0's ``pc-i440fx-10.0`` / ``pc-q35-10.0`` to QEMU 7.2's ``pc-i440fx-7.2`` /
+``pc-q35-7.2`` (and from there the 7.2 catalogue of :mod:`.x86` goes on down):
+
+* the **machine-type step**, inside QEMU 10.0: ``pc-i440fx-10.0`` <->
+  ``pc-i440fx-7.2@10.0`` (the 7.2 machine type run by QEMU 10.0).  Of the
+  compat tables in between (``hw_compat_7_2`` .. ``hw_compat_9_2``,
+  ``pc_compat_7_2`` .. ``pc_compat_9_2``) the one that changes these streams
+  is ``send-switchover-start`` (``hw_compat_9_2``): the 10.0 machine types
+  send the ``SWITCHOVER_START`` command (spec §11.4), older ones do not;
+  QEMU 7.2 refuses it ("MIG_CMD 0xb unknown").
+* the **QEMU-version step**, same machine type: ``pc-i440fx-7.2@10.0`` <->
+  ``pc-i440fx-7.2``.  The wire bytes of the default devices, ``e1000`` and
+  ``virtio-net-pci`` are the same (spec §11.1); what differs is how QEMU 10.0
+  *describes* them (``globalstate`` split into four fields, ``hpet``
+  ``num_timers_save``, ``ich9_ahci`` ``ports`` unsigned, the vmdesc's
+  configuration object and its array indexes, §11.8) and state 7.2 cannot
+  hold (``i8259/ltim``, new ``cpu`` subsections, §11.9).
+
+Transforms follow the rule of :mod:`.x86`: going to the newer release, a
+value the older one lacks is what its destination would hold; going down,
+what the older release cannot carry is dropped (lossy) or refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Iterator, Mapping
+
+from ...errors import CompatError
+from ...events import (
+    CMD_PACKAGED,
+    SECTION_END,
+    Command,
+    Configuration,
+    DeviceSection,
+    Eof,
+    Event,
+    IterBegin,
+    OpaqueSection,
+    Vmdesc,
+)
+from ...serialize.schema import Field, Vmsd
+from ..ops import Machine, Node, at, drop_subsection, node, rename_field, with_node
+from ..registry import Change, Registry, Release
+from .releases import QEMU_7_2
+
+__all__ = ["PC10", "PC10_LINE", "Q35_10", "Q35_10_LINE", "QEMU_10_0", "register"]
+
+QEMU_10_0 = "10.0"
+PC10_LINE = "pc-i440fx@10.0"
+Q35_10_LINE = "pc-q35@10.0"
+
+
+def _line(prefix: str, line: str) -> list[Release]:
+    return [Release(f"{prefix}-7.2@{QEMU_10_0}", line, machine=f"{prefix}-7.2", qemu=QEMU_10_0),
+            Release(f"{prefix}-10.0", line, qemu=QEMU_10_0)]
+
+
+PC10: list[Release] = _line("pc-i440fx", PC10_LINE)
+Q35_10: list[Release] = _line("pc-q35", Q35_10_LINE)
+
+#: QEMU_VM_COMMAND numbers (migration/savevm.c): POSTCOPY_RAM_DISCARD, SWITCHOVER_START.
+CMD_POSTCOPY_RAM_DISCARD = 6
+CMD_SWITCHOVER_START = 0x0B
+
+
+# ---------------------------------------------------------------------------
+# Stream: SWITCHOVER_START (hw_compat_9_2 send-switchover-start=off)
+# ---------------------------------------------------------------------------
+
+
+def drop_switchover_start(events: Iterator[Event]) -> Iterator[Event]:
+    """Leave out every SWITCHOVER_START command (QEMU 7.2 and machine types <= 9.2 never send it)."""
+    for ev in events:
+        if isinstance(ev, Command) and ev.cmd == CMD_SWITCHOVER_START:
+            continue
+        yield ev
+
+
+def add_switchover_start(events: Iterator[Event]) -> Iterator[Event]:
+    """Write SWITCHOVER_START once, where QEMU 10.0 does (spec §11.4).
+
+    At the start of switchover: before the first END section (precopy), or
+    before the first POSTCOPY_RAM_DISCARD or PACKAGED command (postcopy).  A
+    stream that reaches its device sections without one (background snapshot,
+    device state only) gets none, as from QEMU 10.0.
+    """
+    pending = True
+    for ev in events:
+        if pending:
+            if isinstance(ev, Command) and ev.cmd == CMD_SWITCHOVER_START:
+                pending = False
+            elif (isinstance(ev, IterBegin) and ev.kind == SECTION_END) or \
+                    (isinstance(ev, Command) and ev.cmd in (CMD_POSTCOPY_RAM_DISCARD, CMD_PACKAGED)):
+                yield Command(CMD_SWITCHOVER_START)
+                pending = False
+            elif isinstance(ev, (DeviceSection, OpaqueSection, Eof)):
+                pending = False
+        yield ev
+
+
+# ---------------------------------------------------------------------------
+# Stream: the vmdesc as each QEMU writes it (spec §11.8)
+# ---------------------------------------------------------------------------
+
+
+def restyle_fields(fields: list[Any], qemu: str) -> list[Any]:
+    """A vmdesc ``fields`` list with array indexes as QEMU ``qemu`` writes them.
+
+    QEMU 7.2 gives every element of an array described element by element an
+    ``index``; QEMU 10.0 leaves it out on the last element.  Nested structs
+    are restyled too.
+    """
+    out: list[Any] = []
+    for f in fields:
+        if isinstance(f, Mapping):
+            f = dict(f)
+            if isinstance(f.get("struct"), Mapping):
+                f["struct"] = restyle_vmsd(f["struct"], qemu)
+            if isinstance(f.get("fields"), list):
+                f["fields"] = restyle_fields(f["fields"], qemu)
+        out.append(f)
+    for i, f in enumerate(out):
+        if not isinstance(f, dict):
+            continue
+        prev = out[i - 1] if i > 0 and isinstance(out[i - 1], dict) else {}
+        nxt = out[i + 1] if i + 1 < len(out) and isinstance(out[i + 1], dict) else {}
+        if qemu == QEMU_10_0:
+            if "index" in f and nxt.get("name") != f.get("name") and prev.get("name") == f.get("name"):
+                del f["index"]
+        elif "index" not in f and "array_len" not in f and prev.get("name") == f.get("name") \
+                and isinstance(prev.get("index"), int):
+            items = list(f.items())
+            out[i] = dict(items[:1] + [("index", prev["index"] + 1)] + items[1:])
+    return out
+
+
+def restyle_vmsd(desc: Mapping[str, Any], qemu: str) -> dict[str, Any]:
+    out = dict(desc)
+    if isinstance(out.get("fields"), list):
+        out["fields"] = restyle_fields(out["fields"], qemu)
+    if isinstance(out.get("subsections"), list):
+        out["subsections"] = [restyle_vmsd(s, qemu) if isinstance(s, Mapping) else s for s in out["subsections"]]
+    return out
+
+
+def configuration_desc(config: Configuration) -> dict[str, Any]:
+    """QEMU 10.0's vmdesc entry for a configuration section (spec §11.8)."""
+    name = bytes(config.state.get("name", b""))
+    desc: dict[str, Any] = {"vmsd_name": "configuration", "version": 1, "fields": [
+        {"name": "len", "type": "uint32", "size": 4}, {"name": "name", "type": "buffer", "size": len(name)}]}
+    subs = []
+    for key, value in config.state.items():
+        if key == "configuration/target-page-bits":
+            subs.append({"vmsd_name": key, "version": 1, "fields": [
+                {"name": "target_page_bits", "type": "uint32", "size": 4}]})
+        elif key == "configuration/capabilities":
+            caps = [bytes(c) for c in value.get("capabilities", [])]
+            cap: dict[str, Any] = {"name": "capabilities"}
+            if len(caps) > 1:
+                cap["array_len"] = len(caps)
+            # the size of the first element: QEMU 10.0 mis-sizes the others (§11.8)
+            cap.update({"type": "capability", "size": 1 + len(caps[0]) if caps else 0})
+            subs.append({"vmsd_name": key, "version": 1, "fields": [
+                {"name": "caps_count", "type": "uint32", "size": 4}, cap]})
+        elif key == "configuration/uuid":
+            subs.append({"vmsd_name": key, "version": 1, "fields": [
+                {"name": "uuid.data", "array_len": 16, "type": "uint8", "size": 1}]})
+        elif key not in ("len", "name"):
+            raise CompatError(f"no QEMU 10.0 description for configuration subsection {key!r}")
+    if subs:
+        desc["subsections"] = subs
+    return desc
+
+
+def _vmdesc_for(qemu: str) -> Any:
+    def fn(events: Iterator[Event]) -> Iterator[Event]:
+        config: Configuration | None = None
+        for ev in events:
+            if isinstance(ev, Configuration):
+                config = ev
+            elif isinstance(ev, Vmdesc):
+                ev = restyle_vmdesc(ev, qemu, config)
+            yield ev
+    fn.__doc__ = f"The vmdesc as QEMU {qemu} writes it."
+    return fn
+
+
+def restyle_vmdesc(ev: Vmdesc, qemu: str, config: Configuration | None) -> Vmdesc:
+    """``ev`` as QEMU ``qemu`` writes it: with (10.0) or without (7.2) the configuration object."""
+    try:
+        obj = json.loads(ev.text)
+    except ValueError:
+        raise CompatError("the vmdesc is not JSON") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("devices"), list):
+        raise CompatError("the vmdesc has no 'devices' list")
+    out: dict[str, Any] = {}
+    if qemu == QEMU_10_0 and config is not None:
+        out["configuration"] = obj.get("configuration") or configuration_desc(config)
+    for k, v in obj.items():
+        if k != "configuration":
+            out[k] = v
+    out["devices"] = [restyle_vmsd(d, qemu) if isinstance(d, Mapping) else d for d in obj["devices"]]
+    return Vmdesc(json.dumps(out).encode())
+
+
+# ---------------------------------------------------------------------------
+# Sections: what QEMU 10.0 describes differently, same bytes (spec §11.8, §11.9)
+# ---------------------------------------------------------------------------
+
+#: QEMU 7.2's globalstate: the run state name, NUL padded to 100 bytes.
+RUNSTATE_7_2 = 100
+#: QEMU 10.0 (since 9.0, "preserve suspended runstate"): the same 100 bytes, split.
+RUNSTATE_10_0, UNUSED_10_0 = 32, 66
+
+
+def globalstate_up(sec: DeviceSection, m: Machine) -> DeviceSection:
+    # migration/global_state.c (10.0): runstate[32], has_vm_was_suspended = true (always written),
+    # vm_was_suspended = vm_get_suspended(), unused[66] zeroed.  A 7.2 source had no such flag: a
+    # guest it saved suspended has the run state "suspended".
+    n = node(sec)
+    if "has_vm_was_suspended" in n.tree:
+        return sec
+    raw = bytes(n.tree["runstate"])
+    state = raw.split(b"\0", 1)[0]
+    if any(raw[RUNSTATE_10_0:]):
+        raise CompatError(f"globalstate run state {state[:40]!r} is longer than QEMU 10.0's 32 bytes")
+    fields = []
+    for f in n.vmsd.fields:
+        if f.name == "runstate":
+            fields += [Field("runstate", "buffer", RUNSTATE_10_0), Field("has_vm_was_suspended", "uint8", 1),
+                       Field("vm_was_suspended", "uint8", 1), Field("unused", "buffer", UNUSED_10_0)]
+        else:
+            fields.append(f)
+    tree: dict[str, Any] = {}
+    for k, v in n.tree.items():
+        if k == "runstate":
+            tree.update({"runstate": raw[:RUNSTATE_10_0], "has_vm_was_suspended": 1,
+                         "vm_was_suspended": int(state == b"suspended"), "unused": bytes(UNUSED_10_0)})
+        else:
+            tree[k] = v
+    return with_node(sec, Node(dataclasses.replace(n.vmsd, fields=tuple(fields)), tree))
+
+
+def globalstate_down(sec: DeviceSection, m: Machine) -> DeviceSection:
+    # QEMU 7.2 reads the NUL-terminated run state and ignores the rest; it writes zeros after it.
+    n = node(sec)
+    if "has_vm_was_suspended" not in n.tree:
+        return sec
+    raw = bytes(n.tree["runstate"])[:RUNSTATE_10_0].ljust(RUNSTATE_10_0, b"\0")
+    fields = []
+    for f in n.vmsd.fields:
+        if f.name == "runstate":
+            fields.append(Field("runstate", "buffer", RUNSTATE_7_2))
+        elif f.name not in ("has_vm_was_suspended", "vm_was_suspended", "unused"):
+            fields.append(f)
+    tree: dict[str, Any] = {}
+    for k, v in n.tree.items():
+        if k == "runstate":
+            tree["runstate"] = raw.ljust(RUNSTATE_7_2, b"\0")
+        elif k not in ("has_vm_was_suspended", "vm_was_suspended", "unused"):
+            tree[k] = v
+    return with_node(sec, Node(dataclasses.replace(n.vmsd, fields=tuple(fields)), tree))
+
+
+def _rename(old: str, new: str) -> Any:
+    def fn(sec: DeviceSection, m: Machine) -> DeviceSection:
+        n = node(sec)
+        return with_node(sec, rename_field(n, old, new)) if old in n.tree else sec
+    return fn
+
+
+def _retype(path: tuple[str, ...], name: str, old: str, new: str) -> Any:
+    def op(m: Node) -> Node:
+        fields = tuple(dataclasses.replace(f, type=new) if f.name == name and f.type == old else f
+                       for f in m.vmsd.fields)
+        return Node(dataclasses.replace(m.vmsd, fields=fields), m.tree)
+
+    def fn(sec: DeviceSection, m: Machine) -> DeviceSection:
+        n = node(sec)
+        tree: Any = n.tree
+        for k in path:
+            tree = tree.get(k) if isinstance(tree, Mapping) else None
+        if not isinstance(tree, Mapping) or name not in tree:
+            return sec
+        out = at(n, path, op)
+        return sec if out.vmsd == n.vmsd else with_node(sec, out)
+    return fn
+
+
+def i8259_ltim_down(sec: DeviceSection, m: Machine) -> DeviceSection:
+    # QEMU 7.2's pic_ioport_write ignores ICW1.LTIM ("level sensitive irq not supported"):
+    # a 7.2 destination never had the bank-select state, so it is dropped.
+    n = node(sec)
+    return with_node(sec, drop_subsection(n, "i8259/ltim")) if "i8259/ltim" in n.tree else sec
+
+
+#: cpu subsections QEMU 7.2 does not know (spec §11.9): state of CPU features 7.2 cannot model.
+CPU_10_ONLY = ("cpu/fred", "cpu/msr_hwcr", "cpu/xen_vcpu")
+
+
+def cpu_down(sec: DeviceSection, m: Machine) -> DeviceSection:
+    found = [s for s in CPU_10_ONLY if s in sec.state]
+    if found:
+        raise CompatError(f"{', '.join(found)}: the CPU uses a feature QEMU 7.2 cannot migrate "
+                          f"(FRED, the AMD HWCR MSR, Xen emulation); use a CPU model without it")
+    return sec
+
+
+def _refuse_early(m: Machine) -> Machine:
+    # hw_compat_7_2: virtio-mem x-early-migration=false.  Moving virtio-mem's state between its
+    # early and its normal section is not written.
+    for s in m.sections:
+        if s.idstr.endswith("-early"):
+            raise CompatError(f"section {s.idstr!r}: virtio-mem early migration (hw_compat_7_2 "
+                              f"x-early-migration) is not covered")
+    return m
+
+
+def _refuse_e1000e(m: Machine) -> Machine:
+    # hw_compat_7_2 e1000e migrate-timadj=off (8 bytes core.timadj); hw_compat_9_1 x-pcie-ext-tag=off.
+    if m.find("e1000e"):
+        raise CompatError("e1000e (hw_compat_7_2 migrate-timadj, hw_compat_9_1 x-pcie-ext-tag) is not covered")
+    return m
+
+
+# ---------------------------------------------------------------------------
+# Registration
+# ---------------------------------------------------------------------------
+
+_MACHINE_STEP = ("hw_compat_9_2 migration send-switchover-start=off (spec §11.4); the other entries of "
+                 "hw_compat_7_2 .. hw_compat_9_2 / pc_compat_7_2 .. pc_compat_9_2 change nothing the default "
+                 "devices, e1000 or virtio-net-pci migrate (streams of both machine types have the same layout, "
+                 "spec §11.1)")
+
+
+def register(reg: Registry) -> None:
+    """Register the QEMU 10.0 lines and the steps to and from QEMU 7.2's newest machine types."""
+    reg.line(PC10_LINE, PC10)
+    reg.line(Q35_10_LINE, Q35_10)
+    for prefix in ("pc-i440fx", "pc-q35"):
+        home, on10, new = f"{prefix}-7.2", f"{prefix}-7.2@{QEMU_10_0}", f"{prefix}-10.0"
+        assert reg.release(home).qemu == QEMU_7_2
+        _version_step(reg, home, on10)
+        _machine_step(reg, on10, new)
+
+
+def _version_step(reg: Registry, old: str, new: str) -> None:
+    gs = "migration/global_state.c (QEMU 9.0): runstate[32], has_vm_was_suspended, vm_was_suspended, unused[66]"
+    reg.section("globalstate", old, new, globalstate_up, lossless=True, mirrors=gs + "; same 100 bytes",
+                changes=[Change("field-resized", "globalstate", "runstate"),
+                         Change("field-added", "globalstate", "has_vm_was_suspended"),
+                         Change("field-added", "globalstate", "vm_was_suspended"),
+                         Change("field-added", "globalstate", "unused")])
+    reg.section("globalstate", new, old, globalstate_down, lossless=False,
+                mirrors=gs + "; QEMU 7.2 reads the run state only (vm_was_suspended is lost)",
+                changes=[Change("field-resized", "globalstate", "runstate"),
+                         Change("field-removed", "globalstate", "has_vm_was_suspended"),
+                         Change("field-removed", "globalstate", "vm_was_suspended"),
+                         Change("field-removed", "globalstate", "unused")])
+    hpet = "hw/timer/hpet.c: num_timers became num_timers_save (same byte)"
+    reg.section("hpet", old, new, _rename("num_timers", "num_timers_save"), lossless=True, mirrors=hpet,
+                name="hpet num_timers_save",
+                changes=[Change("field-removed", "hpet", "num_timers"), Change("field-added", "hpet", "num_timers_save")])
+    reg.section("hpet", new, old, _rename("num_timers_save", "num_timers"), lossless=True, mirrors=hpet,
+                name="hpet num_timers",
+                changes=[Change("field-removed", "hpet", "num_timers_save"), Change("field-added", "hpet", "num_timers")])
+    ahci = "hw/ide/ahci.c: ports checked as uint32 equal instead of int32 equal (same bytes)"
+    reg.section("ich9_ahci", old, new, _retype(("ahci",), "ports", "int32 equal", "uint32 equal"), lossless=True,
+                mirrors=ahci, name="ich9_ahci ports", changes=[Change("field-changed", "ich9_ahci", "ahci/ports")])
+    reg.section("ich9_ahci", new, old, _retype(("ahci",), "ports", "uint32 equal", "int32 equal"), lossless=True,
+                mirrors=ahci, name="ich9_ahci ports", changes=[Change("field-changed", "ich9_ahci", "ahci/ports")])
+    ltim = "hw/intc/i8259_common.c: i8259/ltim (sent only after the guest set ICW1.LTIM)"
+    reg.section("i8259", old, new, lambda s, m: s, lossless=True, name="i8259/ltim",
+                mirrors=ltim + "; a 7.2 PIC has none, which is not sent",
+                changes=[Change("subsection-added", "i8259", "i8259/ltim")])
+    reg.section("i8259", new, old, i8259_ltim_down, lossless=False, name="i8259/ltim",
+                mirrors=ltim + "; 7.2 ignores LTIM, dropped",
+                changes=[Change("subsection-removed", "i8259", "i8259/ltim")])
+    cpu = "target/i386/machine.c: cpu/fred, cpu/msr_hwcr, cpu/xen_vcpu (only for CPUs with those features)"
+    reg.section("cpu", old, new, lambda s, m: s, lossless=True, name="cpu (10.0 subsections)",
+                mirrors=cpu + "; a 7.2 CPU has none of them",
+                changes=[Change("subsection-added", "cpu", s) for s in CPU_10_ONLY])
+    reg.section("cpu", new, old, cpu_down, lossless=True, name="cpu (10.0 subsections)",
+                mirrors=cpu + "; refused going down", changes=[Change("subsection-removed", "cpu", s) for s in CPU_10_ONLY])
+    desc = "migration/vmstate.c, savevm.c (QEMU 10.0): the vmdesc describes the configuration section first, " \
+           "and an array's last element has no index (spec §11.8); loaders ignore the vmdesc"
+    reg.stream(old, new, _vmdesc_for(QEMU_10_0), lossless=True, mirrors=desc, name="vmdesc (QEMU 10.0)",
+               changes=[Change("vmdesc-configuration-added", "vmdesc", "configuration")])
+    reg.stream(new, old, _vmdesc_for(QEMU_7_2), lossless=True, mirrors=desc, name="vmdesc (QEMU 7.2)",
+               changes=[Change("vmdesc-configuration-removed", "vmdesc", "configuration")])
+
+
+def _machine_step(reg: Registry, old: str, new: str) -> None:
+    reg.stream(old, new, add_switchover_start, lossless=True, mirrors=_MACHINE_STEP, name="switchover-start",
+               changes=[Change("command-added", "stream", "switchover-start")])
+    reg.stream(new, old, drop_switchover_start, lossless=True, mirrors=_MACHINE_STEP, name="switchover-start",
+               changes=[Change("command-removed", "stream", "switchover-start")])
+    early = "hw_compat_7_2: virtio-mem x-early-migration=false (virtio-mem-device-early section)"
+    reg.machine(old, new, _refuse_early, lossless=True, mirrors=early + ": refused", name="virtio-mem early")
+    reg.machine(new, old, _refuse_early, lossless=True, mirrors=early + ": refused", name="virtio-mem early")
+    e1000e = "hw_compat_7_2 e1000e migrate-timadj=off, hw_compat_9_1 x-pcie-ext-tag=off"
+    reg.machine(old, new, _refuse_e1000e, lossless=True, mirrors=e1000e + ": refused", name="e1000e")
+    reg.machine(new, old, _refuse_e1000e, lossless=True, mirrors=e1000e + ": refused", name="e1000e")
