@@ -63,6 +63,9 @@ COMMAND_NAMES = {
     11: "switchover-start",
 }
 CMD_PACKAGED = 7
+#: QEMU 10.0's marker of the start of switchover (spec 11.4): empty payload, sent once by
+#: machine types >= 10.0 between the last ram PART and the ram END.
+CMD_SWITCHOVER_START = 11
 
 QEMU_VM_FILE_MAGIC = 0x5145564D
 QEMU_VM_FILE_VERSION = 3

@@ -35,14 +35,13 @@ from .events import (
     RamRecord,
     RamZeros,
     Vmdesc,
+    CMD_SWITCHOVER_START,
     RAM_COMPRESS_PAGE,
     RAM_MULTIFD_FLUSH,
 )
 
 Version = tuple[int, int]
 
-#: Command 11 SWITCHOVER_START exists from QEMU 10.0 on (7.2: "MIG_CMD 0xb unknown"; spec 11.4).
-_CMD_SWITCHOVER_START = 11
 #: The release after 7.2 (QEMU numbered 7.2 -> 8.0).
 _AFTER_7_2 = (8, 0)
 _MACHINE_VERSION = re.compile(r"^pc-(?:i440fx|q35)-(\d+)\.(\d+)$")
@@ -246,7 +245,7 @@ class StreamSummary:
                 self.writer.note("mapped-ram capability (new in 9.0)", (9, 0))
         elif isinstance(ev, Command):
             self.commands.append(ev.name)
-            if ev.cmd == _CMD_SWITCHOVER_START:
+            if ev.cmd == CMD_SWITCHOVER_START:  # new in 10.0 (7.2: "MIG_CMD 0xb unknown")
                 self.writer.note("SWITCHOVER_START (new in 10.0)", (10, 0))
             for sub in ev.packaged or ():
                 self.add(sub)
