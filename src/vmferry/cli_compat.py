@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # the compat package is imported by the commands that use it,
     from .compat.check import Report, Schemas
 from .encode import legacy
 from .errors import SchemaError
-from .events import Configuration, DeviceSection, IterEnd, OpaqueSection, RamMemSize, Vmdesc
+from .events import Command, Configuration, DeviceSection, IterEnd, OpaqueSection, RamMemSize, Vmdesc
 from .files import decode_input, load_schema_file, read_stream_vmdesc
 from .serialize.qemu_vmdesc import is_dump_vmstate, is_vmdesc, load_json
 
@@ -53,15 +53,18 @@ def cmd_transform(args: argparse.Namespace) -> int:
         except FileNotFoundError:
             raise UsageError(f"{args.schema}: no such file") from None
     registry = qemu_registry()
-    registry.release(args.machine)  # an unknown target fails before any output is written
-    if args.from_machine:
-        registry.release(args.from_machine)
+    # an unknown target fails before any output is written
+    machine = registry.resolve(args.machine, args.qemu_version)
+    from_machine = registry.resolve(args.from_machine, args.from_qemu_version) if args.from_machine else None
+    from_qemu = args.from_qemu_version
+    if from_machine is None and from_qemu is None and args.input != "-" and os.path.isfile(args.input):
+        from_qemu = source_qemu(args.input)
     size = os.path.getsize(args.input) if args.input != "-" and os.path.isfile(args.input) else None
-    with _progress(f"{args.machine}", size, not args.quiet) as advance:
+    with _progress(f"{machine}", size, not args.quiet) as advance:
         inp = _open(args.input, advance)
         fmt = args.to or inp.format
         target = encode.codec(fmt)
-        events = transform_events(decode_input(inp, schema, target=fmt), registry, args.machine, args.from_machine)
+        events = transform_events(decode_input(inp, schema, target=fmt), registry, machine, from_machine, from_qemu)
         try:
             with _output(args.output) as out:
                 out.writelines(target.encode(events))
@@ -70,6 +73,31 @@ def cmd_transform(args: argparse.Namespace) -> int:
                 return EXIT_OK
             raise UsageError(f"{args.output}: {e.strerror or e}") from None
     return EXIT_OK
+
+
+def source_qemu(path: str) -> str | None:
+    """The QEMU version that wrote the QEMU stream file ``path``, where its vmdesc tells (else None).
+
+    QEMU 10.0 describes the configuration section in the vmdesc, 7.2 does not
+    (spec §11.8); this tells a ``pc-i440fx-7.2`` stream of QEMU 10.0 from one
+    of QEMU 7.2.
+    """
+    try:
+        with open(path, "rb") as f:
+            if not legacy.sniff(f.read(64)):
+                return None
+        text = read_stream_vmdesc(path)
+    except (OSError, SchemaError):
+        return None
+    if text is None:
+        return None
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    return "10.0" if isinstance(obj.get("configuration"), dict) else "7.2"
 
 
 # ---------------------------------------------------------------------------
@@ -102,7 +130,22 @@ def _stream_head(path: str) -> tuple[Configuration | None, bool | None, list[Any
     return config, footers, ram
 
 
+def _stream_commands(path: str) -> set[str]:
+    """The names of the commands a stream carries (the whole stream is read; RAM is not copied)."""
+    names: set[str] = set()
+    for ev in decode_input(_open(path)):
+        if isinstance(ev, Command):
+            names.add(ev.name)
+    return names
+
+
 def _stream_schemas(path: str, fmt: str) -> Schemas:
+    s = _stream_schemas_only(path, fmt)
+    s.commands = _stream_commands(path)
+    return s
+
+
+def _stream_schemas_only(path: str, fmt: str) -> Schemas:
     from .compat.check import from_vmdesc
 
     if fmt == "legacy":
@@ -192,7 +235,8 @@ def _print_report(r: Report) -> None:
 
     con = Console(highlight=False)
     for side, s in (("A", r.a), ("B", r.b)):
-        con.print(f"{side}: [bold]{s.origin}[/bold] ({s.kind}, machine {s.machine or 'not named'})")
+        qemu = f", QEMU {s.qemu}" if s.qemu else ""
+        con.print(f"{side}: [bold]{s.origin}[/bold] ({s.kind}, machine {s.machine or 'not named'}{qemu})")
     if r.plan:
         con.print("path: " + (" -> ".join(r.plan) if len(r.plan) > 1 else "same machine type"))
     elif r.plan_error:
@@ -225,11 +269,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
             sys.stdout.write("\n")
         else:
             for line, names in rows.items():
-                print(f"{line}: {', '.join(n.rsplit('-', 1)[1] for n in names)}")
+                print(f"{line}: {', '.join(n.split('@', 1)[0].rsplit('-', 1)[1] for n in names)}")
         return EXIT_OK
     if not args.source or not args.target:
         raise UsageError("plan needs SOURCE and TARGET machine types (or --list)")
-    plan = registry.plan(args.source, args.target)
+    plan = registry.plan(registry.resolve(args.source, args.from_qemu_version),
+                         registry.resolve(args.target, args.qemu_version))
     steps: list[dict[str, Any]] = [{"from": s.source, "to": s.target, "lossless": s.lossless,
               "transforms": [{"name": t.name, "kind": t.kind, "section": t.section, "lossless": t.lossless,
                               "mirrors": t.mirrors} for t in s.transforms]} for s in plan.steps]
@@ -242,7 +287,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for s in steps:
         print(f"  {s['from']} -> {s['to']}")
         for t in s["transforms"]:
-            where = f"[{t['section']}]" if t["section"] else "[machine]"
+            where = f"[{t['section']}]" if t["section"] else f"[{t['kind']}]"
             print(f"    {t['name']} {where} {'lossless' if t['lossless'] else 'lossy'}: {t['mirrors']}")
     return EXIT_OK
 
@@ -256,16 +301,24 @@ def add_subcommands(sub: Any) -> None:
     """Add ``transform``, ``diff`` and ``plan`` to the ``vmferry`` subcommand parsers."""
     tr = sub.add_parser(
         "transform", help="convert a stream from one QEMU machine type to another",
-        description="Convert a stream saved by QEMU under one machine type (pc-i440fx-2.3 .. 7.2, "
-                    "pc-q35-2.4 .. 7.2) into the stream of the same guest under another, for QEMU 7.2 to load "
-                    "with that machine type. The source machine type is read from the stream's configuration "
+        description="Convert a stream saved by QEMU under one machine type (QEMU 7.2: pc-i440fx-2.3 .. 7.2, "
+                    "pc-q35-2.4 .. 7.2; QEMU 10.0: pc-i440fx-10.0, pc-q35-10.0, pc-i440fx-7.2, pc-q35-7.2) into "
+                    "the stream of the same guest under another, for that QEMU to load with that machine type. "
+                    "A release is a machine type of one QEMU version: pc-i440fx-7.2@10.0 is pc-i440fx-7.2 run by "
+                    "QEMU 10.0. The source machine type is read from the stream's configuration "
                     "section; streams without one (pc-i440fx-2.3) need --from-machine. RAM passes through; "
                     "device state is converted step by step (see 'vmferry plan').")
     tr.add_argument("input", help="input stream (any format vmferry reads); '-' for stdin")
     tr.add_argument("output", help="output file; '-' for stdout")
     tr.add_argument("--machine", required=True, metavar="TARGET", help="target machine type, e.g. pc-i440fx-2.12")
+    tr.add_argument("--qemu-version", metavar="V",
+                    help="the QEMU version that will load the result (7.2 or 10.0; default: the oldest that has "
+                         "the target machine type, so pc-i440fx-10.0 means 10.0 and pc-i440fx-7.2 means 7.2)")
     tr.add_argument("--from-machine", metavar="SOURCE",
                     help="source machine type, for streams without a configuration section")
+    tr.add_argument("--from-qemu-version", metavar="V",
+                    help="the QEMU version that wrote the input (default: what its vmdesc shows, else the "
+                         "oldest QEMU that has its machine type)")
     tr.add_argument("--to", choices=encode.names(), help="output format (default: the input's)")
     tr.add_argument("--schema", metavar="FILE", help="schema for a stream without a vmdesc (as for convert)")
     tr.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -293,6 +346,8 @@ def add_subcommands(sub: Any) -> None:
                     "lossless, and the QEMU behaviour it mirrors. --list prints the known machine types.")
     pl.add_argument("source", nargs="?", help="source machine type")
     pl.add_argument("target", nargs="?", help="target machine type")
+    pl.add_argument("--qemu-version", metavar="V", help="the QEMU version of TARGET (as for transform)")
+    pl.add_argument("--from-qemu-version", metavar="V", help="the QEMU version of SOURCE")
     pl.add_argument("--list", action="store_true", help="list the machine types of the catalogue")
     pl.add_argument("--json", action="store_true", help="print as JSON")
     pl.set_defaults(func=cmd_plan)

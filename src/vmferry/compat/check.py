@@ -276,8 +276,8 @@ class Report:
         return [d for d in self.differences if not d.covered]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"a": {"origin": self.a.origin, "kind": self.a.kind, "machine": self.a.machine},
-                "b": {"origin": self.b.origin, "kind": self.b.kind, "machine": self.b.machine},
+        return {"a": {"origin": self.a.origin, "kind": self.a.kind, "machine": self.a.machine, "qemu": self.a.qemu},
+                "b": {"origin": self.b.origin, "kind": self.b.kind, "machine": self.b.machine, "qemu": self.b.qemu},
                 "plan": self.plan, "plan_error": self.plan_error,
                 "differences": [d.as_dict() for d in self.differences],
                 "uncovered": len(self.uncovered)}

@@ -243,8 +243,12 @@ class Registry:
             if r.qemu == qemu:
                 return r.name
         have = ", ".join(sorted({r.qemu or "?" for r in found}))
-        on = sorted(r.machine for r in self._releases.values() if r.qemu == qemu)
-        hint = f"; QEMU {qemu} machine types here: {', '.join(on)}" if on else f"; no QEMU {qemu} releases here"
+        on = []
+        for names in self._lines.values():
+            ms = [self._releases[n].machine for n in names if self._releases[n].qemu == qemu]
+            if ms:
+                on.append(f"{ms[0]} .. {ms[-1]}" if len(ms) > 2 else ", ".join(ms))
+        hint = f"; QEMU {qemu} has here: {'; '.join(on)}" if on else f"; no QEMU {qemu} releases here"
         raise CompatError(f"no release of {machine} for QEMU {qemu} (it has QEMU {have}){hint}")
 
     @property
