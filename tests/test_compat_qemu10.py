@@ -1,0 +1,228 @@
+"""QEMU 10.0 <-> 7.2 transforms without QEMU: releases, plans, the stream transforms, globalstate.
+
+The same transforms against real QEMU 10.0 and 7.2 are in test_compat_qemu10_real.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vmferry.compat import Machine, apply, qemu_registry, transform_events
+from vmferry.compat.machines.qemu10 import (
+    add_switchover_start,
+    configuration_desc,
+    drop_switchover_start,
+    globalstate_down,
+    globalstate_up,
+    restyle_fields,
+    restyle_vmdesc,
+)
+from vmferry.compat.registry import Registry
+from vmferry.errors import CompatError
+from vmferry.events import (
+    CMD_SWITCHOVER_START,
+    SECTION_END,
+    SECTION_PART,
+    SECTION_START,
+    Command,
+    Configuration,
+    DeviceSection,
+    Eof,
+    Event,
+    Header,
+    IterBegin,
+    IterEnd,
+    RamEos,
+    Vmdesc,
+)
+from vmferry.serialize.describe import describe_section
+from vmferry.serialize.schema import Field, Vmsd
+
+REG = qemu_registry()
+
+
+# ------------------------------------------------------------- releases
+
+
+def test_a_release_is_a_machine_type_of_one_qemu_version() -> None:
+    assert REG.resolve("pc-i440fx-10.0") == "pc-i440fx-10.0"  # only QEMU 10.0 has it
+    assert REG.resolve("pc-i440fx-7.2") == "pc-i440fx-7.2"  # its home: QEMU 7.2
+    assert REG.resolve("pc-i440fx-7.2", "7.2") == "pc-i440fx-7.2"
+    assert REG.resolve("pc-i440fx-7.2", "10.0") == "pc-i440fx-7.2@10.0"
+    assert REG.resolve("pc-q35-7.2@10.0") == "pc-q35-7.2@10.0"
+    assert REG.release("pc-i440fx-10.0@10.0").name == "pc-i440fx-10.0"
+    assert REG.release("pc-i440fx-5.2@7.2").name == "pc-i440fx-5.2"
+    rel = REG.release("pc-q35-7.2@10.0")
+    assert (rel.machine, rel.qemu) == ("pc-q35-7.2", "10.0")
+    assert REG.release("pc-i440fx-6.0").qemu == "7.2"
+
+
+@pytest.mark.parametrize(("machine", "qemu", "message"), [
+    ("pc-i440fx-10.0", "7.2", "no release of pc-i440fx-10.0 for QEMU 7.2 (it has QEMU 10.0)"),
+    ("pc-i440fx-5.2", "10.0", "QEMU 10.0 has here: pc-i440fx-7.2, pc-i440fx-10.0; pc-q35-7.2, pc-q35-10.0"),
+    ("pc-i440fx-9.2", None, "unknown release 'pc-i440fx-9.2'"),
+    ("pc-i440fx-7.2@10.0", "7.2", "pc-i440fx-7.2@10.0 names QEMU 10.0, but QEMU 7.2 was given"),
+])
+def test_releases_that_do_not_exist_are_refused_in_one_line(machine: str, qemu: str | None, message: str) -> None:
+    with pytest.raises(CompatError) as e:
+        REG.resolve(machine, qemu)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_path_down_goes_through_the_7_2_machine_type_of_each_qemu() -> None:
+    plan = REG.plan("pc-i440fx-10.0", "pc-i440fx-5.2")
+    assert plan.path[:4] == ["pc-i440fx-10.0", "pc-i440fx-7.2@10.0", "pc-i440fx-7.2", "pc-i440fx-7.1"]
+    assert plan.path[-1] == "pc-i440fx-5.2" and not plan.lossless
+    up = REG.plan("pc-q35-7.2", "pc-q35-10.0")
+    assert up.path == ["pc-q35-7.2", "pc-q35-7.2@10.0", "pc-q35-10.0"] and up.lossless
+    assert [t.name for t in up.steps[1].transforms if t.kind == "stream"] == ["switchover-start"]
+    with pytest.raises(CompatError, match="missing step: pc-i440fx-10.0 -> pc-q35-10.0"):
+        REG.plan("pc-i440fx-10.0", "pc-q35-10.0")
+
+
+# ------------------------------------------------------- SWITCHOVER_START
+
+
+def _precopy(switchover: bool) -> list[Event]:
+    evs: list[Event] = [Header(), Configuration({"len": 14, "name": b"pc-i440fx-10.0"}),
+                        IterBegin(SECTION_START, 1, "ram", 0, 4), RamEos(), IterEnd(1),
+                        IterBegin(SECTION_PART, 1), RamEos(), IterEnd(1)]
+    if switchover:
+        evs.append(Command(CMD_SWITCHOVER_START))
+    evs += [IterBegin(SECTION_END, 1), RamEos(), IterEnd(1), Eof()]
+    return evs
+
+
+def test_switchover_start_is_dropped_and_put_back_where_qemu_10_writes_it() -> None:
+    new, old = _precopy(True), _precopy(False)
+    assert list(drop_switchover_start(iter(new))) == old
+    assert list(add_switchover_start(iter(old))) == new
+    assert list(add_switchover_start(iter(new))) == new  # never twice
+
+
+def test_switchover_start_in_postcopy_comes_before_the_discards() -> None:
+    evs: list[Event] = [Header(), IterBegin(SECTION_START, 1, "ram", 0, 4), RamEos(), IterEnd(1),
+                        Command(6, b"\0"), Command(2, b"\0\0\0\2")]
+    out = list(add_switchover_start(iter(evs)))
+    assert [type(e).__name__ for e in out[4:6]] == ["Command", "Command"]
+    assert isinstance(out[4], Command) and out[4].cmd == CMD_SWITCHOVER_START and out[5] == evs[4]
+
+
+def test_a_stream_without_a_switchover_gets_none() -> None:
+    # background snapshot: no END section; device state only: no iterative section at all
+    evs: list[Event] = [Header(), IterBegin(SECTION_START, 1, "ram", 0, 4), RamEos(), IterEnd(1), Eof()]
+    assert list(add_switchover_start(iter(evs))) == evs
+
+
+# ----------------------------------------------------------------- vmdesc
+
+
+def _elements(n: int, last_index: bool) -> list[dict[str, object]]:
+    out: list[dict[str, object]] = [{"name": "bmdma", "index": i, "type": "struct", "size": 8} for i in range(n)]
+    if not last_index:
+        del out[-1]["index"]
+    return out
+
+
+def test_array_indexes_as_each_qemu_writes_them() -> None:
+    old = [{"name": "a", "type": "uint8", "size": 1}, *_elements(3, True), {"name": "b", "type": "uint8", "size": 1}]
+    new = [{"name": "a", "type": "uint8", "size": 1}, *_elements(3, False), {"name": "b", "type": "uint8", "size": 1}]
+    assert restyle_fields(old, "10.0") == new
+    assert restyle_fields(new, "7.2") == old
+    assert restyle_fields(old, "7.2") == old and restyle_fields(new, "10.0") == new
+    assert list(restyle_fields(new, "7.2")[3]) == ["name", "index", "type", "size"]  # QEMU's key order
+    nested = [{"name": "s", "type": "struct", "size": 16, "struct": {"vmsd_name": "x", "version": 1,
+                                                                      "fields": _elements(2, True)}}]
+    assert restyle_fields(nested, "10.0")[0]["struct"]["fields"] == _elements(2, False)
+
+
+def test_the_configuration_object_comes_and_goes_with_qemu_10() -> None:
+    config = Configuration({"len": 14, "name": b"pc-i440fx-10.0",
+                            "configuration/capabilities": {"caps_count": 2,
+                                                           "capabilities": [b"x-ignore-shared", b"mapped-ram"]},
+                            "configuration/uuid": {"uuid.data": list(range(16))}})
+    desc = configuration_desc(config)
+    assert desc["fields"][1] == {"name": "name", "type": "buffer", "size": 14}
+    caps, uuid = desc["subsections"]
+    assert caps["fields"][1] == {"name": "capabilities", "array_len": 2, "type": "capability", "size": 16}
+    assert uuid["fields"] == [{"name": "uuid.data", "array_len": 16, "type": "uint8", "size": 1}]
+    text = json.dumps({"page_size": 4096, "devices": []}).encode()
+    up = restyle_vmdesc(Vmdesc(text), "10.0", config)
+    assert list(json.loads(up.text)) == ["configuration", "page_size", "devices"]
+    assert restyle_vmdesc(up, "7.2", config).text == text
+
+
+# ------------------------------------------------------------ globalstate
+
+GLOBALSTATE_72 = Vmsd("globalstate", 1, 0, (Field("size", "uint32", 4), Field("runstate", "buffer", 100)))
+
+
+def _globalstate(state: bytes) -> DeviceSection:
+    tree = {"size": len(state) + 1, "runstate": state.ljust(100, b"\0")}
+    return DeviceSection(30, "globalstate", 0, 1, tree, GLOBALSTATE_72,
+                         describe_section(GLOBALSTATE_72, tree, "globalstate", 0), size=104)
+
+
+def test_globalstate_gets_qemu_10s_four_fields_and_loses_them_again() -> None:
+    m = Machine("pc-i440fx-7.2", ())
+    for state, suspended in ((b"running", 0), (b"suspended", 1), (b"prelaunch", 0)):
+        sec = _globalstate(state)
+        up = globalstate_up(sec, m)
+        assert [f.name for f in up.schema.fields] == ["size", "runstate", "has_vm_was_suspended",
+                                                      "vm_was_suspended", "unused"]
+        assert up.state["runstate"] == state.ljust(32, b"\0") and up.state["has_vm_was_suspended"] == 1
+        assert up.state["vm_was_suspended"] == suspended and up.state["unused"] == bytes(66)
+        assert sum(f.size for f in up.schema.fields) == sum(f.size for f in sec.schema.fields)  # same bytes
+        down = globalstate_down(up, m)
+        assert down.state == sec.state and down.schema.fields == sec.schema.fields
+
+
+def test_a_run_state_longer_than_qemu_10_holds_is_refused() -> None:
+    with pytest.raises(CompatError, match="longer than QEMU 10.0's 32 bytes"):
+        globalstate_up(_globalstate(b"x" * 40), Machine("pc-i440fx-7.2", ()))
+
+
+# ----------------------------------------------------------- whole streams
+
+
+def test_a_stream_goes_to_qemu_10_and_back_unchanged() -> None:
+    sec = _globalstate(b"running")
+    vmdesc = Vmdesc(json.dumps({"page_size": 4096, "devices": [sec.desc]}).encode())
+    old: list[Event] = [*_precopy(False)[:-1], sec, Eof(), vmdesc]
+    old[1] = Configuration({"len": 13, "name": b"pc-i440fx-7.2"})
+    new = list(transform_events(iter(old), REG, "pc-i440fx-10.0"))
+    cmds = [e for e in new if isinstance(e, Command)]
+    assert [c.cmd for c in cmds] == [CMD_SWITCHOVER_START]
+    cfg = next(e for e in new if isinstance(e, Configuration))
+    assert cfg.state == {"len": 14, "name": b"pc-i440fx-10.0"}
+    obj = json.loads(next(e for e in new if isinstance(e, Vmdesc)).text)
+    assert obj["configuration"]["fields"][1]["size"] == 14
+    assert [f["name"] for f in obj["devices"][0]["fields"]][2:4] == ["has_vm_was_suspended", "vm_was_suspended"]
+    back = list(transform_events(iter(new), REG, "pc-i440fx-7.2"))
+    assert back == old
+
+
+def test_the_source_qemu_can_be_named() -> None:
+    evs = [*_precopy(False), Vmdesc(json.dumps({"page_size": 4096, "devices": []}).encode())]
+    evs[1] = Configuration({"len": 13, "name": b"pc-i440fx-7.2"})
+    # the same machine type on QEMU 10.0: only the description of its state changes
+    assert list(transform_events(iter(evs), REG, "pc-i440fx-7.2", source_qemu="10.0")) == evs
+    with pytest.raises(CompatError, match="the stream says it is pc-i440fx-7.2, but pc-i440fx-10.0 was given"):
+        list(transform_events(iter(evs), REG, "pc-i440fx-7.2", "pc-i440fx-10.0"))
+
+
+def test_the_planner_keeps_stream_transforms_out_of_apply() -> None:
+    reg = Registry()
+    reg.line("x", ["x-1", "x-2"])
+    seen: list[str] = []
+
+    def fn(events):  # type: ignore[no-untyped-def]
+        seen.append("ran")
+        yield from events
+
+    reg.stream("x-1", "x-2", fn, lossless=True, mirrors="test", name="s")
+    plan = reg.plan("x-1", "x-2")
+    assert apply(plan, Machine("x-1", ())).release == "x-2" and not seen
+    assert plan.transforms[0].kind == "stream" and len(plan.stream_fns()) == 1
