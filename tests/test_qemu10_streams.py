@@ -25,6 +25,7 @@ from vmferry.encode import legacy
 from vmferry.events import (
     CMD_SWITCHOVER_START,
     COMMAND_NAMES,
+    RAM_MULTIFD_FLUSH,
     SECTION_END,
     SECTION_PART,
     SECTION_START,
@@ -47,9 +48,13 @@ from vmferry.summary import StreamSummary
 pytestmark = [pytest.mark.qemu, pytest.mark.qemu10]
 
 NAMES10 = names(qemu="10.0")
+#: files whose RAM is not a stream (mapped-ram, spec 11.6): vmferry refuses them
+FILE_LAYOUT = ["pc-10.0-mapped-ram"]
+STREAMS10 = [n for n in NAMES10 if n not in FILE_LAYOUT]
 SWITCHOVER_BYTES = bytes.fromhex("08000b0000")
-#: streams whose machine type sends SWITCHOVER_START (10.0 types, unless turned off)
-WITH_SWITCHOVER = [n for n in NAMES10 if RECIPES[n].machine_type.endswith("-10.0") and n != "pc-10.0-no-switchover"]
+#: streams whose machine type sends SWITCHOVER_START (10.0 types, unless turned off; never background-snapshot)
+WITH_SWITCHOVER = [n for n in STREAMS10 if RECIPES[n].machine_type.endswith("-10.0")
+                   and n not in ("pc-10.0-no-switchover", "pc-10.0-background-snapshot")]
 
 
 def _events(path: Path) -> list[Event]:
@@ -80,7 +85,7 @@ def test_the_corpus_has_the_asked_for_flavours() -> None:
 # ------------------------------------------------------------- round trips
 
 
-@pytest.mark.parametrize("name", NAMES10)
+@pytest.mark.parametrize("name", STREAMS10)
 def test_round_trips_byte_exact(name: str, qemu_corpus: Any, tmp_path: Path) -> None:
     src = qemu_corpus[name]
     original = src.read_bytes()
@@ -96,14 +101,16 @@ def test_round_trips_byte_exact(name: str, qemu_corpus: Any, tmp_path: Path) -> 
 # ------------------------------------------------------ SWITCHOVER_START (11.4)
 
 
-@pytest.mark.parametrize("name", NAMES10)
+@pytest.mark.parametrize("name", STREAMS10)
 def test_switchover_start_where_section_11_4_says(name: str, qemu_corpus: Any) -> None:
     path = qemu_corpus[name]
     events = _events(path)
     commands = [e for e in events if isinstance(e, Command) and e.cmd == CMD_SWITCHOVER_START]
     data = path.read_bytes()
-    if name not in WITH_SWITCHOVER:  # machine types <= 9.2, or send-switchover-start=off
+    if name not in WITH_SWITCHOVER:  # machine types <= 9.2, send-switchover-start=off, background-snapshot
         assert commands == []
+        ends = [e for e in events if isinstance(e, IterBegin) and e.kind == SECTION_END]
+        assert len(ends) == (0 if RECIPES[name].kind == "background-snapshot" else 1)
         return
     assert len(commands) == 1 and commands[0].payload == b"" and commands[0].name == "switchover-start"
     i = events.index(commands[0])
@@ -203,17 +210,28 @@ def test_configuration_bytes_as_in_7_2_but_the_name(qemu_corpus: Any) -> None:
     assert config.capabilities == ["x-ignore-shared"]
 
 
-@pytest.mark.parametrize("name", NAMES10)
+@pytest.mark.parametrize("name", STREAMS10)
 def test_ram_records_of_10_0(name: str, qemu_corpus: Any) -> None:
-    """ZERO records keep fill 0; no COMPRESS_PAGE or MULTIFD_FLUSH without their capabilities (11.5)."""
+    """ZERO records keep fill 0; no COMPRESS_PAGE; MULTIFD_FLUSH only with multifd on 10.0 types (11.5)."""
     events = _events(qemu_corpus[name])
     zeros = [e for e in events if isinstance(e, RamZeros)]
-    assert zeros and all(z.fill is None for z in zeros)
-    flags = {e.flags & 0x3FF & ~0x20 for e in events if isinstance(e, RamRecord)}
-    if RECIPES[name].kind == "xbzrle":
+    assert all(z.fill is None for z in zeros)
+    records = [e for e in events if isinstance(e, RamRecord)]
+    flags = {e.flags & 0x3FF & ~0x20 for e in records}
+    rec = RECIPES[name]
+    if rec.kind == "xbzrle":
         assert flags == {RAM_XBZRLE}
-    else:
-        assert flags == set()
+    elif rec.kind == "multifd" and rec.machine_type.endswith("-10.0"):
+        # zero-page-detection=multifd: no ZERO/PAGE records on the main channel, a flush per round
+        assert flags == {RAM_MULTIFD_FLUSH} and not zeros
+        assert all(r.payload == b"" and r.flags == RAM_MULTIFD_FLUSH and not r.block for r in records)
+        data = qemu_corpus[name].read_bytes()  # spec 11.5: START ends FLUSH, EOS; END starts with a FLUSH
+        assert bytes.fromhex("0000000000000200" "0000000000000010" "7e00000001") in data
+        assert bytes.fromhex("08000b0000" "0300000001" "0000000000000200") in data
+    else:  # also multifd with a 7.2 machine type: flush at every EOS (hw_compat_8_0), ZERO records kept
+        assert flags == set() and zeros
+    if rec.kind == "multifd":
+        assert sorted(qemu_corpus.provenance(name)["facts"]["channels"]) == ["11223344", "11223344", "main"]
 
 
 def test_return_path_and_postcopy_commands(qemu_corpus: Any) -> None:
@@ -233,7 +251,7 @@ def test_return_path_and_postcopy_commands(qemu_corpus: Any) -> None:
 # ------------------------------------------------------------- vmdesc (11.8)
 
 
-@pytest.mark.parametrize("name", NAMES10)
+@pytest.mark.parametrize("name", STREAMS10)
 def test_vmdesc_of_10_0(name: str, qemu_corpus: Any) -> None:
     events = _events(qemu_corpus[name])
     text = next(e for e in events if isinstance(e, Vmdesc)).text
@@ -288,7 +306,7 @@ def test_globalstate_has_vm_was_suspended(qemu_corpus: Any) -> None:
 # --------------------------------------------------- which QEMU wrote it (inspect)
 
 
-@pytest.mark.parametrize("name", NAMES10)
+@pytest.mark.parametrize("name", STREAMS10)
 def test_inspect_tells_the_writer(name: str, qemu_corpus: Any) -> None:
     summary = StreamSummary().feed(_events(qemu_corpus[name]))
     if RECIPES[name].machine_type.endswith("-10.0"):
@@ -389,3 +407,44 @@ def test_zero_page_fill_byte_10_0_refuses_7_2_accepts(qemu_corpus: Any, tmp_path
     old = tmp_path / "old-fill.mig"
     old.write_bytes(_encode(_with_fill(_events(qemu_corpus["pc-7.2-paused"]), 0x55)))
     assert _load(old, "pc-i440fx-7.2", None, tmp_path / "b") in ("paused", "prelaunch")
+
+
+# ----------------------------------------------------------- mapped-ram (11.6)
+
+
+def test_mapped_ram_layout_and_a_clean_refusal(qemu_corpus: Any) -> None:
+    """Walk the mapped-ram file by spec 11.6 (header, LE bitmap, 1 MiB aligned pages); vmferry refuses it cleanly."""
+    path = qemu_corpus["pc-10.0-mapped-ram"]
+    data = path.read_bytes()
+    config = data.index(b"\x0amapped-ram")
+    assert data[config - 4:config] == b"\x00\x00\x00\x01"  # caps_count 1: a validated capability
+    pos = data.index(b"\x06pc.ram")
+    rows = []
+    while True:
+        name_len = data[pos]
+        name = data[pos + 1:pos + 1 + name_len].decode()
+        length = int.from_bytes(data[pos + 1 + name_len:pos + 9 + name_len], "big")
+        header = pos + 9 + name_len
+        version = int.from_bytes(data[header:header + 4], "big")
+        page_size, bitmap_offset, pages_offset = (int.from_bytes(data[header + 4 + 8 * i:header + 12 + 8 * i], "big")
+                                                  for i in range(3))
+        assert (version, page_size, bitmap_offset) == (1, 4096, header + 28), name
+        pages = length // page_size
+        bitmap_end = bitmap_offset + (pages + 63) // 64 * 8
+        assert pages_offset == (bitmap_end + 0xFFFFF) // 0x100000 * 0x100000, name
+        bitmap = data[bitmap_offset:bitmap_end]
+        for k in range(pages):  # a set bit (little-endian words) <=> a stored, non-zero page
+            stored = bool(bitmap[k // 8] >> (k % 8) & 1)
+            page = data[pages_offset + k * page_size:pages_offset + (k + 1) * page_size]
+            assert stored == any(page), (name, k)
+        rows.append((name, header, bitmap_offset, pages_offset, pages_offset + length))
+        pos = pages_offset + length
+        if data[pos:pos + 8] == (0x10).to_bytes(8, "big"):  # EOS: the last block
+            break
+    assert rows[0] == ("pc.ram", 0x72, 0x8E, 0x100000, 0x4100000)
+    assert [r[0] for r in rows] == ["pc.ram", "/rom@etc/acpi/tables", "pc.bios", "pc.rom",
+                                    "/rom@etc/table-loader", "/rom@etc/acpi/rsdp"]
+    with pytest.raises(DecodeError) as err:
+        for _ in legacy.decode([data]):
+            pass
+    assert "mapped-ram" in str(err.value) and err.value.offset == 0x72 and err.value.path == "$.ram"

@@ -34,6 +34,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -59,6 +60,7 @@ __all__ = [
 
 Kind = Literal[
     "paused", "running", "xbzrle", "postcopy", "background-snapshot", "xen-devices", "random-ram",
+    "file", "multifd",
 ]
 
 #: A fixed UUID so that the validate-uuid stream is reproducible.
@@ -237,6 +239,16 @@ def _qemu10_recipes() -> list[Recipe]:
             "between two QEMU 10.0 so the return path works", kind="postcopy", caps={"return-path": True}),
         r10("pc-10.0-postcopy-ram", "QEMU 10.0, postcopy-ram enabled (never switched): OPEN_RETURN_PATH, PING, "
             "POSTCOPY_ADVISE; recorded with tee between two QEMU 10.0", kind="postcopy", caps={"postcopy-ram": True}),
+        r10("pc-10.0-background-snapshot", "QEMU 10.0, background-snapshot of the running counting guest: "
+            "no ram END, no SWITCHOVER_START", kind="background-snapshot", caps={"background-snapshot": True}),
+        r10("pc-10.0-mapped-ram", "QEMU 10.0, mapped-ram to a file: URI: RAM at fixed file offsets "
+            "(a sparse 70 MiB file), never started", kind="file", caps={"mapped-ram": True}),
+        r10("pc-10.0-multifd-main", "QEMU 10.0, multifd (2 channels) over unix sockets between two QEMU 10.0, "
+            "running counting guest: the main channel only (MULTIFD_FLUSH records, no page records)",
+            kind="multifd", caps={"multifd": True}, params={"multifd-channels": 2}),
+        r10("pc-7.2-on-10.0-multifd-main", "QEMU 10.0 running pc-i440fx-7.2, multifd as pc-10.0-multifd-main: "
+            "no MULTIFD_FLUSH (hw_compat_8_0), ZERO records in the main channel (hw_compat_8_2)",
+            machine=PC, kind="multifd", caps={"multifd": True}, params={"multifd-channels": 2}),
         r10("pc-10.0-xbzrle-running", "QEMU 10.0, running counting guest dirtying 128 pages per count, xbzrle, "
             "max-bandwidth 1 MiB/s and downtime-limit 1 ms until XBZRLE pages were sent",
             kind="xbzrle", caps={"xbzrle": True},
@@ -482,6 +494,135 @@ def _produce_random_ram(run: _Run) -> None:
         backing.unlink(missing_ok=True)
 
 
+def _produce_file(run: _Run) -> None:
+    """``migrate`` to a ``file:`` URI (QEMU >= 8.2), which mapped-ram needs (a seekable channel)."""
+    rec = run.recipe
+    with run.vm("source") as vm:
+        vm.set_caps(rec.caps)
+        vm.set_params(rec.params)
+        run.out.unlink(missing_ok=True)
+        vm.migrate("file:" + str(run.out))
+        info = vm.wait_migration(120)
+        run.step("migrate to file:FILE with the VM never started; poll query-migrate until completed")
+        run.facts.update(_migration_facts(info))
+
+
+def _produce_multifd(run: _Run) -> None:
+    """Migrate a running guest with multifd between two QEMUs through a unix-socket relay that
+    keeps the main channel (the connection that starts with ``QEVM``); the multifd channels
+    (64-byte hello with magic 0x11223344) are relayed and counted, not kept."""
+    rec = run.recipe
+    run.work.mkdir(parents=True, exist_ok=True)
+    dst_sock, relay_sock = run.work / "dst.sock", run.work / "relay.sock"
+    src = _start_counting(run)
+    try:
+        with run.vm("destination", incoming=True, paused=False, serial=True,
+                    boot_sector=counting_boot_sector(**rec.guest)) as dst:
+            for vm in (src, dst):
+                vm.set_caps(rec.caps)
+                vm.set_params(rec.params)
+            dst.cmd("migrate-incoming", uri=f"unix:{dst_sock}")
+            with _Relay(relay_sock, dst_sock, run.out) as relay:
+                src.migrate(f"unix:{relay_sock}")
+                info = src.wait_migration(60)
+                deadline = time.monotonic() + 30
+                while dst.status() == "inmigrate" or not relay.finished():
+                    if time.monotonic() > deadline:
+                        raise QemuError(f"{rec.name}: destination or relay did not finish",
+                                        stderr_tail=dst.stderr_tail())
+                    time.sleep(0.02)
+            run.facts.update(_migration_facts(info))
+            run.facts["destination_status"] = dst.status()
+            run.facts["channels"] = relay.kinds
+            counts = src.counts()
+            run.facts["count_at_save"] = counts[-1] if counts else None
+        run.step("destination: multifd, migrate-incoming unix:dst.sock; source: multifd, migrate to "
+                 "unix:relay.sock; the relay copies every connection to dst.sock and writes the main one")
+        src.quit()
+    except BaseException:
+        src.kill()
+        raise
+
+
+class _Relay:
+    """Accept connections on ``listen``, connect each to ``target``, copy both ways, keep the main one."""
+
+    def __init__(self, listen: Path, target: Path, out: Path) -> None:
+        self.target, self.out = target, out
+        listen.unlink(missing_ok=True)
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(str(listen))
+        self.server.listen(16)
+        self.server.settimeout(0.1)
+        self.kinds: list[str] = []
+        self.threads: list[threading.Thread] = []
+        self.stopping = False
+        self.acceptor = threading.Thread(target=self._accept, name="relay-accept", daemon=True)
+
+    def __enter__(self) -> _Relay:
+        self.acceptor.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping = True
+        self.acceptor.join(5)
+        self.server.close()
+        for t in self.threads:
+            t.join(5)
+
+    def finished(self) -> bool:
+        return self.out.exists() and not any(t.is_alive() for t in self.threads)
+
+    def _accept(self) -> None:
+        while not self.stopping:
+            try:
+                conn, _ = self.server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            conn.settimeout(None)
+            peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            peer.connect(str(self.target))
+            t = threading.Thread(target=self._pump, args=(conn, peer), daemon=True)
+            back = threading.Thread(target=self._copy, args=(peer, conn, None), daemon=True)
+            self.threads += [t, back]
+            t.start()
+            back.start()
+
+    def _pump(self, conn: socket.socket, peer: socket.socket) -> None:
+        head = b""
+        while len(head) < 4:
+            chunk = conn.recv(4 - len(head))
+            if not chunk:
+                break
+            head += chunk
+        main = head == b"QEVM"
+        self.kinds.append("main" if main else head.hex())
+        part = self.out.with_name(self.out.name + ".part")
+        with open(part, "wb") if main else open(os.devnull, "wb") as sink:
+            sink.write(head)
+            peer.sendall(head)
+            self._copy(conn, peer, sink)
+        if main:
+            part.replace(self.out)
+
+    @staticmethod
+    def _copy(src: socket.socket, dst: socket.socket, sink: Any) -> None:
+        try:
+            while chunk := src.recv(1 << 16):
+                if sink is not None:
+                    sink.write(chunk)
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            try:
+                dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+
 _PRODUCERS: dict[str, Callable[[_Run], None]] = {
     "paused": _produce_paused,
     "running": _produce_running,
@@ -490,6 +631,8 @@ _PRODUCERS: dict[str, Callable[[_Run], None]] = {
     "background-snapshot": _produce_background_snapshot,
     "xen-devices": _produce_xen_devices,
     "random-ram": _produce_random_ram,
+    "file": _produce_file,
+    "multifd": _produce_multifd,
 }
 
 

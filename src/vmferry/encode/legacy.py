@@ -111,6 +111,7 @@ class _RamState:
     block: str | None = None  # block of the previous page record (CONTINUE)
     ignore_shared: bool = False  # configuration announced x-ignore-shared: GPA per block
     postcopy_psize: int | None = None  # POSTCOPY_ADVISE pagesize summary, when sent
+    mapped_ram: bool = False  # configuration announced mapped-ram (QEMU >= 9.0): not supported
 
 
 @dataclass
@@ -237,6 +238,7 @@ def _decode_configuration(w: Window, st: _State) -> Configuration:
     state = _read_vmstate(w, CONFIGURATION_VMSD, 1, "$.configuration")
     caps = [bytes(c) for c in state.get("configuration/capabilities", {}).get("capabilities", [])]
     st.ram.ignore_shared = b"x-ignore-shared" in caps
+    st.ram.mapped_ram = b"mapped-ram" in caps
     return Configuration(state)
 
 
@@ -551,6 +553,10 @@ def _decode_mem_size(w: Window, ram: _RamState, total: int) -> RamMemSize:
                 w.pos += 8
         if ram.ignore_shared:
             gpa = _be64(w, "ram block address")
+        if ram.mapped_ram:
+            raise DecodeError(f"ram block {name!r}: a mapped-ram file (QEMU >= 9.0, spec 11.6) keeps RAM pages at "
+                              "fixed file offsets, not as stream records; vmferry does not read that layout",
+                              w.offset, w.path)
         blocks.append(RamBlock(name, length, page_size, gpa))
     return RamMemSize(total, blocks)
 
