@@ -55,6 +55,7 @@ SWITCHOVER_BYTES = bytes.fromhex("08000b0000")
 #: streams whose machine type sends SWITCHOVER_START (10.0 types, unless turned off; never background-snapshot)
 WITH_SWITCHOVER = [n for n in STREAMS10 if RECIPES[n].machine_type.endswith("-10.0")
                    and n not in ("pc-10.0-no-switchover", "pc-10.0-background-snapshot")]
+WITH_SWITCHOVER.append("pc-7.2-on-10.0-switchover-on")  # -global migration.send-switchover-start=on
 
 
 def _events(path: Path) -> list[Event]:
@@ -309,7 +310,7 @@ def test_globalstate_has_vm_was_suspended(qemu_corpus: Any) -> None:
 @pytest.mark.parametrize("name", STREAMS10)
 def test_inspect_tells_the_writer(name: str, qemu_corpus: Any) -> None:
     summary = StreamSummary().feed(_events(qemu_corpus[name]))
-    if RECIPES[name].machine_type.endswith("-10.0"):
+    if name in WITH_SWITCHOVER or RECIPES[name].machine_type.endswith("-10.0"):
         assert summary.writer.range_text() == "QEMU >= 10.0"
     else:  # 7.2 machine type: the vmdesc shape still says "not 7.2"
         assert summary.writer.range_text() == "QEMU >= 8.0"
@@ -377,6 +378,11 @@ def test_qemu10_accepts_switchover_start_anywhere_and_refuses_a_payload(qemu_cor
     with pytest.raises(QemuError) as err:
         _load(bad, "pc-i440fx-10.0", "10.0", tmp_path / "b")
     assert "SWITCHOVER_START received with bad length - expecting 0, got 1" in str(err.value)
+    unknown = tmp_path / "cmd12.mig"
+    unknown.write_bytes(_encode(_with_command_after_configuration(events, Command(12))))
+    with pytest.raises(QemuError) as err:
+        _load(unknown, "pc-i440fx-10.0", "10.0", tmp_path / "c")
+    assert "MIG_CMD 0xc unknown (len 0x0)" in str(err.value)
 
 
 def test_qemu72_refuses_switchover_start(qemu_corpus: Any, tmp_path: Path) -> None:

@@ -233,6 +233,9 @@ def _qemu10_recipes() -> list[Recipe]:
             machine=PC, kind="running"),
         r10("pc-10.0-no-switchover", "QEMU 10.0, pc-i440fx-10.0 with -global migration.send-switchover-start=off",
             args=("-global", "migration.send-switchover-start=off")),
+        r10("pc-7.2-on-10.0-switchover-on", "QEMU 10.0 running pc-i440fx-7.2 with "
+            "-global migration.send-switchover-start=on: SWITCHOVER_START on an old machine type",
+            machine=PC, args=("-global", "migration.send-switchover-start=on")),
         r10("pc-10.0-uuid-ignore-shared", "QEMU 10.0, validate-uuid + x-ignore-shared with -uuid",
             args=("-uuid", FIXED_UUID), caps={"validate-uuid": True, "x-ignore-shared": True}),
         r10("pc-10.0-return-path", "QEMU 10.0, return-path: OPEN_RETURN_PATH + PING(1); recorded with tee "
