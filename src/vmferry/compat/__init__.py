@@ -7,8 +7,11 @@
   rename and change fields, versions and subsections; add, drop, rename,
   split and merge sections.
 * :mod:`.machines`: the catalogue of QEMU 7.2's x86 machine types
-  (``pc-i440fx-2.3`` .. ``7.2``, ``pc-q35-2.4`` .. ``7.2``).
-* :mod:`.stream`: apply a plan to an event stream, RAM passing through.
+  (``pc-i440fx-2.3`` .. ``7.2``, ``pc-q35-2.4`` .. ``7.2``) and of QEMU
+  10.0's newest (``pc-i440fx-10.0``, ``pc-q35-10.0``), a release being a
+  machine type of one QEMU version (``pc-i440fx-7.2@10.0``).
+* :mod:`.stream`: apply a plan to an event stream, RAM passing through;
+  stream transforms handle commands, the configuration and the vmdesc.
 * :mod:`.check`: the static diff of two schema sets (``vmferry diff``).
 
 Everything here is a pure function over events, trees and schemas: no I/O.
