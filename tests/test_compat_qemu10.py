@@ -6,9 +6,12 @@ The same transforms against real QEMU 10.0 and 7.2 are in test_compat_qemu10_rea
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
+from vmferry.cli import main
+from vmferry.cli_compat import source_qemu
 from vmferry.compat import Machine, apply, qemu_registry, transform_events
 from vmferry.compat.machines.qemu10 import (
     add_switchover_start,
@@ -20,6 +23,7 @@ from vmferry.compat.machines.qemu10 import (
     restyle_vmdesc,
 )
 from vmferry.compat.registry import Registry
+from vmferry.encode import legacy
 from vmferry.errors import CompatError
 from vmferry.events import (
     CMD_SWITCHOVER_START,
@@ -226,3 +230,73 @@ def test_the_planner_keeps_stream_transforms_out_of_apply() -> None:
     plan = reg.plan("x-1", "x-2")
     assert apply(plan, Machine("x-1", ())).release == "x-2" and not seen
     assert plan.transforms[0].kind == "stream" and len(plan.stream_fns()) == 1
+
+
+# -------------------------------------------------------------- the CLI
+
+
+def _file(path: Path, events: list[Event]) -> Path:
+    path.write_bytes(b"".join(bytes(c) for c in legacy.encode(events)))
+    return path
+
+
+def _stream(machine: bytes, qemu10: bool) -> list[Event]:
+    sec = _globalstate(b"running")
+    if qemu10:
+        sec = globalstate_up(sec, Machine("pc-i440fx-7.2", ()))
+        sec.desc = describe_section(sec.schema, sec.state, sec.idstr, 0)
+    config = Configuration({"len": len(machine), "name": machine})
+    obj: dict[str, object] = {"page_size": 4096, "devices": [sec.desc]}
+    if qemu10:
+        obj = {"configuration": configuration_desc(config), **obj}
+    evs = _precopy(machine.endswith(b"10.0"))
+    evs[1] = config
+    return [*evs[:-1], sec, Eof(), Vmdesc(json.dumps(obj).encode())]
+
+
+def test_the_source_qemu_is_read_from_the_vmdesc(tmp_path: Path) -> None:
+    on10 = _file(tmp_path / "on10.mig", _stream(b"pc-i440fx-7.2", True))
+    on72 = _file(tmp_path / "on72.mig", _stream(b"pc-i440fx-7.2", False))
+    assert (source_qemu(str(on10)), source_qemu(str(on72))) == ("10.0", "7.2")
+    assert source_qemu(str(_file(tmp_path / "junk", []))) is None
+    out = tmp_path / "out.mig"
+    # the same machine type, from QEMU 10.0 to QEMU 7.2: globalstate and the vmdesc as 7.2 writes them
+    assert main(["transform", str(on10), str(out), "--machine", "pc-i440fx-7.2", "-q"]) == 0
+    assert out.read_bytes() == on72.read_bytes()
+    assert main(["transform", str(on72), str(out), "--machine", "pc-i440fx-7.2", "--qemu-version", "10.0", "-q"]) == 0
+    assert out.read_bytes() == on10.read_bytes()
+    # told otherwise, the stream is taken as QEMU 7.2's: nothing to do
+    assert main(["transform", str(on10), str(out), "--machine", "pc-i440fx-7.2", "--from-qemu-version", "7.2",
+                 "-q"]) == 0
+    assert out.read_bytes() == on10.read_bytes()
+
+
+def test_transform_between_the_qemus_on_the_command_line(tmp_path: Path) -> None:
+    new = _file(tmp_path / "new.mig", _stream(b"pc-i440fx-10.0", True))
+    old = _file(tmp_path / "old.mig", _stream(b"pc-i440fx-7.2", False))
+    out = tmp_path / "out.mig"
+    assert main(["transform", str(new), str(out), "--machine", "pc-i440fx-7.2", "--qemu-version", "7.2", "-q"]) == 0
+    assert out.read_bytes() == old.read_bytes()
+    assert main(["transform", str(old), str(out), "--machine", "pc-i440fx-10.0", "-q"]) == 0
+    assert out.read_bytes() == new.read_bytes()
+
+
+def test_a_machine_type_the_qemu_does_not_have_fails_in_one_line(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    src = _file(tmp_path / "new.mig", _stream(b"pc-i440fx-10.0", True))
+    out = tmp_path / "out.mig"
+    assert main(["transform", str(src), str(out), "--machine", "pc-i440fx-10.0", "--qemu-version", "7.2", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no release of pc-i440fx-10.0 for QEMU 7.2" in err and not out.exists()
+
+
+def test_plan_shows_the_stream_transforms(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "pc-i440fx-10.0", "pc-i440fx-5.2"]) == 0
+    text = capsys.readouterr().out
+    assert "pc-i440fx-10.0 -> pc-i440fx-5.2: 8 steps, lossy" in text
+    assert "switchover-start [stream] lossless: hw_compat_9_2" in text
+    assert main(["plan", "pc-q35-7.2", "pc-q35-7.2", "--from-qemu-version", "10.0", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["source"] == "pc-q35-7.2@10.0" and [t["kind"] for t in plan["steps"][0]["transforms"]][-1] == "stream"
+    assert main(["plan", "--list"]) == 0
+    assert "pc-i440fx@10.0: 7.2, 10.0" in capsys.readouterr().out
