@@ -80,7 +80,8 @@ def test_the_path_down_goes_through_the_7_2_machine_type_of_each_qemu() -> None:
     assert plan.path[:4] == ["pc-i440fx-10.0", "pc-i440fx-7.2@10.0", "pc-i440fx-7.2", "pc-i440fx-7.1"]
     assert plan.path[-1] == "pc-i440fx-5.2" and not plan.lossless
     up = REG.plan("pc-q35-7.2", "pc-q35-10.0")
-    assert up.path == ["pc-q35-7.2", "pc-q35-7.2@10.0", "pc-q35-10.0"] and up.lossless
+    assert up.path == ["pc-q35-7.2", "pc-q35-7.2@10.0", "pc-q35-10.0"]
+    assert [t.name for t in up.transforms if not t.lossless] == ["e1000e pending flags"]
     assert [t.name for t in up.steps[1].transforms if t.kind == "stream"] == ["switchover-start"]
     with pytest.raises(CompatError, match="missing step: pc-i440fx-10.0 -> pc-q35-10.0"):
         REG.plan("pc-i440fx-10.0", "pc-q35-10.0")
@@ -300,3 +301,61 @@ def test_plan_shows_the_stream_transforms(capsys: pytest.CaptureFixture[str]) ->
     assert plan["source"] == "pc-q35-7.2@10.0" and [t["kind"] for t in plan["steps"][0]["transforms"]][-1] == "stream"
     assert main(["plan", "--list"]) == 0
     assert "pc-i440fx@10.0: 7.2, 10.0" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------- e1000e
+
+
+def _e1000e(cfg: bytes, qemu10: bool) -> DeviceSection:
+    pci = Vmsd("PCIDevice", 2, 0, (Field("version_id", "int32", 4), Field("config[1]", "buffer", len(cfg))))
+    if qemu10:
+        fields = (Field("parent_obj[0]", "struct", 4 + len(cfg), struct=pci), Field("unused[0]", "unused_buffer", 1),
+                  Field("unused[1]", "unused_buffer", 5))
+        tree = {"parent_obj[0]": {"version_id": 2, "config[1]": cfg}, "unused[0]": b"\0", "unused[1]": bytes(5)}
+    else:
+        fields = (Field("parent_obj[0]", "struct", 4 + len(cfg), struct=pci),
+                  Field("core.itr_intr_pending", "bool", 1),
+                  Field("core.eitr_intr_pending", "bool", 1, count=5, array=True))
+        tree = {"parent_obj[0]": {"version_id": 2, "config[1]": cfg}, "core.itr_intr_pending": True,
+                "core.eitr_intr_pending": [False, True, False, False, False]}
+    vmsd = Vmsd("e1000e", 2, 2, fields)
+    return DeviceSection(9, "0000:00:01.0/e1000e", 0, 2, tree, vmsd, {})
+
+
+def _pcie_config() -> bytes:
+    cfg = bytearray(4096)
+    cfg[0x34] = 0xC8
+    cfg[0xC8:0xCA] = b"\x01\xe0"  # power management -> 0xe0
+    cfg[0xE0:0xE2] = b"\x10\x00"  # PCI Express, last
+    cfg[0xE4] = 0x20  # Extended Tag Field Supported
+    cfg[0x100:0x104] = (0x0001 | (1 << 16) | (0x140 << 20)).to_bytes(4, "little")  # AER -> 0x140
+    cfg[0x108:0x10C] = (0x00400000 | 0x02000000).to_bytes(4, "little")  # uncorrectable error mask
+    return bytes(cfg)
+
+
+def test_e1000e_loses_what_qemu_7_2s_e1000e_does_not_have() -> None:
+    from vmferry.compat.machines.qemu10 import e1000e_down, e1000e_pending_down, e1000e_pending_up, e1000e_up
+
+    m = Machine("pc-q35-10.0", ())
+    sec = _e1000e(_pcie_config(), True)
+    sec.state["core.timadj"] = 5
+    sec.schema = Vmsd("e1000e", 2, 2, (*sec.schema.fields, Field("core.timadj", "int64", 8)))
+    down = e1000e_down(sec, m)
+    cfg = down.state["parent_obj[0]"]["config[1]"]
+    assert cfg[0xE4] == 0 and cfg[0x108:0x10C] == bytes(4) and "core.timadj" not in down.state
+    assert cfg[:0xE4] == _pcie_config()[:0xE4]
+    up = e1000e_up(down, m)
+    assert up.state["core.timadj"] == 0 and up.state["parent_obj[0]"]["config[1]"][0xE4] == 0x20
+    old = e1000e_pending_down(_e1000e(_pcie_config(), True), m)
+    assert old.state["core.itr_intr_pending"] is False and old.state["core.eitr_intr_pending"] == [False] * 5
+    assert [f.name for f in old.schema.fields] == [f.name for f in _e1000e(b"", False).schema.fields]
+    new = e1000e_pending_up(_e1000e(_pcie_config(), False), m)
+    assert new.state == _e1000e(_pcie_config(), True).state
+    assert new.schema.fields == _e1000e(_pcie_config(), True).schema.fields
+
+
+def test_an_e1000e_without_a_pci_express_capability_is_refused() -> None:
+    from vmferry.compat.machines.qemu10 import e1000e_down
+
+    with pytest.raises(CompatError, match="no PCI Express capability"):
+        e1000e_down(_e1000e(bytes(4096), True), Machine("pc-q35-10.0", ()))

@@ -37,6 +37,7 @@ from vmferry.qemu_process import QemuError, QemuVM, qemu_command
 pytestmark = [pytest.mark.qemu, pytest.mark.qemu10]
 
 E1000 = ("-device", "e1000")
+E1000E = ("-device", "e1000e")
 DEVICES = ("-device", "e1000", "-device", "virtio-net-pci")
 
 
@@ -91,11 +92,13 @@ RUNNING = [
     ("pc-q35-7.2", "7.2", "pc-q35-10.0", "10.0", ()),
     ("pc-i440fx-10.0", "10.0", "pc-i440fx-5.2", "7.2", E1000),
     ("pc-i440fx-5.2", "7.2", "pc-i440fx-10.0", "10.0", E1000),
+    ("pc-q35-10.0", "10.0", "pc-q35-7.2", "7.2", E1000E),
+    ("pc-q35-7.2", "7.2", "pc-q35-10.0", "10.0", E1000E),
 ]
 
 
 @pytest.mark.parametrize(("a", "qa", "b", "qb", "args"), RUNNING,
-                         ids=[f"{a}@{qa}->{b}@{qb}{'-e1000' if args else ''}" for a, qa, b, qb, args in RUNNING])
+                         ids=[f"{a}@{qa}->{b}@{qb}{'-' + args[1] if args else ''}" for a, qa, b, qb, args in RUNNING])
 def test_a_running_guest_keeps_counting_on_the_other_qemu(saved: _Saved, tmp_path: Path, a: str, qa: str, b: str,
                                                           qb: str, args: tuple[str, ...]) -> None:
     src, src_text = saved.get(a, qa, args, running=True)
@@ -134,22 +137,28 @@ def test_qemu_7_2_refuses_a_10_0_stream_without_the_transforms(saved: _Saved, tm
 
 # ------------------------------------------------------- paused guests
 
-PAUSED = [("pc-i440fx-10.0", "10.0", "pc-i440fx-7.2", "7.2"), ("pc-i440fx-7.2", "7.2", "pc-i440fx-10.0", "10.0"),
-          ("pc-q35-10.0", "10.0", "pc-q35-7.2", "7.2"), ("pc-q35-7.2", "7.2", "pc-q35-10.0", "10.0")]
+PAUSED = [("pc-i440fx-10.0", "10.0", "pc-i440fx-7.2", "7.2", DEVICES),
+          ("pc-i440fx-7.2", "7.2", "pc-i440fx-10.0", "10.0", DEVICES),
+          ("pc-q35-10.0", "10.0", "pc-q35-7.2", "7.2", DEVICES), ("pc-q35-7.2", "7.2", "pc-q35-10.0", "10.0", DEVICES),
+          ("pc-q35-10.0", "10.0", "pc-q35-7.2", "7.2", E1000E), ("pc-q35-7.2", "7.2", "pc-q35-10.0", "10.0", E1000E)]
+PAUSED_IDS = [f"{a}@{qa}->{b}@{qb}-{'e1000e' if args == E1000E else 'e1000-virtio'}" for a, qa, b, qb, args in PAUSED]
 
 
-def _may_differ(vmsd: str, key: str) -> bool:
-    """The RTC's clock readings (the streams were made at different times), and virtio-net's queue
-    sizes of queues the guest never set up: QEMU 10.0 writes VIRTQUEUE_MAX_SIZE, 7.2 the default
-    size; the guest's device reset sets them again (deliberately left alone)."""
-    return vmsd == "mc146818rtc" or (vmsd == "virtio-net" and key == "virtio")
+def _may_differ(vmsd: str, key: str, up: bool) -> bool:
+    """What is deliberately left alone: the RTC's clock readings (the streams were made at different
+    times); virtio-net's size of queues the guest never set up (QEMU 10.0 writes VIRTQUEUE_MAX_SIZE, 7.2
+    the default size; the guest's device reset sets them); e1000e's PHY auto-negotiation expansion
+    register (its reset value changed in QEMU 10.0, the guest's view travels) and, going up, the AER
+    error mask (hw_compat_7_2 x-pcie-err-unc-mask: 10.0's reset value is not 0, but the guest saw 0)."""
+    return vmsd == "mc146818rtc" or (vmsd == "virtio-net" and key == "virtio") or \
+        (vmsd == "e1000e" and (key == "core.phy" or (up and key == "parent_obj[0]")))
 
 
-@pytest.mark.parametrize(("a", "qa", "b", "qb"), PAUSED, ids=[f"{a}@{qa}->{b}@{qb}" for a, qa, b, qb in PAUSED])
+@pytest.mark.parametrize(("a", "qa", "b", "qb", "args"), PAUSED, ids=PAUSED_IDS)
 def test_the_result_is_what_the_other_qemu_writes(saved: _Saved, tmp_path: Path, a: str, qa: str, b: str,
-                                                  qb: str) -> None:
-    src, _ = saved.get(a, qa, DEVICES, running=False)
-    real, _ = saved.get(b, qb, DEVICES, running=False)
+                                                  qb: str, args: tuple[str, ...]) -> None:
+    src, _ = saved.get(a, qa, args, running=False)
+    real, _ = saved.get(b, qb, args, running=False)
     out = tmp_path / "out.mig"
     _transform(src, out, b, qb)
     got, want = _sections(out), _sections(real)
@@ -158,7 +167,7 @@ def test_the_result_is_what_the_other_qemu_writes(saved: _Saved, tmp_path: Path,
         h = got[key]
         assert h.schema == w.schema and h.version_id == w.version_id, key
         bad = [k for k in set(w.state) | set(h.state)
-               if w.state.get(k) != h.state.get(k) and not _may_differ(w.schema.name, k)]
+               if w.state.get(k) != h.state.get(k) and not _may_differ(w.schema.name, k, qb == "10.0")]
         assert not bad, f"{key}: {bad}"
     da, db = (json.loads(read_stream_vmdesc(str(p)) or b"{}") for p in (out, real))
     assert list(da) == list(db) and da.get("configuration") == db.get("configuration")
@@ -166,11 +175,14 @@ def test_the_result_is_what_the_other_qemu_writes(saved: _Saved, tmp_path: Path,
     assert {(d["name"], d["instance_id"]): d for d in da["devices"]} == descs
     switchover = [e for e in decode_input(open_input(str(out))) if isinstance(e, Command)]
     assert len(switchover) == (1 if qb == "10.0" else 0)
-    with _vm(b, qb, DEVICES, incoming=True, name="destination", workdir=tmp_path / "dst") as dst:
+    with _vm(b, qb, args, incoming=True, name="destination", workdir=tmp_path / "dst") as dst:
         assert dst.load(out) in ("prelaunch", "paused")
     back = tmp_path / "back.mig"
     _transform(out, back, a, qa)
-    assert back.read_bytes() == src.read_bytes()
+    if args == E1000E and qb == "7.2":  # lossy: the AER error mask QEMU 10.0 set is not in 7.2's e1000e
+        assert _sections(back).keys() == _sections(src).keys()
+    else:
+        assert back.read_bytes() == src.read_bytes()
 
 
 # ---------------------------------------------------------------- diff
@@ -211,11 +223,11 @@ def _expected(a: dict[str, Any], b: dict[str, Any]) -> set[tuple[str, str, str]]
     return out
 
 
-@pytest.mark.parametrize(("a", "qa", "b", "qb"), PAUSED, ids=[f"{a}@{qa}->{b}@{qb}" for a, qa, b, qb in PAUSED])
+@pytest.mark.parametrize(("a", "qa", "b", "qb", "args"), PAUSED, ids=PAUSED_IDS)
 def test_diff_lists_every_difference_and_what_covers_it(saved: _Saved, capsys: pytest.CaptureFixture[str], a: str,
-                                                        qa: str, b: str, qb: str) -> None:
-    sa, _ = saved.get(a, qa, DEVICES, running=False)
-    sb, _ = saved.get(b, qb, DEVICES, running=False)
+                                                        qa: str, b: str, qb: str, args: tuple[str, ...]) -> None:
+    sa, _ = saved.get(a, qa, args, running=False)
+    sb, _ = saved.get(b, qb, args, running=False)
     va, vb = (json.loads(read_stream_vmdesc(str(p)) or b"{}") for p in (sa, sb))
     expected = _expected(va, vb)
     assert {s for _, s, _ in expected} >= {"hpet", "globalstate"}
@@ -242,8 +254,8 @@ def _dump(qemu: str, machine: str, path: Path) -> str:
 
 
 def test_diff_of_the_two_qemus_device_classes(capsys: pytest.CaptureFixture[str]) -> None:
-    """-dump-vmstate: the default x86 devices' differences are covered; devices vmferry has no transforms
-    for (e1000e, ESP SCSI, sd-card, ...) are listed as not covered."""
+    """-dump-vmstate: the differences of the default x86 devices and e1000e are covered; devices vmferry has
+    no transforms for (ESP SCSI, sd-card, ...) are listed as not covered."""
     with tempfile.TemporaryDirectory() as d:
         files = [_dump("10.0", "pc-i440fx-10.0", Path(d) / "a.json"), _dump("7.2", "pc-i440fx-7.2", Path(d) / "b.json")]
         assert main(["diff", *files, "--json"]) == 3
@@ -251,7 +263,8 @@ def test_diff_of_the_two_qemus_device_classes(capsys: pytest.CaptureFixture[str]
     by = {(d["section"], d["item"]): d for d in report["differences"]}
     for key in (("hpet", "num_timers"), ("hpet", "num_timers_save"), ("i8259", "i8259/ltim")):
         assert by[key]["covered"], key
-    assert not by[("e1000e", "core.timadj")]["covered"]
+    assert by[("e1000e", "core.timadj")]["covered"]
+    assert not by[("sd-card", "enable")]["covered"]
 
 
 # ---------------------------------------------------------------- live

@@ -44,7 +44,7 @@ from ...events import (
     Vmdesc,
 )
 from ...serialize.schema import Field, Vmsd
-from ..ops import Machine, Node, at, drop_subsection, node, rename_field, with_node
+from ..ops import Machine, Node, add_field, at, drop_field, drop_subsection, node, rename_field, with_node
 from ..registry import Change, Registry, Release
 from .releases import QEMU_7_2
 
@@ -321,11 +321,114 @@ def _refuse_early(m: Machine) -> Machine:
     return m
 
 
-def _refuse_e1000e(m: Machine) -> Machine:
-    # hw_compat_7_2 e1000e migrate-timadj=off (8 bytes core.timadj); hw_compat_9_1 x-pcie-ext-tag=off.
-    if m.find("e1000e"):
-        raise CompatError("e1000e (hw_compat_7_2 migrate-timadj, hw_compat_9_1 x-pcie-ext-tag) is not covered")
-    return m
+# --- e1000e (q35's PCI Express NIC) -----------------------------------------
+
+TIMADJ = Field("core.timadj", "int64", 8)
+PCI_CAPABILITY_LIST, PCI_CAP_ID_EXP = 0x34, 0x10
+PCI_EXP_DEVCAP, PCI_EXP_DEVCAP_EXT_TAG = 4, 0x20
+PCI_CONFIG_SPACE_SIZE, PCI_EXT_CAP_ID_ERR, PCI_ERR_UNCOR_MASK = 0x100, 0x0001, 8
+
+
+def _pcie_cap(cfg: bytes) -> int | None:
+    """The offset of the PCI Express capability in a config space (None if it has none)."""
+    pos, seen = cfg[PCI_CAPABILITY_LIST] & ~3, set()
+    while pos and pos not in seen and pos + 2 <= len(cfg):
+        seen.add(pos)
+        if cfg[pos] == PCI_CAP_ID_EXP:
+            return pos
+        pos = cfg[pos + 1] & ~3
+    return None
+
+
+def _aer_cap(cfg: bytes) -> int | None:
+    """The offset of the AER extended capability (None if it has none)."""
+    pos, seen = PCI_CONFIG_SPACE_SIZE, set()
+    while pos and pos not in seen and pos + 4 <= len(cfg):
+        seen.add(pos)
+        header = int.from_bytes(cfg[pos:pos + 4], "little")
+        if header & 0xFFFF == PCI_EXT_CAP_ID_ERR:
+            return pos
+        pos = (header >> 20) & ~3
+    return None
+
+
+def _edit_config(sec: DeviceSection, edit: Any) -> DeviceSection:
+    """``sec`` with its PCI config space replaced by ``edit(config)``."""
+    pci = sec.state.get("parent_obj[0]")
+    key = next((k for k in pci if k.startswith("config")), None) if isinstance(pci, Mapping) else None
+    if key is None or len(pci[key]) <= PCI_CAPABILITY_LIST:
+        raise CompatError("no PCI config space in the e1000e section")
+    cfg = bytes(pci[key])
+    new = edit(bytearray(cfg))
+    if new == cfg:
+        return sec
+    state = dict(sec.state, **{"parent_obj[0]": dict(pci, **{key: bytes(new)})})
+    return dataclasses.replace(sec, state=state, desc={})
+
+
+def _ext_tag(on: bool) -> Any:
+    # hw_compat_9_1: PCIe x-pcie-ext-tag=off.  The 10.0 machine types set "Extended Tag Field
+    # Supported" in Device Capabilities, a read-only bit QEMU compares on load ("Bad config data").
+    def edit(cfg: bytearray) -> bytearray:
+        cap = _pcie_cap(bytes(cfg))
+        if cap is None:
+            raise CompatError("no PCI Express capability in the e1000e's config space")
+        i = cap + PCI_EXP_DEVCAP
+        cfg[i] = cfg[i] | PCI_EXP_DEVCAP_EXT_TAG if on else cfg[i] & ~PCI_EXP_DEVCAP_EXT_TAG
+        return cfg
+    return edit
+
+
+def _no_unc_mask(cfg: bytearray) -> bytearray:
+    # hw_compat_7_2: PCI x-pcie-err-unc-mask=off.  Older machine types have no AER Uncorrectable
+    # Error Mask register: it reads 0 and QEMU compares it on load.  (Going up it stays as the guest
+    # saw it, 0; the newer machine type lets the guest write it.)
+    cap = _aer_cap(bytes(cfg))
+    if cap is not None:
+        cfg[cap + PCI_ERR_UNCOR_MASK:cap + PCI_ERR_UNCOR_MASK + 4] = bytes(4)
+    return cfg
+
+
+def e1000e_up(sec: DeviceSection, m: Machine) -> DeviceSection:
+    # hw_compat_7_2 e1000e migrate-timadj=off: the older machine type's destination keeps the
+    # TIMADJ register at its reset value, 0.
+    n = node(sec)
+    if TIMADJ.name not in n.tree:
+        sec = with_node(sec, add_field(n, TIMADJ, 0))
+    return _edit_config(sec, _ext_tag(True))
+
+
+def e1000e_down(sec: DeviceSection, m: Machine) -> DeviceSection:
+    n = node(sec)
+    if TIMADJ.name in n.tree:
+        sec = with_node(sec, drop_field(n, TIMADJ.name))
+    return _edit_config(sec, lambda cfg: _no_unc_mask(_ext_tag(False)(cfg)))
+
+
+#: QEMU 10.0's e1000e no longer migrates its interrupt-throttling "pending" flags: VMSTATE_UNUSED.
+E1000E_PENDING = ((Field("core.itr_intr_pending", "bool", 1), "unused[0]"),
+                  (Field("core.eitr_intr_pending", "bool", 1, count=5, array=True), "unused[1]"))
+
+
+def _swap_fields(n: Node, swaps: dict[str, tuple[Field, Any]]) -> Node:
+    fields = tuple(swaps[f.name][0] if f.name in swaps else f for f in n.vmsd.fields)
+    tree = {(swaps[k][0].name if k in swaps else k): (swaps[k][1] if k in swaps else v) for k, v in n.tree.items()}
+    return Node(dataclasses.replace(n.vmsd, fields=fields), tree)
+
+
+def e1000e_pending_up(sec: DeviceSection, m: Machine) -> DeviceSection:
+    n = node(sec)
+    swaps = {f.name: (Field(unused, "unused_buffer", f.size * f.count), bytes(f.size * f.count))
+             for f, unused in E1000E_PENDING if f.name in n.tree}
+    return with_node(sec, _swap_fields(n, swaps)) if swaps else sec
+
+
+def e1000e_pending_down(sec: DeviceSection, m: Machine) -> DeviceSection:
+    # QEMU 7.2 reads the flags where 10.0 writes zeros: not pending, what a 7.2 destination of a
+    # 10.0 source gets.
+    n = node(sec)
+    swaps = {unused: (f, [False] * f.count if f.array else False) for f, unused in E1000E_PENDING if unused in n.tree}
+    return with_node(sec, _swap_fields(n, swaps)) if swaps else sec
 
 
 # ---------------------------------------------------------------------------
@@ -387,6 +490,16 @@ def _version_step(reg: Registry, old: str, new: str) -> None:
                 changes=[Change("subsection-added", "cpu", s) for s in CPU_10_ONLY])
     reg.section("cpu", new, old, cpu_down, lossless=True, name="cpu (10.0 subsections)",
                 mirrors=cpu + "; refused going down", changes=[Change("subsection-removed", "cpu", s) for s in CPU_10_ONLY])
+    pend = "hw/net/e1000e.c (QEMU 8.0): itr_intr_pending, eitr_intr_pending became VMSTATE_UNUSED (same bytes)"
+    pend_changes = [("core.itr_intr_pending", "unused[0]"), ("core.eitr_intr_pending", "unused[1]")]
+    reg.section("e1000e", old, new, e1000e_pending_up, lossless=False, mirrors=pend + "; the flags are dropped",
+                name="e1000e pending flags",
+                changes=[Change(k, "e1000e", x) for a, b in pend_changes
+                         for k, x in (("field-removed", a), ("field-added", b))])
+    reg.section("e1000e", new, old, e1000e_pending_down, lossless=True, mirrors=pend + "; read as not pending",
+                name="e1000e pending flags",
+                changes=[Change(k, "e1000e", x) for a, b in pend_changes
+                         for k, x in (("field-removed", b), ("field-added", a))])
     desc = "migration/vmstate.c, savevm.c (QEMU 10.0): the vmdesc describes the configuration section first, " \
            "and an array's last element has no index (spec §11.8); loaders ignore the vmdesc"
     reg.stream(old, new, _vmdesc_for(QEMU_10_0), lossless=True, mirrors=desc, name="vmdesc (QEMU 10.0)",
@@ -403,6 +516,11 @@ def _machine_step(reg: Registry, old: str, new: str) -> None:
     early = "hw_compat_7_2: virtio-mem x-early-migration=false (virtio-mem-device-early section)"
     reg.machine(old, new, _refuse_early, lossless=True, mirrors=early + ": refused", name="virtio-mem early")
     reg.machine(new, old, _refuse_early, lossless=True, mirrors=early + ": refused", name="virtio-mem early")
-    e1000e = "hw_compat_7_2 e1000e migrate-timadj=off, hw_compat_9_1 x-pcie-ext-tag=off"
-    reg.machine(old, new, _refuse_e1000e, lossless=True, mirrors=e1000e + ": refused", name="e1000e")
-    reg.machine(new, old, _refuse_e1000e, lossless=True, mirrors=e1000e + ": refused", name="e1000e")
+    e1000e = ("hw_compat_7_2 e1000e migrate-timadj=off (core.timadj, 8 bytes) and PCI x-pcie-err-unc-mask=off "
+              "(AER uncorrectable error mask: read-only 0), hw_compat_9_1 PCIe x-pcie-ext-tag=off (Device "
+              "Capabilities bit 5); config bits QEMU compares on load")
+    reg.section("e1000e", old, new, e1000e_up, lossless=True, mirrors=e1000e + "; TIMADJ at reset, 0",
+                name="e1000e timadj, ext-tag", changes=[Change("field-added", "e1000e", TIMADJ.name)])
+    reg.section("e1000e", new, old, e1000e_down, lossless=False,
+                mirrors=e1000e + "; TIMADJ and the error mask dropped",
+                name="e1000e timadj, ext-tag", changes=[Change("field-removed", "e1000e", TIMADJ.name)])
