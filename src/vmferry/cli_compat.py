@@ -1,8 +1,8 @@
 """The compatibility commands of ``vmferry``: ``transform``, ``diff`` and ``plan``.
 
-``vmferry transform IN OUT --machine TARGET`` converts a stream saved under one
-QEMU machine type into the stream of the same guest under another
-(:mod:`vmferry.compat`).  ``vmferry diff A B`` lists what differs between two
+``vmferry transform IN OUT --machine TARGET [--qemu-version V]`` converts a
+stream saved under one QEMU machine type into the stream of the same guest
+under another, also across QEMU versions (7.2 and 10.0; :mod:`vmferry.compat`).  ``vmferry diff A B`` lists what differs between two
 schema sets (streams, vmdesc JSON, ``-dump-vmstate`` JSON) and whether a
 registered transform covers each difference.  ``vmferry plan A B`` shows the
 chain of transforms between two machine types and what each mirrors.

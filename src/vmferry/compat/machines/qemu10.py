@@ -7,17 +7,20 @@ A release is a pair (QEMU version, machine type).  Two steps join QEMU
 * the **machine-type step**, inside QEMU 10.0: ``pc-i440fx-10.0`` <->
   ``pc-i440fx-7.2@10.0`` (the 7.2 machine type run by QEMU 10.0).  Of the
   compat tables in between (``hw_compat_7_2`` .. ``hw_compat_9_2``,
-  ``pc_compat_7_2`` .. ``pc_compat_9_2``) the one that changes these streams
-  is ``send-switchover-start`` (``hw_compat_9_2``): the 10.0 machine types
-  send the ``SWITCHOVER_START`` command (spec §11.4), older ones do not;
-  QEMU 7.2 refuses it ("MIG_CMD 0xb unknown").
+  ``pc_compat_7_2`` .. ``pc_compat_9_2``) the ones that change anything
+  for these streams are ``send-switchover-start`` (``hw_compat_9_2``): the
+  10.0 machine types send the ``SWITCHOVER_START`` command (spec §11.4),
+  older ones do not, and QEMU 7.2 refuses it ("MIG_CMD 0xb unknown"); and for
+  q35's ``e1000e`` ``migrate-timadj``, ``x-pcie-err-unc-mask`` (``hw_compat_7_2``)
+  and ``x-pcie-ext-tag`` (``hw_compat_9_1``).
 * the **QEMU-version step**, same machine type: ``pc-i440fx-7.2@10.0`` <->
   ``pc-i440fx-7.2``.  The wire bytes of the default devices, ``e1000`` and
   ``virtio-net-pci`` are the same (spec §11.1); what differs is how QEMU 10.0
   *describes* them (``globalstate`` split into four fields, ``hpet``
-  ``num_timers_save``, ``ich9_ahci`` ``ports`` unsigned, the vmdesc's
-  configuration object and its array indexes, §11.8) and state 7.2 cannot
-  hold (``i8259/ltim``, new ``cpu`` subsections, §11.9).
+  ``num_timers_save``, ``ich9_ahci`` ``ports`` unsigned, ``e1000e``'s unused
+  pending flags, the vmdesc's configuration object and its array indexes,
+  §11.8) and state 7.2 cannot hold (``i8259/ltim``, new ``cpu`` subsections,
+  §11.9).
 
 Transforms follow the rule of :mod:`.x86`: going to the newer release, a
 value the older one lacks is what its destination would hold; going down,
@@ -33,6 +36,7 @@ from typing import Any, Iterator, Mapping
 from ...errors import CompatError
 from ...events import (
     CMD_PACKAGED,
+    CMD_SWITCHOVER_START,
     SECTION_END,
     Command,
     Configuration,
@@ -63,9 +67,8 @@ def _line(prefix: str, line: str) -> list[Release]:
 PC10: list[Release] = _line("pc-i440fx", PC10_LINE)
 Q35_10: list[Release] = _line("pc-q35", Q35_10_LINE)
 
-#: QEMU_VM_COMMAND numbers (migration/savevm.c): POSTCOPY_RAM_DISCARD, SWITCHOVER_START.
+#: QEMU_VM_COMMAND POSTCOPY_RAM_DISCARD (migration/savevm.c).
 CMD_POSTCOPY_RAM_DISCARD = 6
-CMD_SWITCHOVER_START = 0x0B
 
 
 # ---------------------------------------------------------------------------
@@ -355,7 +358,9 @@ def _aer_cap(cfg: bytes) -> int | None:
 def _edit_config(sec: DeviceSection, edit: Any) -> DeviceSection:
     """``sec`` with its PCI config space replaced by ``edit(config)``."""
     pci = sec.state.get("parent_obj[0]")
-    key = next((k for k in pci if k.startswith("config")), None) if isinstance(pci, Mapping) else None
+    if not isinstance(pci, Mapping):
+        raise CompatError("no PCI device state in the e1000e section")
+    key = next((k for k in pci if k.startswith("config")), None)
     if key is None or len(pci[key]) <= PCI_CAPABILITY_LIST:
         raise CompatError("no PCI config space in the e1000e section")
     cfg = bytes(pci[key])
