@@ -12,7 +12,8 @@
   byte for byte.
 * ``vmferry diff`` between 10.0's pc-i440fx-10.0 and 7.2's pc-i440fx-7.2 lists
   exactly what their descriptions and streams show, each covered.
-* A live migration from QEMU 10.0 to QEMU 7.2 through ``vmferry proxy``.
+* Live migrations from QEMU 10.0 to QEMU 7.2 and back through ``vmferry proxy``
+  (e1000 guests).
 """
 
 from __future__ import annotations
@@ -281,12 +282,16 @@ def sockdir() -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def test_live_migration_from_qemu_10_to_7_2_through_the_proxy(tmp_path: Path, sockdir: Path) -> None:
+LIVE = [("pc-i440fx-10.0", "10.0", "pc-i440fx-7.2", "7.2"), ("pc-i440fx-7.2", "7.2", "pc-i440fx-10.0", "10.0")]
+
+
+@pytest.mark.parametrize(("a", "qa", "b", "qb"), LIVE, ids=[f"{a}@{qa}->{b}@{qb}" for a, qa, b, qb in LIVE])
+def test_live_migration_between_the_qemus_through_the_proxy(tmp_path: Path, sockdir: Path, a: str, qa: str, b: str,
+                                                            qb: str) -> None:
     dst_sock, listen = sockdir / "dst.sock", sockdir / "proxy.sock"
-    proxy = Proxy(f"unix:{listen}", f"unix:{dst_sock}", machine="pc-i440fx-7.2", accept_timeout=120)
-    with _vm("pc-i440fx-10.0", "10.0", E1000, paused=False, name="source", workdir=tmp_path / "src") as src, \
-            _vm("pc-i440fx-7.2", "7.2", E1000, incoming=True, paused=False, name="destination",
-                workdir=tmp_path / "dst") as dst:
+    proxy = Proxy(f"unix:{listen}", f"unix:{dst_sock}", machine=b, accept_timeout=120)
+    with _vm(a, qa, E1000, paused=False, name="source", workdir=tmp_path / "src") as src, \
+            _vm(b, qb, E1000, incoming=True, paused=False, name="destination", workdir=tmp_path / "dst") as dst:
         dst.cmd("migrate-incoming", uri=f"unix:{dst_sock}")
         proxy.start()
         src.wait_for_count(5, timeout=60)
@@ -305,7 +310,7 @@ def test_live_migration_from_qemu_10_to_7_2_through_the_proxy(tmp_path: Path, so
     assert not dst_text.startswith("1\r\n"), "the counter restarted"
     combined = parse_counts(src_text + dst_text)
     assert combined == list(range(1, len(combined) + 1)), combined[-40:]
-    print(f"\nlive pc-i440fx-10.0@10.0 -> proxy -> pc-i440fx-7.2@7.2: stopped at {before[-1]}, "
+    print(f"\nlive {a}@{qa} -> proxy -> {b}@{qb}: stopped at {before[-1]}, "
           f"went on to {combined[-1]}; {stats.bytes_in} bytes in, {stats.bytes_out} out")
 
 
