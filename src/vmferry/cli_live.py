@@ -103,10 +103,12 @@ def _split(text: str | None) -> list[str] | None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from .allocator import keep_stream_buffers
     from .errors import FerryError
     from .machine import ServeOptions, parse_size, serve
     from .transport import TlsOptions
 
+    keep_stream_buffers()
     class UsageError(FerryError):
         pass
 
@@ -163,6 +165,10 @@ def cmd_caps(args: argparse.Namespace) -> int:
 def cmd_migrate(args: argparse.Namespace) -> int:
     from .migrate import migrate
 
+    if args.via_proxy:
+        from .allocator import keep_stream_buffers
+
+        keep_stream_buffers()
     params: dict[str, Any] = {}
     if args.max_bandwidth is not None:
         params["max-bandwidth"] = args.max_bandwidth

@@ -16,8 +16,11 @@ __all__ = ["add_subcommands", "cmd_proxy"]
 
 
 def cmd_proxy(args: argparse.Namespace) -> int:
+    from .allocator import keep_stream_buffers
     from .proxy import Proxy
     from .transport import TlsOptions
+
+    keep_stream_buffers()
 
     tls = None
     if args.tls_cert or args.tls_ca or args.tls_key or args.tls_hostname:

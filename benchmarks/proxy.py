@@ -1,0 +1,174 @@
+"""Live migration through ``vmferry proxy``, beside direct QEMU -> QEMU, on a 1 GiB random-RAM guest.
+
+Measured in this one run, each the median of ``--repeat`` migrations of a
+running QEMU 7.2 guest (counting boot sector, 1 GiB of RAM pre-filled with
+random bytes through a memory-backend-file, ``max-bandwidth`` lifted), all
+over unix sockets on this machine:
+
+* the anchor: QEMU -> QEMU directly;
+* QEMU -> proxy -> QEMU (one ``vmferry proxy`` process: QEMU's format in and
+  out, device sections decoded and re-encoded);
+* QEMU -> proxy -> ferry over tcp -> proxy -> QEMU (two proxy processes).
+
+A figure is MB (10^6 bytes) of QEMU's stream per second of wall time from
+``migrate`` until the source reports ``completed``, after which the
+destination must run.  Each proxy is its own process, so its peak RSS is the
+kernel's (``wait4``).  Targets: one proxy >= 70% of direct, two proxies with
+ferry >= 50%, proxy peak RSS < 200 MB.
+
+    .venv/bin/python benchmarks/proxy.py [--workdir DIR] [--repeat N] [--ram 1G]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import REPO, verdict, vmferry  # noqa: E402
+from live import _fill_random  # noqa: E402
+
+from vmferry.machine import parse_size  # noqa: E402
+from vmferry.qemu_process import QemuVM, escape_option  # noqa: E402
+
+
+@dataclass
+class Figure:
+    seconds: float
+    transferred: int
+    proxy_rss_mb: float
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.transferred / self.seconds / 1e6
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start_proxy(listen: str, forward: str, wire: str) -> subprocess.Popen[bytes]:
+    """A ``vmferry proxy`` process, returned once it listens (its first line on stderr says so)."""
+    proc = subprocess.Popen(vmferry("proxy", "--listen", listen, "--forward", forward, "--wire", wire,
+                                    "--timeout", "120"), stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    line = proc.stderr.readline().decode(errors="replace")
+    if "listening on" not in line:
+        proc.kill()
+        raise SystemExit(f"vmferry proxy did not start: {line.strip()}{proc.stderr.read().decode(errors='replace')}")
+    return proc
+
+
+def _peak_rss_mb(proc: subprocess.Popen[bytes]) -> float:
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+        raise SystemExit(f"vmferry proxy failed ({proc.returncode}): {err.strip()[-500:]}")
+    return usage.ru_maxrss / 1024
+
+
+def run(sockdir: Path, backing: Path, ram_bytes: int, hops: str) -> Figure:
+    """One migration: ``hops`` is ``direct``, ``proxy`` or ``ferry``."""
+    for stale in sockdir.iterdir():
+        stale.unlink(missing_ok=True)
+    src_mem = (f"memory-backend-file,id=mem,size={ram_bytes},mem-path={escape_option(backing.absolute())},"
+               "share=off")
+    dst_mem = f"memory-backend-ram,id=mem,size={ram_bytes}"
+    m = f"{ram_bytes >> 20}M"
+    dst_uri = f"unix:{sockdir / 'dst.sock'}"
+    with QemuVM("pc,memory-backend=mem", ["-object", src_mem], memory=m, paused=False, boot_sector=True,
+                name="src") as src, \
+            QemuVM("pc,memory-backend=mem", ["-object", dst_mem], memory=m, paused=False, boot_sector=True,
+                   incoming=True, name="dst") as dst:
+        dst.cmd("migrate-incoming", uri=dst_uri)
+        procs: list[subprocess.Popen[bytes]] = []
+        try:
+            if hops == "direct":
+                src_uri = dst_uri
+            elif hops == "proxy":
+                src_uri = f"unix:{sockdir / 'proxy.sock'}"
+                procs.append(_start_proxy(src_uri, dst_uri, "legacy"))
+            else:
+                link = f"tcp:127.0.0.1:{_free_port()}"
+                procs.append(_start_proxy(link, dst_uri, "legacy"))
+                src_uri = f"unix:{sockdir / 'proxy.sock'}"
+                procs.append(_start_proxy(src_uri, link, "ferry"))
+            src.wait_for_count(2, timeout=60)
+            src.set_params({"max-bandwidth": 1 << 40})
+            t0 = time.monotonic()
+            src.cmd("migrate", uri=src_uri)
+            while (info := src.query_migrate())["status"] not in ("completed", "failed", "cancelled"):
+                time.sleep(0.005)
+            elapsed = time.monotonic() - t0
+            if info["status"] != "completed":
+                raise SystemExit(f"{hops}: migration {info['status']}: {info.get('error-desc')}")
+            rss = max((_peak_rss_mb(p) for p in procs), default=0.0)
+            deadline = time.monotonic() + 60
+            while dst.status() != "running":
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"{hops}: the destination is {dst.status()}, not running")
+                time.sleep(0.02)
+            return Figure(elapsed, int(info["ram"]["transferred"]), rss)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, default=REPO / "benchmarks" / ".cache")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--ram", default="1G")
+    args = ap.parse_args()
+    ram_bytes = parse_size(args.ram)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    backing = args.workdir / "proxy-qemu-ram.bin"
+    print(f"filling {ram_bytes >> 20} MiB of random guest RAM ...", file=sys.stderr)
+    _fill_random(backing, ram_bytes)
+    sockdir = Path(tempfile.mkdtemp(prefix="vf-bench-"))
+    runs: dict[str, list[Figure]] = {"direct": [], "proxy": [], "ferry": []}
+    try:
+        for i in range(args.repeat):
+            for hops in runs:
+                f = run(sockdir, backing, ram_bytes, hops)
+                runs[hops].append(f)
+                print(f"  run {i + 1} {hops:<7} {f.transferred / 1e6:8.1f} MB {f.seconds:6.3f} s "
+                      f"{f.mb_per_s:7.0f} MB/s  proxy peak RSS {f.proxy_rss_mb:6.1f} MB", file=sys.stderr)
+    finally:
+        backing.unlink(missing_ok=True)
+        for p in sockdir.iterdir():
+            p.unlink(missing_ok=True)
+        sockdir.rmdir()
+
+    def rate(hops: str) -> float:
+        return statistics.median(f.mb_per_s for f in runs[hops])
+
+    anchor = rate("direct")
+    rss = max(f.proxy_rss_mb for hops in ("proxy", "ferry") for f in runs[hops])
+    rows = [("QEMU -> QEMU (anchor)", "direct", None),
+            ("QEMU -> proxy -> QEMU", "proxy", 0.70),
+            ("QEMU -> proxy -> ferry -> proxy -> QEMU", "ferry", 0.50)]
+    print(f"\n{'live migration of a running ' + args.ram + ' random-RAM guest':<44} {'MB/s':>7} {'vs direct':>10}")
+    for title, hops, target in rows:
+        r = rate(hops)
+        mark = f"  target >= {target:.0%}: {verdict(r / anchor >= target)}" if target else ""
+        print(f"{title:<44} {r:7.0f} {r / anchor:9.0%}{mark}")
+    print(f"{'proxy peak RSS (max over its runs)':<44} {rss:6.1f} MB  target < 200 MB: {verdict(rss < 200)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
