@@ -359,3 +359,14 @@ def test_an_e1000e_without_a_pci_express_capability_is_refused() -> None:
 
     with pytest.raises(CompatError, match="no PCI Express capability"):
         e1000e_down(_e1000e(bytes(4096), True), Machine("pc-q35-10.0", ()))
+
+
+def test_a_zero_page_with_another_fill_byte_is_refused_for_qemu_10() -> None:
+    from vmferry.events import RamZeros
+
+    evs = _precopy(False)
+    evs[1] = Configuration({"len": 13, "name": b"pc-i440fx-7.2"})
+    evs.insert(3, RamZeros("pc.ram", 0x2000, 2, True, fill=b"\x00\x55"))
+    assert len(list(transform_events(iter(evs), REG, "pc-i440fx-7.2", source_qemu="10.0"))) == len(evs) + 1
+    with pytest.raises(CompatError, match="'pc.ram': a ZERO record with fill byte 0x55 at 0x2000"):
+        list(transform_events(iter(evs), REG, "pc-i440fx-10.0"))

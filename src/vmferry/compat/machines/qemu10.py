@@ -45,6 +45,7 @@ from ...events import (
     Event,
     IterBegin,
     OpaqueSection,
+    RamZeros,
     Vmdesc,
 )
 from ...serialize.schema import Field, Vmsd
@@ -103,6 +104,16 @@ def add_switchover_start(events: Iterator[Event]) -> Iterator[Event]:
                 pending = False
             elif isinstance(ev, (DeviceSection, OpaqueSection, Eof)):
                 pending = False
+        yield ev
+
+
+def refuse_filled_zero_pages(events: Iterator[Event]) -> Iterator[Event]:
+    """Refuse ZERO records whose fill byte is not 0 (spec §11.5): QEMU 7.2 loads them, 10.0 does not
+    ("Found a zero page with value ..."); QEMU itself only writes 0."""
+    for ev in events:
+        if isinstance(ev, RamZeros) and ev.fill is not None and any(ev.fill):
+            raise CompatError(f"RAM block {ev.block!r}: a ZERO record with fill byte {max(ev.fill):#04x} at "
+                              f"{ev.offset:#x}, which QEMU 10.0 refuses")
         yield ev
 
 
@@ -507,6 +518,9 @@ def _version_step(reg: Registry, old: str, new: str) -> None:
                          for k, x in (("field-removed", b), ("field-added", a))])
     desc = "migration/vmstate.c, savevm.c (QEMU 10.0): the vmdesc describes the configuration section first, " \
            "and an array's last element has no index (spec §11.8); loaders ignore the vmdesc"
+    reg.stream(old, new, refuse_filled_zero_pages, lossless=True, name="zero-page fill",
+               mirrors="migration/ram.c (QEMU 9.0): the loader rejects a ZERO record whose fill byte is not 0: "
+                       "refused (QEMU never writes one)")
     reg.stream(old, new, _vmdesc_for(QEMU_10_0), lossless=True, mirrors=desc, name="vmdesc (QEMU 10.0)",
                changes=[Change("vmdesc-configuration-added", "vmdesc", "configuration")])
     reg.stream(new, old, _vmdesc_for(QEMU_7_2), lossless=True, mirrors=desc, name="vmdesc (QEMU 7.2)",
