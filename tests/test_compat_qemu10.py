@@ -370,3 +370,14 @@ def test_a_zero_page_with_another_fill_byte_is_refused_for_qemu_10() -> None:
     assert len(list(transform_events(iter(evs), REG, "pc-i440fx-7.2", source_qemu="10.0"))) == len(evs) + 1
     with pytest.raises(CompatError, match="'pc.ram': a ZERO record with fill byte 0x55 at 0x2000"):
         list(transform_events(iter(evs), REG, "pc-i440fx-10.0"))
+
+
+def test_a_capability_qemu_7_2_does_not_know_is_refused() -> None:
+    evs = _precopy(True)
+    caps = {"caps_count": 2, "capabilities": [b"x-ignore-shared", b"mapped-ram"]}
+    evs[1] = Configuration({"len": 14, "name": b"pc-i440fx-10.0", "configuration/capabilities": caps})
+    with pytest.raises(CompatError, match="capability mapped-ram: QEMU 7.2 does not know it"):
+        list(transform_events(iter(evs), REG, "pc-i440fx-7.2"))
+    caps["capabilities"], caps["caps_count"] = [b"x-ignore-shared"], 1
+    out = list(transform_events(iter(evs), REG, "pc-i440fx-7.2"))
+    assert next(e for e in out if isinstance(e, Configuration)).capabilities == ["x-ignore-shared"]

@@ -339,3 +339,12 @@ def test_corpus_streams_go_to_7_2_and_back_byte_for_byte(qemu_corpus: Any, tmp_p
     if recipe.kind in ("paused", "running") and not recipe.params:
         with _vm(target, "7.2", recipe.args, incoming=True, name="destination", workdir=tmp_path / "dst") as dst:
             assert dst.load(down, caps=recipe.caps) in ("prelaunch", "paused", "running")
+
+
+def test_a_mapped_ram_file_is_refused_for_qemu_7_2(qemu_corpus: Any, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out.mig"
+    assert main(["transform", str(qemu_corpus["pc-10.0-mapped-ram"]), str(out), "--machine", "pc-i440fx-7.2",
+                 "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "capability mapped-ram: QEMU 7.2 does not know it" in err and not out.exists()

@@ -117,6 +117,22 @@ def refuse_filled_zero_pages(events: Iterator[Event]) -> Iterator[Event]:
         yield ev
 
 
+#: The validated capabilities QEMU 7.2 knows (spec §1.2); 10.0 adds mapped-ram (§11.6, §11.7).
+CAPABILITIES_7_2 = frozenset({"x-ignore-shared"})
+
+
+def refuse_new_capabilities(events: Iterator[Event]) -> Iterator[Event]:
+    """Refuse a configuration that announces a capability QEMU 7.2 does not know ("Received unknown
+    capability"): mapped-ram lays RAM out at file offsets, which no stream transform can undo."""
+    for ev in events:
+        if isinstance(ev, Configuration):
+            new = [c for c in ev.capabilities if c not in CAPABILITIES_7_2]
+            if new:
+                raise CompatError(f"capability {', '.join(new)}: QEMU 7.2 does not know it (a mapped-ram file "
+                                  f"must be migrated again without mapped-ram)")
+        yield ev
+
+
 # ---------------------------------------------------------------------------
 # Stream: the vmdesc as each QEMU writes it (spec §11.8)
 # ---------------------------------------------------------------------------
@@ -523,6 +539,9 @@ def _version_step(reg: Registry, old: str, new: str) -> None:
                        "refused (QEMU never writes one)")
     reg.stream(old, new, _vmdesc_for(QEMU_10_0), lossless=True, mirrors=desc, name="vmdesc (QEMU 10.0)",
                changes=[Change("vmdesc-configuration-added", "vmdesc", "configuration")])
+    reg.stream(new, old, refuse_new_capabilities, lossless=True, name="capabilities",
+               mirrors="migration/options.c (QEMU 9.0): mapped-ram is a validated capability QEMU 7.2 does not "
+                       "know: refused")
     reg.stream(new, old, _vmdesc_for(QEMU_7_2), lossless=True, mirrors=desc, name="vmdesc (QEMU 7.2)",
                changes=[Change("vmdesc-configuration-removed", "vmdesc", "configuration")])
 
