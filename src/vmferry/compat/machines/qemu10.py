@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from ...errors import CompatError
 from ...events import (
@@ -351,9 +351,8 @@ def _refuse_early(m: Machine) -> Machine:
     return m
 
 
-# --- e1000e (q35's PCI Express NIC) -----------------------------------------
+# --- PCI Express devices (q35: e1000e, qemu-xhci, ...) ---------------------
 
-TIMADJ = Field("core.timadj", "int64", 8)
 PCI_CAPABILITY_LIST, PCI_CAP_ID_EXP = 0x34, 0x10
 PCI_EXP_DEVCAP, PCI_EXP_DEVCAP_EXT_TAG = 4, 0x20
 PCI_CONFIG_SPACE_SIZE, PCI_EXT_CAP_ID_ERR, PCI_ERR_UNCOR_MASK = 0x100, 0x0001, 8
@@ -382,59 +381,74 @@ def _aer_cap(cfg: bytes) -> int | None:
     return None
 
 
-def _edit_config(sec: DeviceSection, edit: Any) -> DeviceSection:
-    """``sec`` with its PCI config space replaced by ``edit(config)``."""
-    pci = sec.state.get("parent_obj[0]")
-    if not isinstance(pci, Mapping):
-        raise CompatError("no PCI device state in the e1000e section")
-    key = next((k for k in pci if k.startswith("config")), None)
-    if key is None or len(pci[key]) <= PCI_CAPABILITY_LIST:
-        raise CompatError("no PCI config space in the e1000e section")
-    cfg = bytes(pci[key])
-    new = edit(bytearray(cfg))
-    if new == cfg:
-        return sec
-    state = dict(sec.state, **{"parent_obj[0]": dict(pci, **{key: bytes(new)})})
-    return dataclasses.replace(sec, state=state, desc={})
+def _express_config(sec: DeviceSection) -> tuple[str, str] | None:
+    """Where a section keeps a PCI Express device's config space: (PCIDevice field, config key)."""
+    for f in sec.schema.fields:
+        pci = sec.state.get(f.name)
+        if f.struct is None or f.struct.name != "PCIDevice" or not isinstance(pci, Mapping):
+            continue
+        for key, value in pci.items():
+            if key.startswith("config") and isinstance(value, (bytes, bytearray)) \
+                    and len(value) > PCI_CONFIG_SPACE_SIZE:
+                return f.name, key
+    return None
 
 
-def _ext_tag(on: bool) -> Any:
-    # hw_compat_9_1: PCIe x-pcie-ext-tag=off.  The 10.0 machine types set "Extended Tag Field
+def _on_express_devices(edit: Callable[[bytearray], bytearray]) -> Callable[[Machine], Machine]:
+    """A machine transform applying ``edit`` to the config space of every PCI Express device."""
+    def fn(m: Machine) -> Machine:
+        for sec in m.sections:
+            if not isinstance(sec, DeviceSection):
+                continue
+            where = _express_config(sec)
+            if where is None:
+                continue
+            field, key = where
+            pci = sec.state[field]
+            cfg = bytes(pci[key])
+            new = bytes(edit(bytearray(cfg)))
+            if new != cfg:
+                state = dict(sec.state, **{field: dict(pci, **{key: new})})
+                m = m.replace(sec, dataclasses.replace(sec, state=state, desc={}))
+        return m
+    return fn
+
+
+def _ext_tag(on: bool) -> Callable[[bytearray], bytearray]:
+    # hw_compat_9_1: PCIDevice x-pcie-ext-tag=off.  The 10.0 machine types set "Extended Tag Field
     # Supported" in Device Capabilities, a read-only bit QEMU compares on load ("Bad config data").
     def edit(cfg: bytearray) -> bytearray:
         cap = _pcie_cap(bytes(cfg))
-        if cap is None:
-            raise CompatError("no PCI Express capability in the e1000e's config space")
-        i = cap + PCI_EXP_DEVCAP
-        cfg[i] = cfg[i] | PCI_EXP_DEVCAP_EXT_TAG if on else cfg[i] & ~PCI_EXP_DEVCAP_EXT_TAG
+        if cap is not None:
+            i = cap + PCI_EXP_DEVCAP
+            cfg[i] = cfg[i] | PCI_EXP_DEVCAP_EXT_TAG if on else cfg[i] & ~PCI_EXP_DEVCAP_EXT_TAG
         return cfg
     return edit
 
 
 def _no_unc_mask(cfg: bytearray) -> bytearray:
-    # hw_compat_7_2: PCI x-pcie-err-unc-mask=off.  Older machine types have no AER Uncorrectable
-    # Error Mask register: it reads 0 and QEMU compares it on load.  (Going up it stays as the guest
-    # saw it, 0; the newer machine type lets the guest write it.)
+    # hw_compat_7_2: PCIDevice x-pcie-err-unc-mask=off.  Older machine types have no AER
+    # Uncorrectable Error Mask register: it reads 0 and QEMU compares it on load.  (Going up it
+    # stays as the guest saw it, 0: the newer machine type lets the guest write it.)
     cap = _aer_cap(bytes(cfg))
     if cap is not None:
         cfg[cap + PCI_ERR_UNCOR_MASK:cap + PCI_ERR_UNCOR_MASK + 4] = bytes(4)
     return cfg
 
 
+TIMADJ = Field("core.timadj", "int64", 8)
+
+
 def e1000e_up(sec: DeviceSection, m: Machine) -> DeviceSection:
     # hw_compat_7_2 e1000e migrate-timadj=off: the older machine type's destination keeps the
     # TIMADJ register at its reset value, 0.
     n = node(sec)
-    if TIMADJ.name not in n.tree:
-        sec = with_node(sec, add_field(n, TIMADJ, 0))
-    return _edit_config(sec, _ext_tag(True))
+    return with_node(sec, add_field(n, TIMADJ, 0)) if TIMADJ.name not in n.tree else sec
 
 
 def e1000e_down(sec: DeviceSection, m: Machine) -> DeviceSection:
     n = node(sec)
-    if TIMADJ.name in n.tree:
-        sec = with_node(sec, drop_field(n, TIMADJ.name))
-    return _edit_config(sec, lambda cfg: _no_unc_mask(_ext_tag(False)(cfg)))
+    return with_node(sec, drop_field(n, TIMADJ.name)) if TIMADJ.name in n.tree else sec
 
 
 #: QEMU 10.0's e1000e no longer migrates its interrupt-throttling "pending" flags: VMSTATE_UNUSED.
@@ -554,11 +568,17 @@ def _machine_step(reg: Registry, old: str, new: str) -> None:
     early = "hw_compat_7_2: virtio-mem x-early-migration=false (virtio-mem-device-early section)"
     reg.machine(old, new, _refuse_early, lossless=True, mirrors=early + ": refused", name="virtio-mem early")
     reg.machine(new, old, _refuse_early, lossless=True, mirrors=early + ": refused", name="virtio-mem early")
-    e1000e = ("hw_compat_7_2 e1000e migrate-timadj=off (core.timadj, 8 bytes) and PCI x-pcie-err-unc-mask=off "
-              "(AER uncorrectable error mask: read-only 0), hw_compat_9_1 PCIe x-pcie-ext-tag=off (Device "
-              "Capabilities bit 5); config bits QEMU compares on load")
-    reg.section("e1000e", old, new, e1000e_up, lossless=True, mirrors=e1000e + "; TIMADJ at reset, 0",
-                name="e1000e timadj, ext-tag", changes=[Change("field-added", "e1000e", TIMADJ.name)])
-    reg.section("e1000e", new, old, e1000e_down, lossless=False,
-                mirrors=e1000e + "; TIMADJ and the error mask dropped",
-                name="e1000e timadj, ext-tag", changes=[Change("field-removed", "e1000e", TIMADJ.name)])
+    timadj = "hw_compat_7_2: e1000e migrate-timadj=off (core.timadj, 8 bytes)"
+    reg.section("e1000e", old, new, e1000e_up, lossless=True, mirrors=timadj + "; TIMADJ at reset, 0",
+                name="e1000e timadj", changes=[Change("field-added", "e1000e", TIMADJ.name)])
+    reg.section("e1000e", new, old, e1000e_down, lossless=False, mirrors=timadj + "; dropped",
+                name="e1000e timadj", changes=[Change("field-removed", "e1000e", TIMADJ.name)])
+    ext = ("hw_compat_9_1: PCIDevice x-pcie-ext-tag=off (Device Capabilities 'Extended Tag Field Supported', "
+           "a read-only bit QEMU compares on load), on every PCI Express device")
+    reg.machine(old, new, _on_express_devices(_ext_tag(True)), lossless=True, mirrors=ext, name="PCIe ext-tag")
+    reg.machine(new, old, _on_express_devices(_ext_tag(False)), lossless=True, mirrors=ext, name="PCIe ext-tag")
+    mask = ("hw_compat_7_2: PCIDevice x-pcie-err-unc-mask=off (AER uncorrectable error mask: read-only 0 on "
+            "older machine types, compared on load)")
+    reg.machine(old, new, None, lossless=True, mirrors=mask + "; the guest saw 0, which loads", name="PCIe AER mask")
+    reg.machine(new, old, _on_express_devices(_no_unc_mask), lossless=False, mirrors=mask + "; cleared",
+                name="PCIe AER mask")
