@@ -244,7 +244,7 @@ def restyle_vmdesc(ev: Vmdesc, qemu: str, config: Configuration | None) -> Vmdes
 
 #: QEMU 7.2's globalstate: the run state name, NUL padded to 100 bytes.
 RUNSTATE_7_2 = 100
-#: QEMU 10.0 (since 9.0, "preserve suspended runstate"): the same 100 bytes, split.
+#: QEMU 10.0: the same 100 bytes, split (to preserve a suspended run state).
 RUNSTATE_10_0, UNUSED_10_0 = 32, 66
 
 
@@ -499,7 +499,7 @@ def register(reg: Registry) -> None:
 
 
 def _version_step(reg: Registry, old: str, new: str) -> None:
-    gs = "migration/global_state.c (QEMU 9.0): runstate[32], has_vm_was_suspended, vm_was_suspended, unused[66]"
+    gs = "migration/global_state.c (QEMU 10.0): runstate[32], has_vm_was_suspended, vm_was_suspended, unused[66]"
     reg.section("globalstate", old, new, globalstate_up, lossless=True, mirrors=gs + "; same 100 bytes",
                 changes=[Change("field-resized", "globalstate", "runstate"),
                          Change("field-added", "globalstate", "has_vm_was_suspended"),
@@ -536,7 +536,7 @@ def _version_step(reg: Registry, old: str, new: str) -> None:
                 changes=[Change("subsection-added", "cpu", s) for s in CPU_10_ONLY])
     reg.section("cpu", new, old, cpu_down, lossless=True, name="cpu (10.0 subsections)",
                 mirrors=cpu + "; refused going down", changes=[Change("subsection-removed", "cpu", s) for s in CPU_10_ONLY])
-    pend = "hw/net/e1000e.c (QEMU 8.0): itr_intr_pending, eitr_intr_pending became VMSTATE_UNUSED (same bytes)"
+    pend = "hw/net/e1000e.c (QEMU 10.0): itr_intr_pending, eitr_intr_pending became VMSTATE_UNUSED (same bytes)"
     pend_changes = [("core.itr_intr_pending", "unused[0]"), ("core.eitr_intr_pending", "unused[1]")]
     reg.section("e1000e", old, new, e1000e_pending_up, lossless=False, mirrors=pend + "; the flags are dropped",
                 name="e1000e pending flags",
@@ -549,7 +549,7 @@ def _version_step(reg: Registry, old: str, new: str) -> None:
     desc = "migration/vmstate.c, savevm.c (QEMU 10.0): the vmdesc describes the configuration section first, " \
            "and an array's last element has no index (spec §11.8); loaders ignore the vmdesc"
     reg.stream(old, new, refuse_filled_zero_pages, lossless=True, name="zero-page fill",
-               mirrors="migration/ram.c (QEMU 9.0): the loader rejects a ZERO record whose fill byte is not 0: "
+               mirrors="migration/ram.c (QEMU 10.0): the loader rejects a ZERO record whose fill byte is not 0: "
                        "refused (QEMU never writes one)")
     reg.stream(old, new, _vmdesc_for(QEMU_10_0), lossless=True, mirrors=desc, name="vmdesc (QEMU 10.0)",
                changes=[Change("vmdesc-configuration-added", "vmdesc", "configuration")])
