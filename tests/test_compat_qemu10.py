@@ -65,8 +65,9 @@ def test_a_release_is_a_machine_type_of_one_qemu_version() -> None:
 
 @pytest.mark.parametrize(("machine", "qemu", "message"), [
     ("pc-i440fx-10.0", "7.2", "no release of pc-i440fx-10.0 for QEMU 7.2 (it has QEMU 10.0)"),
-    ("pc-i440fx-5.2", "10.0", "QEMU 10.0 has here: pc-i440fx-7.2, pc-i440fx-10.0; pc-q35-7.2, pc-q35-10.0"),
-    ("pc-i440fx-9.2", None, "unknown release 'pc-i440fx-9.2'"),
+    ("pc-i440fx-5.2", "10.0", "QEMU 10.0 has here: pc-i440fx-7.2 .. pc-i440fx-10.0; pc-q35-7.2 .. pc-q35-10.0"),
+    ("pc-i440fx-9.2", "7.2", "no release of pc-i440fx-9.2 for QEMU 7.2 (it has QEMU 10.0)"),
+    ("pc-i440fx-11.0", None, "unknown release 'pc-i440fx-11.0'"),
     ("pc-i440fx-7.2@10.0", "7.2", "pc-i440fx-7.2@10.0 names QEMU 10.0, but QEMU 7.2 was given"),
 ])
 def test_releases_that_do_not_exist_are_refused_in_one_line(machine: str, qemu: str | None, message: str) -> None:
@@ -77,12 +78,15 @@ def test_releases_that_do_not_exist_are_refused_in_one_line(machine: str, qemu: 
 
 def test_the_path_down_goes_through_the_7_2_machine_type_of_each_qemu() -> None:
     plan = REG.plan("pc-i440fx-10.0", "pc-i440fx-5.2")
-    assert plan.path[:4] == ["pc-i440fx-10.0", "pc-i440fx-7.2@10.0", "pc-i440fx-7.2", "pc-i440fx-7.1"]
+    on10 = ["pc-i440fx-10.0", "pc-i440fx-9.2", "pc-i440fx-9.1", "pc-i440fx-9.0", "pc-i440fx-8.2", "pc-i440fx-8.1",
+            "pc-i440fx-8.0", "pc-i440fx-7.2@10.0"]
+    assert plan.path[:10] == on10 + ["pc-i440fx-7.2", "pc-i440fx-7.1"]
     assert plan.path[-1] == "pc-i440fx-5.2" and not plan.lossless
     up = REG.plan("pc-q35-7.2", "pc-q35-10.0")
-    assert up.path == ["pc-q35-7.2", "pc-q35-7.2@10.0", "pc-q35-10.0"]
+    assert up.path == ["pc-q35-7.2"] + [n.replace("i440fx", "q35") for n in reversed(on10)]
     assert [t.name for t in up.transforms if not t.lossless] == ["e1000e pending flags"]
-    assert [t.name for t in up.steps[1].transforms if t.kind == "stream"] == ["switchover-start"]
+    assert [t.name for t in up.steps[-1].transforms] == ["switchover-start", "vmdesc (QEMU 10.0)"]
+    assert REG.resolve("pc-i440fx-9.2") == "pc-i440fx-9.2" and REG.release("pc-i440fx-9.2").qemu == "10.0"
     with pytest.raises(CompatError, match="missing step: pc-i440fx-10.0 -> pc-q35-10.0"):
         REG.plan("pc-i440fx-10.0", "pc-q35-10.0")
 
@@ -294,13 +298,13 @@ def test_a_machine_type_the_qemu_does_not_have_fails_in_one_line(tmp_path: Path,
 def test_plan_shows_the_stream_transforms(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "pc-i440fx-10.0", "pc-i440fx-5.2"]) == 0
     text = capsys.readouterr().out
-    assert "pc-i440fx-10.0 -> pc-i440fx-5.2: 8 steps, lossy" in text
+    assert "pc-i440fx-10.0 -> pc-i440fx-5.2: 14 steps, lossy" in text
     assert "switchover-start [stream] lossless: hw_compat_9_2" in text
     assert main(["plan", "pc-q35-7.2", "pc-q35-7.2", "--from-qemu-version", "10.0", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["source"] == "pc-q35-7.2@10.0" and [t["kind"] for t in plan["steps"][0]["transforms"]][-1] == "stream"
     assert main(["plan", "--list"]) == 0
-    assert "pc-i440fx@10.0: 7.2, 10.0" in capsys.readouterr().out
+    assert "pc-i440fx@10.0: 7.2, 8.0, 8.1, 8.2, 9.0, 9.1, 9.2, 10.0" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------- e1000e
@@ -339,6 +343,7 @@ def test_pci_express_devices_lose_the_bits_qemu_7_2_compares() -> None:
     sec.schema = Vmsd("e1000e", 2, 2, (*sec.schema.fields, Field("core.timadj", "int64", 8)))
     m = Machine("pc-q35-10.0", (sec, _globalstate(b"running")))
     down = apply(REG.plan("pc-q35-10.0", "pc-q35-7.2@10.0"), m)
+    assert apply(REG.plan("pc-q35-10.0", "pc-q35-9.1"), m).sections[0].state["core.timadj"] == 5
     e = down.sections[0]
     assert isinstance(e, DeviceSection)
     cfg = e.state["parent_obj[0]"]["config[1]"]

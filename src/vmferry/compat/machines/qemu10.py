@@ -51,6 +51,7 @@ from ...events import (
 from ...serialize.schema import Field, Vmsd
 from ..ops import Machine, Node, add_field, at, drop_field, drop_subsection, node, rename_field, with_node
 from ..registry import Change, Registry, Release
+from . import virtio
 from .releases import QEMU_7_2
 
 __all__ = ["PC10", "PC10_LINE", "Q35_10", "Q35_10_LINE", "QEMU_10_0", "register"]
@@ -60,9 +61,13 @@ PC10_LINE = "pc-i440fx@10.0"
 Q35_10_LINE = "pc-q35@10.0"
 
 
+#: QEMU 10.0's x86 machine types from 7.2 on (older ones are deprecated there and not in this catalogue).
+VERSIONS_10_0 = ["7.2", "8.0", "8.1", "8.2", "9.0", "9.1", "9.2", "10.0"]
+
+
 def _line(prefix: str, line: str) -> list[Release]:
-    return [Release(f"{prefix}-7.2@{QEMU_10_0}", line, machine=f"{prefix}-7.2", qemu=QEMU_10_0),
-            Release(f"{prefix}-10.0", line, qemu=QEMU_10_0)]
+    return [Release(f"{prefix}-7.2@{QEMU_10_0}", line, machine=f"{prefix}-7.2", qemu=QEMU_10_0)] + \
+        [Release(f"{prefix}-{v}", line, qemu=QEMU_10_0) for v in VERSIONS_10_0[1:]]
 
 
 PC10: list[Release] = _line("pc-i440fx", PC10_LINE)
@@ -341,6 +346,19 @@ def cpu_down(sec: DeviceSection, m: Machine) -> DeviceSection:
     return sec
 
 
+#: virtio-net's USO feature bits (include/standard-headers/linux/virtio_net.h).
+VIRTIO_NET_F_USO = {54: "GUEST_USO4", 55: "GUEST_USO6", 56: "HOST_USO"}
+
+
+def uso_down(t: dict[str, Any], sec: DeviceSection) -> dict[str, Any]:
+    # virtio_load refuses guest features the device does not offer.
+    used = [name for bit, name in VIRTIO_NET_F_USO.items() if virtio.guest_features(t) >> bit & 1]
+    if used:
+        raise CompatError(f"the guest negotiated VIRTIO_NET_F_{', '.join(used)}, which machine types up to 8.1 "
+                          f"do not offer")
+    return t
+
+
 def _refuse_early(m: Machine) -> Machine:
     # hw_compat_7_2: virtio-mem x-early-migration=false.  Moving virtio-mem's state between its
     # early and its normal section is not written.
@@ -481,21 +499,29 @@ def e1000e_pending_down(sec: DeviceSection, m: Machine) -> DeviceSection:
 # Registration
 # ---------------------------------------------------------------------------
 
-_MACHINE_STEP = ("hw_compat_9_2 migration send-switchover-start=off (spec §11.4); the other entries of "
-                 "hw_compat_7_2 .. hw_compat_9_2 / pc_compat_7_2 .. pc_compat_9_2 change nothing the default "
-                 "devices, e1000 or virtio-net-pci migrate (streams of both machine types have the same layout, "
-                 "spec §11.1)")
-
+#: Why the steps without a transform change nothing: compat entries, and streams of the default devices,
+#: e1000, e1000e, virtio-net-pci, the USB controllers and VGA identical under both machine types
+#: (QEMU 10.0.13, tests/test_compat_qemu10_real.py).
+_SAME = "streams of both machine types are the same for these devices"
+_NO_CHANGE = {
+    "8.1": "hw_compat_8_0: migration multifd-flush-after-each-section (multifd channels only), PCI "
+           "x-pcie-ari-nextfn-1 (ARI capability: SR-IOV devices only); pc_compat_8_0: virtio-mem; " + _SAME,
+    "9.0": "hw_compat_8_2: migration zero-page-detection=legacy (multifd channels only), virtio-iommu; " + _SAME,
+    "9.1": "hw_compat_9_0: SCSI, VFIO, sd-card, virtio-pci x-pcie-pm-no-soft-reset (virtio on PCI Express "
+           "ports only); pc_compat_9_0: CPU model properties; " + _SAME,
+}
+SWITCHOVER = "hw_compat_9_2: migration send-switchover-start=off (spec §11.4)"
 
 def register(reg: Registry) -> None:
     """Register the QEMU 10.0 lines and the steps to and from QEMU 7.2's newest machine types."""
     reg.line(PC10_LINE, PC10)
     reg.line(Q35_10_LINE, Q35_10)
-    for prefix in ("pc-i440fx", "pc-q35"):
-        home, on10, new = f"{prefix}-7.2", f"{prefix}-7.2@{QEMU_10_0}", f"{prefix}-10.0"
+    for prefix, line in (("pc-i440fx", PC10), ("pc-q35", Q35_10)):
+        home = f"{prefix}-7.2"
         assert reg.release(home).qemu == QEMU_7_2
-        _version_step(reg, home, on10)
-        _machine_step(reg, on10, new)
+        _version_step(reg, home, line[0].name)
+        names = {r.name.split("@", 1)[0].rsplit("-", 1)[1]: r.name for r in line}
+        _machine_steps(reg, names)
 
 
 def _version_step(reg: Registry, old: str, new: str) -> None:
@@ -560,11 +586,13 @@ def _version_step(reg: Registry, old: str, new: str) -> None:
                changes=[Change("vmdesc-configuration-removed", "vmdesc", "configuration")])
 
 
-def _machine_step(reg: Registry, old: str, new: str) -> None:
-    reg.stream(old, new, add_switchover_start, lossless=True, mirrors=_MACHINE_STEP, name="switchover-start",
-               changes=[Change("command-added", "stream", "switchover-start")])
-    reg.stream(new, old, drop_switchover_start, lossless=True, mirrors=_MACHINE_STEP, name="switchover-start",
-               changes=[Change("command-removed", "stream", "switchover-start")])
+def _machine_steps(reg: Registry, at: dict[str, str]) -> None:
+    """The steps between QEMU 10.0's machine types ``at[version]``, from 7.2 to 10.0."""
+    def step(a: str, b: str) -> tuple[str, str]:
+        return at[a], at[b]
+
+    # 7.2 -> 8.0: hw_compat_7_2
+    old, new = step("7.2", "8.0")
     early = "hw_compat_7_2: virtio-mem x-early-migration=false (virtio-mem-device-early section)"
     reg.machine(old, new, _refuse_early, lossless=True, mirrors=early + ": refused", name="virtio-mem early")
     reg.machine(new, old, _refuse_early, lossless=True, mirrors=early + ": refused", name="virtio-mem early")
@@ -573,12 +601,43 @@ def _machine_step(reg: Registry, old: str, new: str) -> None:
                 name="e1000e timadj", changes=[Change("field-added", "e1000e", TIMADJ.name)])
     reg.section("e1000e", new, old, e1000e_down, lossless=False, mirrors=timadj + "; dropped",
                 name="e1000e timadj", changes=[Change("field-removed", "e1000e", TIMADJ.name)])
-    ext = ("hw_compat_9_1: PCIDevice x-pcie-ext-tag=off (Device Capabilities 'Extended Tag Field Supported', "
-           "a read-only bit QEMU compares on load), on every PCI Express device")
-    reg.machine(old, new, _on_express_devices(_ext_tag(True)), lossless=True, mirrors=ext, name="PCIe ext-tag")
-    reg.machine(new, old, _on_express_devices(_ext_tag(False)), lossless=True, mirrors=ext, name="PCIe ext-tag")
     mask = ("hw_compat_7_2: PCIDevice x-pcie-err-unc-mask=off (AER uncorrectable error mask: read-only 0 on "
             "older machine types, compared on load)")
     reg.machine(old, new, None, lossless=True, mirrors=mask + "; the guest saw 0, which loads", name="PCIe AER mask")
     reg.machine(new, old, _on_express_devices(_no_unc_mask), lossless=False, mirrors=mask + "; cleared",
                 name="PCIe AER mask")
+
+    # 8.1 -> 8.2: hw_compat_8_1
+    old, new = step("8.1", "8.2")
+    uso = ("hw_compat_8_1: virtio-net host_uso, guest_uso4, guest_uso6 off (offered only with a backend that "
+           "supports USO, e.g. tap)")
+    reg.section("virtio-net", old, new, lambda s, m: s, lossless=True, mirrors=uso + "; nothing negotiated yet",
+                name="virtio-net USO")
+    reg.section("virtio-net", new, old, virtio.on_blob(uso_down), lossless=True,
+                mirrors=uso + "; refused if the guest negotiated them", name="virtio-net USO")
+
+    # 9.1 -> 9.2: hw_compat_9_1
+    old, new = step("9.1", "9.2")
+    ext = ("hw_compat_9_1: PCIDevice x-pcie-ext-tag=off (Device Capabilities 'Extended Tag Field Supported', "
+           "a read-only bit QEMU compares on load), on every PCI Express device")
+    reg.machine(old, new, _on_express_devices(_ext_tag(True)), lossless=True, mirrors=ext, name="PCIe ext-tag")
+    reg.machine(new, old, _on_express_devices(_ext_tag(False)), lossless=True, mirrors=ext, name="PCIe ext-tag")
+
+    # 9.2 -> 10.0: hw_compat_9_2
+    old, new = step("9.2", "10.0")
+    reg.stream(old, new, add_switchover_start, lossless=True, mirrors=SWITCHOVER, name="switchover-start",
+               changes=[Change("command-added", "stream", "switchover-start")])
+    reg.stream(new, old, drop_switchover_start, lossless=True, mirrors=SWITCHOVER, name="switchover-start",
+               changes=[Change("command-removed", "stream", "switchover-start")])
+
+    for v, why in _NO_CHANGE.items():
+        prev = VERSIONS_10_0[VERSIONS_10_0.index(v) - 1]
+        old, new = step(prev, v)
+        reg.machine(old, new, None, lossless=True, mirrors=why, name="no-change")
+        reg.machine(new, old, None, lossless=True, mirrors=why, name="no-change")
+
+    # Sections a transform changed get a new vmdesc entry, written as 7.2 writes it: restyle.
+    for prev, v in zip(VERSIONS_10_0, VERSIONS_10_0[1:]):
+        for a, b in (step(prev, v), step(v, prev)):
+            reg.stream(a, b, _vmdesc_for(QEMU_10_0), lossless=True, name="vmdesc (QEMU 10.0)",
+                       mirrors="migration/vmstate.c (QEMU 10.0): an array's last element has no index (spec §11.8)")

@@ -44,7 +44,7 @@ from ...serialize.schema import Field, Subsection, Vmsd
 from ...serialize.visitor import LegacyReader, LegacyWriter
 from ..ops import Machine, Node, node, with_node
 
-__all__ = ["build_blob", "parse_blob"]
+__all__ = ["build_blob", "guest_features", "parse_blob"]
 
 VIRTIO_QUEUE_MAX = 1024
 PCI_CONFIG_SIZE = 256
@@ -298,6 +298,11 @@ def _with_subs(t: dict[str, Any], subs: dict[str, Any]) -> dict[str, Any]:
 def _guest_features(t: dict[str, Any]) -> int:
     f64 = t["subsections"].get("virtio/64bit_features")
     return f64["guest_features"] if f64 is not None else t["guest_features_lo"]
+
+
+def guest_features(t: dict[str, Any]) -> int:
+    """The features the guest negotiated, all 64 bits where the stream has them."""
+    return _guest_features(t)
 
 
 # --- hw_compat_2_4: virtio-pci migrate-extra=off -----------------------------
