@@ -16,6 +16,7 @@ destination QEMU sees a truncated stream and refuses it.
 
 from __future__ import annotations
 
+import queue
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
@@ -80,6 +81,41 @@ def _sniff_chunks(stream: ByteStream, size: int) -> tuple[str, Iterator[bytes]]:
         yield from stream.chunks(size)
 
     return fmt, chunks()
+
+
+def _read_ahead(chunks: Iterator[bytes], depth: int) -> Iterator[bytes]:
+    """``chunks``, read by a thread up to ``depth`` chunks ahead: the sender is drained while the chunks
+    before are decoded and written (the socket calls release the GIL).  The thread ends with the stream,
+    on its first error, or soon after the consumer stops."""
+    q: queue.Queue[bytes | BaseException | None] = queue.Queue(depth)
+    stop = threading.Event()
+
+    def put(item: bytes | BaseException | None) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def reader() -> None:
+        try:
+            for c in chunks:
+                if not put(c):
+                    return
+            put(None)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            put(e)
+
+    threading.Thread(target=reader, name="vmferry-proxy-reader", daemon=True).start()
+    try:
+        while (item := q.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 def _ferry_events(chunks: Iterable[bytes], options: ferry.DecodeOptions) -> Iterator[Event]:
@@ -163,6 +199,7 @@ class Proxy:
     connect_timeout: float = 30.0
     chunk_size: int = CHUNK
     drain_timeout: float = 60.0
+    read_ahead: int = 16
     on_done: Callable[[ProxyStats], None] | None = None
     stats: ProxyStats = field(default_factory=ProxyStats)
     _listener: Listener | None = field(default=None, repr=False)
@@ -274,6 +311,8 @@ class Proxy:
         source = self._track(self._listener.accept(self.accept_timeout, cancelled=lambda: self._closed))
         self._close_listener()
         fmt, chunks = _sniff_chunks(source, self.chunk_size)
+        if self.read_ahead:
+            chunks = _read_ahead(chunks, self.read_ahead)
         self.stats.input_format = fmt
         dest = self._track(connect(parse_uri(self.forward_uri, self.tls), timeout=self.connect_timeout))
         dest.write_chunks(self._count(transcode(chunks, fmt, self.wire, self.machine, self.from_machine,
@@ -291,7 +330,10 @@ class Proxy:
         except TransportError:
             pass
         for s in streams:
-            s.close()
+            if s is source:
+                s.abort()  # a shutdown, which also wakes the read-ahead thread if it still waits on a ferry sender
+            else:
+                s.close()
         self.stats.done = True
 
     def _count(self, chunks: Iterable[bytes | memoryview]) -> Iterator[bytes | memoryview]:
