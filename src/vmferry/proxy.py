@@ -16,7 +16,7 @@ destination QEMU sees a truncated stream and refuses it.
 
 from __future__ import annotations
 
-import queue
+import collections
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
@@ -83,21 +83,26 @@ def _sniff_chunks(stream: ByteStream, size: int) -> tuple[str, Iterator[bytes]]:
     return fmt, chunks()
 
 
-def _read_ahead(chunks: Iterator[bytes], depth: int) -> Iterator[bytes]:
-    """``chunks``, read by a thread up to ``depth`` chunks ahead: the sender is drained while the chunks
-    before are decoded and written (the socket calls release the GIL).  The thread ends with the stream,
-    on its first error, or soon after the consumer stops."""
-    q: queue.Queue[bytes | BaseException | None] = queue.Queue(depth)
-    stop = threading.Event()
+def _read_ahead(chunks: Iterator[bytes | memoryview], budget: int) -> Iterator[bytes | memoryview]:
+    """``chunks``, read by a thread up to ``budget`` bytes ahead (at least one chunk): the sender is drained
+    while the chunks before are decoded and written (the socket calls release the GIL).  The thread ends
+    with the stream, on its first error, or soon after the consumer stops."""
+    ready: collections.deque[bytes | memoryview | BaseException | None] = collections.deque()
+    cond = threading.Condition()
+    queued = 0
+    stopped = False
 
-    def put(item: bytes | BaseException | None) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.2)
-                return True
-            except queue.Full:
-                pass
-        return False
+    def put(item: bytes | memoryview | BaseException | None) -> bool:
+        nonlocal queued
+        with cond:
+            while ready and queued >= budget and not stopped:
+                cond.wait(0.2)
+            if stopped:
+                return False
+            ready.append(item)
+            queued += len(item) if isinstance(item, (bytes, memoryview)) else 0
+            cond.notify_all()
+            return True
 
     def reader() -> None:
         try:
@@ -110,12 +115,23 @@ def _read_ahead(chunks: Iterator[bytes], depth: int) -> Iterator[bytes]:
 
     threading.Thread(target=reader, name="vmferry-proxy-reader", daemon=True).start()
     try:
-        while (item := q.get()) is not None:
+        while True:
+            with cond:
+                while not ready:
+                    cond.wait()
+                item = ready.popleft()
+                if isinstance(item, (bytes, memoryview)):
+                    queued -= len(item)
+                cond.notify_all()
+            if item is None:
+                return
             if isinstance(item, BaseException):
                 raise item
             yield item
     finally:
-        stop.set()
+        with cond:
+            stopped = True
+            cond.notify_all()
 
 
 def _ferry_events(chunks: Iterable[bytes], options: ferry.DecodeOptions) -> Iterator[Event]:
@@ -199,7 +215,7 @@ class Proxy:
     connect_timeout: float = 30.0
     chunk_size: int = CHUNK
     drain_timeout: float = 60.0
-    read_ahead: int = 16
+    read_ahead: int = 8 << 20  # bytes read ahead of the decoder (0: none)
     on_done: Callable[[ProxyStats], None] | None = None
     stats: ProxyStats = field(default_factory=ProxyStats)
     _listener: Listener | None = field(default=None, repr=False)
