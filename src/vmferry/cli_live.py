@@ -109,6 +109,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .transport import TlsOptions
 
     keep_stream_buffers()
+
     class UsageError(FerryError):
         pass
 
