@@ -1,9 +1,12 @@
 """Live migration through ``vmferry proxy``, beside direct QEMU -> QEMU, on a 1 GiB random-RAM guest.
 
 Measured in this one run, each the median of ``--repeat`` migrations of a
-running QEMU 7.2 guest (counting boot sector, 1 GiB of RAM pre-filled with
-random bytes through a memory-backend-file, ``max-bandwidth`` lifted), all
-over unix sockets on this machine:
+QEMU 7.2 guest with 1 GiB of RAM pre-filled with random bytes (through a
+memory-backend-file), ``max-bandwidth`` lifted, all over sockets on this
+machine.  With ``--guest stopped`` (the default) the source never runs, so
+the figures are those of the migration path alone; with ``--guest running``
+it runs the counting boot sector, whose busy-wait keeps one host CPU busy
+(TCG) while the stream is sent.  The paths:
 
 * the anchor: QEMU -> QEMU directly;
 * QEMU -> proxy -> QEMU (one ``vmferry proxy`` process: QEMU's format in and
@@ -12,11 +15,12 @@ over unix sockets on this machine:
 
 A figure is MB (10^6 bytes) of QEMU's stream per second of wall time from
 ``migrate`` until the source reports ``completed``, after which the
-destination must run.  Each proxy is its own process, so its peak RSS is the
+destination must run (or, for a stopped guest, hold the migrated state
+paused).  Each proxy is its own process, so its peak RSS is the
 kernel's (``wait4``).  Targets: one proxy >= 70% of direct, two proxies with
 ferry >= 50%, proxy peak RSS < 200 MB.
 
-    .venv/bin/python benchmarks/proxy.py [--workdir DIR] [--repeat N] [--ram 1G]
+    .venv/bin/python benchmarks/proxy.py [--workdir DIR] [--repeat N] [--ram 1G] [--guest stopped|running]
 """
 
 from __future__ import annotations
@@ -78,7 +82,7 @@ def _peak_rss_mb(proc: subprocess.Popen[bytes]) -> float:
     return usage.ru_maxrss / 1024
 
 
-def run(sockdir: Path, backing: Path, ram_bytes: int, hops: str) -> Figure:
+def run(sockdir: Path, backing: Path, ram_bytes: int, hops: str, running: bool) -> Figure:
     """One migration: ``hops`` is ``direct``, ``proxy`` or ``ferry``."""
     for stale in sockdir.iterdir():
         stale.unlink(missing_ok=True)
@@ -87,9 +91,9 @@ def run(sockdir: Path, backing: Path, ram_bytes: int, hops: str) -> Figure:
     dst_mem = f"memory-backend-ram,id=mem,size={ram_bytes}"
     m = f"{ram_bytes >> 20}M"
     dst_uri = f"unix:{sockdir / 'dst.sock'}"
-    with QemuVM("pc,memory-backend=mem", ["-object", src_mem], memory=m, paused=False, boot_sector=True,
+    with QemuVM("pc,memory-backend=mem", ["-object", src_mem], memory=m, paused=not running, boot_sector=True,
                 name="src") as src, \
-            QemuVM("pc,memory-backend=mem", ["-object", dst_mem], memory=m, paused=False, boot_sector=True,
+            QemuVM("pc,memory-backend=mem", ["-object", dst_mem], memory=m, paused=not running, boot_sector=True,
                    incoming=True, name="dst") as dst:
         dst.cmd("migrate-incoming", uri=dst_uri)
         procs: list[subprocess.Popen[bytes]] = []
@@ -104,7 +108,8 @@ def run(sockdir: Path, backing: Path, ram_bytes: int, hops: str) -> Figure:
                 procs.append(_start_proxy(link, dst_uri, "legacy"))
                 src_uri = f"unix:{sockdir / 'proxy.sock'}"
                 procs.append(_start_proxy(src_uri, link, "ferry"))
-            src.wait_for_count(2, timeout=60)
+            if running:
+                src.wait_for_count(2, timeout=60)
             src.set_params({"max-bandwidth": 1 << 40})
             t0 = time.monotonic()
             src.cmd("migrate", uri=src_uri)
@@ -115,9 +120,10 @@ def run(sockdir: Path, backing: Path, ram_bytes: int, hops: str) -> Figure:
                 raise SystemExit(f"{hops}: migration {info['status']}: {info.get('error-desc')}")
             rss = max((_peak_rss_mb(p) for p in procs), default=0.0)
             deadline = time.monotonic() + 60
-            while dst.status() != "running":
+            want = ("running",) if running else ("paused", "prelaunch")  # a never-started source: prelaunch
+            while (state := dst.status()) not in want:
                 if time.monotonic() > deadline:
-                    raise SystemExit(f"{hops}: the destination is {dst.status()}, not running")
+                    raise SystemExit(f"{hops}: the destination is {state}, not {' or '.join(want)}")
                 time.sleep(0.02)
             return Figure(elapsed, int(info["ram"]["transferred"]), rss)
         finally:
@@ -132,6 +138,8 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=REPO / "benchmarks" / ".cache")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--ram", default="1G")
+    ap.add_argument("--guest", choices=("stopped", "running"), default="stopped",
+                    help="the source guest never started (default) or running its counting loop")
     args = ap.parse_args()
     ram_bytes = parse_size(args.ram)
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -143,7 +151,7 @@ def main() -> int:
     try:
         for i in range(args.repeat):
             for hops in runs:
-                f = run(sockdir, backing, ram_bytes, hops)
+                f = run(sockdir, backing, ram_bytes, hops, args.guest == "running")
                 runs[hops].append(f)
                 print(f"  run {i + 1} {hops:<7} {f.transferred / 1e6:8.1f} MB {f.seconds:6.3f} s "
                       f"{f.mb_per_s:7.0f} MB/s  proxy peak RSS {f.proxy_rss_mb:6.1f} MB", file=sys.stderr)
@@ -161,7 +169,8 @@ def main() -> int:
     rows = [("QEMU -> QEMU (anchor)", "direct", None),
             ("QEMU -> proxy -> QEMU", "proxy", 0.70),
             ("QEMU -> proxy -> ferry -> proxy -> QEMU", "ferry", 0.50)]
-    print(f"\n{'live migration of a running ' + args.ram + ' random-RAM guest':<44} {'MB/s':>7} {'vs direct':>10}")
+    print(f"\n{'migration of a ' + args.guest + ' ' + args.ram + ' random-RAM guest':<44} {'MB/s':>7} "
+          f"{'vs direct':>10}")
     for title, hops, target in rows:
         r = rate(hops)
         mark = f"  target >= {target:.0%}: {verdict(r / anchor >= target)}" if target else ""

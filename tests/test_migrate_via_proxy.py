@@ -1,9 +1,10 @@
-"""``vmferry migrate --via-proxy``: the management tool sets up the proxies (real QEMU 7.2).
+"""``vmferry migrate --via-proxy``: the management tool sets up the proxies (real QEMU 7.2 and 10.0).
 
 * QEMU alone refuses pc-i440fx-2.12 -> pc-i440fx-7.2; the same pair through
   the proxies (ferry on the wire, machine type read from the destination)
   migrates, and the guest counts on;
 * the QEMU capabilities a proxy cannot carry are switched off on both sides;
+* across QEMU versions the release is (machine type, QEMU version) of each side;
 * argument mistakes are one line and a non-zero exit.
 """
 
@@ -117,3 +118,18 @@ def test_the_demo_shows_the_whole_mission(capsys: pytest.CaptureFixture[str]) ->
     assert "migrated via proxy (ferry on the wire" in out and "pc-i440fx-2.12 -> pc-i440fx-7.2" in out
     assert "machine type: pc-i440fx-2.12" in out and "0000:00:02.0/e1000" in out
     assert "demo OK" in out
+
+
+@pytest.mark.qemu
+@pytest.mark.qemu10
+def test_across_qemu_versions_the_release_is_read_from_both_sides(where: Path) -> None:
+    """QEMU 10.0 running pc-i440fx-7.2 -> QEMU 7.2's pc-i440fx-7.2: same machine type, other QEMU."""
+    s = Managed(where, "src", "pc-i440fx-7.2", qemu_version="10.0")
+    d = Managed(where, "dst", "pc-i440fx-7.2", incoming=True)
+    with s as src, d as dst:
+        src.wait_for_count(5, timeout=60)
+        r = migrate(s.address, d.address, via_proxy=True, wire="ferry", timeout=120)
+        assert r.route is not None
+        assert (r.route["from_machine"], r.route["machine"]) == ("pc-i440fx-7.2@10.0", "pc-i440fx-7.2")
+        assert "10.0" in r.source["version"] and "7.2" in r.destination["version"]
+        _counted_on(src, dst)

@@ -56,6 +56,7 @@ class Side:
     qemu: dict[str, bool] = field(default_factory=dict)
     status: str = ""
     version: str = ""
+    release: str = ""  # QEMU's major.minor, e.g. "10.0" (empty when unknown)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "version": self.version, "status": self.status, "mask": int(self.mask),
@@ -85,6 +86,7 @@ def probe(conn: QMPConnection, role: str, address: str) -> Side:
         v = conn.cmd("query-version")
         q = v.get("qemu", {})
         side.version = (v.get("package") or "").strip() or f"{q.get('major')}.{q.get('minor')}.{q.get('micro')}"
+        side.release = f"{q.get('major')}.{q.get('minor')}" if "major" in q else ""
         if side.kind == "qemu":
             side.version = f"QEMU {q.get('major')}.{q.get('minor')}.{q.get('micro')}"
     except QMPCommandError:
@@ -270,15 +272,29 @@ def machine_type(conn: QMPConnection) -> str:
     return qom.removesuffix("-machine")
 
 
+def _release(machine: str, qemu: str) -> str:
+    """``machine`` as run by QEMU ``qemu``: ``MACHINE@QEMU`` when the catalogue has that pair (e.g.
+    ``pc-i440fx-7.2@10.0``), else the machine type alone, which names it at its own QEMU version."""
+    from .compat import qemu_registry
+    from .errors import CompatError
+
+    if qemu:
+        try:
+            return qemu_registry().release(f"{machine}@{qemu}").name
+        except CompatError:
+            pass
+    return machine
+
+
 def _route(src: Side, dst: Side, plan: Plan, requested: list[str] | None, machine: str | None, wire: str,
            workdir: str, observe: Callable[[Event], None] | None) -> ProxyRoute:
     """The proxies for this migration; narrows ``plan`` to what a proxy can carry.
 
     The vmferry bits in ``requested`` (e.g. ``zstd``) are asked of the ferry wire between the proxies.
     """
-    from_machine = machine_type(src.conn) if src.kind == "qemu" else None
+    from_machine = _release(machine_type(src.conn), src.release) if src.kind == "qemu" else None
     if machine == "auto":
-        target = machine_type(dst.conn) if dst.kind == "qemu" else None
+        target = _release(machine_type(dst.conn), dst.release) if dst.kind == "qemu" else None
         machine = target if target != from_machine else None
     for name, on in plan.qemu.items():
         if on and name not in proxy.QEMU_CAPABILITIES:
