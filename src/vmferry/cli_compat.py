@@ -302,7 +302,7 @@ def add_subcommands(sub: Any) -> None:
     tr = sub.add_parser(
         "transform", help="convert a stream from one QEMU machine type to another",
         description="Convert a stream saved by QEMU under one machine type (QEMU 7.2: pc-i440fx-2.3 .. 7.2, "
-                    "pc-q35-2.4 .. 7.2; QEMU 10.0: pc-i440fx-10.0, pc-q35-10.0, pc-i440fx-7.2, pc-q35-7.2) into "
+                    "pc-q35-2.4 .. 7.2; QEMU 10.0: pc-i440fx-7.2 .. 10.0, pc-q35-7.2 .. 10.0) into "
                     "the stream of the same guest under another, for that QEMU to load with that machine type. "
                     "A release is a machine type of one QEMU version: pc-i440fx-7.2@10.0 is pc-i440fx-7.2 run by "
                     "QEMU 10.0. The source machine type is read from the stream's configuration "
