@@ -387,7 +387,9 @@ def test_schemas_travel_once():
 
 
 def test_zero_runs_collapse_and_compression_shrinks():
-    big = [Header(), IterBegin(SECTION_FULL, 1, "ram", 0, 4), RamZeros("pc.ram", 0, 100000, True),
+    size = 100300 * PS
+    big = [Header(), IterBegin(SECTION_FULL, 1, "ram", 0, 4), RamMemSize(size, [RamBlock("pc.ram", size)]),
+           RamZeros("pc.ram", 0, 100000, True),
            RamPages("pc.ram", 100000 * PS, 300, False, data=bytes(range(256)) * 16 * 300), RamEos(), IterEnd(1),
            Eof()]
     legacy_size = len(build(big))
@@ -396,6 +398,19 @@ def test_zero_runs_collapse_and_compression_shrinks():
     assert sizes["zstd"] * 20 < sizes["none"] and sizes["lz4"] * 20 < sizes["none"]
     for c in sizes:
         assert build(ferry.decode([encode_with("ferry", big, compress=c)])) == build(big)
+
+
+@pytest.mark.parametrize("name", CODECS[1:])
+@pytest.mark.parametrize("run", ["beyond", "unsized"])
+def test_a_run_of_pages_outside_its_block_is_refused(name, run):
+    """A page count read from the input cannot outgrow the block MEM_SIZE sized (found by the mutation test:
+    a mutated count made the QEMU-format encoder write billions of zero-page records)."""
+    size = 16 * PS
+    sized = [] if run == "unsized" else [RamMemSize(size, [RamBlock("pc.ram", size)])]
+    evs = [Header(), IterBegin(SECTION_FULL, 1, "ram", 0, 4), *sized, RamZeros("pc.ram", 8 * PS, 1 << 30, True),
+           RamEos(), IterEnd(1), Eof()]
+    with pytest.raises(DecodeError, match="pc.ram"):
+        list(codec(name).decode([encode_with(name, evs)]))
 
 
 def _refresh_crcs(data: bytearray, off: int) -> None:
@@ -429,8 +444,8 @@ def test_pages_from_qemu_travel_in_qemu_layout_uncopied():
 
 def test_long_qemu_runs_split_into_frames():
     pages = b"".join(bytes([i % 251]) * PS for i in range(600))
-    evs = [Header(), IterBegin(SECTION_FULL, 1, "ram", 0, 4), RamPages("pc.ram", 0, 600, True, data=pages), RamEos(),
-           IterEnd(1), Eof()]
+    evs = [Header(), IterBegin(SECTION_FULL, 1, "ram", 0, 4), RamMemSize(600 * PS, [RamBlock("pc.ram", 600 * PS)]),
+           RamPages("pc.ram", 0, 600, True, data=pages), RamEos(), IterEnd(1), Eof()]
     src = build(evs)
     data = encode_with("ferry", list(legacy.decode([src])))
     assert sum(1 for _, t, _ in frames(data) if t & 0x7F == ferry.T_PAGES) == 3

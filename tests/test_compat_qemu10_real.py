@@ -25,12 +25,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -42,6 +41,9 @@ from vmferry.files import decode_input, open_input, read_stream_vmdesc
 from vmferry.guest import parse_counts
 from vmferry.proxy import Proxy
 from vmferry.qemu_process import QemuError, QemuVM, qemu_command
+
+from test_compat_qemu import _flat
+from test_proxy import sockdir  # noqa: F401  (the fixture)
 
 pytestmark = [pytest.mark.qemu, pytest.mark.qemu10]
 
@@ -239,25 +241,6 @@ def test_each_step_between_qemu_10s_machine_types(saved: _Saved, tmp_path: Path,
 # ---------------------------------------------------------------- diff
 
 
-def _flat(desc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A vmdesc entry as path -> (type, size, element count); written apart from vmferry.compat.check."""
-    out: dict[str, Any] = {}
-    counts: dict[str, int] = {}
-    for f in desc.get("fields", []):
-        counts[f["name"]] = counts.get(f["name"], 0) + f.get("array_len", 1)
-    for f in desc.get("fields", []):
-        path = f"{prefix}{f['name']}"
-        if "struct" in f:
-            out[path] = ("struct", None, counts[f["name"]])
-            out.update(_flat(f["struct"], path + "/"))
-        else:
-            out[path] = (f["type"], f["size"], counts[f["name"]])
-    for s in desc.get("subsections", []):
-        out[f"{prefix}{s['vmsd_name']}"] = ("subsection", s["version"], None)
-        out.update(_flat(s, f"{prefix}{s['vmsd_name']}/"))
-    return out
-
-
 def _expected(a: dict[str, Any], b: dict[str, Any]) -> set[tuple[str, str, str]]:
     da = {(d["name"], d["instance_id"]): d for d in a["devices"]}
     db = {(d["name"], d["instance_id"]): d for d in b["devices"]}
@@ -319,15 +302,6 @@ def test_diff_of_the_two_qemus_device_classes(capsys: pytest.CaptureFixture[str]
 
 
 # ---------------------------------------------------------------- live
-
-
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="vmf-q10-"))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 LIVE = [("pc-i440fx-10.0", "10.0", "pc-i440fx-7.2", "7.2"), ("pc-i440fx-7.2", "7.2", "pc-i440fx-10.0", "10.0")]

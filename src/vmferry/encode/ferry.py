@@ -622,8 +622,10 @@ class FerryDecoder:
         if flags & ~(RUN_NAMED | RUN_FILL | RUN_QEMU_LAYOUT) or (kind == T_PAGES and flags & RUN_FILL) or (
                 kind == T_ZEROS and flags & RUN_QEMU_LAYOUT):
             raise DecodeError(f"unknown RAM frame flags {flags:#04x}", start, path)
-        if offset % ps:
-            raise DecodeError(f"RAM run offset {offset:#x} is not page-aligned", start, path)
+        try:
+            self._records.check_run(block, offset, count, ps, path)
+        except DecodeError as e:
+            raise DecodeError(e.message, start, path) from None
         named = bool(flags & RUN_NAMED)
         if kind == T_PAGES and flags & RUN_QEMU_LAYOUT:
             records = tail

@@ -392,6 +392,17 @@ class RecordDecoder:
         self.sections: list[dict[str, Any]] = []
         self.schemas: dict[int, tuple[dict[str, Any], Vmsd]] = {}
         self.seen_header = False
+        self.block_lengths: dict[str, int] = {}  # from the MEM_SIZE records
+
+    def check_run(self, block: str, offset: int, count: int, ps: int, path: str) -> None:
+        """A run of pages must lie inside a RAM block the stream sized: a count read from the input can then
+        never make a consumer (an encoder, a loader) write or allocate more than that block holds."""
+        length = self.block_lengths.get(block)
+        if length is None:
+            raise DecodeError(f"RAM pages of block {block!r}, which no MEM_SIZE record sized", None, path)
+        if offset % ps or offset + count * ps > length:
+            raise DecodeError(f"{count} pages at {offset:#x} do not fit block {block!r} ({length:#x} bytes)", None,
+                              path)
 
     def finish(self) -> None:
         if not self.seen_header:
@@ -448,18 +459,20 @@ class RecordDecoder:
                 raise DecodeError(f"page data: {e}", None, f"{path}.data") from None
             if len(data) != count * ps or count == 0:
                 raise DecodeError(f"{len(data)} bytes of page data for {count} pages", None, f"{path}.data")
-            yield RamPages(field(rec, "block", str, path), field(rec, "offset", int, path), count,
-                           field(rec, "named", bool, path), ps, data=data)
+            block, offset = field(rec, "block", str, path), field(rec, "offset", int, path)
+            self.check_run(block, offset, count, ps, path)
+            yield RamPages(block, offset, count, field(rec, "named", bool, path), ps, data=data)
         elif t == "zeros":
             ps = self._page_size(rec, path)
             count = field(rec, "count", int, path)
             fill = self._blob(rec, "fill", path, None)
             if fill is not None and len(fill) != count:
                 raise DecodeError(f"{len(fill)} fill bytes for {count} pages", None, f"{path}.fill")
-            if count == 0:
+            if count <= 0:
                 raise DecodeError("a run of zero pages", None, f"{path}.count")
-            yield RamZeros(field(rec, "block", str, path), field(rec, "offset", int, path), count,
-                           field(rec, "named", bool, path), ps, fill)
+            block, offset = field(rec, "block", str, path), field(rec, "offset", int, path)
+            self.check_run(block, offset, count, ps, path)
+            yield RamZeros(block, offset, count, field(rec, "named", bool, path), ps, fill)
         elif t == "record":
             yield RamRecord(field(rec, "flags", int, path), field(rec, "offset", int, path),
                             field(rec, "block", str, path, ""), field(rec, "named", bool, path, False),
@@ -472,6 +485,7 @@ class RecordDecoder:
                 bp = f"{path}.blocks[{i}]"
                 blocks.append(RamBlock(field(b, "name", str, bp), field(b, "length", int, bp),
                                        field(b, "page_size", int, bp, None), field(b, "gpa", int, bp, None)))
+            self.block_lengths.update((b.name, b.length) for b in blocks)
             yield RamMemSize(field(rec, "total", int, path), blocks)
         elif t == "begin":
             kind = _kind(rec, path)
