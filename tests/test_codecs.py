@@ -413,6 +413,19 @@ def test_a_run_of_pages_outside_its_block_is_refused(name, run):
         list(codec(name).decode([encode_with(name, evs)]))
 
 
+def test_der_elements_with_a_foreign_tag_are_refused():
+    """Every SEQUENCE tag turned into one no CHOICE knows: asn1tools' DER decoder used to loop for ever on the
+    ones inside a SEQUENCE OF (vmferry.encode.asn1 gives it BER's element check)."""
+    data = encode_with("asn1-der", full_stream())
+    refused = []
+    for i in [i for i, b in enumerate(data) if b == 0x30]:  # tags, and bytes of values that happen to be 0x30
+        try:
+            list(codec("asn1-der").decode([data[:i] + b"\x96" + data[i + 1:]]))
+        except DecodeError as e:
+            refused.append(str(e))
+    assert sum("got '96'" in m for m in refused) > 20
+
+
 def _refresh_crcs(data: bytearray, off: int) -> None:
     """Recompute both CRCs of the frame at ``off`` (to forge a frame that passes its checksums)."""
     n = struct.unpack_from(">I", data, off + 4)[0]

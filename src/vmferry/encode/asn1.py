@@ -130,7 +130,37 @@ def compiled(rules: str) -> Any:
         import asn1tools
     except ImportError:
         raise FerryError("the ASN.1 formats need asn1tools (pip install 'vmferry[asn1]')") from None
+    if rules == "der":
+        _check_der_elements()
     return asn1tools.compile_string(MODULE, rules)
+
+
+def _check_der_elements() -> None:
+    """Give asn1tools' DER SEQUENCE OF / SET OF decoder the element check its BER twin has.
+
+    In asn1tools 0.169 the DER loop does not check what an element decoded to:
+    an element whose tag its CHOICE does not know comes back as a tag mismatch
+    with the offset unmoved, and the loop appends it for ever (found by the
+    mutation test in tests/test_codecs.py: one flipped tag byte, 13 GB and
+    still going).  The replacement is BER's loop for definite lengths, the only
+    kind DER has.
+    """
+    from asn1tools.codecs import ber, der
+
+    if getattr(der.ArrayType, "_vmferry_checked", False):
+        return
+
+    def decode_content(self: Any, data: Any, offset: int, length: int) -> tuple[list[Any], int]:
+        decoded = []
+        start = offset
+        while offset - start < length:
+            element, offset = self.element_type.decode(data, offset)
+            ber.check_decode_error(self.element_type, element, data, offset)
+            decoded.append(element)
+        return decoded, offset
+
+    der.ArrayType.decode_content = decode_content
+    der.ArrayType._vmferry_checked = True
 
 
 # ---------------------------------------------------------------------------
