@@ -16,7 +16,6 @@ destination QEMU sees a truncated stream and refuses it.
 
 from __future__ import annotations
 
-import collections
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
@@ -81,57 +80,6 @@ def _sniff_chunks(stream: ByteStream, size: int) -> tuple[str, Iterator[bytes]]:
         yield from stream.chunks(size)
 
     return fmt, chunks()
-
-
-def _read_ahead(chunks: Iterator[bytes | memoryview], budget: int) -> Iterator[bytes | memoryview]:
-    """``chunks``, read by a thread up to ``budget`` bytes ahead (at least one chunk): the sender is drained
-    while the chunks before are decoded and written (the socket calls release the GIL).  The thread ends
-    with the stream, on its first error, or soon after the consumer stops."""
-    ready: collections.deque[bytes | memoryview | BaseException | None] = collections.deque()
-    cond = threading.Condition()
-    queued = 0
-    stopped = False
-
-    def put(item: bytes | memoryview | BaseException | None) -> bool:
-        nonlocal queued
-        with cond:
-            while ready and queued >= budget and not stopped:
-                cond.wait(0.2)
-            if stopped:
-                return False
-            ready.append(item)
-            queued += len(item) if isinstance(item, (bytes, memoryview)) else 0
-            cond.notify_all()
-            return True
-
-    def reader() -> None:
-        try:
-            for c in chunks:
-                if not put(c):
-                    return
-            put(None)
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            put(e)
-
-    threading.Thread(target=reader, name="vmferry-proxy-reader", daemon=True).start()
-    try:
-        while True:
-            with cond:
-                while not ready:
-                    cond.wait()
-                item = ready.popleft()
-                if isinstance(item, (bytes, memoryview)):
-                    queued -= len(item)
-                cond.notify_all()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        with cond:
-            stopped = True
-            cond.notify_all()
 
 
 def _ferry_events(chunks: Iterable[bytes], options: ferry.DecodeOptions) -> Iterator[Event]:
@@ -215,7 +163,6 @@ class Proxy:
     connect_timeout: float = 30.0
     chunk_size: int = CHUNK
     drain_timeout: float = 60.0
-    read_ahead: int = 8 << 20  # bytes read ahead of the decoder (0: none)
     on_done: Callable[[ProxyStats], None] | None = None
     stats: ProxyStats = field(default_factory=ProxyStats)
     _listener: Listener | None = field(default=None, repr=False)
@@ -327,8 +274,6 @@ class Proxy:
         source = self._track(self._listener.accept(self.accept_timeout, cancelled=lambda: self._closed))
         self._close_listener()
         fmt, chunks = _sniff_chunks(source, self.chunk_size)
-        if self.read_ahead:
-            chunks = _read_ahead(chunks, self.read_ahead)
         self.stats.input_format = fmt
         dest = self._track(connect(parse_uri(self.forward_uri, self.tls), timeout=self.connect_timeout))
         dest.write_chunks(self._count(transcode(chunks, fmt, self.wire, self.machine, self.from_machine,
@@ -346,10 +291,7 @@ class Proxy:
         except TransportError:
             pass
         for s in streams:
-            if s is source:
-                s.abort()  # a shutdown, which also wakes the read-ahead thread if it still waits on a ferry sender
-            else:
-                s.close()
+            s.close()
         self.stats.done = True
 
     def _count(self, chunks: Iterable[bytes | memoryview]) -> Iterator[bytes | memoryview]:
