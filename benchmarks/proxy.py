@@ -49,7 +49,8 @@ from vmferry.qemu_process import QemuVM, escape_option  # noqa: E402
 class Figure:
     seconds: float
     transferred: int
-    proxy_rss_mb: float
+    proxy_rss_mb: float  # the largest of the run's proxies
+    proxy_cpu_s: float  # user + system time of all its proxies, start-up included
 
     @property
     def mb_per_s(self) -> float:
@@ -74,13 +75,14 @@ def _start_proxy(listen: str, forward: str, wire: str) -> subprocess.Popen[bytes
     return proc
 
 
-def _peak_rss_mb(proc: subprocess.Popen[bytes]) -> float:
+def _reap(proc: subprocess.Popen[bytes]) -> tuple[float, float]:
+    """A finished proxy's peak RSS (MB) and CPU time (s)."""
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
         raise SystemExit(f"vmferry proxy failed ({proc.returncode}): {err.strip()[-500:]}")
-    return usage.ru_maxrss / 1024
+    return usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
 
 
 def run(sockdir: Path, backing: Path, ram_bytes: int, hops: str, running: bool) -> Figure:
@@ -120,14 +122,15 @@ def run(sockdir: Path, backing: Path, ram_bytes: int, hops: str, running: bool) 
             elapsed = time.monotonic() - t0
             if info["status"] != "completed":
                 raise SystemExit(f"{hops}: migration {info['status']}: {info.get('error-desc')}")
-            rss = max((_peak_rss_mb(p) for p in procs), default=0.0)
+            reaped = [_reap(p) for p in procs]
+            rss, cpu = max((r for r, _ in reaped), default=0.0), sum(c for _, c in reaped)
             deadline = time.monotonic() + 60
             want = ("running",) if running else ("paused", "prelaunch")  # a never-started source: prelaunch
             while (state := dst.status()) not in want:
                 if time.monotonic() > deadline:
                     raise SystemExit(f"{hops}: the destination is {state}, not {' or '.join(want)}")
                 time.sleep(0.02)
-            return Figure(elapsed, int(info["ram"]["transferred"]), rss)
+            return Figure(elapsed, int(info["ram"]["transferred"]), rss, cpu)
         finally:
             for p in procs:
                 if p.poll() is None:
@@ -156,7 +159,8 @@ def main() -> int:
                 f = run(sockdir, backing, ram_bytes, hops, args.guest == "running")
                 runs[hops].append(f)
                 print(f"  run {i + 1} {hops:<10} {f.transferred / 1e6:8.1f} MB {f.seconds:6.3f} s "
-                      f"{f.mb_per_s:7.0f} MB/s  proxy peak RSS {f.proxy_rss_mb:6.1f} MB", file=sys.stderr)
+                      f"{f.mb_per_s:7.0f} MB/s  proxy peak RSS {f.proxy_rss_mb:6.1f} MB  proxy CPU {f.proxy_cpu_s:5.2f} s",
+                      file=sys.stderr)
     finally:
         backing.unlink(missing_ok=True)
         for p in sockdir.iterdir():
