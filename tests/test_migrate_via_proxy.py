@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -95,6 +96,36 @@ def test_capabilities_a_proxy_cannot_carry_are_switched_off(where: Path) -> None
         assert summary.machine == "pc-i440fx-7.2" and summary.has_eof and summary.total_pages > 0
         assert "OPEN_RETURN_PATH" not in " ".join(summary.commands)
         _counted_on(src, dst)
+
+
+@pytest.mark.qemu
+def test_a_destination_lost_behind_the_proxies_leaves_the_source_running(where: Path) -> None:
+    s = Managed(where, "src", "pc-i440fx-2.12")
+    d = Managed(where, "dst", "pc-i440fx-7.2", incoming=True)
+    with s as src, d as dst:
+        src.wait_for_count(3, timeout=60)
+        killer = threading.Timer(1.5, dst.kill)
+        killer.start()
+        with pytest.raises(MigrationError) as err:
+            migrate(s.address, d.address, via_proxy=True, wire="ferry",
+                    params={"max-bandwidth": 65536}, timeout=60)  # ~0.8 MB to send: ~12 s
+        killer.join()
+        assert "\n" not in str(err.value)
+        assert src.query_migrate()["status"] in ("failed", "cancelled")
+        assert src.status() == "running"
+        now = src.counts()[-1]
+        src.wait_for_count(now + 3, timeout=30)
+
+
+@pytest.mark.qemu
+def test_an_unknown_target_machine_fails_before_anything_moves(where: Path) -> None:
+    s, d = Managed(where, "src", "pc-i440fx-7.2"), Managed(where, "dst", "pc-i440fx-7.2", incoming=True)
+    with s as src, d as dst:
+        src.wait_for_count(2, timeout=60)
+        with pytest.raises(MigrationError, match="pc-nonesuch-1.0"):
+            migrate(s.address, d.address, via_proxy=True, machine="pc-nonesuch-1.0")
+        assert src.query_migrate().get("status") in (None, "none")
+        assert src.status() == "running" and dst.status() == "inmigrate"
 
 
 def test_proxy_options_need_via_proxy(capsys: pytest.CaptureFixture[str]) -> None:
