@@ -12,9 +12,12 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = REPO / ".venv" / "bin"
@@ -62,3 +65,25 @@ def vmferry(*args: str) -> list[str]:
 
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
+
+
+@contextmanager
+def random_ram(path: Path, size: int) -> Iterator[tuple[Path, Path]]:
+    """``path`` filled with ``size`` random bytes (a QEMU guest's RAM backing) and a short directory for unix
+    sockets; both are removed afterwards."""
+    print(f"filling {size >> 20} MiB of random guest RAM ...", file=sys.stderr)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(4 << 20, left)
+            f.write(os.urandom(n))
+            left -= n
+    sockdir = Path(tempfile.mkdtemp(prefix="vf-bench-"))
+    try:
+        yield path, sockdir
+    finally:
+        path.unlink(missing_ok=True)
+        for p in sockdir.iterdir():
+            p.unlink(missing_ok=True)
+        sockdir.rmdir()

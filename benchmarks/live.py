@@ -20,16 +20,14 @@ reports ``completed``.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import REPO, vmferry  # noqa: E402
+from _bench import REPO, random_ram, vmferry  # noqa: E402
 
 from vmferry.machine import parse_size  # noqa: E402
 from vmferry.migrate import Result, migrate, qemu_qmp_args  # noqa: E402
@@ -81,17 +79,6 @@ def qemu_run(sockdir: Path, backing: Path, ram_bytes: int) -> Result:
         return r
 
 
-def _fill_random(path: Path, size: int) -> None:
-    if path.exists() and path.stat().st_size == size:
-        return
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            n = min(4 << 20, left)
-            f.write(os.urandom(n))
-            left -= n
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=REPO / "benchmarks" / ".cache")
@@ -99,14 +86,8 @@ def main() -> int:
     ap.add_argument("--ram", default="1G")
     args = ap.parse_args()
     ram_bytes = parse_size(args.ram)
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    backing = args.workdir / "live-qemu-ram.bin"
-    print(f"filling {ram_bytes >> 20} MiB of random guest RAM for QEMU ...", file=sys.stderr)
-    _fill_random(backing, ram_bytes)
-    sockdir = Path(tempfile.mkdtemp(prefix="vf-bench-"))
-
     runs: dict[str, list[Result]] = {"qemu": [], "ferry": [], "legacy": []}
-    try:
+    with random_ram(args.workdir / "live-qemu-ram.bin", ram_bytes) as (backing, sockdir):
         for i in range(args.repeat):
             for label, fn in (("qemu", lambda: qemu_run(sockdir, backing, ram_bytes)),
                               ("ferry", lambda: endpoint_run(sockdir, args.ram, None)),
@@ -116,11 +97,6 @@ def main() -> int:
                 print(f"  run {i + 1} {label:<7} {r.transferred / 1e6:8.1f} MB {r.seconds:6.3f} s "
                       f"{r.mb_per_s:7.0f} MB/s  downtime {r.downtime_ms} ms  codec {r.codec or '?'}",
                       file=sys.stderr)
-    finally:
-        backing.unlink(missing_ok=True)
-        for p in sockdir.iterdir():
-            p.unlink(missing_ok=True)
-        sockdir.rmdir()
 
     def med(label: str) -> tuple[float, float, float]:
         rs = runs[label]

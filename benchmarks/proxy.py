@@ -32,14 +32,12 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import REPO, verdict, vmferry  # noqa: E402
-from live import _fill_random  # noqa: E402
+from _bench import REPO, random_ram, verdict, vmferry  # noqa: E402
 
 from vmferry.machine import parse_size  # noqa: E402
 from vmferry.qemu_process import QemuVM, escape_option  # noqa: E402
@@ -147,25 +145,15 @@ def main() -> int:
                     help="the source guest never started (default) or running its counting loop")
     args = ap.parse_args()
     ram_bytes = parse_size(args.ram)
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    backing = args.workdir / "proxy-qemu-ram.bin"
-    print(f"filling {ram_bytes >> 20} MiB of random guest RAM ...", file=sys.stderr)
-    _fill_random(backing, ram_bytes)
-    sockdir = Path(tempfile.mkdtemp(prefix="vf-bench-"))
     runs: dict[str, list[Figure]] = {"direct": [], "direct-tcp": [], "proxy": [], "ferry": []}
-    try:
+    with random_ram(args.workdir / "proxy-qemu-ram.bin", ram_bytes) as (backing, sockdir):
         for i in range(args.repeat):
             for hops in runs:
                 f = run(sockdir, backing, ram_bytes, hops, args.guest == "running")
                 runs[hops].append(f)
                 print(f"  run {i + 1} {hops:<10} {f.transferred / 1e6:8.1f} MB {f.seconds:6.3f} s "
-                      f"{f.mb_per_s:7.0f} MB/s  proxy peak RSS {f.proxy_rss_mb:6.1f} MB  proxy CPU {f.proxy_cpu_s:5.2f} s",
-                      file=sys.stderr)
-    finally:
-        backing.unlink(missing_ok=True)
-        for p in sockdir.iterdir():
-            p.unlink(missing_ok=True)
-        sockdir.rmdir()
+                      f"{f.mb_per_s:7.0f} MB/s  proxy peak RSS {f.proxy_rss_mb:6.1f} MB  "
+                      f"proxy CPU {f.proxy_cpu_s:5.2f} s", file=sys.stderr)
 
     def rate(hops: str) -> float:
         return statistics.median(f.mb_per_s for f in runs[hops])
