@@ -622,10 +622,7 @@ class FerryDecoder:
         if flags & ~(RUN_NAMED | RUN_FILL | RUN_QEMU_LAYOUT) or (kind == T_PAGES and flags & RUN_FILL) or (
                 kind == T_ZEROS and flags & RUN_QEMU_LAYOUT):
             raise DecodeError(f"unknown RAM frame flags {flags:#04x}", start, path)
-        try:
-            self._records.check_run(block, offset, count, ps, path)
-        except DecodeError as e:
-            raise DecodeError(e.message, start, path) from None
+        self._records.check_run(block, offset, count, ps, path, start)
         named = bool(flags & RUN_NAMED)
         if kind == T_PAGES and flags & RUN_QEMU_LAYOUT:
             records = tail

@@ -394,14 +394,15 @@ class RecordDecoder:
         self.seen_header = False
         self.block_lengths: dict[str, int] = {}  # from the MEM_SIZE records
 
-    def check_run(self, block: str, offset: int, count: int, ps: int, path: str) -> None:
+    def check_run(self, block: str, offset: int, count: int, ps: int, path: str, at: int | None = None) -> None:
         """A run of pages must lie inside a RAM block the stream sized: a count read from the input can then
-        never make a consumer (an encoder, a loader) write or allocate more than that block holds."""
+        never make a consumer (an encoder, a loader) write or allocate more than that block holds.  ``at`` is
+        the input offset an error names."""
         length = self.block_lengths.get(block)
         if length is None:
-            raise DecodeError(f"RAM pages of block {block!r}, which no MEM_SIZE record sized", None, path)
+            raise DecodeError(f"RAM pages of block {block!r}, which no MEM_SIZE record sized", at, path)
         if offset % ps or offset + count * ps > length:
-            raise DecodeError(f"{count} pages at {offset:#x} do not fit block {block!r} ({length:#x} bytes)", None,
+            raise DecodeError(f"{count} pages at {offset:#x} do not fit block {block!r} ({length:#x} bytes)", at,
                               path)
 
     def finish(self) -> None:
