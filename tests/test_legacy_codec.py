@@ -222,3 +222,27 @@ def test_mutated_stream_raises_only_decode_error(data):
     except DecodeError:
         return
     assert out == bytes(stream)  # whatever decodes must re-encode exactly
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_page_runs_decode_the_same_in_any_chunking(data):
+    """Runs of PAGE and ZERO records, broken by gaps and changes of kind at any place, read in chunks of any
+    size (the batched header check must stop exactly where a run ends, and never read past a chunk)."""
+    blocks = 96
+    offsets = sorted(data.draw(st.sets(st.integers(0, blocks - 1), min_size=1, max_size=blocks)))
+    zero = data.draw(st.lists(st.booleans(), min_size=len(offsets), max_size=len(offsets)))
+    ram = [RamZeros("pc.ram", o * PS, 1, i == 0) if z else RamPages("pc.ram", o * PS, 1, i == 0, data=page(o))
+           for i, (o, z) in enumerate(zip(offsets, zero))]
+    events = [Header(), IterBegin(SECTION_START, 2, "ram", 0, 4),
+              RamMemSize(blocks * PS, [RamBlock("pc.ram", blocks * PS)]), RamEos(), IterEnd(2, True),
+              IterBegin(SECTION_PART, 2), *ram, RamEos(), IterEnd(2, True), Eof()]
+    stream = build(events)
+    chunk = data.draw(st.integers(1, 40 * (8 + PS)))
+    decoded = decode(stream, chunk=chunk)
+    pages = [(ev.offset + i * PS, bytes(ev.page(i)))
+             for ev in decoded if isinstance(ev, RamPages) for i in range(ev.count)]
+    zeros = [ev.offset + i * PS for ev in decoded if isinstance(ev, RamZeros) for i in range(ev.count)]
+    assert pages == [(o * PS, page(o)) for o, z in zip(offsets, zero) if not z]
+    assert zeros == [o * PS for o, z in zip(offsets, zero) if z]
+    assert build(decoded) == stream

@@ -473,20 +473,19 @@ def _decode_page_run(w: Window, st: _State, addr: int, ps: int) -> RamPages | Ra
     end = len(buf)
     follow = kind | RAM_CONTINUE
     unpack = BE64.unpack_from
-    # Whole batches of records at once: one C call reads BATCH headers at their fixed stride.
-    batch = _batch_struct(step, kind)
-    span = BATCH * step
-    while pos + span <= end:
+    # Batches of records at once: one C call reads up to BATCH headers at their fixed stride (as many
+    # whole records as the buffer holds: a socket's chunks are often shorter than BATCH records).
+    while (n := min(BATCH, (end - pos) // step)) > 1:
         first = expect | follow
-        got = batch.unpack_from(buf, pos)
+        got = _batch_struct(step, kind, n).unpack_from(buf, pos)
         if kind == RAM_PAGE:
-            if got != tuple(range(first, first + BATCH * ps, ps)):
+            if got != tuple(range(first, first + n * ps, ps)):
                 break
-        elif got[0::2] != tuple(range(first, first + BATCH * ps, ps)) or any(got[1::2]) or fill_seen(buf, w.pos):
+        elif got[0::2] != tuple(range(first, first + n * ps, ps)) or any(got[1::2]) or fill_seen(buf, w.pos):
             break
-        pos += span
-        expect += BATCH * ps
-        count += BATCH
+        pos += n * step
+        expect += n * ps
+        count += n
     if kind == RAM_PAGE:
         while pos + step <= end and unpack(buf, pos)[0] == expect | follow:
             pos += step
@@ -513,17 +512,17 @@ def _decode_page_run(w: Window, st: _State, addr: int, ps: int) -> RamPages | Ra
 
 
 BATCH = 64
-_BATCH_STRUCTS: dict[tuple[int, int], struct.Struct] = {}
+_BATCH_STRUCTS: dict[tuple[int, int, int], struct.Struct] = {}
 
 
-def _batch_struct(step: int, kind: int) -> struct.Struct:
-    """BATCH big-endian headers at stride ``step`` (with each ZERO record's fill byte)."""
-    key = (step, kind)
+def _batch_struct(step: int, kind: int, count: int) -> struct.Struct:
+    """``count`` big-endian headers at stride ``step`` (with each ZERO record's fill byte)."""
+    key = (step, kind, count)
     found = _BATCH_STRUCTS.get(key)
     if found is None:
         one = "QB" if kind == RAM_ZERO else "Q"
         gap = step - struct.calcsize(">" + one)
-        found = struct.Struct(">" + f"{gap}x".join([one] * BATCH) + (f"{gap}x" if gap else ""))
+        found = struct.Struct(">" + f"{gap}x".join([one] * count) + (f"{gap}x" if gap else ""))
         _BATCH_STRUCTS[key] = found
     return found
 
