@@ -268,3 +268,45 @@ def test_when_the_destination_goes_away_the_source_is_closed(sockdir: Path) -> N
     except TransportError as e:
         assert "timed out" not in str(e)
     src.abort()
+
+
+def _ferry_stream() -> bytes:
+    from test_legacy_codec import full_stream
+    from vmferry.encode import ferry
+
+    return b"".join(bytes(c) for c in ferry.encode(full_stream()))
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda s: s[:200] + bytes([s[200] ^ 0xFF]) + s[201:], "CRC32C mismatch"),  # inside a frame
+    (lambda s: s[:40] + bytes([s[40] ^ 0xFF]) + s[41:], "corrupted frame header"),  # the first frame's length
+    (lambda s: s[:-40], "the stream ended while reading a ferry frame"),
+    (lambda s: s[:20], "the stream ended while reading the ferry header"),
+], ids=["corrupted-body", "corrupted-header", "truncated-frame", "truncated-header"])
+def test_damaged_ferry_input_fails_the_proxy_with_its_reason(sockdir: Path, damage, message: str) -> None:
+    """The proxy reads ferry input a frame at a time; damage anywhere still ends in one clear error."""
+    import threading
+
+    from vmferry.transport import listen
+
+    def send() -> None:
+        from vmferry.errors import TransportError
+
+        try:
+            _send(f"unix:{sockdir / 'p.sock'}", data)
+        except TransportError:  # the proxy closes the source's connection when it fails
+            pass
+
+    data = damage(_ferry_stream())
+    sink = listen(f"unix:{sockdir / 'sink.sock'}")
+    proxy = Proxy(f"unix:{sockdir / 'p.sock'}", f"unix:{sockdir / 'sink.sock'}", accept_timeout=30).bind()
+    proxy.start()
+    sender = threading.Thread(target=send)
+    sender.start()
+    with sink.accept(30) as got:
+        received = b"".join(got.chunks())
+    sink.close()
+    sender.join(30)
+    stats = proxy.join(30)
+    assert not stats.done and stats.error and message in stats.error, stats.error
+    assert len(received) < len(_ferry_stream())  # the destination never sees a whole stream

@@ -16,6 +16,7 @@ destination QEMU sees a truncated stream and refuses it.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
@@ -58,28 +59,39 @@ class ProxyStats:
                 "chunks": self.chunks, "error": self.error, "done": self.done}
 
 
-def _sniff_chunks(stream: ByteStream, size: int) -> tuple[str, Iterator[bytes]]:
+def _sniff_chunks(stream: ByteStream, size: int) -> tuple[str, Iterator[bytes | memoryview]]:
     """The stream's format (``legacy`` or ``ferry``) and all of its chunks, the sniffed head included."""
     head = b""
     while len(head) < 8:
-        data = stream.read(size)
+        data = stream.read(8 - len(head))
         if not data:
             break
         head += data
     if legacy.sniff(head):
-        fmt = "legacy"
-    elif ferry.sniff(head):
-        fmt = "ferry"
-    else:
-        raise ProxyError(f"{stream.name}: neither a QEMU migration stream nor a ferry stream "
-                         f"(starts with {head[:8].hex() or 'nothing'})")
+        return "legacy", itertools.chain([head], stream.chunks(size))
+    if ferry.sniff(head):
+        return "ferry", _ferry_chunks(stream, head, size)
+    raise ProxyError(f"{stream.name}: neither a QEMU migration stream nor a ferry stream "
+                     f"(starts with {head.hex() or 'nothing'})")
 
-    def chunks() -> Iterator[bytes]:
-        if head:
-            yield head
-        yield from stream.chunks(size)
 
-    return fmt, chunks()
+def _ferry_chunks(stream: ByteStream, head: bytes, size: int) -> Iterator[bytes | memoryview]:
+    """A ferry stream read a frame at a time: each chunk is one frame's body and the next frame's header,
+    so no body spans two chunks and the decoder joins nothing (a spanning body would be copied whole).
+    At a header that does not check out, the rest comes in plain chunks and the decoder says what is wrong."""
+    first = head + stream.read_exact(ferry.HEADER_LEN - len(head) + ferry.FRAME_HEADER_LEN, "the ferry header")
+    yield first
+    frame_head = first[-ferry.FRAME_HEADER_LEN:]
+    while (extent := ferry.frame_extent(frame_head)) is not None:
+        body, last = extent
+        buf = bytearray(body if last else body + ferry.FRAME_HEADER_LEN)
+        stream.read_into_exact(memoryview(buf), "a ferry frame")
+        chunk = memoryview(buf).toreadonly()  # read-only: the decoder keeps views instead of copying
+        yield chunk
+        if last:
+            return
+        frame_head = chunk[-ferry.FRAME_HEADER_LEN:]
+    yield from stream.chunks(size)
 
 
 def _ferry_events(chunks: Iterable[bytes], options: ferry.DecodeOptions) -> Iterator[Event]:

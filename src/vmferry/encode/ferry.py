@@ -216,6 +216,19 @@ def header(caps: int, payload: int = PAYLOAD_MSGPACK) -> bytes:
     return head + _BE32.pack(crc32c(head))
 
 
+FRAME_HEADER_LEN = 16
+
+
+def frame_extent(head: bytes | memoryview, max_body: int = MAX_BODY) -> tuple[int, bool] | None:
+    """The body length of the frame whose 16-byte header is ``head``, and whether it is the END frame;
+    None when the header is corrupted or its body over ``max_body`` (the decoder then says what is wrong)."""
+    (hcrc,) = _BE32.unpack_from(head, 12)
+    if crc32c(head[:12]) != hcrc:
+        return None
+    ftype, _, _, n, _ = _FRAME.unpack_from(head, 0)
+    return (n, ftype & 0x7F == T_END) if n <= max_body else None
+
+
 def frame_header(ftype: int, flags: int, body_len: int, body_crc: int) -> bytes:
     h = _FRAME.pack(ftype, flags, 0, body_len, body_crc)
     return h + _BE32.pack(crc32c(h))
