@@ -12,12 +12,18 @@ it runs the counting boot sector, whose busy-wait keeps one host CPU busy
   column) over tcp on loopback, as a migration between hosts would go;
 * QEMU -> proxy -> QEMU (one ``vmferry proxy`` process: QEMU's format in and
   out, device sections decoded and re-encoded);
-* QEMU -> proxy -> ferry over tcp -> proxy -> QEMU (two proxy processes).
+* QEMU -> proxy -> ferry over tcp -> proxy -> QEMU (two proxy processes);
+* for reference, the same places taken by byte pumps (benchmarks/_pump.py),
+  which move the bytes without looking at them: one pump copying
+  (recv/send), one splicing (zero copy), and two pumps of each kind with
+  tcp between them.  They show what any process in the path costs on this
+  machine before any decoding, so the proxy's own share is the gap between
+  its row and the pump's.
 
 A figure is MB (10^6 bytes) of QEMU's stream per second of wall time from
 ``migrate`` until the source reports ``completed``, after which the
 destination must run (or, for a stopped guest, hold the migrated state
-paused).  Each proxy is its own process, so its peak RSS is the
+paused).  Each proxy or pump is its own process, so its peak RSS is the
 kernel's (``wait4``).  Targets: one proxy >= 70% of direct, two proxies with
 ferry >= 50%, proxy peak RSS < 200 MB.
 
@@ -47,12 +53,28 @@ from vmferry.qemu_process import QemuVM, escape_option  # noqa: E402
 class Figure:
     seconds: float
     transferred: int
-    proxy_rss_mb: float  # the largest of the run's proxies
-    proxy_cpu_s: float  # user + system time of all its proxies, start-up included
+    stage_rss_mb: float  # the largest of the run's proxies or pumps
+    stage_cpu_s: float  # user + system time of all of them, start-up included
 
     @property
     def mb_per_s(self) -> float:
         return self.transferred / self.seconds / 1e6
+
+
+#: Each route's stages from the source on: ``legacy``/``ferry`` is a ``vmferry proxy`` writing that wire,
+#: ``copy``/``splice`` a byte pump (benchmarks/_pump.py).  The source reaches the first stage over a unix
+#: socket, stages reach each other over tcp (as between hosts), the last reaches the destination over unix.
+ROUTES: dict[str, list[str]] = {
+    "direct": [],
+    "direct-tcp": [],
+    "copy-pump": ["copy"],
+    "splice-pump": ["splice"],
+    "proxy": ["legacy"],
+    "copy-pumps": ["copy", "copy"],
+    "splice-pumps": ["splice", "splice"],
+    "ferry": ["ferry", "legacy"],
+}
+PUMPS = ("copy", "splice")
 
 
 def _free_port() -> int:
@@ -61,15 +83,20 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _start_proxy(listen: str, forward: str, wire: str) -> subprocess.Popen[bytes]:
-    """A ``vmferry proxy`` process, returned once it listens (its first line on stderr says so)."""
-    proc = subprocess.Popen(vmferry("proxy", "--listen", listen, "--forward", forward, "--wire", wire,
-                                    "--timeout", "120"), stderr=subprocess.PIPE)
+def _start_stage(kind: str, listen: str, forward: str) -> subprocess.Popen[bytes]:
+    """A ``vmferry proxy`` process (``kind`` is its wire, ``legacy`` or ``ferry``) or a byte pump (``copy`` or
+    ``splice``), returned once it listens (its first line on stderr says so)."""
+    if kind in PUMPS:
+        argv = [sys.executable, str(Path(__file__).with_name("_pump.py")), kind, "--listen", listen,
+                "--forward", forward]
+    else:
+        argv = vmferry("proxy", "--listen", listen, "--forward", forward, "--wire", kind, "--timeout", "120")
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE)
     assert proc.stderr is not None
     line = proc.stderr.readline().decode(errors="replace")
     if "listening on" not in line:
         proc.kill()
-        raise SystemExit(f"vmferry proxy did not start: {line.strip()}{proc.stderr.read().decode(errors='replace')}")
+        raise SystemExit(f"{kind} did not start: {line.strip()}{proc.stderr.read().decode(errors='replace')}")
     return proc
 
 
@@ -84,7 +111,7 @@ def _reap(proc: subprocess.Popen[bytes]) -> tuple[float, float]:
 
 
 def run(sockdir: Path, backing: Path, ram_bytes: int, hops: str, running: bool) -> Figure:
-    """One migration: ``hops`` is ``direct``, ``direct-tcp``, ``proxy`` or ``ferry``."""
+    """One migration along the route ``ROUTES[hops]``."""
     for stale in sockdir.iterdir():
         stale.unlink(missing_ok=True)
     # prealloc: both guests' RAM is faulted in before the clock starts, so page faults do not add noise
@@ -100,16 +127,12 @@ def run(sockdir: Path, backing: Path, ram_bytes: int, hops: str, running: bool) 
         dst.cmd("migrate-incoming", uri=dst_uri)
         procs: list[subprocess.Popen[bytes]] = []
         try:
-            if hops in ("direct", "direct-tcp"):
-                src_uri = dst_uri
-            elif hops == "proxy":
-                src_uri = f"unix:{sockdir / 'proxy.sock'}"
-                procs.append(_start_proxy(src_uri, dst_uri, "legacy"))
-            else:
-                link = f"tcp:127.0.0.1:{_free_port()}"
-                procs.append(_start_proxy(link, dst_uri, "legacy"))
-                src_uri = f"unix:{sockdir / 'proxy.sock'}"
-                procs.append(_start_proxy(src_uri, link, "ferry"))
+            forward = dst_uri  # started from the destination back, so each stage's forward URI listens
+            for i, kind in reversed(list(enumerate(ROUTES[hops]))):
+                listen = f"unix:{sockdir / 'proxy.sock'}" if i == 0 else f"tcp:127.0.0.1:{_free_port()}"
+                procs.append(_start_stage(kind, listen, forward))
+                forward = listen
+            src_uri = forward
             if running:
                 src.wait_for_count(2, timeout=60)
             src.set_params({"max-bandwidth": 1 << 40})
@@ -145,24 +168,28 @@ def main() -> int:
                     help="the source guest never started (default) or running its counting loop")
     args = ap.parse_args()
     ram_bytes = parse_size(args.ram)
-    runs: dict[str, list[Figure]] = {"direct": [], "direct-tcp": [], "proxy": [], "ferry": []}
+    runs: dict[str, list[Figure]] = {hops: [] for hops in ROUTES}
     with random_ram(args.workdir / "proxy-qemu-ram.bin", ram_bytes) as (backing, sockdir):
         for i in range(args.repeat):
             for hops in runs:
                 f = run(sockdir, backing, ram_bytes, hops, args.guest == "running")
                 runs[hops].append(f)
-                print(f"  run {i + 1} {hops:<10} {f.transferred / 1e6:8.1f} MB {f.seconds:6.3f} s "
-                      f"{f.mb_per_s:7.0f} MB/s  proxy peak RSS {f.proxy_rss_mb:6.1f} MB  "
-                      f"proxy CPU {f.proxy_cpu_s:5.2f} s", file=sys.stderr)
+                print(f"  run {i + 1} {hops:<12} {f.transferred / 1e6:8.1f} MB {f.seconds:6.3f} s "
+                      f"{f.mb_per_s:7.0f} MB/s  stage peak RSS {f.stage_rss_mb:6.1f} MB  "
+                      f"stages' CPU {f.stage_cpu_s:5.2f} s", file=sys.stderr)
 
     def rate(hops: str) -> float:
         return statistics.median(f.mb_per_s for f in runs[hops])
 
     anchor, tcp_anchor = rate("direct"), rate("direct-tcp")
-    rss = max(f.proxy_rss_mb for hops in ("proxy", "ferry") for f in runs[hops])
+    rss = max(f.stage_rss_mb for hops in ("proxy", "ferry") for f in runs[hops])
     rows = [("QEMU -> QEMU over unix (anchor)", "direct", None),
             ("QEMU -> QEMU over tcp", "direct-tcp", None),
+            ("QEMU -> copy pump -> QEMU (no decoding)", "copy-pump", None),
+            ("QEMU -> splice pump -> QEMU (no decoding)", "splice-pump", None),
             ("QEMU -> proxy -> QEMU", "proxy", 0.70),
+            ("QEMU -> pump -> tcp -> pump -> QEMU (copy)", "copy-pumps", None),
+            ("QEMU -> pump -> tcp -> pump -> QEMU (splice)", "splice-pumps", None),
             ("QEMU -> proxy -> ferry -> proxy -> QEMU", "ferry", 0.50)]
     print(f"\n{'migration of a ' + args.guest + ' ' + args.ram + ' random-RAM guest':<44} {'MB/s':>7} "
           f"{'vs unix':>8} {'vs tcp':>7}")
