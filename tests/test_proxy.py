@@ -310,3 +310,63 @@ def test_damaged_ferry_input_fails_the_proxy_with_its_reason(sockdir: Path, dama
     stats = proxy.join(30)
     assert not stats.done and stats.error and message in stats.error, stats.error
     assert len(received) < len(_ferry_stream())  # the destination never sees a whole stream
+
+
+def _paged_stream(pages: int = 600) -> bytes:
+    """A QEMU stream with runs of random pages broken by zero pages and gaps, ending in a device section."""
+    import json
+    import random
+
+    from test_legacy_codec import build, timer_section
+    from vmferry.events import (SECTION_PART, SECTION_START, Eof, Header, IterBegin, IterEnd, RamBlock, RamEos,
+                                RamMemSize, RamPages, RamZeros, Vmdesc)
+
+    rng = random.Random(7)
+    ram: list = []
+    offset = 0
+    while sum(r.count for r in ram) < pages:
+        n = rng.randint(1, 90)
+        if rng.random() < 0.2:
+            ram.append(RamZeros("pc.ram", offset * 4096, n, not ram))
+        else:
+            ram.append(RamPages("pc.ram", offset * 4096, n, not ram, data=rng.randbytes(n * 4096)))
+        offset += n + rng.choice((0, 0, 3))
+    size = offset * 4096
+    dev = timer_section()
+    return build([Header(), IterBegin(SECTION_START, 2, "ram", 0, 4), RamMemSize(size, [RamBlock("pc.ram", size)]),
+                  RamEos(), IterEnd(2, True), IterBegin(SECTION_PART, 2), *ram, RamEos(), IterEnd(2, True), dev,
+                  Eof(), Vmdesc(json.dumps({"page_size": 4096, "devices": [dev.desc]}).encode())])
+
+
+@pytest.mark.parametrize("write_size", [1 << 20, 4097, 61])
+def test_page_runs_are_spliced_through_and_the_stream_is_unchanged(sockdir: Path, write_size: int) -> None:
+    """QEMU's format in and out between unix sockets: the page runs go through a pipe (splice), whatever sizes
+    the sender writes in; the output is the input, byte for byte."""
+    import threading
+
+    from vmferry.transport import connect, listen
+
+    data = _paged_stream()
+
+    def send() -> None:
+        with connect(f"unix:{sockdir / 'p.sock'}") as s:
+            for i in range(0, len(data), write_size):
+                s.write(data[i:i + write_size])
+            s.close_write()
+            while s.read(4096):
+                pass
+
+    sink = listen(f"unix:{sockdir / 'sink.sock'}")
+    proxy = Proxy(f"unix:{sockdir / 'p.sock'}", f"unix:{sockdir / 'sink.sock'}", accept_timeout=30).bind()
+    proxy.start()
+    sender = threading.Thread(target=send)
+    sender.start()
+    with sink.accept(30) as got:
+        received = b"".join(got.chunks())
+    sink.close()
+    sender.join(30)
+    stats = proxy.join(30)
+    assert stats.done, stats.error
+    assert received == data
+    assert stats.bytes_out == len(data)
+    assert stats.bytes_spliced > len(data) // 2  # most of it: every page run still in the pipe

@@ -198,6 +198,8 @@ class RamPages:
     The pages are available either as ``data`` (``count * page_size``
     contiguous bytes) or as ``legacy`` (the exact QEMU record bytes of the run,
     headers included); decoders fill whichever they have without copying.
+    ``at`` is where ``legacy`` starts in the decoded input, when it is a slice
+    of it (the proxy forwards such runs without copying them).
     """
 
     block: str
@@ -207,6 +209,7 @@ class RamPages:
     page_size: int = 4096
     data: memoryview | bytes | None = None
     legacy: memoryview | bytes | None = None
+    at: int | None = field(default=None, compare=False, repr=False)
 
     def page(self, i: int) -> memoryview:
         """Page ``i`` of the run, as a view (no copy)."""

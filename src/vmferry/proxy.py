@@ -25,7 +25,8 @@ from .caps import Cap
 from .encode import ferry, legacy
 from .errors import DecodeError, FerryError, TransportError
 from .events import Event
-from .transport import CHUNK, ByteStream, Listener, TlsOptions, connect, listen, parse_uri
+from .splice import PipedInput, can_splice, write_legacy
+from .transport import CHUNK, ByteStream, Listener, SocketStream, TlsOptions, connect, listen, parse_uri
 
 WIRES = ("legacy", "ferry")
 
@@ -50,17 +51,17 @@ class ProxyStats:
     input_format: str = ""
     bytes_in: int = 0
     bytes_out: int = 0
-    chunks: int = 0
+    bytes_spliced: int = 0  # of bytes_out, page runs spliced from socket to socket
     error: str | None = None
     done: bool = False
 
     def as_dict(self) -> dict[str, object]:
         return {"input_format": self.input_format, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
-                "chunks": self.chunks, "error": self.error, "done": self.done}
+                "bytes_spliced": self.bytes_spliced, "error": self.error, "done": self.done}
 
 
-def _sniff_chunks(stream: ByteStream, size: int) -> tuple[str, Iterator[bytes | memoryview]]:
-    """The stream's format (``legacy`` or ``ferry``) and all of its chunks, the sniffed head included."""
+def _sniff(stream: ByteStream) -> tuple[str, bytes]:
+    """The stream's format (``legacy`` or ``ferry``) and the 8 bytes read to tell."""
     head = b""
     while len(head) < 8:
         data = stream.read(8 - len(head))
@@ -68,9 +69,9 @@ def _sniff_chunks(stream: ByteStream, size: int) -> tuple[str, Iterator[bytes | 
             break
         head += data
     if legacy.sniff(head):
-        return "legacy", itertools.chain([head], stream.chunks(size))
+        return "legacy", head
     if ferry.sniff(head):
-        return "ferry", _ferry_chunks(stream, head, size)
+        return "ferry", head
     raise ProxyError(f"{stream.name}: neither a QEMU migration stream nor a ferry stream "
                      f"(starts with {head.hex() or 'nothing'})")
 
@@ -81,7 +82,7 @@ def _ferry_chunks(stream: ByteStream, head: bytes, size: int) -> Iterator[bytes 
     At a header that does not check out, the rest comes in plain chunks and the decoder says what is wrong."""
     first = head + stream.read_exact(ferry.HEADER_LEN - len(head) + ferry.FRAME_HEADER_LEN, "the ferry header")
     yield first
-    frame_head = first[-ferry.FRAME_HEADER_LEN:]
+    frame_head: bytes | memoryview = first[-ferry.FRAME_HEADER_LEN:]
     while (extent := ferry.frame_extent(frame_head)) is not None:
         body, last = extent
         buf = bytearray(body if last else body + ferry.FRAME_HEADER_LEN)
@@ -94,7 +95,7 @@ def _ferry_chunks(stream: ByteStream, head: bytes, size: int) -> Iterator[bytes 
     yield from stream.chunks(size)
 
 
-def _ferry_events(chunks: Iterable[bytes], options: ferry.DecodeOptions) -> Iterator[Event]:
+def _ferry_events(chunks: Iterable[bytes | memoryview], options: ferry.DecodeOptions) -> Iterator[Event]:
     """Like :func:`vmferry.encode.ferry.decode`, but done at the END frame without waiting for the
     sender to close: TLS has no half-close, so the sending proxy cannot say where the stream ends."""
     dec = ferry.FerryDecoder(options)
@@ -117,13 +118,11 @@ def _ferry_events(chunks: Iterable[bytes], options: ferry.DecodeOptions) -> Iter
         raise DecodeError(str(e), dec.offset, "$") from None
 
 
-def transcode(chunks: Iterable[bytes], input_format: str, wire: str = "legacy", machine: str | None = None,
-              from_machine: str | None = None, *, compress: str = "none",
-              observe: Callable[[Event], None] | None = None) -> Iterator[bytes | memoryview]:
-    """The output chunks for the input ``chunks`` of ``input_format``, re-encoded as ``wire``.
-
-    ``compress`` applies to a ferry wire; ``observe`` sees every event as it arrives (before the transforms).
-    """
+def transcode_events(chunks: Iterable[bytes | memoryview], input_format: str, wire: str = "legacy",
+                     machine: str | None = None, from_machine: str | None = None, *,
+                     observe: Callable[[Event], None] | None = None) -> Iterator[Event]:
+    """The events of the input ``chunks`` of ``input_format``, converted to ``machine`` (to be written as
+    ``wire``); ``observe`` sees every event as it arrives (before the transforms)."""
     if wire not in WIRES:
         raise ProxyError(f"unknown wire format {wire!r} (known: {', '.join(WIRES)})")
     events: Iterable[Event]
@@ -142,6 +141,17 @@ def transcode(chunks: Iterable[bytes], input_format: str, wire: str = "legacy", 
         if from_machine:
             registry.release(from_machine)
         events = transform_events(events, registry, machine, from_machine)
+    return iter(events)
+
+
+def transcode(chunks: Iterable[bytes | memoryview], input_format: str, wire: str = "legacy",
+              machine: str | None = None, from_machine: str | None = None, *, compress: str = "none",
+              observe: Callable[[Event], None] | None = None) -> Iterator[bytes | memoryview]:
+    """The output chunks for the input ``chunks`` of ``input_format``, re-encoded as ``wire``.
+
+    ``compress`` applies to a ferry wire; ``observe`` sees every event as it arrives (before the transforms).
+    """
+    events = transcode_events(chunks, input_format, wire, machine, from_machine, observe=observe)
     return legacy.encode(events) if wire == "legacy" else ferry.encode(events, compress=compress)
 
 
@@ -285,11 +295,16 @@ class Proxy:
         assert self._listener is not None
         source = self._track(self._listener.accept(self.accept_timeout, cancelled=lambda: self._closed))
         self._close_listener()
-        fmt, chunks = _sniff_chunks(source, self.chunk_size)
+        fmt, head = _sniff(source)
         self.stats.input_format = fmt
         dest = self._track(connect(parse_uri(self.forward_uri, self.tls), timeout=self.connect_timeout))
-        dest.write_chunks(self._count(transcode(chunks, fmt, self.wire, self.machine, self.from_machine,
-                                                   compress=self.compress, observe=self.observe)))
+        if fmt == "legacy" and self.wire == "legacy" and can_splice(source, dest):
+            self._splice_through(source, head, dest)  # type: ignore[arg-type]
+        else:
+            chunks = itertools.chain([head], source.chunks(self.chunk_size)) if fmt == "legacy" else \
+                _ferry_chunks(source, head, self.chunk_size)
+            dest.write_chunks(transcode(chunks, fmt, self.wire, self.machine, self.from_machine,
+                                        compress=self.compress, observe=self.observe))
         dest.close_write()
         self.stats.bytes_in = source.bytes_read
         self.stats.bytes_out = dest.bytes_written
@@ -306,10 +321,17 @@ class Proxy:
             s.close()
         self.stats.done = True
 
-    def _count(self, chunks: Iterable[bytes | memoryview]) -> Iterator[bytes | memoryview]:
-        for c in chunks:
-            self.stats.chunks += 1
-            yield c
+    def _splice_through(self, source: SocketStream, head: bytes, dest: SocketStream) -> None:
+        """QEMU's format in and out between plain sockets: page runs are spliced (see :mod:`vmferry.splice`)."""
+        piped = PipedInput(source, dest, len(head), self.chunk_size)
+        try:
+            events = transcode_events(itertools.chain([head], piped.chunks()), "legacy", "legacy", self.machine,
+                                      self.from_machine, observe=self.observe)
+            write_legacy(events, piped)
+        finally:
+            piped.close()
+            self.stats.bytes_spliced = piped.spliced
 
 
-__all__ = ["QEMU_CAPABILITIES", "Proxy", "ProxyError", "ProxyStats", "WIRES", "capabilities", "transcode"]
+__all__ = ["QEMU_CAPABILITIES", "Proxy", "ProxyError", "ProxyStats", "WIRES", "capabilities", "transcode",
+           "transcode_events"]

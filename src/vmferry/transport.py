@@ -218,7 +218,7 @@ class ByteStream:
         try:
             self._write(data)
         except OSError as e:
-            raise self._error("write to", e) from None
+            raise self.error("write to", e) from None
         self.bytes_written += len(data)
 
     def writev(self, parts: list[Any]) -> None:
@@ -226,7 +226,7 @@ class ByteStream:
         try:
             self._writev(parts)
         except OSError as e:
-            raise self._error("write to", e) from None
+            raise self.error("write to", e) from None
         self.bytes_written += sum(len(p) for p in parts)
 
     def write_chunks(self, chunks: Iterable[bytes | bytearray | memoryview], batch: int = SEND_BATCH) -> None:
@@ -250,7 +250,7 @@ class ByteStream:
         try:
             data = self._read(n)
         except OSError as e:
-            raise self._error("read from", e) from None
+            raise self.error("read from", e) from None
         self.bytes_read += len(data)
         return data
 
@@ -270,7 +270,7 @@ class ByteStream:
             try:
                 n = self._read_into(view[got:])
             except OSError as e:
-                raise self._error("read from", e) from None
+                raise self.error("read from", e) from None
             if not n:
                 raise TransportError(f"{self.name}: the stream ended while reading {what} "
                                      f"({got} of {len(view)} bytes)")
@@ -319,7 +319,8 @@ class ByteStream:
         view[:len(data)] = data
         return len(data)
 
-    def _error(self, doing: str, e: OSError) -> TransportError:
+    def error(self, doing: str, e: OSError) -> TransportError:
+        """The TransportError to raise for ``e``, met while trying to ``doing`` this stream."""
         if isinstance(e, (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)) or \
                 e.errno in (errno.EPIPE, errno.ECONNRESET):
             return TransportError(f"{self.name}: the peer closed the connection ({e.strerror or e})")
@@ -375,7 +376,7 @@ class SocketStream(ByteStream):
                 return  # TLS has no half-close; the return-path protocol says where the stream ends
             self.sock.shutdown(socket.SHUT_WR)
         except OSError as e:
-            raise self._error("close", e) from None
+            raise self.error("close", e) from None
 
     def close(self) -> None:
         if not self.closed:
@@ -414,7 +415,7 @@ class FileStream(ByteStream):
         try:
             self.f.flush()
         except OSError as e:
-            raise self._error("write to", e) from None
+            raise self.error("write to", e) from None
 
     def close(self) -> None:
         if not self.closed:
@@ -422,7 +423,7 @@ class FileStream(ByteStream):
             try:
                 self.f.close()
             except OSError as e:
-                raise self._error("close", e) from None
+                raise self.error("close", e) from None
 
 
 class ExecStream(FileStream):
@@ -438,7 +439,7 @@ class ExecStream(FileStream):
             try:
                 self.proc.stdin.close()
             except OSError as e:
-                raise self._error("close", e) from None
+                raise self.error("close", e) from None
 
     def close(self, timeout: float = 60.0) -> None:
         if self.closed:

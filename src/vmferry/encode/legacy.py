@@ -491,7 +491,8 @@ def _decode_page_run(w: Window, st: _State, addr: int, ps: int) -> RamPages | Ra
             pos += step
             expect += ps
             count += 1
-        run: RamPages | RamZeros = RamPages(block, offset, count, named, ps, legacy=w.view[rec_start:pos])
+        run: RamPages | RamZeros = RamPages(block, offset, count, named, ps, legacy=w.view[rec_start:pos],
+                                            at=w.base + rec_start)
     else:
         first_fill = buf[w.pos]
         fill = bytearray([first_fill]) if first_fill else None
@@ -569,6 +570,13 @@ FLUSH_AT = 1 << 16
 
 def encode(events: Iterable[Event]) -> Iterator[bytes | memoryview]:
     """Encode events as a QEMU stream; yields chunks (big page runs as views, uncopied)."""
+    for piece in encode_pieces(events):
+        yield piece.legacy if isinstance(piece, RamPages) else piece  # type: ignore[misc]
+
+
+def encode_pieces(events: Iterable[Event]) -> Iterator[bytes | RamPages]:
+    """Like :func:`encode`, but a page run that carries its QEMU records comes out as the event itself, for a
+    writer that can forward those bytes another way (the proxy splices them)."""
     out = bytearray()
     for ev in events:
         if isinstance(ev, RamPages):
@@ -576,7 +584,7 @@ def encode(events: Iterable[Event]) -> Iterator[bytes | memoryview]:
                 if out:
                     yield bytes(out)
                     out.clear()
-                yield ev.legacy
+                yield ev
                 continue
             _encode_pages(out, ev)
         else:

@@ -1,0 +1,195 @@
+"""Page runs forwarded from one socket to another without passing through user space (Linux ``splice``).
+
+A proxy that writes QEMU's format sends most of what it reads on unchanged:
+the RAM page runs.  :class:`PipedInput` moves its socket's bytes into a pipe
+with ``splice(2)`` (which frees the sender at once, as a ``recv`` would),
+duplicates them into a second pipe with ``tee(2)`` and reads only that copy
+for the decoder.  :meth:`PipedInput.forward` then splices a run that is
+still in the first pipe straight to the output socket, where reading and
+writing it again would copy it twice.  Everything else (re-encoded records,
+and any run no longer in the pipe) is written from the decoded copy, so the
+output is the same bytes either way.
+
+The pipe is consumed strictly in order: a run is spliced only when nothing
+after its start has been consumed, and the bytes before it are dropped.
+Before each new read all but the last 8 KiB read so far leave the pipe, so
+a page record cut by the end of one chunk is still there to be spliced.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import functools
+import os
+import select
+import ssl
+from typing import Callable, Iterable, Iterator
+
+from .encode import legacy
+from .errors import TransportError
+from .events import Event, RamPages
+from .transport import CHUNK, SEND_BATCH, ByteStream, SocketStream
+
+F_SETPIPE_SZ = 1031
+F_GETPIPE_SZ = 1032
+KEEP = 8 << 10  # bytes already read that stay in the pipe: more than a page record
+
+
+def can_splice(source: ByteStream, dest: ByteStream) -> bool:
+    """Both ends are plain sockets (TLS encrypts in user space, so its bytes must pass through it) on a system
+    with ``splice`` and ``tee`` (Linux)."""
+    return _libc_tee() is not None and hasattr(os, "splice") and all(
+        isinstance(s, SocketStream) and not isinstance(s.sock, ssl.SSLSocket) for s in (source, dest))
+
+
+@functools.cache
+def _libc_tee() -> Callable[[int, int, int, int], int] | None:
+    """The C library's ``tee`` (Python's os module has ``splice`` but no ``tee``), or None."""
+    try:
+        tee = ctypes.CDLL(None, use_errno=True).tee
+    except (OSError, AttributeError):
+        return None
+    tee.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_size_t, ctypes.c_uint]
+    tee.restype = ctypes.c_ssize_t
+    return tee  # type: ignore[no-any-return]
+
+
+class PipedInput:
+    """The rest of ``source`` (whose first ``start`` bytes were already read) as chunks for a decoder, and its
+    page runs forwarded to ``dest``."""
+
+    def __init__(self, source: SocketStream, dest: SocketStream, start: int, size: int = CHUNK) -> None:
+        self.source = source
+        self.dest = dest
+        self._start = self._end = 0  # the input bytes accepted by forward() and not yet spliced
+        self.consumed = start  # input offset of the first byte still in the pipe
+        self.seen = start  # input offset of the end of what was handed to the decoder
+        self.spliced = 0
+        tee = _libc_tee()
+        assert tee is not None, "can_splice() says whether PipedInput can be used"
+        self._tee = tee
+        self._held = os.pipe()  # the input, until forwarded or dropped
+        self._copy = os.pipe()  # its duplicate, read for the decoder
+        self._null = os.open(os.devnull, os.O_WRONLY)
+        self.size = min(size, *(_widen(p[1], size) for p in (self._held, self._copy)))
+
+    def chunks(self) -> Iterator[bytes]:
+        sock_fd = self.source.sock.fileno()
+        held_r, held_w = self._held
+        copy_r, copy_w = self._copy
+        room = select.poll()
+        room.register(held_w, select.POLLOUT)
+        while True:
+            self.flush()
+            # Keep the last few KiB read: a page record cut by the chunk's end is forwarded with the next chunk.
+            self._drop_to(self.seen - KEEP)
+            if not room.poll(0):
+                # No free slot: a splice would wait for room only this process can make.  Never seen (the
+                # kernel packs small writes into whole pages), but a wait here would hang: keep nothing.
+                self._drop_to(self.seen)
+            try:
+                n = os.splice(sock_fd, held_w, self.size - (self.seen - self.consumed))
+            except OSError as e:
+                raise self.source.error("read from", e) from None
+            if not n:
+                return
+            # tee duplicates from the head of the pipe: the kept bytes too, which leave the copy at once
+            kept = self.seen - self.consumed
+            if self._tee(held_r, copy_w, kept + n, 0) != kept + n:
+                raise TransportError(f"{self.source.name}: tee: {os.strerror(ctypes.get_errno() or errno.EIO)}")
+            while kept:
+                kept -= os.splice(copy_r, self._null, kept)
+            parts = []
+            left = n
+            while left:
+                part = os.read(copy_r, left)
+                parts.append(part)
+                left -= len(part)
+            self.seen += n
+            self.source.bytes_read += n
+            yield parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def forward(self, at: int, n: int) -> bool:
+        """Splice input bytes ``at .. at + n`` to the output, after what was forwarded before; False (nothing
+        done) when they are no longer held.  Adjacent runs are spliced together (see :meth:`flush`)."""
+        if at < max(self.consumed, self._end) or at + n > self.seen:
+            return False
+        if at != self._end:
+            self.flush()
+            self._start = at
+        self._end = at + n
+        return True
+
+    def flush(self) -> None:
+        """Splice what :meth:`forward` accepted: before anything else is written, and before the next read."""
+        at, n = self._start, self._end - self._start
+        if not n:
+            return
+        self._start = self._end
+        self._drop_to(at)
+        held_r = self._held[0]
+        dst_fd = self.dest.sock.fileno()
+        left = n
+        try:
+            while left:
+                left -= os.splice(held_r, dst_fd, left)
+        except OSError as e:
+            raise self.dest.error("forward to", e) from None
+        self.consumed += n
+        self.dest.bytes_written += n
+        self.spliced += n
+
+    def close(self) -> None:
+        for fd in (*self._held, *self._copy, self._null):
+            os.close(fd)
+
+    def _drop_to(self, offset: int) -> None:
+        """Drop the bytes before input ``offset`` from the pipe (up to it, if they are still there)."""
+        try:
+            while self.consumed < offset:
+                self.consumed += os.splice(self._held[0], self._null, offset - self.consumed)
+        except OSError as e:
+            raise TransportError(f"{self.source.name}: cannot drop bytes from the pipe: {e.strerror or e}") from None
+
+
+def _widen(fd: int, size: int) -> int:
+    """Grow a pipe to ``size`` bytes as far as allowed (``fs.pipe-max-size``); its size."""
+    try:
+        fcntl.fcntl(fd, F_SETPIPE_SZ, size)
+    except OSError:
+        pass
+    return fcntl.fcntl(fd, F_GETPIPE_SZ)
+
+
+def write_legacy(events: Iterable[Event], source: PipedInput) -> None:
+    """Write ``events`` to ``source.dest`` in QEMU's format, splicing the page runs ``source`` still holds."""
+    dest = source.dest
+    parts: list[bytes | memoryview] = []
+    size = 0
+    for piece in legacy.encode_pieces(events):
+        if isinstance(piece, RamPages):
+            assert piece.legacy is not None
+            if piece.at is not None:
+                if parts:  # what came before the run goes first
+                    dest.writev(parts)
+                    parts, size = [], 0
+                if source.forward(piece.at, len(piece.legacy)):
+                    continue
+            data: bytes | memoryview = piece.legacy
+        else:
+            data = piece
+        if not parts:
+            source.flush()  # the runs forwarded so far go before these bytes
+        parts.append(data)
+        size += len(data)
+        if size >= SEND_BATCH or len(parts) >= 256:
+            dest.writev(parts)
+            parts, size = [], 0
+    source.flush()
+    if parts:
+        dest.writev(parts)
+
+
+__all__ = ["PipedInput", "can_splice", "write_legacy"]
