@@ -25,7 +25,7 @@ import pytest
 
 from vmferry.cli import main
 from vmferry.guest import parse_counts
-from vmferry.proxy import Proxy, ProxyError
+from vmferry.proxy import Proxy, ProxyError, ProxyStats
 from vmferry.qemu_process import QemuVM
 from vmferry.transport import TlsOptions
 
@@ -196,14 +196,39 @@ def test_proxy_refuses_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None
 # ----------------------------------------------------------------- without QEMU
 
 
-def _send(uri: str, data: bytes) -> None:
+def _send(uri: str, data: bytes, piece: int = 65536) -> None:
+    """Send ``data`` in writes of ``piece`` bytes, then wait for the receiver to close.  A proxy that fails
+    closes the connection, which is not this sender's error."""
+    from vmferry.errors import TransportError
     from vmferry.transport import connect
 
-    with connect(uri) as s:
-        s.write_chunks(data[i:i + 65536] for i in range(0, len(data), 65536))
-        s.close_write()
-        while s.read(4096):
-            pass
+    try:
+        with connect(uri) as s:
+            for i in range(0, len(data), piece):
+                s.write(data[i:i + piece])
+            s.close_write()
+            while s.read(4096):
+                pass
+    except TransportError:
+        pass
+
+
+def _through_one_proxy(sockdir: Path, data: bytes, piece: int = 65536) -> tuple[bytes, ProxyStats]:
+    """``data`` sent through one proxy (QEMU's format out) to a unix socket: what arrived, and the proxy's stats."""
+    import threading
+
+    from vmferry.transport import listen
+
+    sink = listen(f"unix:{sockdir / 'sink.sock'}")
+    proxy = Proxy(f"unix:{sockdir / 'p.sock'}", f"unix:{sockdir / 'sink.sock'}", accept_timeout=30).bind()
+    proxy.start()
+    sender = threading.Thread(target=_send, args=(f"unix:{sockdir / 'p.sock'}", data, piece))
+    sender.start()
+    with sink.accept(30) as got:
+        received = b"".join(got.chunks())
+    sink.close()
+    sender.join(30)
+    return received, proxy.join(30)
 
 
 @pytest.fixture(params=["tcp", "tls"])
@@ -285,29 +310,7 @@ def _ferry_stream() -> bytes:
 ], ids=["corrupted-body", "corrupted-header", "truncated-frame", "truncated-header"])
 def test_damaged_ferry_input_fails_the_proxy_with_its_reason(sockdir: Path, damage, message: str) -> None:
     """The proxy reads ferry input a frame at a time; damage anywhere still ends in one clear error."""
-    import threading
-
-    from vmferry.transport import listen
-
-    def send() -> None:
-        from vmferry.errors import TransportError
-
-        try:
-            _send(f"unix:{sockdir / 'p.sock'}", data)
-        except TransportError:  # the proxy closes the source's connection when it fails
-            pass
-
-    data = damage(_ferry_stream())
-    sink = listen(f"unix:{sockdir / 'sink.sock'}")
-    proxy = Proxy(f"unix:{sockdir / 'p.sock'}", f"unix:{sockdir / 'sink.sock'}", accept_timeout=30).bind()
-    proxy.start()
-    sender = threading.Thread(target=send)
-    sender.start()
-    with sink.accept(30) as got:
-        received = b"".join(got.chunks())
-    sink.close()
-    sender.join(30)
-    stats = proxy.join(30)
+    received, stats = _through_one_proxy(sockdir, damage(_ferry_stream()))
     assert not stats.done and stats.error and message in stats.error, stats.error
     assert len(received) < len(_ferry_stream())  # the destination never sees a whole stream
 
@@ -342,30 +345,8 @@ def _paged_stream(pages: int = 600) -> bytes:
 def test_page_runs_are_spliced_through_and_the_stream_is_unchanged(sockdir: Path, write_size: int) -> None:
     """QEMU's format in and out between unix sockets: the page runs go through a pipe (splice), whatever sizes
     the sender writes in; the output is the input, byte for byte."""
-    import threading
-
-    from vmferry.transport import connect, listen
-
     data = _paged_stream()
-
-    def send() -> None:
-        with connect(f"unix:{sockdir / 'p.sock'}") as s:
-            for i in range(0, len(data), write_size):
-                s.write(data[i:i + write_size])
-            s.close_write()
-            while s.read(4096):
-                pass
-
-    sink = listen(f"unix:{sockdir / 'sink.sock'}")
-    proxy = Proxy(f"unix:{sockdir / 'p.sock'}", f"unix:{sockdir / 'sink.sock'}", accept_timeout=30).bind()
-    proxy.start()
-    sender = threading.Thread(target=send)
-    sender.start()
-    with sink.accept(30) as got:
-        received = b"".join(got.chunks())
-    sink.close()
-    sender.join(30)
-    stats = proxy.join(30)
+    received, stats = _through_one_proxy(sockdir, data, write_size)
     assert stats.done, stats.error
     assert received == data
     assert stats.bytes_out == len(data)
