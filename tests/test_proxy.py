@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -213,14 +213,14 @@ def _send(uri: str, data: bytes, piece: int = 65536) -> None:
         pass
 
 
-def _through_one_proxy(sockdir: Path, data: bytes, piece: int = 65536) -> tuple[bytes, ProxyStats]:
+def _through_one_proxy(sockdir: Path, data: bytes, piece: int = 65536, **options: Any) -> tuple[bytes, ProxyStats]:
     """``data`` sent through one proxy (QEMU's format out) to a unix socket: what arrived, and the proxy's stats."""
     import threading
 
     from vmferry.transport import listen
 
     sink = listen(f"unix:{sockdir / 'sink.sock'}")
-    proxy = Proxy(f"unix:{sockdir / 'p.sock'}", f"unix:{sockdir / 'sink.sock'}", accept_timeout=30).bind()
+    proxy = Proxy(f"unix:{sockdir / 'p.sock'}", f"unix:{sockdir / 'sink.sock'}", accept_timeout=30, **options).bind()
     proxy.start()
     sender = threading.Thread(target=_send, args=(f"unix:{sockdir / 'p.sock'}", data, piece))
     sender.start()
@@ -351,3 +351,14 @@ def test_page_runs_are_spliced_through_and_the_stream_is_unchanged(sockdir: Path
     assert received == data
     assert stats.bytes_out == len(data)
     assert stats.bytes_spliced > len(data) // 2  # most of it: every page run still in the pipe
+
+
+def test_a_pipe_of_one_page_still_carries_the_stream_unchanged(sockdir: Path) -> None:
+    """A pipe of one page is full after any read, so the proxy keeps nothing in it (else it would wait for room
+    forever); no page record fits one read, so none is spliced: all are written from the decoded copy, and the
+    output is still the input."""
+    data = _paged_stream(60)
+    received, stats = _through_one_proxy(sockdir, data, chunk_size=4096)
+    assert stats.done, stats.error
+    assert received == data
+    assert stats.bytes_spliced == 0

@@ -8,8 +8,10 @@ another machine type with :mod:`vmferry.compat`, and writes it on to
 or in ``ferry`` (for a second proxy near the destination).
 
 RAM flows through as views of the received chunks, never copied per page;
-QEMU's device sections are held by the decoder until the vmdesc at the end of
-the stream describes them.  When either side fails the proxy closes both, so
+between two plain sockets with QEMU's format in and out, page runs do not
+pass through the proxy's memory at all (:mod:`vmferry.splice`).  QEMU's
+device sections are held by the decoder until the vmdesc at the end of the
+stream describes them.  When either side fails the proxy closes both, so
 the source QEMU sees its migration fail and keeps its guest running, and the
 destination QEMU sees a truncated stream and refuses it.
 """

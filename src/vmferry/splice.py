@@ -73,7 +73,8 @@ class PipedInput:
         self._held = os.pipe()  # the input, until forwarded or dropped
         self._copy = os.pipe()  # its duplicate, read for the decoder
         self._null = os.open(os.devnull, os.O_WRONLY)
-        self.size = min(size, *(_widen(p[1], size) for p in (self._held, self._copy)))
+        # Equal sizes, so that whatever the first pipe holds, tee finds room for it in the empty second one.
+        self.size = _resize(self._held[1], _resize(self._copy[1], _resize(self._held[1], size)))
 
     def chunks(self) -> Iterator[bytes]:
         sock_fd = self.source.sock.fileno()
@@ -86,8 +87,8 @@ class PipedInput:
             # Keep the last few KiB read: a page record cut by the chunk's end is forwarded with the next chunk.
             self._drop_to(self.seen - KEEP)
             if not room.poll(0):
-                # No free slot: a splice would wait for room only this process can make.  Never seen (the
-                # kernel packs small writes into whole pages), but a wait here would hang: keep nothing.
+                # No free slot (a pipe of a page, or kept bytes in many small buffers): a splice would wait for
+                # room only this process can make, so keep nothing.
                 self._drop_to(self.seen)
             try:
                 n = os.splice(sock_fd, held_w, self.size - (self.seen - self.consumed))
@@ -154,8 +155,8 @@ class PipedInput:
             raise TransportError(f"{self.source.name}: cannot drop bytes from the pipe: {e.strerror or e}") from None
 
 
-def _widen(fd: int, size: int) -> int:
-    """Grow a pipe to ``size`` bytes as far as allowed (``fs.pipe-max-size``); its size."""
+def _resize(fd: int, size: int) -> int:
+    """Set a pipe's size to ``size`` bytes as far as allowed (``fs.pipe-max-size``); its size then."""
     try:
         fcntl.fcntl(fd, F_SETPIPE_SZ, size)
     except OSError:

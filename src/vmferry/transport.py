@@ -320,7 +320,7 @@ class ByteStream:
         return len(data)
 
     def error(self, doing: str, e: OSError) -> TransportError:
-        """The TransportError to raise for ``e``, met while trying to ``doing`` this stream."""
+        """The TransportError to raise for ``e``, met while ``doing`` this stream (e.g. "read from")."""
         if isinstance(e, (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)) or \
                 e.errno in (errno.EPIPE, errno.ECONNRESET):
             return TransportError(f"{self.name}: the peer closed the connection ({e.strerror or e})")
