@@ -362,3 +362,32 @@ def test_a_pipe_of_one_page_still_carries_the_stream_unchanged(sockdir: Path) ->
     assert stats.done, stats.error
     assert received == data
     assert stats.bytes_spliced == 0
+
+
+def test_the_proxy_command_says_how_much_it_spliced(sockdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import threading
+
+    from vmferry.transport import listen
+
+    data = _paged_stream(60)
+    sink = listen(f"unix:{sockdir / 'sink.sock'}")
+    result: list[int] = []
+    command = threading.Thread(target=lambda: result.append(main(
+        ["proxy", "--listen", f"unix:{sockdir / 'p.sock'}", "--forward", f"unix:{sockdir / 'sink.sock'}",
+         "--timeout", "30"])))
+    command.start()
+    deadline = time.monotonic() + 30
+    while not (sockdir / "p.sock").exists():
+        assert time.monotonic() < deadline, "vmferry proxy did not listen"
+        time.sleep(0.01)
+    sender = threading.Thread(target=_send, args=(f"unix:{sockdir / 'p.sock'}", data))
+    sender.start()
+    with sink.accept(30) as got:
+        received = b"".join(got.chunks())
+    sink.close()
+    sender.join(30)
+    command.join(30)
+    assert result == [0] and received == data
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"vmferry proxy: legacy in, {len(data)} bytes -> legacy out, {len(data)} bytes (")
+    assert last.endswith(" of them spliced)")

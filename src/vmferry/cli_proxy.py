@@ -39,8 +39,9 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         json.dump(stats.as_dict(), sys.stdout)
         sys.stdout.write("\n")
     elif not args.quiet:
+        spliced = f" ({stats.bytes_spliced} of them spliced)" if stats.bytes_spliced else ""
         print(f"vmferry proxy: {stats.input_format} in, {stats.bytes_in} bytes -> {args.wire} out, "
-              f"{stats.bytes_out} bytes", file=sys.stderr)
+              f"{stats.bytes_out} bytes{spliced}", file=sys.stderr)
     return 0
 
 

@@ -199,7 +199,8 @@ class RamPages:
     contiguous bytes) or as ``legacy`` (the exact QEMU record bytes of the run,
     headers included); decoders fill whichever they have without copying.
     ``at`` is where ``legacy`` starts in the decoded input, when it is a slice
-    of it (the proxy forwards such runs without copying them).
+    of it (the proxy forwards such runs without copying them); a transform
+    that changes the records must not keep it.
     """
 
     block: str
