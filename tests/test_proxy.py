@@ -213,14 +213,16 @@ def _send(uri: str, data: bytes, piece: int = 65536) -> None:
         pass
 
 
-def _through_one_proxy(sockdir: Path, data: bytes, piece: int = 65536, **options: Any) -> tuple[bytes, ProxyStats]:
-    """``data`` sent through one proxy (QEMU's format out) to a unix socket: what arrived, and the proxy's stats."""
+def _through_one_proxy(sockdir: Path, data: bytes, piece: int = 65536, sink_uri: str = "unix:",
+                       **options: Any) -> tuple[bytes, ProxyStats]:
+    """``data`` sent through one proxy (QEMU's format out) to ``sink_uri`` (default: a unix socket): what
+    arrived, and the proxy's stats."""
     import threading
 
     from vmferry.transport import listen
 
-    sink = listen(f"unix:{sockdir / 'sink.sock'}")
-    proxy = Proxy(f"unix:{sockdir / 'p.sock'}", f"unix:{sockdir / 'sink.sock'}", accept_timeout=30, **options).bind()
+    sink = listen(f"unix:{sockdir / 'sink.sock'}" if sink_uri == "unix:" else sink_uri)
+    proxy = Proxy(f"unix:{sockdir / 'p.sock'}", sink.uri, accept_timeout=30, **options).bind()
     proxy.start()
     sender = threading.Thread(target=_send, args=(f"unix:{sockdir / 'p.sock'}", data, piece))
     sender.start()
@@ -351,6 +353,15 @@ def test_page_runs_are_spliced_through_and_the_stream_is_unchanged(sockdir: Path
     assert received == data
     assert stats.bytes_out == len(data)
     assert stats.bytes_spliced > len(data) // 2  # most of it: every page run still in the pipe
+
+
+def test_page_runs_are_copied_into_a_tcp_socket(sockdir: Path) -> None:
+    """Spliced into tcp, pages measured slower than copied: towards tcp the proxy copies."""
+    data = _paged_stream(60)
+    received, stats = _through_one_proxy(sockdir, data, sink_uri="tcp:127.0.0.1:0")
+    assert stats.done, stats.error
+    assert received == data
+    assert stats.bytes_spliced == 0
 
 
 def test_a_pipe_of_one_page_still_carries_the_stream_unchanged(sockdir: Path) -> None:

@@ -1,4 +1,4 @@
-"""Page runs forwarded from one socket to another without passing through user space (Linux ``splice``).
+"""Page runs forwarded from a socket to a unix socket without passing through user space (Linux ``splice``).
 
 A proxy that writes QEMU's format sends most of what it reads on unchanged:
 the RAM page runs.  :class:`PipedInput` moves its socket's bytes into a pipe
@@ -24,6 +24,7 @@ import fcntl
 import functools
 import os
 import select
+import socket
 import ssl
 from typing import Callable, Iterable, Iterator
 
@@ -38,10 +39,12 @@ KEEP = 8 << 10  # bytes already read that stay in the pipe: more than a page rec
 
 
 def can_splice(source: ByteStream, dest: ByteStream) -> bool:
-    """Both ends are plain sockets (TLS encrypts in user space, so its bytes must pass through it) on a system
-    with ``splice`` and ``tee`` (Linux)."""
-    return _libc_tee() is not None and hasattr(os, "splice") and all(
-        isinstance(s, SocketStream) and not isinstance(s.sock, ssl.SSLSocket) for s in (source, dest))
+    """Whether to splice: from a plain socket (TLS decrypts in user space, so its bytes must pass through it)
+    to a unix socket, on a system with ``splice`` and ``tee`` (Linux).  Spliced into a tcp socket, pages
+    measured slower than copied (the ferry path, tried so, fell from 42% to 22% of direct; docs/design-notes.md)."""
+    return (_libc_tee() is not None and hasattr(os, "splice") and isinstance(source, SocketStream)
+            and not isinstance(source.sock, ssl.SSLSocket) and isinstance(dest, SocketStream)
+            and dest.sock.family == socket.AF_UNIX)
 
 
 @functools.cache
