@@ -69,6 +69,7 @@ from ..serialize.qemu_vmdesc import load_json, schemas_from_vmdesc
 from ..serialize.schema import SchemaSet, Vmsd
 from ..serialize.visitor import LegacyReader, LegacyWriter
 from .configuration import CONFIGURATION_VMSD
+from .scan import leading_pages, leading_zeros
 from .window import Window
 
 NAME = "legacy"
@@ -473,19 +474,17 @@ def _decode_page_run(w: Window, st: _State, addr: int, ps: int) -> RamPages | Ra
     end = len(buf)
     follow = kind | RAM_CONTINUE
     unpack = BE64.unpack_from
-    # Batches of records at once: one C call reads up to BATCH headers at their fixed stride (as many
-    # whole records as the buffer holds: a socket's chunks are often shorter than BATCH records).
-    while (n := min(BATCH, (end - pos) // step)) > 1:
+    # All the whole records the buffer holds, checked at once (vmferry.encode.scan): the headers are read through
+    # a strided view, so page data is never touched, and a socket's short chunks are handled the same way.
+    if (n := (end - pos) // step) > 0:
         first = expect | follow
-        got = _batch_struct(step, kind, n).unpack_from(buf, pos)
         if kind == RAM_PAGE:
-            if got != tuple(range(first, first + n * ps, ps)):
-                break
-        elif got[0::2] != tuple(range(first, first + n * ps, ps)) or any(got[1::2]) or fill_seen(buf, w.pos):
-            break
-        pos += n * step
-        expect += n * ps
-        count += n
+            m = leading_pages(w.view, pos, n, step, first, ps)
+        else:
+            m = 0 if fill_seen(buf, w.pos) else leading_zeros(w.view, pos, n, first, ps)
+        pos += m * step
+        expect += m * ps
+        count += m
     if kind == RAM_PAGE:
         while pos + step <= end and unpack(buf, pos)[0] == expect | follow:
             pos += step
@@ -510,22 +509,6 @@ def _decode_page_run(w: Window, st: _State, addr: int, ps: int) -> RamPages | Ra
         run = RamZeros(block, offset, count, named, ps, bytes(fill) if fill is not None else None)
     w.pos = pos
     return run
-
-
-BATCH = 64
-_BATCH_STRUCTS: dict[tuple[int, int, int], struct.Struct] = {}
-
-
-def _batch_struct(step: int, kind: int, count: int) -> struct.Struct:
-    """``count`` big-endian headers at stride ``step`` (with each ZERO record's fill byte)."""
-    key = (step, kind, count)
-    found = _BATCH_STRUCTS.get(key)
-    if found is None:
-        one = "QB" if kind == RAM_ZERO else "Q"
-        gap = step - struct.calcsize(">" + one)
-        found = struct.Struct(">" + f"{gap}x".join([one] * count) + (f"{gap}x" if gap else ""))
-        _BATCH_STRUCTS[key] = found
-    return found
 
 
 def fill_seen(buf: bytes | memoryview, first_fill_at: int) -> bool:
