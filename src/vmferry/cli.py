@@ -152,7 +152,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
         options = {"compress": args.compress} if args.compress is not None else {}
         try:
             with _output(args.output) as out:
-                out.writelines(target.encode(events, **options))
+                if args.to == "legacy":  # page runs leave as they came: copied by the kernel from a file input
+                    from .copyout import write_pieces
+                    from .encode.legacy import encode_pieces
+
+                    write_pieces(encode_pieces(events), out, inp.file if inp.format == "legacy" else None)
+                else:
+                    out.writelines(target.encode(events, **options))
         except OSError as e:
             if isinstance(e, BrokenPipeError):
                 return EXIT_OK

@@ -26,7 +26,7 @@ from .serialize.qemu_vmdesc import (
 from .serialize.schema import SchemaSet
 
 CHUNK = 4 << 20
-MAP_WINDOW = 32 << 20
+MAP_WINDOW = 16 << 20  # a multiple of 2 MiB: a file cached in huge folios is then mapped by PMDs
 SNIFF_BYTES = 64
 
 
@@ -38,6 +38,8 @@ class Input:
     format: str
     size: int | None
     name: str
+    #: the opened input when it is a regular file: byte offsets in the stream are offsets in it (RamPages.at)
+    file: BinaryIO | None = None
 
 
 def read_chunks(f: BinaryIO, first: bytes = b"", chunk: int = CHUNK,
@@ -122,7 +124,7 @@ def open_input(path: str, progress: Callable[[int], None] | None = None) -> Inpu
             if f is not sys.stdin.buffer:
                 f.close()
 
-    return Input(chunks(), fmt, size, path)
+    return Input(chunks(), fmt, size, path, f if size else None)
 
 
 def read_stream_vmdesc(path: str) -> bytes | None:
