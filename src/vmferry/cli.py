@@ -143,13 +143,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
     target = encode.codec(args.to)
     if args.compress is not None and args.to != "ferry":
         raise UsageError("--compress applies to --to ferry only")
+    if args.per_frame and args.compress in (None, "none"):
+        raise UsageError("--per-frame applies to --compress zstd or lz4 only")
     if args.input != "-" and args.output != "-" and os.path.abspath(args.input) == os.path.abspath(args.output):
         raise UsageError("input and output are the same file")
     size = os.path.getsize(args.input) if args.input != "-" and os.path.isfile(args.input) else None
     with _progress(f"{args.to}", size, not args.quiet) as advance:
         inp = _open(args.input, advance)
         events = decode_input(inp, schema, target=args.to)
-        options = {"compress": args.compress} if args.compress is not None else {}
+        options: dict[str, Any] = {"compress": args.compress} if args.compress is not None else {}
+        if args.compress in ("zstd", "lz4"):
+            options["groups"] = not args.per_frame  # GROUP frames (docs/format.md §2.4) unless asked otherwise
         try:
             with _output(args.output) as out:
                 if args.to == "legacy":  # page runs leave as they came: copied by the kernel from a file input
@@ -218,7 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--to", required=True, choices=encode.names(), help="output format")
     conv.add_argument("--schema", metavar="FILE", help=schema_help)
     conv.add_argument("--compress", choices=["none", "zstd", "lz4"],
-                      help="compress each frame of a ferry stream (default none)")
+                      help="compress a ferry stream: runs of frames together in GROUP frames (default none)")
+    conv.add_argument("--per-frame", action="store_true",
+                      help="with --compress, compress each frame on its own instead (larger; readable by ferry "
+                           "readers that predate GROUP frames)")
     conv.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     conv.set_defaults(func=cmd_convert)
 

@@ -34,11 +34,13 @@ from ..events import (
     RamRecord,
     RamZeros,
 )
+from . import bcj
 from .records import NATIVE, RecordDecoder, RecordEncoder, UnknownFrame
 
 NAME = "ferry"
 CAP = Cap.CODEC_FERRY
-FEATURES = Cap.FERRY_FRAMING | Cap.FRAME_CRC32C | Cap.ZSTD | Cap.LZ4 | Cap.SELF_DESCRIBING
+FEATURES = (Cap.FERRY_FRAMING | Cap.FRAME_CRC32C | Cap.ZSTD | Cap.LZ4 | Cap.SELF_DESCRIBING | Cap.FRAME_GROUPS
+            | Cap.X86_FILTER)
 REQUIRES = ("msgpack", "crc32c")  # zstandard and lz4 only for --compress
 MAGIC = b"\x89FRY\r\n\x1a\n"
 FORMAT_VERSION = 1
@@ -52,8 +54,10 @@ T_SCHEMA = 0x02
 T_DEVICE = 0x03
 T_PAGES = 0x10
 T_ZEROS = 0x11
+T_GROUP = 0x20
 T_END = 0x7F
 FRAME_NAMES = {T_RECORD: "RECORD", T_SCHEMA: "SCHEMA", T_DEVICE: "DEVICE", T_PAGES: "PAGES", T_ZEROS: "ZEROS",
+               T_GROUP: "GROUP",
                T_END: "END"}
 
 COMP_NONE = 0
@@ -63,7 +67,8 @@ COMP_MASK = 0x03
 COMPRESSIONS = {"none": COMP_NONE, "zstd": COMP_ZSTD, "lz4": COMP_LZ4}
 COMPRESSION_CAPS = {COMP_ZSTD: Cap.ZSTD, COMP_LZ4: Cap.LZ4}
 # Bits a version-1 stream may set in its header.
-STREAM_CAPS = Cap.FERRY_FRAMING | Cap.FRAME_CRC32C | Cap.ZSTD | Cap.LZ4 | Cap.SELF_DESCRIBING
+STREAM_CAPS = (Cap.FERRY_FRAMING | Cap.FRAME_CRC32C | Cap.ZSTD | Cap.LZ4 | Cap.SELF_DESCRIBING | Cap.FRAME_GROUPS
+               | Cap.X86_FILTER)
 
 MAX_BODY = 64 << 20
 PAGES_PER_FRAME = 256
@@ -78,6 +83,12 @@ _BE32 = struct.Struct(">I")
 RUN_NAMED = 0x01
 RUN_FILL = 0x02
 RUN_QEMU_LAYOUT = 0x04  # PAGES: the pages as QEMU's own PAGE records (docs/format.md §2.2)
+RUN_X86 = 0x08  # PAGES, packed: the data went through xz's x86 branch filter, from the run's offset (§2.2)
+
+# GROUP frames (docs/format.md §2.4): frames compressed together, written once their frames reach GROUP_BYTES.
+GROUP_BYTES = 4 << 20
+PROBE_BYTES = 16 << 10  # page data whose first bytes do not shrink by PROBE_GAIN goes in a frame of its own
+PROBE_GAIN = 0.95
 
 
 def sniff(head: bytes) -> bool:
@@ -151,9 +162,33 @@ def _decompressor(kind: int) -> Callable[[bytes, int], bytes]:
     return lambda data, n: lz4.block.decompress(data, uncompressed_size=n)
 
 
+def _group_compressor(kind: int, level: int | None) -> Callable[[Any], bytes]:
+    """The compressor of GROUP frames: for zstd, parameters chosen on QEMU streams (firmware code, device state,
+    schemas) rather than a level: optimal parsing with a short search and matches from 3 bytes, over the whole
+    group; ``level`` picks zstd's own parameters instead."""
+    if kind != COMP_ZSTD or level is not None:
+        return _compressor(kind, level)
+    try:
+        import zstandard
+    except ImportError:
+        raise EncodeError("--compress zstd needs the zstd extra (pip install 'vmferry[zstd]')") from None
+    params = zstandard.ZstdCompressionParameters(window_log=22, chain_log=18, hash_log=17, search_log=3, min_match=3,
+                                                 target_length=16, strategy=zstandard.STRATEGY_BTOPT)
+    return zstandard.ZstdCompressor(compression_params=params).compress
+
+
+def _probe() -> Callable[[Any], bytes] | None:
+    """A fast compressor that tells incompressible page data (random, encrypted, already compressed)."""
+    try:
+        import zstandard
+    except ImportError:
+        return None
+    return zstandard.ZstdCompressor(level=1).compress
+
+
 def available_caps() -> Cap:
     """The stream features this installation can read and write."""
-    mask = Cap.FERRY_FRAMING | Cap.FRAME_CRC32C | Cap.SELF_DESCRIBING
+    mask = Cap.FERRY_FRAMING | Cap.FRAME_CRC32C | Cap.SELF_DESCRIBING | Cap.FRAME_GROUPS | Cap.X86_FILTER
     for cap, mod in ((Cap.ZSTD, "zstandard"), (Cap.LZ4, "lz4.block")):
         try:
             __import__(mod)
@@ -235,17 +270,38 @@ def frame_header(ftype: int, flags: int, body_len: int, body_crc: int) -> bytes:
 
 
 class _Writer:
-    def __init__(self, compress: str, level: int | None) -> None:
+    def __init__(self, compress: str, level: int | None, groups: bool = False) -> None:
         if compress not in COMPRESSIONS:
             raise EncodeError(f"unknown compression {compress!r}; choose one of {', '.join(COMPRESSIONS)}")
         self.comp = COMPRESSIONS[compress]
-        self.compressor = _compressor(self.comp, level) if self.comp else None
+        self.groups = groups and self.comp != COMP_NONE
+        self.compressor = None
+        if self.groups:
+            self.group_compressor = _group_compressor(self.comp, level)
+            self.probe = _probe()
+        elif self.comp:
+            self.compressor = _compressor(self.comp, level)
+        self.group = bytearray()  # the frames of the open group, CRCs zero (docs/format.md §2.4)
         self.packb = _msgpack().packb
         self.totals = Totals()
         self.records = RecordEncoder(NATIVE, schema_table=True)
 
+    @property
+    def caps(self) -> Cap:
+        caps = Cap.FERRY_FRAMING | Cap.FRAME_CRC32C | Cap.SELF_DESCRIBING | COMPRESSION_CAPS.get(self.comp, Cap(0))
+        return caps | Cap.FRAME_GROUPS | Cap.X86_FILTER if self.groups else caps
+
     def frame(self, ftype: int, parts: list[Any], size: int, compressible: bool = True) -> Iterator[Any]:
-        """Yield one frame whose body is the concatenation of ``parts`` (``size`` bytes)."""
+        """Yield one frame whose body is the concatenation of ``parts`` (``size`` bytes).
+
+        With groups, a compressible frame joins the open group instead (written by :meth:`flush_group`); any
+        other frame is written after the open group, to keep the order.
+        """
+        if self.groups:
+            if compressible:
+                yield from self._grouped(ftype, parts, size)
+                return
+            yield from self.flush_group()
         flags = 0
         if self.compressor is not None and compressible and size >= COMPRESS_MIN:
             raw = parts[0] if len(parts) == 1 else b"".join(parts)
@@ -265,6 +321,44 @@ class _Writer:
         self.totals.frames += 1
         self.totals.stream_bytes += 16 + size
 
+    def _grouped(self, ftype: int, parts: list[Any], size: int) -> Iterator[Any]:
+        if size > MAX_BODY:
+            raise EncodeError(f"a {FRAME_NAMES.get(ftype & 0x7F, 'frame')} frame of {size} bytes exceeds {MAX_BODY}")
+        self.group += _FRAME.pack(ftype, 0, 0, size, 0)
+        self.group += bytes(4)
+        for p in parts:
+            self.group += p
+        self.totals.frames += 1
+        if len(self.group) >= GROUP_BYTES:
+            yield from self.flush_group()
+
+    def flush_group(self) -> Iterator[Any]:
+        """Write the open group as one GROUP frame, compressed unless that would not make it smaller."""
+        if not self.group:
+            return
+        raw = bytes(self.group)
+        self.group.clear()
+        packed = self.group_compressor(raw)
+        flags, parts = 0, [raw]
+        if len(packed) + 4 < len(raw):
+            flags, parts = self.comp, [_BE32.pack(len(raw)), packed]
+        size = sum(len(p) for p in parts)
+        c = 0
+        for p in parts:
+            c = crc32c(p, c)
+        yield frame_header(MUST_UNDERSTAND | T_GROUP, flags, size, c)
+        yield from parts
+        self.totals.frames += 1
+        self.totals.stream_bytes += 16 + size
+
+    def _incompressible(self, ev: RamPages, start: int, n: int) -> bool:
+        """Whether the first pages of ``ev[start:start + n]`` do not compress (then no group takes them)."""
+        if self.probe is None:
+            return False
+        k = min(n, max(1, PROBE_BYTES // ev.page_size))
+        sample = b"".join([ev.page(i) for i in range(start, start + k)])
+        return len(self.probe(sample)) > PROBE_GAIN * len(sample)
+
     def record_frames(self, ev: Any) -> Iterator[Any]:
         for rec in self.records.records(ev):
             t = rec["t"]
@@ -283,6 +377,17 @@ class _Writer:
         for start in range(0, ev.count, per):
             n = min(per, ev.count - start)
             flags = RUN_NAMED if ev.named and start == 0 else 0
+            if self.groups and not self._incompressible(ev, start, n):
+                # Packed pages in the group: QEMU's record headers would only cost bytes (the reader rebuilds
+                # them); code goes through the x86 filter, which makes its call targets repeat.
+                data = whole[start * ps:(start + n) * ps] if whole is not None else \
+                    b"".join([ev.page(i) for i in range(start, start + n)])
+                if bcj.looks_like_x86(data):
+                    data = bcj.encode_pages(data, ev.offset + start * ps)
+                    flags |= RUN_X86
+                head = _RUN.pack(ev.offset + start * ps, n, ps, flags, len(name)) + name
+                yield from self._grouped(MUST_UNDERSTAND | T_PAGES, [head, data], len(head) + len(data))
+                continue
             if records is not None:
                 # QEMU's records as they came: a slice of the input, nothing copied.
                 begin = 0 if start == 0 else ev.page_start(start) - 8
@@ -293,7 +398,8 @@ class _Writer:
             else:
                 data = b"".join([ev.page(i) for i in range(start, start + n)])
             head = _RUN.pack(ev.offset + start * ps, n, ps, flags, len(name)) + name
-            yield from self.frame(MUST_UNDERSTAND | T_PAGES, [head, data], len(head) + len(data))
+            yield from self.frame(MUST_UNDERSTAND | T_PAGES, [head, data], len(head) + len(data),
+                                  compressible=not self.groups)
 
     def zeros(self, ev: RamZeros) -> Iterator[Any]:
         name = ev.block.encode("latin-1")
@@ -304,14 +410,17 @@ class _Writer:
         yield from self.frame(MUST_UNDERSTAND | T_ZEROS, [body], len(body))
 
 
-def encode(events: Iterable[Event], compress: str = "none", level: int | None = None) -> Iterator[bytes | memoryview]:
+def encode(events: Iterable[Event], compress: str = "none", level: int | None = None,
+           groups: bool = False) -> Iterator[bytes | memoryview]:
     """Encode events as a ferry stream; ``compress`` is ``none``, ``zstd`` or ``lz4``.
 
-    Yields chunks: frame headers, and page data as views of the events' buffers.
+    ``groups`` (with a compression) compresses runs of frames together in GROUP frames, page data packed and
+    x86 code filtered (docs/format.md §2.4): much smaller, readable by readers that know the ``frame-groups`` and
+    ``x86-filter`` capabilities (older ones refuse the stream, naming them).  Without it every frame is
+    compressed on its own.  Yields chunks: frame headers, and page data as views of the events' buffers.
     """
-    w = _Writer(compress, level)
-    caps = Cap.FERRY_FRAMING | Cap.FRAME_CRC32C | Cap.SELF_DESCRIBING | COMPRESSION_CAPS.get(w.comp, Cap(0))
-    head = header(caps)
+    w = _Writer(compress, level, groups)
+    head = header(w.caps)
     w.totals.stream_bytes = len(head)
     yield head
     for ev in events:
@@ -321,6 +430,8 @@ def encode(events: Iterable[Event], compress: str = "none", level: int | None = 
         elif isinstance(ev, RamZeros):
             yield from w.zeros(ev)
         elif isinstance(ev, UnknownFrame):
+            if w.groups:
+                yield from w.flush_group()
             c = crc32c(ev.body)
             yield frame_header(ev.type, ev.flags, len(ev.body), c)
             yield ev.body
@@ -328,6 +439,8 @@ def encode(events: Iterable[Event], compress: str = "none", level: int | None = 
             w.totals.stream_bytes += 16 + len(ev.body)
         else:
             yield from w.record_frames(ev)
+    if w.groups:
+        yield from w.flush_group()
     body = w.totals.pack()
     yield frame_header(MUST_UNDERSTAND | T_END, 0, len(body), crc32c(body))
     yield body
@@ -393,6 +506,8 @@ class FerryDecoder:
         self._unpackb: Any = None
         self._decompress: dict[int, Callable[[bytes, int], bytes]] = {}
         self.frames_skipped = 0
+        self._inner = 0  # bytes left of the GROUP being read (its frames are at the head of the buffer)
+        self._group_at = 0  # offset of that GROUP frame in the stream
 
     # --- input
     def feed(self, data: bytes | bytearray | memoryview) -> None:
@@ -454,7 +569,10 @@ class FerryDecoder:
 
     def _consume(self, n: int) -> None:
         self._have -= n
-        self._offset += n
+        if self._inner:  # bytes of a GROUP's frames are not stream bytes: the GROUP frame was consumed as a whole
+            self._inner -= n
+        else:
+            self._offset += n
         while n:
             c = self._chunks[0]
             if len(c) <= n:
@@ -545,6 +663,8 @@ class FerryDecoder:
         return True
 
     def _frame(self) -> bool:
+        if self._inner:
+            return self._grouped_frame()
         start = self._offset
         fh = self._peek(16)
         if fh is None:
@@ -573,6 +693,42 @@ class FerryDecoder:
             body = _join_after(parts, _RUN.size + fixed[-1])
         else:
             body = memoryview(b"".join(parts))
+        return self._handle(ftype, flags, reserved, n, body, start)
+
+    def _grouped_frame(self) -> bool:
+        """The next frame inside a GROUP (docs/format.md §2.4): no CRCs of its own, within the group's bytes."""
+        start = self._group_at
+        if self._inner < 16:
+            raise DecodeError("a GROUP frame ends inside the header of a frame it holds", start, "$")
+        fh = self._peek(16)
+        assert fh is not None  # the group's bytes are all buffered
+        ftype, flags, reserved, n, bcrc = _FRAME.unpack_from(fh, 0)
+        (hcrc,) = _BE32.unpack_from(fh, 12)
+        name = FRAME_NAMES.get(ftype & 0x7F, f"type {ftype & 0x7F:#04x}")
+        if bcrc or hcrc:
+            raise DecodeError(f"{name} frame inside a GROUP carries CRCs (they must be zero)", start, "$")
+        if 16 + n > self._inner:
+            raise DecodeError(f"{name} frame of {n} bytes runs past the end of its GROUP", start, "$")
+        if ftype & 0x7F in (T_GROUP, T_END) or flags & COMP_MASK:
+            raise DecodeError(f"a GROUP frame holds a {name} frame (flags {flags:#04x})", start, "$")
+        parts = self._span(16, n)
+        body = parts[0] if len(parts) == 1 else memoryview(b"".join(parts))
+        return self._handle(ftype, flags, reserved, n, body, start)
+
+    def _enter_group(self, body: memoryview, start: int) -> None:
+        """Put a GROUP's frames (decompressed) at the head of the buffer, to be read as frames."""
+        if not self.caps & Cap.FRAME_GROUPS:
+            raise DecodeError("GROUP frame in a stream whose header does not announce frame-groups", start, "$")
+        if len(body):
+            self._chunks.insert(0, body)
+            self._have += len(body)
+            self._inner = len(body)
+            self._group_at = start
+
+    def _handle(self, ftype: int, flags: int, reserved: int, n: int, body: Any, start: int) -> bool:
+        """Act on one whole frame (its CRCs checked) and consume it."""
+        kind = ftype & 0x7F
+        name = FRAME_NAMES.get(kind, f"type {kind:#04x}")
         known = kind in FRAME_NAMES and not flags & ~COMP_MASK and flags & COMP_MASK != 3 and not reserved
         if not known:
             if ftype & MUST_UNDERSTAND:
@@ -588,6 +744,11 @@ class FerryDecoder:
             body = self._inflate(flags & COMP_MASK, body, start, name)
         if kind == T_END:
             self._end(body, start)
+        elif kind == T_GROUP:
+            self._totals.frames += 1
+            self._consume(16 + n)
+            self._enter_group(body, start)
+            return True
         else:
             self._totals.frames += 1
             if kind == T_PAGES or kind == T_ZEROS:
@@ -632,9 +793,13 @@ class FerryDecoder:
             raise DecodeError(f"implausible page size {ps}", start, path)
         if count == 0:
             raise DecodeError("RAM frame of no pages", start, path)
-        if flags & ~(RUN_NAMED | RUN_FILL | RUN_QEMU_LAYOUT) or (kind == T_PAGES and flags & RUN_FILL) or (
-                kind == T_ZEROS and flags & RUN_QEMU_LAYOUT):
+        if flags & ~(RUN_NAMED | RUN_FILL | RUN_QEMU_LAYOUT | RUN_X86) or (kind == T_PAGES and flags & RUN_FILL) or (
+                kind == T_ZEROS and flags & (RUN_QEMU_LAYOUT | RUN_X86)) or (
+                flags & RUN_X86 and flags & RUN_QEMU_LAYOUT):
             raise DecodeError(f"unknown RAM frame flags {flags:#04x}", start, path)
+        if flags & RUN_X86 and not self.caps & Cap.X86_FILTER:
+            raise DecodeError("x86-filtered PAGES frame in a stream whose header does not announce x86-filter",
+                              start, path)
         self._records.check_run(block, offset, count, ps, path, start)
         named = bool(flags & RUN_NAMED)
         if kind == T_PAGES and flags & RUN_QEMU_LAYOUT:
@@ -644,7 +809,7 @@ class FerryDecoder:
         if kind == T_PAGES:
             if len(tail) != count * ps:
                 raise DecodeError(f"PAGES frame holds {len(tail)} bytes for {count} pages of {ps}", start, path)
-            data = tail
+            data = memoryview(bcj.decode_pages(tail, offset)) if flags & RUN_X86 else tail
             run = RamPages(block, offset, count, named, ps, data=data)
             if self.opts.legacy_records:
                 run.legacy = legacy_page_records(block, offset, count, named, ps, data)

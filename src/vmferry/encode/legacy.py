@@ -69,7 +69,7 @@ from ..serialize.qemu_vmdesc import load_json, schemas_from_vmdesc
 from ..serialize.schema import SchemaSet, Vmsd
 from ..serialize.visitor import LegacyReader, LegacyWriter
 from .configuration import CONFIGURATION_VMSD
-from .scan import leading_pages, leading_zeros
+from .scan import leading_pages, leading_zeros, zero_records
 from .window import Window
 
 NAME = "legacy"
@@ -702,6 +702,16 @@ def _encode_pages(out: bytearray, ev: RamPages) -> None:
 def _encode_zeros(out: bytearray, ev: RamZeros) -> None:
     ps = ev.page_size
     fill = ev.fill
+    aligned = ps > 0 and not ps & (ps - 1) and not ev.offset % ps and ev.offset + ev.count * ps <= 1 << 64
+    if aligned and ev.count > 1 and (fill is None or len(fill) == ev.count):
+        # The first record (which may name the block) by hand, the others in one go (vmferry.encode.scan).
+        out += BE64.pack(ev.offset | RAM_ZERO | (0 if ev.named else RAM_CONTINUE))
+        if ev.named:
+            _put_cstr(out, ev.block, "$.ram")
+        out.append(fill[0] if fill is not None else 0)
+        out += zero_records((ev.offset + ps) | RAM_ZERO | RAM_CONTINUE, ps, ev.count - 1,
+                            fill[1:] if fill is not None else None)
+        return
     for i in range(ev.count):
         first = i == 0 and ev.named
         out += BE64.pack((ev.offset + i * ps) | RAM_ZERO | (0 if first else RAM_CONTINUE))

@@ -95,31 +95,65 @@ def _bounded(first: int, ps: int, n: int) -> int:
     return min(n, (_MAX_WORD - first) // ps + 1)
 
 
+FIRST_PROBE = 64  # records checked first; each further probe doubles, so a short run costs little in a long buffer
+
+
+def _leading(check, n: int) -> int:
+    """Run ``check(done, k)`` (how many of the next ``k`` records match) over probes of doubling size."""
+    done = 0
+    k = min(n, FIRST_PROBE)
+    while k > 0:
+        m = check(done, k)
+        done += m
+        if m < k:
+            break
+        k = min(n - done, 2 * k)
+    return done
+
+
 def leading_pages(view: memoryview, pos: int, n: int, step: int, first: int, ps: int) -> int:
     """How many of the ``n`` records at ``pos``, ``pos + step``, ... begin with the words ``first, first + ps, ...``.
 
     ``step`` is a page record's length (8 + page size); the caller makes sure ``n`` records fit in ``view``.
     """
     n = _bounded(first, ps, n)
-    if n <= 0:
-        return 0
     view = _bytes_view(view)
-    if step % 8:
-        got = b"".join(view[p:p + 8] for p in range(pos, pos + n * step, step))
-    else:
-        # The words as raw bytes, one per record: a strided view of 8-byte items, copied out in one pass.
-        got = view[pos:pos + n * step].cast("Q")[::step // 8].tobytes()
-    return common_units(got, expected_words(first, ps, n), 8)
+
+    def check(done: int, k: int) -> int:
+        at = pos + done * step
+        if step % 8:
+            got = b"".join(view[p:p + 8] for p in range(at, at + k * step, step))
+        else:
+            # The words as raw bytes, one per record: a strided view of 8-byte items, copied out in one pass.
+            got = view[at:at + k * step].cast("Q")[::step // 8].tobytes()
+        return common_units(got, expected_words(first + done * ps, ps, k), 8)
+
+    return _leading(check, n)
 
 
 def leading_zeros(view: memoryview, pos: int, n: int, first: int, ps: int) -> int:
     """How many of the ``n`` zero-page records (9 bytes each) at ``pos`` carry ``first, first + ps, ...`` and fill 0."""
     n = _bounded(first, ps, n)
-    if n <= 0:
-        return 0
+    view = _bytes_view(view)
+
+    def check(done: int, k: int) -> int:
+        words = expected_words(first + done * ps, ps, k)
+        want = bytearray(9 * k)  # fill bytes stay 0
+        for c in range(8):
+            want[c::9] = words[c::8]
+        at = pos + done * 9
+        return common_units(view[at:at + 9 * k].tobytes(), bytes(want), 9)
+
+    return _leading(check, n)
+
+
+def zero_records(first: int, ps: int, n: int, fill: bytes | None = None) -> bytes:
+    """``n`` zero-page records (word, fill byte) with the words ``first, first + ps, ...`` (below 2**64), built
+    with a few C-level copies; ``fill`` holds their fill bytes (all 0 when None)."""
     words = expected_words(first, ps, n)
-    want = bytearray(9 * n)  # fill bytes stay 0
+    out = bytearray(9 * n)
     for c in range(8):
-        want[c::9] = words[c::8]
-    got = _bytes_view(view)[pos:pos + 9 * n].tobytes()
-    return common_units(got, bytes(want), 9)
+        out[c::9] = words[c::8]
+    if fill is not None:
+        out[8::9] = fill
+    return bytes(out)
