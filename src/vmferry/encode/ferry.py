@@ -380,13 +380,13 @@ class _Writer:
             if self.groups and not self._incompressible(ev, start, n):
                 # Packed pages in the group: QEMU's record headers would only cost bytes (the reader rebuilds
                 # them); code goes through the x86 filter, which makes its call targets repeat.
-                data = whole[start * ps:(start + n) * ps] if whole is not None else \
+                packed: Any = whole[start * ps:(start + n) * ps] if whole is not None else \
                     b"".join([ev.page(i) for i in range(start, start + n)])
-                if bcj.looks_like_x86(data):
-                    data = bcj.encode_pages(data, ev.offset + start * ps)
+                if bcj.looks_like_x86(packed):
+                    packed = bcj.encode_pages(packed, ev.offset + start * ps)
                     flags |= RUN_X86
                 head = _RUN.pack(ev.offset + start * ps, n, ps, flags, len(name)) + name
-                yield from self._grouped(MUST_UNDERSTAND | T_PAGES, [head, data], len(head) + len(data))
+                yield from self._grouped(MUST_UNDERSTAND | T_PAGES, [head, packed], len(head) + len(packed))
                 continue
             if records is not None:
                 # QEMU's records as they came: a slice of the input, nothing copied.
