@@ -12,13 +12,15 @@ import json
 import os
 import sys
 from contextlib import contextmanager
-from typing import Any, BinaryIO, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterator
 
 from . import __version__, encode
 from .errors import FerryError
 from .events import DeviceSection, OpaqueSection
 from .files import Input, decode_input, load_schema_file, open_input, widen_pipe
-from .summary import StreamSummary, summary_lines
+
+if TYPE_CHECKING:
+    from .summary import StreamSummary
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -80,6 +82,8 @@ def _schema(args: argparse.Namespace):
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from .summary import StreamSummary  # here, not at start-up: the other commands do not need it
+
     schema = _schema(args)
     inp = _open(args.stream)
     summary = StreamSummary()
@@ -106,9 +110,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def print_summary(s: StreamSummary, heading: str) -> None:
+def print_summary(s: "StreamSummary", heading: str) -> None:
     """Print what ``vmferry inspect`` shows: ``heading``, then the summary's lines and tables (plain text: no
     terminal library to import, which would cost more than reading the RAM headers of a 1 GiB stream)."""
+    from .summary import summary_lines
+
     sys.stdout.write("\n".join(summary_lines(s, heading)) + "\n")
 
 

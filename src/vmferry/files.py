@@ -10,7 +10,6 @@ import mmap
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
 from . import encode
@@ -105,7 +104,7 @@ def open_input(path: str, progress: Callable[[int], None] | None = None) -> Inpu
         widen_pipe(f)
     else:
         f = open(path, "rb")  # noqa: SIM115 - closed when the generator finishes
-        size = os.fstat(f.fileno()).st_size if Path(path).is_file() else None
+        size = os.fstat(f.fileno()).st_size if os.path.isfile(path) else None
     head = b""
     while len(head) < SNIFF_BYTES:
         more = f.read(SNIFF_BYTES - len(head))
@@ -157,7 +156,8 @@ def load_schema_file(path: str) -> SchemaSet:
     size = os.path.getsize(path)
     if size > legacy.MAX_VMDESC:
         raise SchemaError(f"{path}: {size} bytes is too large for a schema file")
-    obj = load_json(Path(path).read_bytes(), path)
+    with open(path, "rb") as f:
+        obj = load_json(f.read(), path)
     if is_vmdesc(obj):
         return schemas_from_vmdesc(obj, f"vmdesc {path}")
     if is_dump_vmstate(obj):

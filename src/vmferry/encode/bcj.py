@@ -21,6 +21,7 @@ pass, whether a buffer holds enough call-like patterns to be worth it.
 from __future__ import annotations
 
 import re
+import struct
 
 _CANDIDATE = re.compile(rb"[\xe8\xe9]")
 _CALL_LIKE = re.compile(rb"[\xe8\xe9][\x00-\xff]{3}[\x00\xff]")
@@ -46,38 +47,63 @@ def _convert(data: bytes | bytearray | memoryview, start: int, encoding: bool) -
     size = len(buf)
     if size < 5:
         return bytes(buf)
-    shift, converts, bit_number, from_bytes = _SHIFT, _CONVERTS, _BIT_NUMBER, int.from_bytes
+    shift, converts = _SHIFT, _CONVERTS
     prev_mask = 0
-    prev_pos = (start - 5) & _M32
+    prev = -5  # the last candidate looked at, relative to ``start`` (liblzma: prev_pos = start - 5)
     pos = 0  # the next position the filter looks at: candidates before it lie inside a converted instruction
+    plain: list[int] = []  # candidates that convert with prev_mask 0 (nearly all): done together below
     for m in _CANDIDATE.finditer(buf, 0, size - 4):
         p = m.start()
         if p < pos:
             continue
-        here = (start + p) & _M32
-        offset = (here - prev_pos) & _M32
-        prev_pos = here
-        prev_mask = 0 if offset > 5 else shift[offset][prev_mask]
+        d = p - prev
+        prev = p
+        prev_mask = 0 if d > 5 else shift[d][prev_mask]
         b = buf[p + 4]
         if (b == 0 or b == 0xFF) and converts[prev_mask]:
-            src = from_bytes(buf[p + 1:p + 5], "little")
-            site = here + 5
-            while True:
-                dest = (src + site if encoding else src - site) & _M32
-                if prev_mask == 0:
-                    break
-                i = bit_number[prev_mask >> 1]
-                b = (dest >> (24 - i * 8)) & 0xFF
-                if not (b == 0 or b == 0xFF):
-                    break
-                src = dest ^ ((1 << (32 - i * 8)) - 1)
-            buf[p + 1:p + 5] = ((dest & 0xFFFFFF) | (0xFF000000 if dest & 0x1000000 else 0)).to_bytes(4, "little")
+            if prev_mask:
+                _convert_one(buf, p, start, encoding, prev_mask)
+            else:
+                plain.append(p)
             pos = p + 5
             prev_mask = 0
         else:
             pos = p + 1
             prev_mask |= 0x11 if b == 0 or b == 0xFF else 1
+    if plain:
+        _convert_plain(buf, plain, start, encoding)
     return bytes(buf)
+
+
+def _convert_one(buf: bytearray, p: int, start: int, encoding: bool, prev_mask: int) -> None:
+    """liblzma's conversion of one instruction when prev_mask is not 0 (its loop over the mask's bits)."""
+    src = int.from_bytes(buf[p + 1:p + 5], "little")
+    site = (start + p + 5) & _M32
+    while True:
+        dest = (src + site if encoding else src - site) & _M32
+        if prev_mask == 0:
+            break
+        i = _BIT_NUMBER[prev_mask >> 1]
+        b = (dest >> (24 - i * 8)) & 0xFF
+        if not (b == 0 or b == 0xFF):
+            break
+        src = dest ^ ((1 << (32 - i * 8)) - 1)
+    buf[p + 1:p + 5] = ((dest & 0xFFFFFF) | (0xFF000000 if dest & 0x1000000 else 0)).to_bytes(4, "little")
+
+
+def _convert_plain(buf: bytearray, at: list[int], start: int, encoding: bool) -> None:
+    """Convert the instructions at ``at`` (prev_mask 0: target = displacement +- site), all in a few C calls."""
+    gaps, last = [], 0
+    for p in at:
+        gaps.append(f"{p + 1 - last}xI" if p + 1 > last else "I")
+        last = p + 5
+    layout = struct.Struct("<" + "".join(gaps))
+    sign = 1 if encoding else -1
+    base = start + 5
+    dests = [(s + sign * (base + p)) & _M32 for s, p in zip(layout.unpack_from(buf, 0), at)]
+    packed = struct.pack(f"<{len(at)}I", *[(v & 0xFFFFFF) | (0xFF000000 if v & 0x1000000 else 0) for v in dests])
+    for k, p in enumerate(at):  # (pack_into with the layout above would also write its pad bytes, as zeros)
+        buf[p + 1:p + 5] = packed[4 * k:4 * k + 4]
 
 
 def encode(data: bytes | bytearray | memoryview, start: int = 0) -> bytes:
