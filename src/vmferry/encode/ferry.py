@@ -352,11 +352,14 @@ class _Writer:
         self.totals.stream_bytes += 16 + size
 
     def _incompressible(self, ev: RamPages, start: int, n: int) -> bool:
-        """Whether the first pages of ``ev[start:start + n]`` do not compress (then no group takes them)."""
+        """Whether pages of ``ev[start:start + n]`` taken across the run do not compress (then no group takes
+        them): random or encrypted RAM would only slow the group's compressor down.  A firmware image may begin
+        with compressed code and go on with tables that compress well, hence pages from all over the run."""
         if self.probe is None:
             return False
         k = min(n, max(1, PROBE_BYTES // ev.page_size))
-        sample = b"".join([ev.page(i) for i in range(start, start + k)])
+        picks = sorted({start + (n - 1) * j // max(1, k - 1) for j in range(k)})
+        sample = b"".join([ev.page(i) for i in picks])
         return len(self.probe(sample)) > PROBE_GAIN * len(sample)
 
     def record_frames(self, ev: Any) -> Iterator[Any]:
