@@ -121,3 +121,29 @@ def test_convert_to_legacy_from_a_file_and_to_stdout(tmp_path):
     assert dst.read_bytes() == stream()
     out = subprocess.run(cmd + ["-", "--to", "legacy"], capture_output=True, timeout=60)
     assert out.returncode == 0 and out.stdout == stream()
+
+
+def test_bytes_that_differ_from_the_input_are_written_and_the_rest_still_copied(source, tmp_path):
+    """A piece that is not the input's next bytes (a converted device section, say) is written as it is; runs
+    after it are still copied from their own offsets."""
+    data = stream()
+
+    def edited():
+        for i, piece in enumerate(pieces(source)):
+            if i == 0:
+                assert isinstance(piece, (bytes, bytearray)) and piece.startswith(b"QEVM")
+                piece = b"QEVX" + bytes(piece[4:])
+            yield piece
+
+    out_path = tmp_path / "out.mig"
+    with open(out_path, "wb") as out:
+        copied = write_pieces(edited(), out, source)
+    assert out_path.read_bytes() == b"QEVX" + data[4:]
+    assert copied > 0.95 * PAGES * PS
+
+
+def test_a_stream_converted_to_itself_is_copied_whole(source, tmp_path):
+    out_path = tmp_path / "out.mig"
+    with open(out_path, "wb") as out:
+        copied = write_pieces(pieces(source), out, source)
+    assert out_path.read_bytes() == stream() and copied == len(stream())

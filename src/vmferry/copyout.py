@@ -114,18 +114,27 @@ class _Writer:
             self.thread.join()
 
 
+RUN_FLUSH = 64 << 20  # a growing copy is handed to the writer once this long, so copying starts early
+SAME_MAX = 1 << 20  # bytes pieces up to this size are compared with the input (see write_pieces)
+
+
 def write_pieces(pieces: Iterable[bytes | memoryview | RamPages], out: BinaryIO, source: BinaryIO | None = None,
                  flush_at: int = 1 << 16) -> int:
     """Write ``pieces`` to ``out`` in order; runs with ``at`` are copied from ``source`` by the kernel.
 
     ``source`` must be the regular file the runs were decoded from (their ``at`` offsets are offsets in it), or
-    None (then every run is written from its bytes).  Returns how many bytes the kernel copied.
+    None (then every run is written from its bytes).  While everything written so far equals the input at the
+    same offsets (QEMU's stream converted to itself), a bytes piece that equals the input's next bytes joins
+    the copy too (checked with a ``pread`` of its length), so that the copies are few and long: each of
+    them costs the writer thread a wait for the interpreter lock.  Returns how many bytes the kernel copied.
     """
     out.flush()
     src_fd = os.dup(source.fileno()) if source is not None else None
     writer = _Writer(out.fileno(), src_fd)
     pending = bytearray()
     run_at = run_len = 0  # a copy not yet handed to the writer, grown by adjacent runs
+    aligned = src_fd is not None  # everything so far is the input's bytes at the same offsets
+    written = 0  # bytes handed to the writer or held in the copy and ``pending``
 
     def flush_run() -> None:
         nonlocal run_len
@@ -138,26 +147,43 @@ def write_pieces(pieces: Iterable[bytes | memoryview | RamPages], out: BinaryIO,
             writer.put((bytes(pending), 0, 0))
             pending.clear()
 
+    def extend(at: int, n: int) -> None:
+        nonlocal run_at, run_len
+        if run_len and run_at + run_len == at:
+            run_len += n
+        else:
+            flush_run()
+            flush_bytes()
+            run_at, run_len = at, n
+        if run_len >= RUN_FLUSH:
+            flush_run()
+
     try:
         for piece in pieces:
             if isinstance(piece, RamPages):
                 if piece.legacy is None:
                     raise ValueError("a page run without its QEMU records")
+                n = len(piece.legacy)
                 if src_fd is not None and piece.at is not None:
-                    n = len(piece.legacy)
-                    if run_len and run_at + run_len == piece.at:
-                        run_len += n
-                    else:
-                        flush_run()
-                        flush_bytes()
-                        run_at, run_len = piece.at, n
+                    aligned = aligned and piece.at == written
+                    extend(piece.at, n)
+                    written += n
                     continue
+                aligned = False
                 flush_run()
                 flush_bytes()
                 writer.put((piece.legacy, 0, 0))
+                written += n
                 continue
+            n = len(piece)
+            if aligned and n <= SAME_MAX and src_fd is not None and os.pread(src_fd, n, written) == piece:
+                extend(written, n)
+                written += n
+                continue
+            aligned = False
             flush_run()
             pending += piece
+            written += n
             if len(pending) >= flush_at:
                 flush_bytes()
         flush_run()
