@@ -21,7 +21,7 @@ qemu10:
 	@bash scripts/ensure-qemu10.sh
 
 demo: $(STAMP) qemu
-	$(BIN)/python -m vmferry.demo
+	$(BIN)/python -m vmferry.cli.demo
 
 test: $(STAMP) qemu qemu10
 	$(BIN)/python -m pytest -q tests

@@ -7,7 +7,7 @@ Targets (issue: foundation), each a ratio measured in this one run:
   * peak RSS under 200 MB for both.
 
 The stream is saved by real QEMU from a guest whose RAM is a file-backed
-memory backend filled with random data (vmferry.qemu_recipes).  QEMU's
+memory backend filled with random data (tests/qemu_recipes.py).  QEMU's
 analyze-migration.py comes from Debian's QEMU source package (``apt-get
 source qemu``, needs a deb-src line) unless ``--analyze`` points at it.
 
@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the corpus recipes
 from _bench import REPO, measure, verdict, vmferry  # noqa: E402
 
 
@@ -43,7 +44,7 @@ def analyze_script(cache: Path) -> Path:
 
 
 def make_stream(workdir: Path) -> Path:
-    from vmferry.qemu_recipes import Corpus
+    from qemu_recipes import Corpus
 
     print("saving (or reusing) a 1 GiB random-RAM guest saved by QEMU ...", file=sys.stderr)
     return Corpus(workdir / "corpus", reuse=True).get("pc-7.2-1g-random")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from vmferry.cli import main
-from vmferry.qemu_process import QemuVM
+from vmferry.cli.main import main
+from vmferry.live.qemu.process import QemuVM
 
 pytestmark = pytest.mark.qemu
 
