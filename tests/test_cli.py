@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from vmferry.cli import main
 from vmferry.cli.files import read_stream_vmdesc
-from vmferry.cli.main import main
 from vmferry.encode import legacy
 
 

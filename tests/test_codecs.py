@@ -28,7 +28,7 @@ from test_legacy_codec import TIMER, build, full_stream
 
 from vmferry import caps
 from vmferry.cli.files import load_schema_file
-from vmferry.cli.main import main
+from vmferry.cli import main
 from vmferry.encode import asn1, codec, ferry, legacy, names, sniff
 from vmferry.encode.configuration import configuration_state
 from vmferry.encode.records import UnknownFrame

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from vmferry.cli.main import main
+from vmferry.cli import main
 from vmferry.compat import qemu_registry, transform_events
 from vmferry.encode import legacy
 from vmferry.encode.configuration import configuration_state

@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vmferry.cli.files import decode_input, open_input, read_stream_vmdesc
-from vmferry.cli.main import main
+from vmferry.cli import main
 from vmferry.compat import Machine, apply, qemu_registry, transform_events
 from vmferry.compat.machines import PC, Q35
 from vmferry.compat.stream import PEEK_BYTES

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from vmferry.cli.compat import source_qemu
-from vmferry.cli.main import main
+from vmferry.cli import main
 from vmferry.compat import Machine, apply, qemu_registry, transform_events
 from vmferry.compat.machines.qemu10 import (
     add_switchover_start,

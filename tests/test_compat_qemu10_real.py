@@ -36,7 +36,7 @@ from test_compat_qemu import _flat
 from test_proxy import sockdir  # noqa: F401  (the fixture)
 
 from vmferry.cli.files import decode_input, open_input, read_stream_vmdesc
-from vmferry.cli.main import main
+from vmferry.cli import main
 from vmferry.compat import qemu_registry
 from vmferry.encode import legacy
 from vmferry.events import Command, Configuration, DeviceSection

@@ -16,7 +16,7 @@ from qemu_corpus import SCHEMA_FOR
 from qemu_recipes import RECIPES, names
 
 from vmferry.cli.files import load_schema_file
-from vmferry.cli.main import main
+from vmferry.cli import main
 from vmferry.encode import legacy
 from vmferry.events import Configuration, DeviceSection, RamPages, RamRecord, RamZeros
 from vmferry.serialize.describe import describe_section

@@ -13,9 +13,8 @@ from typing import Any
 import pytest
 from live_helpers import EndpointProcess, EndpointThread, short_dir, wait_for
 
-from vmferry import caps
+from vmferry import caps, cli
 from vmferry.caps import Cap
-from vmferry.cli import common as cli
 from vmferry.live.migrate import MigrationError, migrate
 from vmferry.live.qmp import QMPConnection
 

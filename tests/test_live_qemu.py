@@ -11,7 +11,7 @@ from typing import Any, Iterator, Sequence
 import pytest
 from live_helpers import short_dir
 
-from vmferry.cli import common as cli
+from vmferry import cli
 from vmferry.live.migrate import MigrationError, migrate, qemu_qmp_args
 from vmferry.live.qemu.guest import parse_counts
 from vmferry.live.qemu.process import QemuVM

@@ -19,7 +19,7 @@ import pytest
 from live_helpers import short_dir
 from test_live_qemu import Managed
 
-from vmferry.cli import common as cli
+from vmferry import cli
 from vmferry.cli.summary import StreamSummary
 from vmferry.live.migrate import MigrationError, machine_type, migrate
 from vmferry.live.qemu.guest import parse_counts

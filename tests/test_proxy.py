@@ -24,7 +24,7 @@ from typing import Any, Iterator
 import pytest
 from test_transport import certs  # noqa: F401  (the fixture)
 
-from vmferry.cli.main import main
+from vmferry.cli import main
 from vmferry.live.proxy import Proxy, ProxyError, ProxyStats
 from vmferry.live.qemu.guest import parse_counts
 from vmferry.live.qemu.process import QemuVM

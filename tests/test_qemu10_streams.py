@@ -21,7 +21,7 @@ import pytest
 from qemu_recipes import RECIPES, names
 
 from vmferry import DecodeError
-from vmferry.cli.main import main
+from vmferry.cli import main
 from vmferry.cli.summary import StreamSummary
 from vmferry.encode import legacy
 from vmferry.events import (

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from vmferry.cli.main import main
+from vmferry.cli import main
 from vmferry.live.qemu.process import QemuVM
 
 pytestmark = pytest.mark.qemu
