@@ -26,7 +26,8 @@ This module does no I/O.  :func:`split` takes the image's chunks and gives
 back a :class:`SaveImage` (header, XML, cookie, domain name, machine type,
 ``was_running``, compression) and the chunks of the stream after it;
 :func:`qemu_stream` decompresses those lazily (gzip, bzip2 and xz with the
-standard library, zstd with ``zstandard``, lzop with its framing read here
+standard library, zstd with ``compression.zstd`` (``backports.zstd``
+before Python 3.14), lzop with its framing read here
 and LZO1X blocks by ``lzallright``), in chunks of at most
 :data:`MAX_CHUNK` bytes, and :func:`compress` compresses a stream again.
 :meth:`SaveImage.with_machine` rewrites ``<os><type machine=...>`` and
@@ -47,7 +48,7 @@ import struct
 import zlib
 from dataclasses import dataclass, replace
 from enum import IntEnum
-from typing import Any, Iterable, Iterator, cast
+from typing import Any, Iterable, Iterator
 from xml.parsers import expat
 
 from ..errors import DecodeError, EncodeError, TruncatedError
@@ -167,13 +168,14 @@ def parse_header(buf: bytes | bytearray | memoryview, offset: int = 0) -> SaveHe
         raise DecodeError(f"not a libvirt save image: magic {magic[:16]!r}", offset, "$.libvirt.header.magic")
     order = "<"
     words = struct.unpack_from("<5I14I", buf, 16)
+    as_read = words[0]
     if words[0] > VERSION:  # libvirt: "convert endianness and try again"
         order = ">"
         words = struct.unpack_from(">5I14I", buf, 16)
     version, data_len, was_running, compressed, cookie_offset = words[:5]
     if not 1 <= version <= VERSION:
-        raise DecodeError(f"libvirt save image version {words[0] if order == '>' else version} is not supported "
-                          f"(1..{VERSION})", offset + 16, "$.libvirt.header.version")
+        raise DecodeError(f"libvirt save image version {as_read} is not supported (1..{VERSION}, in either "
+                          "byte order)", offset + 16, "$.libvirt.header.version")
     if data_len == 0 or data_len > MAX_DATA_LEN:
         raise DecodeError(f"invalid data length {data_len} (1..{MAX_DATA_LEN})", offset + 20,
                           "$.libvirt.header.data_len")
@@ -267,6 +269,13 @@ def _cstring(data: bytes, start: int, end: int, what: str, path: str) -> bytes:
     if nul < 0:
         raise DecodeError(f"the {what} has no terminating NUL in its {end - start} bytes", HEADER_SIZE + start, path)
     return data[start:nul]
+
+
+def _utf8(data: bytes, offset: int, path: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DecodeError(f"not UTF-8: {e.reason}", offset + e.start, path) from None
 
 
 @dataclass(frozen=True)
@@ -379,13 +388,10 @@ def parse(head: bytes | bytearray | memoryview, *, allow_partial: bool = False, 
     cookie = None
     if header.cookie_offset:
         cookie = _cstring(data, header.cookie_offset, header.data_len, "cookie", "$.libvirt.cookie")
-    try:
-        xml_text = xml.decode("utf-8")
-        cookie_text = cookie.decode("utf-8") if cookie is not None else None
-    except UnicodeDecodeError as e:
-        where = HEADER_SIZE + (e.start if cookie is None or e.object is xml else header.cookie_offset + e.start)
-        raise DecodeError(f"not UTF-8: {e.reason}", offset + where,
-                          "$.libvirt.xml" if e.object is xml else "$.libvirt.cookie") from None
+    xml_text = _utf8(xml, offset + HEADER_SIZE, "$.libvirt.xml")
+    cookie_text = None
+    if cookie is not None:
+        cookie_text = _utf8(cookie, offset + HEADER_SIZE + header.cookie_offset, "$.libvirt.cookie")
     facts = _xml_facts(xml, offset + HEADER_SIZE)
     return SaveImage(header, data, bytes(head[:HEADER_SIZE]), xml_text, cookie_text, facts.name, facts.domain_type,
                      facts.machine, facts.arch, facts.type_tag or (0, 0))
@@ -467,7 +473,11 @@ def decompress(chunks: Iterable[Chunk], compression: Compression, offset: int = 
     if compression == Compression.XZ:
         return _zlib_like(chunks, lambda: lzma.LZMADecompressor(lzma.FORMAT_XZ), offset, "xz")
     if compression == Compression.ZSTD:
-        return _zstd(chunks, offset)
+        zstd = _zstd_module()
+        if zstd is None:
+            raise DecodeError("a zstd-compressed image needs backports.zstd (vmferry[libvirt]) before Python 3.14",
+                              offset, "$.libvirt.stream.zstd")
+        return _zlib_like(chunks, zstd.ZstdDecompressor, offset, "zstd")
     if compression == Compression.LZOP:
         return _lzop_decode(chunks, offset)
     raise DecodeError(f"cannot decompress {compression.label}", offset, "$.libvirt.stream")
@@ -490,7 +500,7 @@ def _zlib_like(chunks: Iterable[Chunk], make: Any, offset: int, what: str) -> It
             fed = True
             try:
                 out = d.decompress(data, MAX_CHUNK)
-            except (zlib.error, OSError, lzma.LZMAError, EOFError, ValueError) as e:
+            except (zlib.error, OSError, lzma.LZMAError, EOFError, ValueError, _ZstdError) as e:
                 raise DecodeError(f"{what} data damaged: {e}", at, path) from None
             if out:
                 yield out
@@ -512,50 +522,20 @@ def _zlib_like(chunks: Iterable[Chunk], make: Any, offset: int, what: str) -> It
         raise TruncatedError(f"the {what} data ends early", pos, path)
 
 
-class _ChunkReader:
-    """A read-only file-like view of an iterable of chunks (in memory, for zstandard's stream reader)."""
-
-    def __init__(self, chunks: Iterable[Chunk]) -> None:
-        self._it = iter(chunks)
-        self._buf = memoryview(b"")
-        self.pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, n: int = -1) -> bytes:
-        while not len(self._buf):
-            chunk = next(self._it, None)
-            if chunk is None:
-                return b""
-            self._buf = memoryview(chunk).cast("B")
-        n = len(self._buf) if n is None or n < 0 else n
-        out = bytes(self._buf[:n])
-        self._buf = self._buf[n:]
-        self.pos += len(out)
-        return out
-
-
-def _zstd(chunks: Iterable[Chunk], offset: int) -> Iterator[bytes]:
+def _zstd_module() -> Any:
+    """CPython 3.14's ``compression.zstd``, or its backport ``backports.zstd`` (same API as lzma's)."""
     try:
-        import zstandard
+        from compression import zstd  # type: ignore[import-not-found]
     except ImportError:
-        raise DecodeError("a zstd-compressed image needs the zstandard package (vmferry[zstd])", offset,
-                          "$.libvirt.stream.zstd") from None
-    src = _ChunkReader(chunks)
-    reader = zstandard.ZstdDecompressor().stream_reader(cast(Any, src), read_size=1 << 20, read_across_frames=True)
-    n = 0
-    while True:
         try:
-            out = reader.read(MAX_CHUNK)
-        except zstandard.ZstdError as e:
-            raise DecodeError(f"zstd data damaged: {e}", offset + src.pos, "$.libvirt.stream.zstd") from None
-        if not out:
-            break
-        n += len(out)
-        yield out
-    if src.pos == 0:
-        raise TruncatedError("no zstd data after the save image header", offset, "$.libvirt.stream.zstd")
+            from backports import zstd  # type: ignore[import-not-found,no-redef]
+        except ImportError:
+            return None
+    return zstd
+
+
+_zstd = _zstd_module()
+_ZstdError: type[Exception] = _zstd.ZstdError if _zstd is not None else OSError
 
 
 # lzop's file format (lzop 1.04, src/lzop.h / src/p_lzo.c)
@@ -616,7 +596,7 @@ def _lzop_decode(chunks: Iterable[Chunk], offset: int) -> Iterator[bytes]:
     path = "$.libvirt.stream.lzop"
     lib = _lzo()
     if lib is None:
-        raise DecodeError("an lzop-compressed image needs the lzallright package (vmferry[lzo]), or decompress it "
+        raise DecodeError("an lzop-compressed image needs the lzallright package (vmferry[libvirt]), or decompress it "
                           "with lzop first", offset, path)
     src = _Bytes(chunks, offset)
     first = True
@@ -683,7 +663,7 @@ def _lzop_encode(chunks: Iterable[Chunk], block: int = LZOP_BLOCK) -> Iterator[b
     """What ``lzop -c`` writes from a pipe (method LZO1X-1, adler32 of each block, no name, mtime 0)."""
     lib = _lzo()
     if lib is None:
-        raise EncodeError("lzop compression needs the lzallright package (vmferry[lzo])", "$.libvirt.stream.lzop")
+        raise EncodeError("lzop compression needs the lzallright package (vmferry[libvirt])", "$.libvirt.stream.lzop")
     flags = _F_ADLER32_D | _F_STDIN | _F_STDOUT | _F_OS_UNIX
     head = struct.pack(">HHHBBIIIIB", 0x1040, 0x20A0, 0x0940, 1, 5, flags, 0, 0, 0, 0)
     yield LZOP_MAGIC + head + struct.pack(">I", zlib.adler32(head))
@@ -725,10 +705,9 @@ def compress(chunks: Iterable[Chunk], compression: Compression) -> Iterator[Chun
         c = bz2.BZ2Compressor(9)
     elif compression == Compression.XZ:
         c = lzma.LZMACompressor(lzma.FORMAT_XZ, check=lzma.CHECK_CRC64, preset=3)
-    elif compression == Compression.ZSTD:
-        import zstandard
-
-        c = zstandard.ZstdCompressor(level=3, write_checksum=True).compressobj()
+    elif compression == Compression.ZSTD and _zstd is not None:
+        c = _zstd.ZstdCompressor(options={_zstd.CompressionParameter.compression_level: 3,
+                                           _zstd.CompressionParameter.checksum_flag: 1})
     else:
         raise EncodeError(f"cannot compress as {compression.label}", "$.libvirt.stream")
     for chunk in chunks:
