@@ -24,8 +24,9 @@ changes it.
 from a floppy with COM1 written to a log file, and reads its counts.
 
 The daemons are stopped by pid (SIGTERM, then SIGKILL) when the context
-ends; libvirtd stops the domains it runs when it is killed... it does not:
-:meth:`LibvirtDaemon.stop` destroys every running domain first.
+ends; libvirtd leaves its QEMUs running when it stops, so
+:meth:`LibvirtDaemon.stop` destroys every running domain first.  The
+module-scoped fixture :func:`libvirtd` gives a test module one daemon.
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 from xml.sax.saxutils import escape
+
+import pytest
 
 from vmferry.guest import parse_counts
 from vmferry.qemu_process import write_boot_image
@@ -255,8 +258,6 @@ class Domain:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.boot_image = self.dir / "boot.img"
         self.serial_log = self.dir / "serial.log"
-        #: the serial output of runs before the last restart of QEMU (a restore truncates the log? see counts)
-        self.earlier = ""
 
     def xml(self) -> str:
         q35 = "q35" in self.machine
@@ -318,3 +319,19 @@ class Domain:
                 return c[-1]
             time.sleep(0.1)
         raise LibvirtError(f"{self.name}: the guest printed {self.counts()[-5:]} in {timeout:.0f} s, wanted {n} counts")
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+@pytest.fixture(scope="module")
+def libvirtd() -> Iterator[LibvirtDaemon]:
+    """A private libvirtd for a test module (skipped where libvirt is missing, failed so in CI)."""
+    missing = libvirt_missing()
+    if missing is not None:
+        if _in_ci():
+            pytest.fail(f"CI is set and {missing}", pytrace=False)
+        pytest.skip(missing + " (CI unset, so skipping)")
+    with LibvirtDaemon() as daemon:
+        yield daemon
