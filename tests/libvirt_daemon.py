@@ -200,9 +200,9 @@ class LibvirtDaemon:
                 text += p.read_text(errors="replace")
         return " | ".join(text.strip().splitlines()[-lines:])
 
-    def stop(self) -> None:
-        """Destroy the running domains, then stop libvirtd and virtlogd by pid."""
-        if self.daemon is not None and self.daemon.poll() is None:
+    def stop(self, destroy: bool = True) -> None:
+        """Destroy the running domains (unless not ``destroy``), then stop libvirtd and virtlogd by pid."""
+        if destroy and self.daemon is not None and self.daemon.poll() is None:
             try:
                 for name in self.virsh("list", "--name").split():
                     self.virsh("destroy", name, check=False)
@@ -220,8 +220,8 @@ class LibvirtDaemon:
         self.daemon = self.logd = None
 
     def restart(self, save_image_format: str | None = None) -> None:
-        """Stop and start again (the domains' definitions stay), with another ``save_image_format``."""
-        self.stop()
+        """Stop and start again with another ``save_image_format``; running domains run on (libvirtd reconnects)."""
+        self.stop(destroy=False)
         if save_image_format is not None:
             self.save_image_format = save_image_format
         self.start()

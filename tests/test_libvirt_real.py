@@ -152,22 +152,24 @@ def test_each_save_image_format(libvirtd, tmp_path, fmt):
 
 
 def test_zstd_is_not_in_libvirt_9(libvirtd, tmp_path):
-    """libvirt 9.0 knows no zstd: it saves raw (with a warning); a zstd image written by vmferry it cannot restore."""
+    """libvirt 9.0 knows no zstd: ``virsh save`` refuses the setting, and cannot restore a zstd image."""
     libvirtd.restart(save_image_format="zstd")
     try:
         dom = start_counting(libvirtd, "fmt-zstd", "pc-i440fx-2.12", KIND)
         saved = tmp_path / "zstd.save"
-        libvirtd.virsh("save", dom.name, str(saved))
-        assert ls.parse(saved.read_bytes()).compression == Compression.RAW
-        moved = tmp_path / "moved.save"
-        transform_image(saved, moved, "pc-i440fx-7.2", compression=Compression.ZSTD)
-        assert ls.parse(moved.read_bytes()).compression == Compression.ZSTD
-        assert stream_bytes(moved)[:4] == b"QEVM"
-        with pytest.raises(LibvirtError):
-            libvirtd.virsh("restore", str(moved))
-        libvirtd.virsh("undefine", dom.name)
+        with pytest.raises(LibvirtError, match="Invalid save image format"):
+            libvirtd.virsh("save", dom.name, str(saved))
+        assert dom.state() == "running" and not saved.exists()
     finally:
         libvirtd.restart(save_image_format="raw")
+    libvirtd.virsh("save", dom.name, str(saved))
+    moved = tmp_path / "moved.save"
+    transform_image(saved, moved, "pc-i440fx-7.2", compression=Compression.ZSTD)
+    assert ls.parse(moved.read_bytes()).compression == Compression.ZSTD
+    assert stream_bytes(moved)[:4] == b"QEVM"
+    with pytest.raises(LibvirtError, match="Invalid compressed save format 5"):
+        libvirtd.virsh("restore", str(moved))
+    libvirtd.virsh("undefine", dom.name)
 
 
 def test_damaged_images_fail_cleanly_and_write_nothing(libvirtd, tmp_path):
@@ -181,7 +183,7 @@ def test_damaged_images_fail_cleanly_and_write_nothing(libvirtd, tmp_path):
     cases = {
         "magic": (data[:3] + b"X" + data[4:], 0),
         "version": (data[:16] + b"\x07" + data[17:], 16),
-        "xml": (data[:xml_at] + b"<os" + data[xml_at + 3:], None),
+        "xml": (data[:xml_at] + b"<0s" + data[xml_at + 3:], None),
         "truncated head": (data[:HEADER_SIZE + 100], HEADER_SIZE + 100),
         "stream": (data[:image.payload_offset + 40] + b"\xee" * 8 + data[image.payload_offset + 48:], None),
         "truncated stream": (data[:len(data) // 2], None),
@@ -191,6 +193,7 @@ def test_damaged_images_fail_cleanly_and_write_nothing(libvirtd, tmp_path):
         src.write_bytes(bad)
         with pytest.raises(DecodeError) as e:
             transform_image(src, dst, "pc-i440fx-7.2")
+            pytest.fail(f"{what}: no error")
         assert not dst.exists() and not Path(f"{dst}.vmferry-partial").exists(), what
         if offset is not None:
             assert e.value.offset == offset, (what, str(e.value))
