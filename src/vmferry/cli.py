@@ -258,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     cli_live.add_subcommands(sub)
     cli_compat.add_subcommands(sub)
     cli_proxy.add_subcommands(sub)
+    # --- libvirt save images (issue 14): a delimited prototype, see cli_libvirt ---
+    from . import cli_libvirt
+
+    cli_libvirt.add_subcommands(sub)
     return p
 
 
