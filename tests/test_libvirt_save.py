@@ -9,9 +9,9 @@ libvirtd wrote); the QEMU stream inside is a real one from the corpus.
 from __future__ import annotations
 
 import random
+import shutil
 import struct
 import subprocess
-import shutil
 import zlib
 
 import pytest
@@ -298,3 +298,21 @@ def test_libvirts_decompressor_reads_what_vmferry_compresses(stream, compression
     assert b"".join(bytes(c) for c in ls.decompress(chunked(theirs, 10_000), compression)) == stream
     if compression in (Compression.BZIP2, Compression.XZ):  # same library, same settings: the same bytes
         assert theirs == blob
+
+
+def test_the_container_module_does_no_io():
+    """encode/libvirt_save.py imports nothing that does I/O (the layering rule of encode/)."""
+    import ast
+    from pathlib import Path
+
+    from test_compat_layering import FORBIDDEN_CALLS, FORBIDDEN_MODULES, FORBIDDEN_VMFERRY
+
+    tree = ast.parse(Path(ls.__file__).read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            assert node.func.id not in FORBIDDEN_CALLS, node.lineno
+        elif isinstance(node, ast.Import):
+            assert not {a.name.split(".")[0] for a in node.names} & FORBIDDEN_MODULES, node.lineno
+        elif isinstance(node, ast.ImportFrom):
+            banned = FORBIDDEN_VMFERRY if node.level else FORBIDDEN_MODULES
+            assert (node.module or "").split(".")[0] not in banned, node.lineno
