@@ -24,7 +24,7 @@ from vmferry.libvirt_image import copy_image, read_image, transform_image
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.qemu, pytest.mark.slow]
 
-#: The domain type: TCG.  Under KVM (nested here) SeaBIOS hung before the boot sector in two of three
+#: The domain type: TCG.  Under KVM (nested here) SeaBIOS hung before the boot sector in three of four
 #: boots, so the kvm type is not a dependable test here.
 KIND = "qemu"
 
