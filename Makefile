@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test qemu qemu10 libvirt lint bench clean
+.PHONY: demo test qemu qemu10 libvirt linux-guest lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,10 +25,14 @@ qemu10:
 libvirt:
 	@bash scripts/ensure-libvirt.sh
 
+# Debian's kernel and a busybox initramfs that counts on the serial console, for the Linux guest tests
+linux-guest:
+	@bash scripts/ensure-linux-guest.sh
+
 demo: $(STAMP) qemu
 	$(BIN)/python -m vmferry.cli.demo
 
-test: $(STAMP) qemu qemu10 libvirt
+test: $(STAMP) qemu qemu10 libvirt linux-guest
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)
