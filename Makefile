@@ -1,12 +1,13 @@
 # The README's two commands: `make demo` and `make test`.
 # Both create .venv, install vmferry with every extra, and make sure QEMU is there;
-# `make test` also needs QEMU 10.0 (a Debian trixie chroot, built once by `make qemu10`).
+# `make test` also needs QEMU 10.0 (a Debian trixie chroot, built once by `make qemu10`) and libvirt
+# (Debian's libvirtd and virsh, `make libvirt`).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test qemu qemu10 lint bench clean
+.PHONY: demo test qemu qemu10 libvirt linux-guest lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,10 +21,18 @@ qemu:
 qemu10:
 	@bash scripts/ensure-qemu10.sh
 
-demo: $(STAMP) qemu
-	$(BIN)/python -m vmferry.demo
+# libvirtd, virtlogd, virsh and the compressors, for the tests marked `libvirt`
+libvirt:
+	@bash scripts/ensure-libvirt.sh
 
-test: $(STAMP) qemu qemu10
+# Debian's kernel and a busybox initramfs that counts on the serial console, for the Linux guest tests
+linux-guest:
+	@bash scripts/ensure-linux-guest.sh
+
+demo: $(STAMP) qemu
+	$(BIN)/python -m vmferry.cli.demo
+
+test: $(STAMP) qemu qemu10 libvirt linux-guest
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)

@@ -24,7 +24,7 @@ import os
 import socket
 import sys
 
-from vmferry.transport import connect, listen
+from vmferry.live.transport import connect, listen
 
 F_SETPIPE_SZ = 1031
 CHUNK = 1 << 20

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the corpus recipes
 from _bench import REPO, Run, run_once, verdict, vmferry  # noqa: E402
 
 BEGIN = "<!-- BEGIN GENERATED TABLES (benchmarks/codecs.py --table) -->"
@@ -39,14 +40,14 @@ END = "<!-- END GENERATED TABLES -->"
 
 
 def corpus(workdir: Path):
-    from vmferry.qemu_recipes import Corpus
+    from qemu_recipes import Corpus
 
     return Corpus(workdir / "corpus", reuse=True)
 
 
 def idle_guest(workdir: Path) -> Path:
     """A 1 GiB pc guest that never ran: its RAM is zero pages (made once by QEMU, then reused)."""
-    from vmferry.qemu_recipes import RECIPES, generate
+    from qemu_recipes import RECIPES, generate
 
     out = workdir / "idle"
     path = out / "pc-7.2-1g-idle.mig"
@@ -85,8 +86,8 @@ def measure_synced(label: str, argv: list[str], repeat: int) -> Run:
 
 def chain(src: str, dst: str) -> None:
     """legacy -> ferry -> legacy in one process, streamed: what a transcoding proxy does (``--chain``)."""
+    from vmferry.cli.files import decode_input, open_input
     from vmferry.encode import ferry, legacy
-    from vmferry.files import decode_input, open_input
 
     with open(dst, "wb") as out:
         events = decode_input(open_input(src))
@@ -197,9 +198,10 @@ def _timed(fn, repeat: int = 3) -> float:
 
 
 def tables(workdir: Path, big_speeds: dict[str, tuple[float, float]] | None) -> str:
+    from qemu_recipes import names as corpus_names
+
+    from vmferry.cli.files import load_schema_file
     from vmferry.encode import codec, legacy, names
-    from vmferry.files import load_schema_file
-    from vmferry.qemu_recipes import names as corpus_names
 
     schema_for = {"pc-2.2-novmdesc": "pc-2.3-nocfg", "pc-7.2-xen-devices": "pc-7.2-paused"}
     c = corpus(workdir)

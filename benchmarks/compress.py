@@ -49,6 +49,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the corpus recipes
 from _bench import REPO, run_once, verdict, vmferry  # noqa: E402
 
 from vmferry.encode import ferry, legacy  # noqa: E402
@@ -66,7 +67,7 @@ class Guest:
 
 
 def default_guests(workdir: Path) -> list[Guest]:
-    from vmferry.qemu_recipes import RECIPES, Corpus, generate
+    from qemu_recipes import RECIPES, Corpus, generate
 
     corpus = Corpus(workdir / "corpus", reuse=True)
     idle = Guest("idle pc-i440fx-7.2, 64 MiB", corpus.get("pc-7.2-paused"), [])
@@ -179,7 +180,7 @@ def stream_facts(data: bytes) -> tuple[str, str]:
 
 def qemu10_multifd_zstd(guest: Guest, data: bytes) -> tuple[int, list[int], str]:
     """Bytes QEMU 10.0 sends, all channels together, migrating the stream's guest with multifd zstd."""
-    from vmferry.qemu_process import QemuVM, qemu_version
+    from vmferry.live.qemu.process import QemuVM, qemu_version
 
     machine, ram = stream_facts(data)
     tmp = Path(tempfile.mkdtemp(prefix="vf-mfd-"))

@@ -9,7 +9,7 @@ Targets (issue 15), each a ratio measured in this one run on the same file, ever
   * peak RSS under 100 MB for both.
 
 The stream is saved by real QEMU from a guest whose RAM is a file-backed memory backend filled with random
-data (vmferry.qemu_recipes), or given with ``--stream``.  QEMU's analyze-migration.py comes from Debian's QEMU
+data (tests/qemu_recipes.py), or given with ``--stream``.  QEMU's analyze-migration.py comes from Debian's QEMU
 source package (``apt-get source qemu``, needs a deb-src line) unless ``--analyze`` points at it.
 
 The page cache matters: how much a mapping of the file costs the kernel depends on the size of the pages
@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the corpus recipes
 from _bench import REPO, interleaved, median, verdict, vmferry  # noqa: E402
 
 
@@ -57,7 +58,7 @@ def analyze_script(cache: Path) -> Path:
 
 
 def make_stream(workdir: Path) -> Path:
-    from vmferry.qemu_recipes import Corpus
+    from qemu_recipes import Corpus
 
     print("saving (or reusing) a 1 GiB random-RAM guest saved by QEMU ...", file=sys.stderr)
     return Corpus(workdir / "corpus", reuse=True).get("pc-7.2-1g-random")

@@ -29,9 +29,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import REPO, random_ram, vmferry  # noqa: E402
 
-from vmferry.machine import parse_size  # noqa: E402
-from vmferry.migrate import Result, migrate, qemu_qmp_args  # noqa: E402
-from vmferry.qemu_process import QemuVM, escape_option  # noqa: E402
+from vmferry.live.endpoint.machine import parse_size  # noqa: E402
+from vmferry.live.migrate import Result, migrate, qemu_qmp_args  # noqa: E402
+from vmferry.live.qemu.process import QemuVM, escape_option  # noqa: E402
 
 
 def _wait_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 120.0) -> None:

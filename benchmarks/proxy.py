@@ -45,8 +45,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import REPO, random_ram, verdict, vmferry  # noqa: E402
 
-from vmferry.machine import parse_size  # noqa: E402
-from vmferry.qemu_process import QemuVM, escape_option  # noqa: E402
+from vmferry.live.endpoint.machine import parse_size  # noqa: E402
+from vmferry.live.qemu.process import QemuVM, escape_option  # noqa: E402
 
 
 @dataclass

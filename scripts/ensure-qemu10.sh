@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build, once, the Debian trixie chroot that holds QEMU 10.0 for the tests
-# (vmferry.qemu_process runs it as `chroot ROOT qemu-system-x86_64`).
+# (vmferry.live.qemu.process runs it as `chroot ROOT qemu-system-x86_64`).
 #
 # ROOT is $VMFERRY_QEMU10_ROOT, default /var/cache/vmferry/qemu-10.0-trixie.
 # The chroot is built in ROOT.tmp and renamed to ROOT only when complete, so

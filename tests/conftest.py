@@ -14,7 +14,6 @@ import os
 import shutil
 
 import pytest
-
 from qemu_corpus import qemu_corpus  # noqa: F401  (the session fixture)
 
 _QEMU_MISSING = (
@@ -32,7 +31,7 @@ def _qemu_present() -> bool:
 
 
 def _qemu10_missing() -> str | None:
-    from vmferry.qemu_process import QemuError, qemu10_root
+    from vmferry.live.qemu.process import QemuError, qemu10_root
 
     try:
         qemu10_root()

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vmferry.machine import ServeOptions, serve
-from vmferry.qmp import QMPConnection
+from vmferry.live.endpoint.serve import ServeOptions, serve
+from vmferry.live.qmp import QMPConnection
 
 
 def short_dir(tmp_path: Path) -> Path:

@@ -1,4 +1,4 @@
-"""pytest glue for the golden stream corpus made by real QEMU (see vmferry.qemu_recipes).
+"""pytest glue for the golden stream corpus made by real QEMU (see tests/qemu_recipes.py).
 
 The session fixture ``qemu_corpus`` is a lazy mapping name -> stream path:
 ``qemu_corpus["pc-7.2-paused"]`` makes that stream with QEMU the first time
@@ -17,8 +17,7 @@ import os
 from pathlib import Path
 
 import pytest
-
-from vmferry.qemu_recipes import Corpus, RecipeUnavailable
+from qemu_recipes import Corpus, RecipeUnavailable
 
 # Streams without a vmdesc, and the stream whose vmdesc describes them (spec §4.7).
 SCHEMA_FOR = {"pc-2.2-novmdesc": "pc-2.3-nocfg", "pc-7.2-xen-devices": "pc-7.2-paused"}

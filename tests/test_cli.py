@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from vmferry.cli import main
+from vmferry.cli.files import read_stream_vmdesc
 from vmferry.encode import legacy
-from vmferry.files import read_stream_vmdesc
 
 
 def run_cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:

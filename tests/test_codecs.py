@@ -21,14 +21,16 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from strategies import vmsds, trees
-from test_legacy_codec import TIMER, build, full_stream
 from qemu_corpus import SCHEMA_FOR
+from qemu_recipes import names as corpus_names
+from strategies import trees, vmsds
+from test_legacy_codec import TIMER, build, full_stream
+
 from vmferry import caps
+from vmferry.cli.files import load_schema_file
 from vmferry.cli import main
-from vmferry.encode import asn1, ferry, legacy
-from vmferry.encode import codec, names, sniff
+from vmferry.encode import asn1, codec, ferry, legacy, names, sniff
+from vmferry.encode.configuration import configuration_state
 from vmferry.encode.records import UnknownFrame
 from vmferry.errors import DecodeError, TruncatedError
 from vmferry.events import (
@@ -52,10 +54,7 @@ from vmferry.events import (
     RamZeros,
     Vmdesc,
 )
-from vmferry.encode.configuration import configuration_state
-from vmferry.qemu_recipes import names as corpus_names
 from vmferry.serialize.describe import describe_section
-from vmferry.files import load_schema_file
 from vmferry.serialize.drive import visit_vmsd
 from vmferry.serialize.qemu_vmdesc import vmsd_from_desc
 from vmferry.serialize.schema import SchemaSet

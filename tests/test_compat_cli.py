@@ -12,8 +12,21 @@ from vmferry.cli import main
 from vmferry.compat import qemu_registry, transform_events
 from vmferry.encode import legacy
 from vmferry.encode.configuration import configuration_state
-from vmferry.events import Configuration, DeviceSection, Eof, Event, Header, IterBegin, IterEnd, RamBlock, \
-    RamEos, RamMemSize, RamPages, RamZeros, Vmdesc
+from vmferry.events import (
+    Configuration,
+    DeviceSection,
+    Eof,
+    Event,
+    Header,
+    IterBegin,
+    IterEnd,
+    RamBlock,
+    RamEos,
+    RamMemSize,
+    RamPages,
+    RamZeros,
+    Vmdesc,
+)
 from vmferry.serialize.describe import describe_section
 from vmferry.serialize.schema import Field, Vmsd
 

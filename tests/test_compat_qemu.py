@@ -22,19 +22,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from vmferry.cli.files import decode_input, open_input, read_stream_vmdesc
 from vmferry.cli import main
 from vmferry.compat import Machine, apply, qemu_registry, transform_events
-from vmferry.compat.stream import PEEK_BYTES
 from vmferry.compat.machines import PC, Q35
+from vmferry.compat.stream import PEEK_BYTES
 from vmferry.encode import legacy
 from vmferry.events import Configuration, DeviceSection, OpaqueSection, RamBlock, RamMemSize, RamPages
-from vmferry.files import decode_input, open_input, read_stream_vmdesc
-from vmferry.guest import parse_counts
-from vmferry.qemu_process import QemuVM
+from vmferry.live.qemu.guest import parse_counts
+from vmferry.live.qemu.process import QemuVM
 from vmferry.serialize.schema import INT_TYPES, Vmsd, int_range
 
 pytestmark = pytest.mark.qemu
@@ -222,7 +221,7 @@ def test_without_the_transforms_qemu_refuses(running: _Running, tmp_path: Path) 
     out = tmp_path / "renamed.mig"
     with open(out, "wb") as f:
         f.writelines(legacy.encode(events))
-    from vmferry.qemu_process import QemuError
+    from vmferry.live.qemu.process import QemuError
 
     with QemuVM("pc-i440fx-2.12", incoming=True, boot_sector=True, name="destination", workdir=tmp_path / "d") as dst:
         with pytest.raises(QemuError):
@@ -302,7 +301,7 @@ def test_diff_lists_what_qemus_descriptions_show(streams: _Streams, qemu_corpus:
 def test_dump_vmstate_is_the_same_for_every_machine_type(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import subprocess
 
-    from vmferry.qemu_process import find_qemu
+    from vmferry.live.qemu.process import find_qemu
 
     files = []
     for machine in ("pc-i440fx-2.12", "pc-i440fx-7.2"):

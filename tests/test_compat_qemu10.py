@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from vmferry.cli.compat import source_qemu
 from vmferry.cli import main
-from vmferry.cli_compat import source_qemu
 from vmferry.compat import Machine, apply, qemu_registry, transform_events
 from vmferry.compat.machines.qemu10 import (
     add_switchover_start,

@@ -32,18 +32,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_compat_qemu import _flat
+from test_proxy import sockdir  # noqa: F401  (the fixture)
 
+from vmferry.cli.files import decode_input, open_input, read_stream_vmdesc
 from vmferry.cli import main
 from vmferry.compat import qemu_registry
 from vmferry.encode import legacy
 from vmferry.events import Command, Configuration, DeviceSection
-from vmferry.files import decode_input, open_input, read_stream_vmdesc
-from vmferry.guest import parse_counts
-from vmferry.proxy import Proxy
-from vmferry.qemu_process import QemuError, QemuVM, qemu_command
-
-from test_compat_qemu import _flat
-from test_proxy import sockdir  # noqa: F401  (the fixture)
+from vmferry.live.proxy import Proxy
+from vmferry.live.qemu.guest import parse_counts
+from vmferry.live.qemu.process import QemuError, QemuVM, qemu_command
 
 pytestmark = [pytest.mark.qemu, pytest.mark.qemu10]
 
@@ -347,7 +346,7 @@ def test_corpus_streams_go_to_7_2_and_back_byte_for_byte(qemu_corpus: Any, tmp_p
     """Commands (return path, postcopy advise), capabilities and uuid in the configuration, slirp, xbzrle:
     SWITCHOVER_START leaves and comes back where QEMU 10.0 put it, the vmdesc's configuration object is
     rebuilt as QEMU 10.0 writes it.  QEMU 7.2 loads the result (with the same capabilities)."""
-    from vmferry.qemu_recipes import RECIPES
+    from qemu_recipes import RECIPES
 
     recipe = RECIPES[name]
     src = qemu_corpus[name]

@@ -1,4 +1,4 @@
-"""vmferry.copyout: QEMU's stream written with its page runs copied by the kernel from the input file."""
+"""vmferry.cli.copyout: QEMU's stream written with its page runs copied by the kernel from the input file."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from vmferry.copyout import write_pieces
+from vmferry.cli.copyout import write_pieces
 from vmferry.encode import legacy
 from vmferry.errors import DecodeError
 from vmferry.events import (
@@ -25,7 +25,7 @@ from vmferry.events import (
     RamPages,
     RamZeros,
 )
-from vmferry.files import mapped_chunks
+from vmferry.cli.files import mapped_chunks
 
 PS = 4096
 PAGES = 600  # 2.4 MiB of pages: many windows of the small mapping used below

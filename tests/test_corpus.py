@@ -1,6 +1,6 @@
 """Golden streams saved by real QEMU 7.2: byte-exact round trips, descriptions, inspection.
 
-Every stream of the corpus (vmferry.qemu_recipes: every flavour of spec §13,
+Every stream of the corpus (tests/qemu_recipes.py: every flavour of spec §13,
 pc and q35 machine types from 2.x to 7.2, isapc, NICs, USB, audio, VGA, a
 running guest and two CPUs) must come back byte for byte through
 ``vmferry convert`` legacy -> legacy and legacy -> json -> legacy.
@@ -12,13 +12,13 @@ import json
 from pathlib import Path
 
 import pytest
-
 from qemu_corpus import SCHEMA_FOR
+from qemu_recipes import RECIPES, names
+
+from vmferry.cli.files import load_schema_file
 from vmferry.cli import main
 from vmferry.encode import legacy
 from vmferry.events import Configuration, DeviceSection, RamPages, RamRecord, RamZeros
-from vmferry.files import load_schema_file
-from vmferry.qemu_recipes import RECIPES, names
 from vmferry.serialize.describe import describe_section
 
 pytestmark = pytest.mark.qemu

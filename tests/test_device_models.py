@@ -465,7 +465,7 @@ def test_subsection_newer_than_the_model_is_refused() -> None:
 # ---------------------------------------------------------------------------
 
 try:
-    from vmferry.qemu_process import QemuVM
+    from vmferry.live.qemu.process import QemuVM
 except ImportError:  # pragma: no cover - the orchestration module is optional here
     QemuVM = None  # type: ignore[assignment,misc]
 
@@ -495,7 +495,7 @@ STOPPED_POKES = [
 @pytest.fixture(scope="module")
 def qemu_streams(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     if QemuVM is None:
-        pytest.skip("vmferry.qemu_process is not available")
+        pytest.skip("vmferry.live.qemu.process is not available")
     binary = os.environ.get("VMFERRY_QEMU") or "qemu-system-x86_64"
     if shutil.which(binary) is None:
         pytest.skip(f"{binary} not found")

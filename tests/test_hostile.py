@@ -21,13 +21,13 @@ import struct
 import tracemalloc
 
 import pytest
-
 from qemu_corpus import SCHEMA_FOR
+from qemu_recipes import names
+
 from vmferry import DecodeError
+from vmferry.cli.files import load_schema_file
 from vmferry.encode import legacy
 from vmferry.encode.legacy import encode_event
-from vmferry.files import load_schema_file
-from vmferry.qemu_recipes import names
 
 pytestmark = pytest.mark.qemu
 

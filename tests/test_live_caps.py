@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from vmferry import caps, handshake
+from vmferry import caps
 from vmferry.caps import Cap
 from vmferry.errors import NegotiationError
+from vmferry.live import handshake
 
 
 def test_live_bits_have_fixed_numbers_and_names() -> None:

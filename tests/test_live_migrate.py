@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from live_helpers import EndpointProcess, EndpointThread, short_dir, wait_for
+
 from vmferry import caps, cli
 from vmferry.caps import Cap
-from vmferry.migrate import MigrationError, migrate
-from vmferry.qmp import QMPConnection
+from vmferry.live.migrate import MigrationError, migrate
+from vmferry.live.qmp import QMPConnection
 
 RAM = 16 << 20
 
@@ -151,8 +151,8 @@ def test_cancel_keeps_the_source_and_the_destination_refuses(tmp_path: Path) -> 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl makes the test certificates")
 def test_migration_over_tls(tmp_path: Path) -> None:
-    from vmferry.qmp.server import unused_tcp_port
-    from vmferry.transport import TlsOptions
+    from vmferry.live.qmp.server import unused_tcp_port
+    from vmferry.live.transport import TlsOptions
 
     d = short_dir(tmp_path)
     cert, key = tmp_path / "c.pem", tmp_path / "k.pem"

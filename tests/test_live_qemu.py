@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import pytest
-
 from live_helpers import short_dir
+
 from vmferry import cli
-from vmferry.guest import parse_counts
-from vmferry.migrate import MigrationError, migrate, qemu_qmp_args
-from vmferry.qemu_process import QemuVM
+from vmferry.live.migrate import MigrationError, migrate, qemu_qmp_args
+from vmferry.live.qemu.guest import parse_counts
+from vmferry.live.qemu.process import QemuVM
 
 pytestmark = pytest.mark.qemu
 

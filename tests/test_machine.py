@@ -7,15 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from live_helpers import wait_for
+
 from vmferry import encode
 from vmferry.events import DeviceSection, RamPages, RamZeros
-from vmferry.machine import (
+from vmferry.live.endpoint.endpoint import Endpoint
+from vmferry.live.endpoint.machine import (
     DEVICES,
     PAGE_SIZE,
     CounterState,
-    Endpoint,
     GlobalState,
     Machine,
     device_section,
@@ -23,7 +23,7 @@ from vmferry.machine import (
     page_events,
     parse_size,
 )
-from vmferry.qmp.protocol import CommandFailed
+from vmferry.live.qmp.protocol import CommandFailed
 from vmferry.serialize.devices import RTCState, load
 from vmferry.serialize.visitor import TreeReader
 
@@ -84,8 +84,8 @@ def test_device_section_round_trips_through_the_codecs(version: int) -> None:
     assert ("base_rtc" in sec.state) == (version >= 3)
     for fmt in ("legacy", "ferry"):
         from vmferry.encode.configuration import configuration_state
-        from vmferry.events import Configuration, Eof, Header, Vmdesc
         from vmferry.encode.legacy import vmdesc_text
+        from vmferry.events import Configuration, Eof, Header, Vmdesc
 
         evs = [Header(), Configuration(configuration_state("m")), sec, Eof(),
                Vmdesc(vmdesc_text({"page_size": PAGE_SIZE, "devices": [sec.desc]}))]

@@ -16,15 +16,15 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-
 from live_helpers import short_dir
 from test_live_qemu import Managed
+
 from vmferry import cli
-from vmferry.guest import parse_counts
-from vmferry.migrate import MigrationError, machine_type, migrate
-from vmferry.qemu_process import QemuVM
-from vmferry.qmp.client import QMPConnection
-from vmferry.summary import StreamSummary
+from vmferry.cli.summary import StreamSummary
+from vmferry.live.migrate import MigrationError, machine_type, migrate
+from vmferry.live.qemu.guest import parse_counts
+from vmferry.live.qemu.process import QemuVM
+from vmferry.live.qmp.client import QMPConnection
 
 
 @pytest.fixture
@@ -140,7 +140,7 @@ def test_proxy_options_need_via_proxy(capsys: pytest.CaptureFixture[str]) -> Non
 
 @pytest.mark.qemu
 def test_the_demo_shows_the_whole_mission(capsys: pytest.CaptureFixture[str]) -> None:
-    from vmferry import demo
+    from vmferry.cli import demo
 
     assert demo.main([]) == 0
     out = " ".join(capsys.readouterr().out.split())  # undo rich's wrapping

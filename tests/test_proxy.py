@@ -22,14 +22,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+from test_transport import certs  # noqa: F401  (the fixture)
 
 from vmferry.cli import main
-from vmferry.guest import parse_counts
-from vmferry.proxy import Proxy, ProxyError, ProxyStats
-from vmferry.qemu_process import QemuVM
-from vmferry.transport import TlsOptions
-
-from test_transport import certs  # noqa: F401  (the fixture)
+from vmferry.live.proxy import Proxy, ProxyError, ProxyStats
+from vmferry.live.qemu.guest import parse_counts
+from vmferry.live.qemu.process import QemuVM
+from vmferry.live.transport import TlsOptions
 
 UNLIMITED = {"max-bandwidth": 10 << 30}  # QEMU 7.2 defaults to 32 MiB/s
 
@@ -200,7 +199,7 @@ def _send(uri: str, data: bytes, piece: int = 65536) -> None:
     """Send ``data`` in writes of ``piece`` bytes, then wait for the receiver to close.  A proxy that fails
     closes the connection, which is not this sender's error."""
     from vmferry.errors import TransportError
-    from vmferry.transport import connect
+    from vmferry.live.transport import connect
 
     try:
         with connect(uri) as s:
@@ -219,7 +218,7 @@ def _through_one_proxy(sockdir: Path, data: bytes, piece: int = 65536, sink_uri:
     arrived, and the proxy's stats."""
     import threading
 
-    from vmferry.transport import listen
+    from vmferry.live.transport import listen
 
     sink = listen(f"unix:{sockdir / 'sink.sock'}" if sink_uri == "unix:" else sink_uri)
     proxy = Proxy(f"unix:{sockdir / 'p.sock'}", sink.uri, accept_timeout=30, **options).bind()
@@ -246,7 +245,8 @@ def test_a_built_stream_crosses_two_proxies_unchanged(sockdir: Path, hop: tuple[
     import threading
 
     from test_legacy_codec import build, full_stream
-    from vmferry.transport import listen
+
+    from vmferry.live.transport import listen
 
     data = build(full_stream())
     started = time.monotonic()
@@ -271,8 +271,9 @@ def test_a_built_stream_crosses_two_proxies_unchanged(sockdir: Path, hop: tuple[
 
 def test_when_the_destination_goes_away_the_source_is_closed(sockdir: Path) -> None:
     from test_legacy_codec import build, full_stream
+
     from vmferry.errors import TransportError
-    from vmferry.transport import connect, listen
+    from vmferry.live.transport import connect, listen
 
     data = build(full_stream())
     sink = listen(f"unix:{sockdir / 'sink.sock'}")
@@ -299,6 +300,7 @@ def test_when_the_destination_goes_away_the_source_is_closed(sockdir: Path) -> N
 
 def _ferry_stream() -> bytes:
     from test_legacy_codec import full_stream
+
     from vmferry.encode import ferry
 
     return b"".join(bytes(c) for c in ferry.encode(full_stream()))
@@ -323,8 +325,21 @@ def _paged_stream(pages: int = 600) -> bytes:
     import random
 
     from test_legacy_codec import build, timer_section
-    from vmferry.events import (SECTION_PART, SECTION_START, Eof, Header, IterBegin, IterEnd, RamBlock, RamEos,
-                                RamMemSize, RamPages, RamZeros, Vmdesc)
+
+    from vmferry.events import (
+        SECTION_PART,
+        SECTION_START,
+        Eof,
+        Header,
+        IterBegin,
+        IterEnd,
+        RamBlock,
+        RamEos,
+        RamMemSize,
+        RamPages,
+        RamZeros,
+        Vmdesc,
+    )
 
     rng = random.Random(7)
     ram: list = []
@@ -378,7 +393,7 @@ def test_a_pipe_of_one_page_still_carries_the_stream_unchanged(sockdir: Path) ->
 def test_the_proxy_command_says_how_much_it_spliced(sockdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import threading
 
-    from vmferry.transport import listen
+    from vmferry.live.transport import listen
 
     data = _paged_stream(60)
     sink = listen(f"unix:{sockdir / 'sink.sock'}")

@@ -18,14 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from qemu_recipes import RECIPES, names
 
 from vmferry import DecodeError
 from vmferry.cli import main
+from vmferry.cli.summary import StreamSummary
 from vmferry.encode import legacy
 from vmferry.events import (
     CMD_SWITCHOVER_START,
     COMMAND_NAMES,
     RAM_MULTIFD_FLUSH,
+    RAM_XBZRLE,
     SECTION_END,
     SECTION_PART,
     SECTION_START,
@@ -38,12 +41,9 @@ from vmferry.events import (
     RamRecord,
     RamZeros,
     Vmdesc,
-    RAM_XBZRLE,
 )
-from vmferry.qemu_process import QemuError, QemuVM
-from vmferry.qemu_recipes import RECIPES, names
+from vmferry.live.qemu.process import QemuError, QemuVM
 from vmferry.serialize.describe import describe_section
-from vmferry.summary import StreamSummary
 
 pytestmark = [pytest.mark.qemu, pytest.mark.qemu10]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from vmferry.cli import main
-from vmferry.qemu_process import QemuVM
+from vmferry.live.qemu.process import QemuVM
 
 pytestmark = pytest.mark.qemu
 

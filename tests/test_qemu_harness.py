@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from qemu_recipes import RECIPES, generate_with_provenance, names
 
-from vmferry.guest import counting_boot_sector, parse_counts
-from vmferry.qemu_process import QemuError, QemuVM
-from vmferry.qemu_recipes import RECIPES, generate_with_provenance, names
+from vmferry.live.qemu.guest import counting_boot_sector, parse_counts
+from vmferry.live.qemu.process import QemuError, QemuVM
 
 MAGIC = b"QEVM\x00\x00\x00\x03"
 
@@ -287,7 +287,7 @@ def test_guest_counts_under_qemu10(tmp_path: Path, machine: str) -> None:
 
 @pytest.mark.qemu10
 def test_qemu10_version_and_stream_path(tmp_path: Path) -> None:
-    from vmferry.qemu_process import qemu_version
+    from vmferry.live.qemu.process import qemu_version
 
     assert qemu_version(release="10.0").startswith("QEMU emulator version 10.0")
     stream = tmp_path / "out" / "paused.mig"

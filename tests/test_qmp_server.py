@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-
 from live_helpers import short_dir
+
 from vmferry.errors import TransportError
-from vmferry.qmp import CommandFailed, QMPCommandError, QMPConnection, QMPServer
-from vmferry.qmp.protocol import JsonStream, Session
-from vmferry.qmp.server import not_found
+from vmferry.live.qmp import CommandFailed, QMPCommandError, QMPConnection, QMPServer
+from vmferry.live.qmp.protocol import JsonStream, Session
+from vmferry.live.qmp.server import not_found
 
 
 def handler(name: str, args: dict[str, Any]) -> Any:
@@ -140,7 +140,7 @@ def test_json_stream_and_session_units() -> None:
     assert js.feed(b'{"a": "\xc3') == []  # a split UTF-8 character waits for its second byte
     assert js.feed(b'\xa9"} {"b"') == [{"a": "\u00e9"}]
     assert js.feed(b": 1}") == [{"b": 1}]
-    from vmferry.qmp.protocol import QMPProtocolError
+    from vmferry.live.qmp.protocol import QMPProtocolError
 
     with pytest.raises(QMPProtocolError):
         js.feed(b'{"x": "' + b"y" * 100)

@@ -11,10 +11,10 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from live_helpers import short_dir
+
 from vmferry.errors import TransportError
-from vmferry.transport import Address, TlsOptions, connect, listen, parse_uri
+from vmferry.live.transport import Address, TlsOptions, connect, listen, parse_uri
 
 
 @pytest.mark.parametrize("uri, want", [

@@ -1,9 +1,10 @@
-"""Which QEMU wrote a stream, from its events alone (vmferry.summary.WriterGuess); no QEMU needed."""
+"""Which QEMU wrote a stream, from its events alone (vmferry.cli.summary.WriterGuess); no QEMU needed."""
 
 from __future__ import annotations
 
 import json
 
+from vmferry.cli.summary import StreamSummary
 from vmferry.events import (
     CMD_SWITCHOVER_START,
     RAM_COMPRESS_PAGE,
@@ -15,7 +16,6 @@ from vmferry.events import (
     RamRecord,
     Vmdesc,
 )
-from vmferry.summary import StreamSummary
 
 
 def _config(machine: str, caps: tuple[bytes, ...] = ()) -> Configuration:

@@ -13,10 +13,9 @@ where a run ends does a binary search find the record that differs.
 
 from __future__ import annotations
 
-import sys
 from array import array
 
-_LITTLE = sys.byteorder == "little"
+_LITTLE = array("H", [1]).tobytes() == b"\x01\x00"  # the machine's byte order (no sys here: a pure layer)
 _MAX_WORD = (1 << 64) - 1
 
 

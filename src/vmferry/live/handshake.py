@@ -21,7 +21,7 @@ Every message is ``u8 type, u32 length`` and a body: JSON for HELLO,
 WELCOME and RESULT (at most :data:`MAX_JSON` bytes), raw stream bytes for
 DATA.  :class:`MessageReader` is fed bytes and hands back messages;
 :func:`agree` decides what the source sends.  No I/O here: the drivers live
-in :mod:`vmferry.machine`.
+in :mod:`vmferry.live.endpoint`.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from .caps import Cap
-from .errors import NegotiationError
+from ..caps import Cap
+from ..errors import NegotiationError
 
 MAGIC = b"VFRP"
 VERSION = 1

@@ -19,7 +19,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from .events import (
+from ..events import (
+    CMD_SWITCHOVER_START,
+    RAM_COMPRESS_PAGE,
+    RAM_MULTIFD_FLUSH,
     SECTION_KIND_NAMES,
     Command,
     Configuration,
@@ -35,9 +38,6 @@ from .events import (
     RamRecord,
     RamZeros,
     Vmdesc,
-    CMD_SWITCHOVER_START,
-    RAM_COMPRESS_PAGE,
-    RAM_MULTIFD_FLUSH,
 )
 
 Version = tuple[int, int]

@@ -19,7 +19,7 @@ promises:
 * A recipe that needs something this QEMU build or host lacks (a device,
   a machine type, userfaultfd) raises :class:`RecipeUnavailable`.
 * A recipe with ``qemu_version="10.0"`` runs QEMU 10.0 (the chroot of
-  :func:`vmferry.qemu_process.qemu10_root`); ``names(qemu="10.0")`` lists
+  :func:`vmferry.live.qemu.process.qemu10_root`); ``names(qemu="10.0")`` lists
   those, ``names()`` the system QEMU's (7.2) as before.
 
 Used by the tests (``tests/qemu_corpus.py``), the demo and the benchmarks.
@@ -44,8 +44,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from .guest import counting_boot_sector
-from .qemu_process import QemuError, QemuVM, escape_option, expose, qemu_command, qemu_version
+from vmferry.live.qemu.guest import counting_boot_sector
+from vmferry.live.qemu.process import QemuError, QemuVM, escape_option, expose, qemu_command, qemu_version
 
 __all__ = [
     "Corpus",
@@ -89,7 +89,7 @@ class Recipe:
     params: Mapping[str, Any] = field(default_factory=dict)
     #: device types that must appear in ``-device help``
     devices: tuple[str, ...] = ()
-    #: keyword arguments of :func:`vmferry.guest.counting_boot_sector` (running kinds)
+    #: keyword arguments of :func:`vmferry.live.qemu.guest.counting_boot_sector` (running kinds)
     guest: Mapping[str, int] = field(default_factory=dict)
     has_configuration: bool = True
     has_footers: bool = True

@@ -1,6 +1,6 @@
 """The ``vmferry proxy`` subcommand: a live migration decoded, transformed and re-encoded in flight.
 
-:func:`add_subcommands` adds it to the ``vmferry`` parser (see :mod:`vmferry.proxy`).
+:func:`add_subcommands` adds it to the ``vmferry`` parser (see :mod:`vmferry.live.proxy`).
 """
 
 from __future__ import annotations
@@ -10,15 +10,15 @@ import json
 import sys
 from typing import Any
 
-from .cli_live import _tls_options
+from .common import tls_options
 
 __all__ = ["add_subcommands", "cmd_proxy"]
 
 
 def cmd_proxy(args: argparse.Namespace) -> int:
-    from .allocator import keep_stream_buffers
-    from .proxy import Proxy
-    from .transport import TlsOptions
+    from ..live.allocator import keep_stream_buffers
+    from ..live.proxy import Proxy
+    from ..live.transport import TlsOptions
 
     keep_stream_buffers()
 
@@ -71,5 +71,5 @@ def add_subcommands(sub: Any) -> None:
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="give up when no source connects in time")
     p.add_argument("--json", action="store_true", help="print what was carried as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no messages on stderr")
-    _tls_options(p)
+    tls_options(p)
     p.set_defaults(func=cmd_proxy)

@@ -12,7 +12,7 @@
 5. Print what the proxies carried, as ``vmferry inspect`` shows a stream.
 6. Watch the guest count on at the destination from where it stopped.
 
-    python -m vmferry.demo [--source-machine pc-i440fx-2.12] [--dest-machine pc-i440fx-7.2] [--wire ferry]
+    python -m vmferry.cli.demo [--source-machine pc-i440fx-2.12] [--dest-machine pc-i440fx-7.2] [--wire ferry]
 """
 
 from __future__ import annotations
@@ -27,12 +27,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from . import caps, proxy
-from .cli import print_summary
-from .errors import FerryError
-from .migrate import MigrationError, capabilities, migrate, qemu_qmp_args
-from .proxy_route import link_mask
-from .qemu_process import QemuError, QemuVM, qemu_binary, qemu_version
+from .. import caps
+from ..errors import FerryError
+from ..live import proxy
+from ..live.migrate import MigrationError, capabilities, migrate, qemu_qmp_args
+from ..live.qemu.process import QemuError, QemuVM, qemu_binary, qemu_version
+from ..live.route import link_mask
+from .common import print_summary
 from .summary import StreamSummary
 
 console = Console(highlight=False)
@@ -130,7 +131,7 @@ def run(src_machine: str, dst_machine: str, wire: str, workdir: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vmferry.demo", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m vmferry.cli.demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source-machine", default="pc-i440fx-2.12", help="the source's machine type "
                                                                        "(default: pc-i440fx-2.12)")

@@ -16,7 +16,7 @@ import os
 import socket
 from typing import Any, Callable
 
-from ..errors import TransportError
+from ...errors import TransportError
 from ..transport import Address, bind_unix, is_loopback, parse_uri
 from . import protocol
 from .protocol import COMMAND_NOT_FOUND, CommandFailed, JsonStream, QMPProtocolError, Session
@@ -36,7 +36,7 @@ class QMPServer:
     """Serve QMP on one address; ``handler(name, arguments)`` runs each command.
 
     ``handler`` returns the command's ``return`` value, or raises
-    :class:`~vmferry.qmp.protocol.CommandFailed`.  After a command in
+    :class:`~vmferry.live.qmp.protocol.CommandFailed`.  After a command in
     :attr:`closing_commands` has been answered, the server stops.
     """
 

@@ -24,7 +24,7 @@ import stat
 import threading
 from typing import BinaryIO, Iterable
 
-from .events import RamPages
+from ..events import RamPages
 
 QUEUE = 8
 COPY_MAX = 1 << 30  # bytes per kernel call (copy_file_range and sendfile take a size_t, but keep calls bounded)

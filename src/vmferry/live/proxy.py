@@ -9,7 +9,7 @@ or in ``ferry`` (for a second proxy near the destination).
 
 RAM flows through as views of the received chunks, never copied per page;
 between two plain sockets with QEMU's format in and out, page runs do not
-pass through the proxy's memory at all (:mod:`vmferry.splice`).  QEMU's
+pass through the proxy's memory at all (:mod:`vmferry.live.splice`).  QEMU's
 device sections are held by the decoder until the vmdesc at the end of the
 stream describes them.  When either side fails the proxy closes both, so
 the source QEMU sees its migration fail and keeps its guest running, and the
@@ -23,10 +23,10 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
-from .caps import Cap
-from .encode import ferry, legacy
-from .errors import DecodeError, FerryError, TransportError
-from .events import Event
+from ..caps import Cap
+from ..encode import ferry, legacy
+from ..errors import DecodeError, FerryError, TransportError
+from ..events import Event
 from .splice import PipedInput, can_splice, write_legacy
 from .transport import CHUNK, ByteStream, Listener, SocketStream, TlsOptions, connect, listen, parse_uri
 
@@ -136,7 +136,7 @@ def transcode_events(chunks: Iterable[bytes | memoryview], input_format: str, wi
     if observe is not None:
         events = _observed(events, observe)
     if machine:
-        from .compat import qemu_registry, transform_events
+        from ..compat import qemu_registry, transform_events
 
         registry = qemu_registry()
         registry.release(machine)
@@ -172,7 +172,7 @@ class Proxy:
     ``migrate-incoming`` URI, or another proxy's listen URI).  ``machine``
     converts the device state to that machine type; ``wire`` is the output
     format (``compress`` its compression when it is ferry); ``observe`` sees
-    every event received (e.g. a :class:`vmferry.summary.StreamSummary`'s ``add``).
+    every event received (e.g. a :class:`vmferry.cli.summary.StreamSummary`'s ``add``).
     """
 
     listen_uri: str
@@ -207,7 +207,7 @@ class Proxy:
             if not addr.is_socket:
                 raise ProxyError(f"{what} {addr}: the proxy needs a unix:, tcp: or tls: URI")
         if self.machine:  # an unknown machine type fails before anyone connects
-            from .compat import qemu_registry
+            from ..compat import qemu_registry
 
             registry = qemu_registry()
             registry.release(self.machine)
@@ -324,7 +324,7 @@ class Proxy:
         self.stats.done = True
 
     def _splice_through(self, source: SocketStream, head: bytes, dest: SocketStream) -> None:
-        """QEMU's format in and out between plain sockets: page runs are spliced (see :mod:`vmferry.splice`)."""
+        """QEMU's format in and out between plain sockets: page runs are spliced (see :mod:`vmferry.live.splice`)."""
         piped = PipedInput(source, dest, len(head), self.chunk_size)
         try:
             events = transcode_events(itertools.chain([head], piped.chunks()), "legacy", "legacy", self.machine,

@@ -12,17 +12,17 @@ import sys
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterator
 
-from . import encode
-from .encode import legacy
-from .errors import DecodeError, SchemaError
-from .serialize.qemu_vmdesc import (
+from .. import encode
+from ..encode import legacy
+from ..errors import DecodeError, SchemaError
+from ..serialize.qemu_vmdesc import (
     is_dump_vmstate,
     is_vmdesc,
     load_json,
     schemas_from_dump_vmstate,
     schemas_from_vmdesc,
 )
-from .serialize.schema import SchemaSet
+from ..serialize.schema import SchemaSet
 
 CHUNK = 4 << 20
 MAP_WINDOW = 16 << 20  # a multiple of 2 MiB: a file cached in huge folios is then mapped by PMDs
@@ -179,7 +179,7 @@ def decode_input(inp: Input, schema: SchemaSet | None = None, target: str | None
                                                         legacy_records=target == "legacy"))
     events = mod.decode(inp.chunks)
     if target == "legacy":  # skippable ferry frames carried by a record format: QEMU's stream has no room
-        from .encode.records import UnknownFrame
+        from ..encode.records import UnknownFrame
 
         return (ev for ev in events if not isinstance(ev, UnknownFrame))
     return events

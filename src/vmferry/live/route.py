@@ -11,7 +11,7 @@
 
 The proxy next to the destination converts the device state to ``machine``;
 ``observe`` sees every event of the stream as the source sent it.
-The management tool (:mod:`vmferry.migrate`) points the destination's
+The management tool (:mod:`vmferry.live.migrate`) points the destination's
 ``migrate-incoming`` at :attr:`dest_uri` and the source at :attr:`source_uri`,
 then waits with :meth:`finish`; on any failure :meth:`abort` closes every
 socket, so the source's migration fails and its guest keeps running.
@@ -23,9 +23,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import caps, proxy
-from .caps import Cap
-from .events import Event
+from .. import caps
+from ..caps import Cap
+from ..events import Event
+from . import proxy
 from .proxy import Proxy, ProxyError, ProxyStats
 
 __all__ = ["ProxyRoute", "link_mask"]

@@ -1,8 +1,8 @@
 """``vmferry serve``, ``vmferry caps`` and ``vmferry migrate``: live migration from the command line.
 
-``serve`` runs a vmferry endpoint (:mod:`vmferry.machine`) behind QMP;
+``serve`` runs a vmferry endpoint (:mod:`vmferry.live.endpoint`) behind QMP;
 ``caps`` prints what one side (an endpoint or a real QEMU) supports;
-``migrate`` is the management tool (:mod:`vmferry.migrate`).  Errors are one
+``migrate`` is the management tool (:mod:`vmferry.live.migrate`).  Errors are one
 line on stderr and a non-zero exit, as everywhere in the CLI.
 """
 
@@ -13,7 +13,8 @@ import json
 import sys
 from typing import Any
 
-from . import caps
+from .. import caps
+from .common import tls_options
 
 EXIT_OK = 0
 EXIT_FAILED = 2
@@ -46,7 +47,7 @@ def add_subcommands(sub: Any) -> None:
     srv.add_argument("--compress", choices=["none", "zstd", "lz4"], default="none",
                      help="compress ferry frames when both sides agree on it (default none)")
     srv.add_argument("--allow-remote", action="store_true", help="allow a QMP TCP address beyond loopback")
-    _tls_options(srv)
+    tls_options(srv)
     srv.add_argument("-q", "--quiet", action="store_true", help="no start-up line on stderr")
     srv.set_defaults(func=cmd_serve)
 
@@ -86,14 +87,6 @@ def add_subcommands(sub: Any) -> None:
     mg.set_defaults(func=cmd_migrate)
 
 
-def _tls_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tls-cert", metavar="FILE", help="certificate (PEM) for tls: migration URIs")
-    p.add_argument("--tls-key", metavar="FILE", help="private key of --tls-cert")
-    p.add_argument("--tls-ca", metavar="FILE", help="CA to check the peer against (a listener then requires "
-                                                    "client certificates)")
-    p.add_argument("--tls-hostname", metavar="NAME", help="name the peer's certificate must carry")
-
-
 def _split(text: str | None) -> list[str] | None:
     if text is None:
         return None
@@ -103,10 +96,11 @@ def _split(text: str | None) -> list[str] | None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .allocator import keep_stream_buffers
-    from .errors import FerryError
-    from .machine import ServeOptions, parse_size, serve
-    from .transport import TlsOptions
+    from ..errors import FerryError
+    from ..live.allocator import keep_stream_buffers
+    from ..live.endpoint.machine import parse_size
+    from ..live.endpoint.serve import ServeOptions, serve
+    from ..live.transport import TlsOptions
 
     keep_stream_buffers()
 
@@ -144,7 +138,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_caps(args: argparse.Namespace) -> int:
-    from .migrate import capabilities
+    from ..live.migrate import capabilities
 
     info = capabilities(args.address)
     if args.json:
@@ -164,10 +158,10 @@ def cmd_caps(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from .migrate import migrate
+    from ..live.migrate import migrate
 
     if args.via_proxy:
-        from .allocator import keep_stream_buffers
+        from ..live.allocator import keep_stream_buffers
 
         keep_stream_buffers()
     params: dict[str, Any] = {}

@@ -21,7 +21,7 @@ URIs (QEMU's forms, spec §7.1, plus ``file:`` and ``tls:``):
   (``tls:HOST:PORT?cert=FILE&key=FILE&ca=FILE&hostname=NAME``).
 
 Socket streams are *duplex*: the receiver can answer on them (the return
-path of :mod:`vmferry.handshake`).  Every failure raises
+path of :mod:`vmferry.live.handshake`).  Every failure raises
 :class:`~vmferry.errors.TransportError` naming the URI.
 """
 
@@ -38,7 +38,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Iterator
 from urllib.parse import parse_qs
 
-from .errors import TransportError
+from ..errors import TransportError
 
 SCHEMES = ("file", "exec", "fd", "unix", "tcp", "tls")
 SOCKET_SCHEMES = ("unix", "tcp", "tls")

@@ -28,9 +28,9 @@ import socket
 import ssl
 from typing import Callable, Iterable, Iterator
 
-from .encode import legacy
-from .errors import TransportError
-from .events import Event, RamPages
+from ..encode import legacy
+from ..errors import TransportError
+from ..events import Event, RamPages
 from .transport import CHUNK, SEND_BATCH, ByteStream, SocketStream
 
 F_SETPIPE_SZ = 1031

@@ -16,7 +16,7 @@ source runs again (``cont`` when it ended up stopped and the destination
 is not running), and raises :class:`MigrationError` with one clear line.
 
 With ``via_proxy`` the stream goes through vmferry's proxies
-(:mod:`vmferry.proxy_route`): the destination's machine type is read over
+(:mod:`vmferry.live.route`): the destination's machine type is read over
 QMP (``qom-get /machine type``) and the device state is converted to it in
 flight, so a guest moves between machine types that QEMU alone refuses to
 mix; only the QEMU capabilities a proxy can carry stay on.
@@ -31,12 +31,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import caps, proxy
-from .caps import Cap
-from .errors import FerryError
-from .events import Event
-from .proxy_route import ProxyRoute
+from .. import caps
+from ..caps import Cap
+from ..errors import FerryError
+from ..events import Event
+from . import proxy
 from .qmp.client import QMPCommandError, QMPConnectError, QMPConnection
+from .route import ProxyRoute
 
 
 class MigrationError(FerryError):
@@ -275,8 +276,8 @@ def machine_type(conn: QMPConnection) -> str:
 def _release(machine: str, qemu: str) -> str:
     """``machine`` as run by QEMU ``qemu``: ``MACHINE@QEMU`` when the catalogue has that pair (e.g.
     ``pc-i440fx-7.2@10.0``), else the machine type alone, which names it at its own QEMU version."""
-    from .compat import qemu_registry
-    from .errors import CompatError
+    from ..compat import qemu_registry
+    from ..errors import CompatError
 
     if qemu:
         try:

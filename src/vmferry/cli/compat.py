@@ -20,15 +20,16 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
-from . import encode
-from .cli import EXIT_OK, UsageError, _open, _output, _progress
+from .. import encode
+from .common import EXIT_OK, UsageError, open_stream, output_file, progress_bar
+
 if TYPE_CHECKING:  # the compat package is imported by the commands that use it, not at start-up
-    from .compat.check import Report, Schemas
-from .encode import legacy
-from .errors import SchemaError
-from .events import Command, Configuration, DeviceSection, IterEnd, OpaqueSection, RamMemSize, Vmdesc
+    from ..compat.check import Report, Schemas
+from ..encode import legacy
+from ..errors import SchemaError
+from ..events import Command, Configuration, DeviceSection, IterEnd, OpaqueSection, RamMemSize, Vmdesc
+from ..serialize.qemu_vmdesc import is_dump_vmstate, is_vmdesc, load_json
 from .files import decode_input, load_schema_file, read_stream_vmdesc
-from .serialize.qemu_vmdesc import is_dump_vmstate, is_vmdesc, load_json
 
 __all__ = ["EXIT_UNCOVERED", "add_subcommands", "cmd_diff", "cmd_plan", "cmd_transform", "load_schemas"]
 
@@ -42,7 +43,7 @@ EXIT_UNCOVERED = 3
 
 
 def cmd_transform(args: argparse.Namespace) -> int:
-    from .compat import qemu_registry, transform_events
+    from ..compat import qemu_registry, transform_events
 
     if args.input != "-" and args.output != "-" and os.path.abspath(args.input) == os.path.abspath(args.output):
         raise UsageError("input and output are the same file")
@@ -60,13 +61,13 @@ def cmd_transform(args: argparse.Namespace) -> int:
     if from_machine is None and from_qemu is None and args.input != "-" and os.path.isfile(args.input):
         from_qemu = source_qemu(args.input)
     size = os.path.getsize(args.input) if args.input != "-" and os.path.isfile(args.input) else None
-    with _progress(f"{machine}", size, not args.quiet) as advance:
-        inp = _open(args.input, advance)
+    with progress_bar(f"{machine}", size, not args.quiet) as advance:
+        inp = open_stream(args.input, advance)
         fmt = args.to or inp.format
         target = encode.codec(fmt)
         events = transform_events(decode_input(inp, schema, target=fmt), registry, machine, from_machine, from_qemu)
         try:
-            with _output(args.output) as out:
+            with output_file(args.output) as out:
                 out.writelines(target.encode(events))
         except OSError as e:
             if isinstance(e, BrokenPipeError):
@@ -110,7 +111,7 @@ def _stream_head(path: str) -> tuple[Configuration | None, bool | None, list[Any
     config = None
     footers = None
     ram = None
-    events = decode_input(_open(path))
+    events = decode_input(open_stream(path))
     try:
         for ev in events:
             if isinstance(ev, Configuration):
@@ -133,7 +134,7 @@ def _stream_head(path: str) -> tuple[Configuration | None, bool | None, list[Any
 def _stream_commands(path: str) -> set[str]:
     """The names of the commands a stream carries (the whole stream is read; RAM is not copied)."""
     names: set[str] = set()
-    for ev in decode_input(_open(path)):
+    for ev in decode_input(open_stream(path)):
         if isinstance(ev, Command):
             names.add(ev.name)
     return names
@@ -146,7 +147,7 @@ def _stream_schemas(path: str, fmt: str) -> Schemas:
 
 
 def _stream_schemas_only(path: str, fmt: str) -> Schemas:
-    from .compat.check import from_vmdesc
+    from ..compat.check import from_vmdesc
 
     if fmt == "legacy":
         config, footers, ram = _stream_head(path)
@@ -159,7 +160,7 @@ def _stream_schemas_only(path: str, fmt: str) -> Schemas:
         footers = ram = None
         devices = []
         obj = None
-        for ev in decode_input(_open(path)):
+        for ev in decode_input(open_stream(path)):
             if isinstance(ev, Configuration):
                 config = ev
             elif isinstance(ev, RamMemSize) and ram is None:
@@ -184,7 +185,7 @@ def _stream_schemas_only(path: str, fmt: str) -> Schemas:
 
 def load_schemas(path: str) -> Schemas:
     """A diff side from a stream (any format), a vmdesc JSON or a ``-dump-vmstate`` JSON file."""
-    from .compat.check import from_dump_vmstate, from_vmdesc
+    from ..compat.check import from_dump_vmstate, from_vmdesc
 
     try:
         with open(path, "rb") as f:
@@ -205,7 +206,7 @@ def load_schemas(path: str) -> Schemas:
             return from_vmdesc(obj, path)
         if is_dump_vmstate(obj):
             return from_dump_vmstate(obj, path)
-    inp = _open(path)
+    inp = open_stream(path)
     fmt = inp.format
     close = getattr(inp.chunks, "close", None)
     if close is not None:
@@ -214,8 +215,8 @@ def load_schemas(path: str) -> Schemas:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from .compat import qemu_registry
-    from .compat.check import diff
+    from ..compat import qemu_registry
+    from ..compat.check import diff
 
     a = load_schemas(args.a)
     b = load_schemas(args.b)
@@ -259,7 +260,7 @@ def _print_report(r: Report) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .compat import qemu_registry
+    from ..compat import qemu_registry
 
     registry = qemu_registry()
     if args.list:

@@ -15,7 +15,7 @@ import gc
 import threading
 from typing import Any, Coroutine, TypeVar
 
-from ..errors import FerryError, TransportError
+from ...errors import FerryError, TransportError
 from ..transport import Address
 from .server import parse_qmp_address
 

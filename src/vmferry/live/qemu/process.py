@@ -5,7 +5,7 @@ sockets and sleeps.  It promises:
 
 * :class:`QemuVM` starts one QEMU (TCG, ``-nodefaults -display none``,
   QMP on a unix socket in its work directory), optionally with the counting
-  boot sector of :mod:`vmferry.guest` on a floppy and COM1 logged to a file,
+  boot sector of :mod:`vmferry.live.qemu.guest` on a floppy and COM1 logged to a file,
   and offers a small blocking API: QMP commands, migration to and from
   files, the guest's serial counter, and a clean or forced shutdown.
 * Every failure surfaces as :class:`QemuError`, whose message includes what

@@ -1,0 +1,201 @@
+"""Real libvirtd + QEMU: vmferry reads ``virsh save`` images, and moves them to a newer machine type.
+
+A counting guest (vmferry.guest) is saved by libvirt 9.0 under
+pc-i440fx-2.12 or pc-q35-2.12; vmferry converts the QEMU stream inside to
+the 7.2 machine type and rewrites the XML's machine; ``virsh restore`` (or
+``virsh start`` after ``managedsave``) then accepts it, and the guest counts
+on from where it stopped.  Every ``save_image_format`` libvirt 9.0 knows is
+tried, and images round-trip byte for byte.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from libvirt_daemon import Domain, LibvirtDaemon, LibvirtError, libvirtd  # noqa: F401  (the fixture)
+
+from vmferry.cli.images import copy_image, read_image, transform_image
+from vmferry.encode import legacy
+from vmferry.encode import libvirt_save as ls
+from vmferry.encode.libvirt_save import HEADER_SIZE, PADDING, Compression
+from vmferry.errors import DecodeError
+
+pytestmark = [pytest.mark.libvirt, pytest.mark.qemu, pytest.mark.slow]
+
+#: The domain type: TCG.  Under KVM (nested here) SeaBIOS hung before the boot sector in three of four
+#: boots, so the kvm type is not a dependable test here.
+KIND = "qemu"
+
+
+def assert_counts_on(dom: Domain, before: int, more: int = 15) -> None:
+    """The guest printed ``more`` numbers past ``before`` and every number follows the one before it."""
+    dom.wait_for_count(len(dom.counts()) + more)
+    counts = dom.counts()
+    assert counts[-1] >= before + more
+    gaps = [(a, b) for a, b in zip(counts, counts[1:]) if b != a + 1]
+    assert not gaps, f"the count jumped or restarted: {gaps[:3]} ({counts[:3]}...{counts[-3:]})"
+
+
+def start_counting(libvirtd: LibvirtDaemon, name: str, machine: str, kind: str) -> Domain:
+    dom = Domain(libvirtd, name, machine, kind=kind).define()
+    dom.start()
+    dom.wait_for_count(10)
+    return dom
+
+
+def stream_bytes(image_path: Path) -> bytes:
+    image, stored = ls.split([image_path.read_bytes()])
+    return b"".join(bytes(c) for c in ls.qemu_stream(image, stored))
+
+
+def test_virsh_save_image_is_what_the_parser_says(libvirtd, tmp_path):
+    dom = start_counting(libvirtd, "layout", "pc-i440fx-2.12", KIND)
+    path = tmp_path / "layout.save"
+    libvirtd.virsh("save", dom.name, str(path))
+    data = path.read_bytes()
+    image, stored = ls.split([data])
+    assert data[:16] == b"LibvirtQemudSave" and image.header.version == 2 and image.header.byteorder == "<"
+    assert (image.name, image.machine, image.domain_type) == ("layout", "pc-i440fx-2.12", KIND)
+    assert image.was_running and image.compression == Compression.RAW and image.cookie is not None
+    assert image.cookie.startswith("<cookie>") and "<cpu" in image.cookie
+    xml_len = len(image.xml.encode()) + 1
+    assert image.header.cookie_offset == xml_len
+    assert image.header.data_len == xml_len + len(image.cookie.encode()) + 1 + PADDING
+    assert image.header.unused == (0,) * 14
+    assert data[image.payload_offset:image.payload_offset + 4] == b"QEVM"
+    # vmferry writes the same head libvirt wrote, and the QEMU stream re-encodes byte for byte
+    assert image.with_xml(image.xml).head == data[:image.payload_offset]
+    raw = data[image.payload_offset:]
+    assert b"".join(bytes(c) for c in legacy.encode(legacy.decode([raw]))) == raw
+    # libvirt stores the migratable XML (no default pci-root controller); save-image-dumpxml fills the defaults in
+    dumped = libvirtd.virsh("save-image-dumpxml", str(path))
+    assert "<name>layout</name>" in dumped and "machine='pc-i440fx-2.12'" in dumped
+
+
+@pytest.mark.parametrize("source, target, kind", [
+    ("pc-i440fx-2.12", "pc-i440fx-7.2", "qemu"),
+    ("pc-q35-2.12", "pc-q35-7.2", "qemu"),
+])
+def test_transform_then_virsh_restore_counts_on(libvirtd, tmp_path, source, target, kind):
+    name = f"{kind}-{source.split('-')[1]}"
+    dom = start_counting(libvirtd, name, source, kind)
+    saved, moved = tmp_path / "old.save", tmp_path / "new.save"
+    libvirtd.virsh("save", dom.name, str(saved))
+    before = dom.counts()[-1]
+    assert dom.state() == "shut off"
+    # what the issue reports: libvirt alone refuses the new machine type
+    xml = tmp_path / "new.xml"
+    xml.write_text(libvirtd.virsh("save-image-dumpxml", str(saved)).replace(source, target))
+    with pytest.raises(LibvirtError, match="machine type"):
+        libvirtd.virsh("restore", str(saved), "--xml", str(xml))
+    t0 = time.monotonic()
+    new = transform_image(saved, moved, target)
+    took = time.monotonic() - t0
+    assert new.machine == target and new.was_running and new.name == dom.name
+    image, events = read_image(moved)
+    assert image.machine == target
+    assert image.xml == ls.parse(saved.read_bytes()).xml.replace(f"machine='{source}'", f"machine='{target}'")
+    libvirtd.virsh("restore", str(moved))
+    assert dom.state() == "running"
+    assert f"machine='{target}'" in libvirtd.virsh("dumpxml", dom.name)
+    assert_counts_on(dom, before)
+    libvirtd.virsh("destroy", dom.name)
+    libvirtd.virsh("undefine", dom.name)
+    print(f"transform {source} -> {target} ({kind}): {took:.2f} s")
+
+
+def test_managedsave_transform_in_place_then_start(libvirtd, tmp_path):
+    dom = start_counting(libvirtd, "managed", "pc-i440fx-2.12", KIND)
+    libvirtd.virsh("managedsave", dom.name)
+    before = dom.counts()[-1]
+    path = libvirtd.managed_save_path(dom.name)
+    assert path.exists()  # the file libvirt keeps for `virsh start`
+    assert ls.parse(path.read_bytes()).machine == "pc-i440fx-2.12"
+    out = tmp_path / "managed.save"
+    transform_image(path, out, "pc-i440fx-7.2")
+    out.replace(path)  # the operator's `mv`: libvirt finds the image under its own name
+    libvirtd.virsh("start", dom.name)
+    assert_counts_on(dom, before)
+    assert not path.exists()  # libvirt removes a managed save image once it restored from it
+    libvirtd.virsh("destroy", dom.name)
+    libvirtd.virsh("undefine", dom.name)
+
+
+@pytest.mark.parametrize("fmt", ["gzip", "bzip2", "xz", "lzop"])
+def test_each_save_image_format(libvirtd, tmp_path, fmt):
+    """libvirt compresses with ``save_image_format``: the image round-trips, and a transformed one restores."""
+    libvirtd.restart(save_image_format=fmt)
+    try:
+        dom = start_counting(libvirtd, f"fmt-{fmt}", "pc-i440fx-2.12", KIND)
+        saved = tmp_path / f"{fmt}.save"
+        libvirtd.virsh("save", dom.name, str(saved))
+        before = dom.counts()[-1]
+        image = ls.parse(saved.read_bytes())
+        assert image.compression == Compression[fmt.upper()]
+        copy = tmp_path / "copy.save"
+        copy_image(saved, copy)
+        assert copy.read_bytes() == saved.read_bytes()  # byte for byte, compressed stream included
+        raw = stream_bytes(saved)
+        assert raw[:4] == b"QEVM"
+        assert b"".join(bytes(c) for c in legacy.encode(legacy.decode([raw]))) == raw
+        moved = tmp_path / "moved.save"
+        transform_image(saved, moved, "pc-i440fx-7.2")
+        assert ls.parse(moved.read_bytes()).compression == image.compression
+        libvirtd.virsh("restore", str(moved))  # libvirt's `PROG -dc` reads vmferry's compression
+        assert_counts_on(dom, before)
+        libvirtd.virsh("destroy", dom.name)
+        libvirtd.virsh("undefine", dom.name)
+    finally:
+        libvirtd.restart(save_image_format="raw")
+
+
+def test_zstd_is_not_in_libvirt_9(libvirtd, tmp_path):
+    """libvirt 9.0 knows no zstd: ``virsh save`` refuses the setting, and cannot restore a zstd image."""
+    libvirtd.restart(save_image_format="zstd")
+    try:
+        dom = start_counting(libvirtd, "fmt-zstd", "pc-i440fx-2.12", KIND)
+        saved = tmp_path / "zstd.save"
+        with pytest.raises(LibvirtError, match="Invalid save image format"):
+            libvirtd.virsh("save", dom.name, str(saved))
+        assert dom.state() == "running" and not saved.exists()
+    finally:
+        libvirtd.restart(save_image_format="raw")
+    libvirtd.virsh("save", dom.name, str(saved))
+    moved = tmp_path / "moved.save"
+    transform_image(saved, moved, "pc-i440fx-7.2", compression=Compression.ZSTD)
+    assert ls.parse(moved.read_bytes()).compression == Compression.ZSTD
+    assert stream_bytes(moved)[:4] == b"QEVM"
+    with pytest.raises(LibvirtError, match="Invalid compressed save format 5"):
+        libvirtd.virsh("restore", str(moved))
+    libvirtd.virsh("undefine", dom.name)
+
+
+def test_damaged_images_fail_cleanly_and_write_nothing(libvirtd, tmp_path):
+    dom = start_counting(libvirtd, "damaged", "pc-i440fx-2.12", KIND)
+    saved = tmp_path / "good.save"
+    libvirtd.virsh("save", dom.name, str(saved))
+    libvirtd.virsh("undefine", dom.name)
+    data = saved.read_bytes()
+    image = ls.parse(data)
+    xml_at = HEADER_SIZE + image.xml.index("<os>")
+    cases = {
+        "magic": (data[:3] + b"X" + data[4:], 0),
+        "version": (data[:16] + b"\x07" + data[17:], 16),
+        "xml": (data[:xml_at] + b"<0s" + data[xml_at + 3:], None),
+        "truncated head": (data[:HEADER_SIZE + 100], HEADER_SIZE + 100),
+        "stream": (data[:image.payload_offset + 40] + b"\xee" * 8 + data[image.payload_offset + 48:], None),
+        "truncated stream": (data[:len(data) // 2], None),
+    }
+    for what, (bad, offset) in cases.items():
+        src, dst = tmp_path / f"{what}.save", tmp_path / f"{what}.out"
+        src.write_bytes(bad)
+        with pytest.raises(DecodeError) as e:
+            transform_image(src, dst, "pc-i440fx-7.2")
+            pytest.fail(f"{what}: no error")
+        assert not dst.exists() and not Path(f"{dst}.vmferry-partial").exists(), what
+        if offset is not None:
+            assert e.value.offset == offset, (what, str(e.value))
+        else:
+            assert e.value.offset is not None and e.value.offset >= HEADER_SIZE, (what, str(e.value))
