@@ -25,8 +25,11 @@ stream back byte for byte.
 Inputs: ``--stream FILE`` (repeatable) with ``--qemu-args`` for the devices
 QEMU needs to load it (``-m`` and the machine type come from the stream), or
 by default the idle ``pc-i440fx-7.2`` guest (corpus ``pc-7.2-paused``, 64 MiB,
-never started) and a booted guest with 512 MiB (the corpus' counting guest,
-``pc-7.2-running`` with ``-m 512M``, saved while it counts).
+never started), a booted guest with 512 MiB (the corpus' counting guest,
+``pc-7.2-running`` with ``-m 512M``, saved while it counts) and, when
+scripts/ensure-linux-guest.sh has built it, the Linux test guest (Debian's
+cloud kernel and a busybox initramfs) booted with 512 MiB and saved while
+it counts.
 
     .venv/bin/python benchmarks/compress.py [--stream FILE [--qemu-args ARGS]] [--repeat N] [--no-qemu10]
 """
@@ -63,7 +66,36 @@ class Guest:
     label: str
     stream: Path
     qemu_args: list[str]  # what QEMU needs besides -machine and -m to load the stream
-    boot_sector: bool = False
+    boot_sector: bool = False  # the counting boot sector on a floppy
+    serial: bool = False  # COM1
+    expose: Path | None = None  # a directory the QEMU 10.0 chroot must see (the Linux guest's kernel)
+
+
+LINUX_GUEST = Path(os.environ.get("VMFERRY_LINUX_GUEST") or "/var/cache/vmferry/linux-guest")
+LINUX_APPEND = "console=ttyS0 quiet loglevel=0"  # as tests/linux_guest.py
+
+
+def linux_guest(workdir: Path) -> Guest | None:
+    """Debian's cloud kernel with a busybox initramfs counting on ttyS0 (scripts/ensure-linux-guest.sh), booted
+    with 512 MiB under QEMU 7.2 and saved while it counts; None when the guest is not built."""
+    from vmferry.live.qemu.process import QemuVM
+
+    if not (LINUX_GUEST / "vmlinuz").is_file():
+        print(f"no Linux guest at {LINUX_GUEST} (scripts/ensure-linux-guest.sh): left out", file=sys.stderr)
+        return None
+    args = ["-kernel", str(LINUX_GUEST / "vmlinuz"), "-initrd", str(LINUX_GUEST / "initrd.img"),
+            "-append", LINUX_APPEND]
+    path = workdir / "guests" / "linux-512m-running.mig"
+    if not path.exists():
+        print("booting the Linux guest with 512 MiB under QEMU 7.2 and saving it while it counts ...",
+              file=sys.stderr)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with QemuVM("pc-i440fx-7.2", args, memory="512M", paused=False, serial=True,
+                    workdir=Path(tempfile.mkdtemp(prefix="vf-linux-")), name="linux-guest") as vm:
+            vm.wait_for_count(20, timeout=180)
+            vm.save(path, timeout=300)
+    return Guest("Linux guest (Debian cloud kernel, busybox), 512 MiB, booted", path, args, serial=True,
+                 expose=LINUX_GUEST)
 
 
 def default_guests(workdir: Path) -> list[Guest]:
@@ -78,7 +110,9 @@ def default_guests(workdir: Path) -> list[Guest]:
         print("saving a booted 512 MiB counting guest with QEMU ...", file=sys.stderr)
         booted.parent.mkdir(parents=True, exist_ok=True)
         generate(recipe, booted.parent)
-    return [idle, Guest("booted counting guest, 512 MiB", booted, [], boot_sector=True)]
+    guests = [idle, Guest("booted counting guest, 512 MiB", booted, [], boot_sector=True, serial=True)]
+    linux = linux_guest(workdir)
+    return guests + ([linux] if linux is not None else [])
 
 
 # ---------------------------------------------------------------------------
@@ -185,8 +219,12 @@ def qemu10_multifd_zstd(guest: Guest, data: bytes) -> tuple[int, list[int], str]
     machine, ram = stream_facts(data)
     tmp = Path(tempfile.mkdtemp(prefix="vf-mfd-"))
     try:
-        common = dict(args=guest.qemu_args, memory=ram, incoming=True, serial=guest.boot_sector,
+        common = dict(args=guest.qemu_args, memory=ram, incoming=True, serial=guest.serial,
                       boot_sector=guest.boot_sector, qemu_version="10.0")
+        if guest.expose is not None:
+            from vmferry.live.qemu.process import expose
+
+            expose(guest.expose, "10.0")
         with QemuVM(machine, workdir=tmp / "src", name="qemu10-source", **common) as src, \
                 QemuVM(machine, workdir=tmp / "dst", name="qemu10-destination", **common) as dst:
             src.load(guest.stream)  # the very same RAM and devices; -S keeps it paused, so nothing changes
@@ -330,12 +368,14 @@ def main() -> int:
                                                     "and -m (devices), for the QEMU 10.0 comparison")
     ap.add_argument("--boot-sector", action="store_true", help="the --stream guests ran vmferry's counting "
                                                                "boot sector (floppy and COM1)")
+    ap.add_argument("--serial", action="store_true", help="the --stream guests have COM1")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--no-qemu10", action="store_true", help="skip QEMU 10.0's multifd zstd comparison")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.stream:
-        guests = [Guest(p.name, p, shlex.split(args.qemu_args), args.boot_sector) for p in args.stream]
+        guests = [Guest(p.name, p, shlex.split(args.qemu_args), args.boot_sector, args.boot_sector or args.serial)
+                  for p in args.stream]
     else:
         guests = default_guests(args.workdir)
     rows = []

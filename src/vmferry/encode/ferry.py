@@ -14,6 +14,7 @@ short is reported as truncated.  Whatever the bytes, decoding raises only
 
 from __future__ import annotations
 
+import collections
 import enum
 import struct
 import warnings
@@ -162,19 +163,46 @@ def _decompressor(kind: int) -> Callable[[bytes, int], bytes]:
     return lambda data, n: lz4.block.decompress(data, uncompressed_size=n)
 
 
-def _group_compressor(kind: int, level: int | None) -> Callable[[Any], bytes]:
-    """The compressor of GROUP frames: for zstd, parameters chosen on QEMU streams (firmware code, device state,
-    schemas) rather than a level: optimal parsing with a short search and matches from 3 bytes, over the whole
-    group; ``level`` picks zstd's own parameters instead."""
-    if kind != COMP_ZSTD or level is not None:
+GROUP_WINDOW_LOG = 25  # zstd groups share one context: matches reach back 32 MiB, across groups (§2.4)
+
+
+def _zstd_params(bulk: bool, level: int | None) -> Any:
+    import zstandard
+
+    if level is not None:
+        window = zstandard.ZstdCompressionParameters.from_level(level).window_log
+        return zstandard.ZstdCompressionParameters.from_level(level, window_log=min(window, GROUP_WINDOW_LOG))
+    # Chosen on QEMU streams.  A stream whose first group does not fill (an idle guest: firmware, device state,
+    # schemas): optimal parsing with a short search and matches from 3 bytes, which x86 code rewards (5% over
+    # zstd's level 19 there).  Bulk RAM (a booted guest's): lazy matching, 4x faster on a Linux guest's RAM and
+    # no larger.  Both with long-distance matching, for pages repeated far apart.
+    strategy, search = (zstandard.STRATEGY_LAZY2, 4) if bulk else (zstandard.STRATEGY_BTOPT, 3)
+    return zstandard.ZstdCompressionParameters(
+        window_log=GROUP_WINDOW_LOG, chain_log=18, hash_log=17, search_log=search, min_match=3, target_length=16,
+        strategy=strategy, enable_ldm=True, ldm_hash_log=20)
+
+
+def _group_compressor(kind: int, level: int | None, bulk: bool = False) -> Callable[[Any], bytes]:
+    """The compressor of a stream's GROUP frames.
+
+    zstd: one compression context for the whole stream, flushed at the end of every group, so that a group's
+    bytes decompress (after the groups before it) to exactly its frames and matches reach back 32 MiB whatever
+    the group boundaries; ``bulk`` picks the parameters for a stream of much RAM, ``level`` zstd's own
+    parameters for that level.  lz4: each group on its own.
+    """
+    if kind != COMP_ZSTD:
         return _compressor(kind, level)
     try:
         import zstandard
     except ImportError:
         raise EncodeError("--compress zstd needs the zstd extra (pip install 'vmferry[zstd]')") from None
-    params = zstandard.ZstdCompressionParameters(window_log=22, chain_log=18, hash_log=17, search_log=3, min_match=3,
-                                                 target_length=16, strategy=zstandard.STRATEGY_BTOPT)
-    return zstandard.ZstdCompressor(compression_params=params).compress
+    context = zstandard.ZstdCompressor(compression_params=_zstd_params(bulk, level)).compressobj()
+    block = zstandard.COMPRESSOBJ_FLUSH_BLOCK
+
+    def compress_group(raw: Any) -> bytes:
+        return context.compress(raw) + context.flush(block)
+
+    return compress_group
 
 
 def _probe() -> Callable[[Any], bytes] | None:
@@ -277,11 +305,16 @@ class _Writer:
         self.groups = groups and self.comp != COMP_NONE
         self.compressor = None
         if self.groups:
-            self.group_compressor = _group_compressor(self.comp, level)
+            self.level = level
+            self.group_compressor: Callable[[Any], bytes] | None = None  # chosen when the first group is written
             self.probe = _probe()
         elif self.comp:
             self.compressor = _compressor(self.comp, level)
         self.group = bytearray()  # the frames of the open group, CRCs zero (docs/format.md §2.4)
+        # CRC32C of the pages that went into groups lately (as far back as zstd's window reaches): a page that
+        # repeats one of them compresses to nearly nothing, however random its bytes look to the probe.
+        self.seen: collections.deque[int] = collections.deque()
+        self.seen_count: collections.Counter[int] = collections.Counter()
         self.packb = _msgpack().packb
         self.totals = Totals()
         self.records = RecordEncoder(NATIVE, schema_table=True)
@@ -333,15 +366,20 @@ class _Writer:
             yield from self.flush_group()
 
     def flush_group(self) -> Iterator[Any]:
-        """Write the open group as one GROUP frame, compressed unless that would not make it smaller."""
+        """Write the open group as one GROUP frame: with zstd always compressed (its context goes on from group
+        to group), with lz4 unless that would not make it smaller."""
         if not self.group:
             return
-        raw = bytes(self.group)
-        self.group.clear()
+        raw = self.group
+        if self.group_compressor is None:
+            # The first group holds every frame up to here (no probe yet): if it filled, the stream carries much
+            # RAM, and the faster parameters suit it (docs/format.md §2.4).
+            self.group_compressor = _group_compressor(self.comp, self.level, bulk=len(raw) >= GROUP_BYTES)
         packed = self.group_compressor(raw)
-        flags, parts = 0, [raw]
-        if len(packed) + 4 < len(raw):
+        flags, parts = 0, [bytes(raw)]
+        if self.comp == COMP_ZSTD or len(packed) + 4 < len(raw):
             flags, parts = self.comp, [_BE32.pack(len(raw)), packed]
+        self.group = bytearray()
         size = sum(len(p) for p in parts)
         c = 0
         for p in parts:
@@ -352,6 +390,23 @@ class _Writer:
         self.totals.stream_bytes += 16 + size
 
     def _incompressible(self, ev: RamPages, start: int, n: int) -> bool:
+        if self.group_compressor is None:  # the first group takes every page: it decides the parameters
+            return False
+        return self._probed_incompressible(ev, start, n)
+
+    def _remember(self, ev: RamPages, start: int, n: int) -> None:
+        """Note the pages ``ev[start:start + n]`` as gone into a group."""
+        keep = (1 << GROUP_WINDOW_LOG) // ev.page_size
+        crcs = [crc32c(ev.page(i)) for i in range(start, start + n)]
+        self.seen.extend(crcs)
+        self.seen_count.update(crcs)
+        while len(self.seen) > keep:
+            old = self.seen.popleft()
+            self.seen_count[old] -= 1
+            if not self.seen_count[old]:
+                del self.seen_count[old]
+
+    def _probed_incompressible(self, ev: RamPages, start: int, n: int) -> bool:
         """Whether pages of ``ev[start:start + n]`` taken across the run do not compress (then no group takes
         them): random or encrypted RAM would only slow the group's compressor down.  A firmware image may begin
         with compressed code and go on with tables that compress well, hence pages from all over the run."""
@@ -360,7 +415,9 @@ class _Writer:
         k = min(n, max(1, PROBE_BYTES // ev.page_size))
         picks = sorted({start + (n - 1) * j // max(1, k - 1) for j in range(k)})
         sample = b"".join([ev.page(i) for i in picks])
-        return len(self.probe(sample)) > PROBE_GAIN * len(sample)
+        if len(self.probe(sample)) <= PROBE_GAIN * len(sample):
+            return False
+        return not any(crc32c(ev.page(i)) in self.seen_count for i in picks)
 
     def record_frames(self, ev: Any) -> Iterator[Any]:
         for rec in self.records.records(ev):
@@ -381,6 +438,7 @@ class _Writer:
             n = min(per, ev.count - start)
             flags = RUN_NAMED if ev.named and start == 0 else 0
             if self.groups and not self._incompressible(ev, start, n):
+                self._remember(ev, start, n)
                 # Packed pages in the group: QEMU's record headers would only cost bytes (the reader rebuilds
                 # them); code goes through the x86 filter, which makes its call targets repeat.
                 packed: Any = whole[start * ps:(start + n) * ps] if whole is not None else \
@@ -511,6 +569,7 @@ class FerryDecoder:
         self.frames_skipped = 0
         self._inner = 0  # bytes left of the GROUP being read (its frames are at the head of the buffer)
         self._group_at = 0  # offset of that GROUP frame in the stream
+        self._groups: _GroupStream | None = None  # the zstd context that runs through the stream's groups
 
     # --- input
     def feed(self, data: bytes | bytearray | memoryview) -> None:
@@ -743,7 +802,9 @@ class FerryDecoder:
                 self._pending.append(UnknownFrame(ftype, flags, bytes(body)))
             self._consume(16 + n)
             return True
-        if flags & COMP_MASK:
+        if flags & COMP_MASK == COMP_ZSTD and kind == T_GROUP:
+            body = self._inflate_group(body, start)
+        elif flags & COMP_MASK:
             body = self._inflate(flags & COMP_MASK, body, start, name)
         if kind == T_END:
             self._end(body, start)
@@ -779,6 +840,25 @@ class FerryDecoder:
             raise DecodeError(f"{name} frame does not decompress ({e})", start, "$") from None
         if len(out) != size:
             raise DecodeError(f"{name} frame inflates to {len(out)} bytes, its header says {size}", start, "$")
+        return memoryview(out)
+
+    def _inflate_group(self, body: memoryview, start: int) -> memoryview:
+        """A zstd GROUP's frames: its bytes go on with the context of the groups before it (§2.4)."""
+        if not self.caps & Cap.ZSTD:
+            raise DecodeError("GROUP frame is compressed with zstd, which the header does not announce", start, "$")
+        if len(body) < 4:
+            raise DecodeError("compressed GROUP frame too short", start, "$")
+        (size,) = _BE32.unpack_from(body, 0)
+        if size > self.opts.max_body:
+            raise DecodeError(f"GROUP frame inflates to {size} bytes, over the limit", start, "$")
+        if self._groups is None:
+            self._groups = _GroupStream()
+        try:
+            out = self._groups.read(body[4:], size)
+        except Exception as e:  # noqa: BLE001 - zstandard raises its own error types
+            raise DecodeError(f"GROUP frame does not decompress ({e})", start, "$") from None
+        if len(out) != size:
+            raise DecodeError(f"GROUP frame inflates to {len(out)} bytes, its header says {size}", start, "$")
         return memoryview(out)
 
     def _run(self, kind: int, body: Any, start: int) -> RamPages | RamZeros:
@@ -843,6 +923,8 @@ class FerryDecoder:
     def _end(self, body: memoryview, start: int) -> None:
         if len(body) < _END.size:
             raise DecodeError("END frame too short", start, "$.end")
+        if self._groups is not None and self._groups.leftover():
+            raise DecodeError("the GROUP frames inflate to more bytes than they announce", start, "$.end")
         theirs = _END.unpack_from(body, 0)
         self._totals.stream_bytes = start
         ours = self._totals.values()  # every event before the END frame has been handed out and counted
@@ -855,6 +937,52 @@ class FerryDecoder:
 
 
 _BE64 = struct.Struct(">Q")
+
+
+class _Feed:
+    """Compressed bytes handed to zstd's stream reader as it asks for them (b"" once used up)."""
+
+    def __init__(self) -> None:
+        self.pending = bytearray()
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = len(self.pending)
+        out = bytes(self.pending[:n])
+        del self.pending[:n]
+        return out
+
+
+class _GroupStream:
+    """The zstd context of a stream's GROUP frames: each group's bytes are fed, and exactly the group's announced
+    size is read back (zstd's stream reader never produces more than asked, so no group, however crafted,
+    inflates beyond its announced size); the window is bounded to 32 MiB."""
+
+    def __init__(self) -> None:
+        import zstandard
+
+        self._feed = _Feed()
+        self._reader = zstandard.ZstdDecompressor(max_window_size=1 << GROUP_WINDOW_LOG).stream_reader(
+            self._feed, read_size=1 << 16, read_across_frames=True, closefd=False)  # type: ignore[arg-type]
+
+    def read(self, data: Any, size: int) -> bytes:
+        """Feed ``data`` (a group's compressed bytes) and return the group's ``size`` bytes (fewer if they end)."""
+        self._feed.pending += data
+        out = bytearray()
+        while len(out) < size:
+            piece = self._reader.read(size - len(out))
+            if not piece:
+                break
+            out += piece
+        return bytes(out)
+
+    def leftover(self) -> bool:
+        """Whether the groups inflate to more than they announced (asked once, after the last group: the bytes
+        a group inflates to beyond its size would otherwise fall into the next group, whose frames then fail)."""
+        try:
+            return bool(self._reader.read(1))
+        except Exception:  # noqa: BLE001 - zstandard's own error types: damaged bytes after the last group
+            return True
 
 
 class _Pieces:
