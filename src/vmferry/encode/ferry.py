@@ -779,8 +779,6 @@ class FerryDecoder:
 
     def _enter_group(self, body: memoryview, start: int) -> None:
         """Put a GROUP's frames (decompressed) at the head of the buffer, to be read as frames."""
-        if not self.caps & Cap.FRAME_GROUPS:
-            raise DecodeError("GROUP frame in a stream whose header does not announce frame-groups", start, "$")
         if len(body):
             self._chunks.insert(0, body)
             self._have += len(body)
@@ -802,6 +800,8 @@ class FerryDecoder:
                 self._pending.append(UnknownFrame(ftype, flags, bytes(body)))
             self._consume(16 + n)
             return True
+        if kind == T_GROUP and not self.caps & Cap.FRAME_GROUPS:
+            raise DecodeError("GROUP frame in a stream whose header does not announce frame-groups", start, "$")
         if flags & COMP_MASK == COMP_ZSTD and kind == T_GROUP:
             body = self._inflate_group(body, start)
         elif flags & COMP_MASK:
