@@ -313,3 +313,9 @@ def test_cli_compress_uses_groups_unless_per_frame(tmp_path, capsys):
     assert not any(t & 0x7F == ferry.T_GROUP for _, t, _ in frames(out[True]))
     assert main(["convert", "-q", str(src), str(tmp_path / "x.fry"), "--to", "ferry", "--per-frame"]) == 2
     assert "--per-frame applies to --compress" in capsys.readouterr().err
+    dst = tmp_path / "l19.fry"
+    assert main(["convert", "-q", str(src), str(dst), "--to", "ferry", "--compress", "zstd", "--level", "19"]) == 0
+    assert main(["convert", "-q", str(dst), str(tmp_path / "back.mig"), "--to", "legacy"]) == 0
+    assert (tmp_path / "back.mig").read_bytes() == src.read_bytes()
+    assert main(["convert", "-q", str(src), str(dst), "--to", "ferry", "--compress", "lz4", "--level", "3"]) == 2
+    assert "--level applies to --compress zstd" in capsys.readouterr().err

@@ -49,6 +49,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise UsageError("--compress applies to --to ferry only")
     if args.per_frame and args.compress in (None, "none"):
         raise UsageError("--per-frame applies to --compress zstd or lz4 only")
+    if args.level is not None and args.compress != "zstd":
+        raise UsageError("--level applies to --compress zstd only")
     if args.input != "-" and args.output != "-" and os.path.abspath(args.input) == os.path.abspath(args.output):
         raise UsageError("input and output are the same file")
     size = os.path.getsize(args.input) if args.input != "-" and os.path.isfile(args.input) else None
@@ -58,6 +60,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         options: dict[str, Any] = {"compress": args.compress} if args.compress is not None else {}
         if args.compress in ("zstd", "lz4"):
             options["groups"] = not args.per_frame  # GROUP frames (docs/format.md §2.4) unless asked otherwise
+            if args.level is not None:
+                options["level"] = args.level
         try:
             with output_file(args.output) as out:
                 if args.to == "legacy":  # page runs leave as they came: copied by the kernel from a file input
@@ -113,6 +117,9 @@ def add_subcommands(sub: Any) -> None:
     conv.add_argument("--schema", metavar="FILE", help=schema_help)
     conv.add_argument("--compress", choices=["none", "zstd", "lz4"],
                       help="compress a ferry stream: runs of frames together in GROUP frames (default none)")
+    conv.add_argument("--level", type=int, choices=range(1, 23), metavar="1..22",
+                      help="with --compress zstd, zstd's own parameters of that level instead of vmferry's (19: "
+                           "smaller and much slower on a booted guest's RAM)")
     conv.add_argument("--per-frame", action="store_true",
                       help="with --compress, compress each frame on its own instead (larger; readable by ferry "
                            "readers that predate GROUP frames)")
