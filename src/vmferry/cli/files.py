@@ -25,7 +25,7 @@ from ..serialize.qemu_vmdesc import (
 from ..serialize.schema import SchemaSet
 
 CHUNK = 4 << 20
-MAP_WINDOW = 16 << 20  # a multiple of 2 MiB: a file cached in huge folios is then mapped by PMDs
+MAP_WINDOW = 8 << 20  # a multiple of 2 MiB: a file cached in huge folios is then mapped by PMDs
 SNIFF_BYTES = 64
 
 
