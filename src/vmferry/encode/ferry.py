@@ -173,13 +173,17 @@ def _zstd_params(bulk: bool, level: int | None) -> Any:
         window = zstandard.ZstdCompressionParameters.from_level(level).window_log
         return zstandard.ZstdCompressionParameters.from_level(level, window_log=min(window, GROUP_WINDOW_LOG))
     # Chosen on QEMU streams.  A stream whose first group does not fill (an idle guest: firmware, device state,
-    # schemas): optimal parsing with a short search and matches from 3 bytes, which x86 code rewards (5% over
-    # zstd's level 19 there).  Bulk RAM (a booted guest's): lazy matching, 4x faster on a Linux guest's RAM and
-    # no larger.  Both with long-distance matching, for pages repeated far apart.
-    strategy, search = (zstandard.STRATEGY_LAZY2, 4) if bulk else (zstandard.STRATEGY_BTOPT, 3)
+    # schemas; under 4 MiB, all within reach of the window): optimal parsing with a short search and matches from
+    # 3 bytes, which x86 code rewards (5% over zstd's level 19 there).  Bulk RAM (a booted guest's): lazy
+    # matching, 4x faster on a Linux guest's RAM and no larger, and long-distance matching, for pages repeated
+    # far apart.
+    if bulk:
+        return zstandard.ZstdCompressionParameters(
+            window_log=GROUP_WINDOW_LOG, chain_log=18, hash_log=17, search_log=4, min_match=3, target_length=16,
+            strategy=zstandard.STRATEGY_LAZY2, enable_ldm=True, ldm_hash_log=20)
     return zstandard.ZstdCompressionParameters(
-        window_log=GROUP_WINDOW_LOG, chain_log=18, hash_log=17, search_log=search, min_match=3, target_length=16,
-        strategy=strategy, enable_ldm=True, ldm_hash_log=20)
+        window_log=GROUP_WINDOW_LOG, chain_log=18, hash_log=17, search_log=3, min_match=3, target_length=16,
+        strategy=zstandard.STRATEGY_BTOPT)
 
 
 def _group_compressor(kind: int, level: int | None, bulk: bool = False) -> Callable[[Any], bytes]:
