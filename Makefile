@@ -1,12 +1,13 @@
 # The README's two commands: `make demo` and `make test`.
 # Both create .venv, install vmferry with every extra, and make sure QEMU is there;
-# `make test` also needs QEMU 10.0 (a Debian trixie chroot, built once by `make qemu10`).
+# `make test` also needs QEMU 5.2, 10.0 and 11.1 (Debian bullseye, trixie and forky
+# chroots, built once by `make qemu-releases`; `make qemu10` builds only 10.0's).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test qemu qemu10 lint bench clean
+.PHONY: demo test qemu qemu-releases qemu10 lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,13 +18,16 @@ $(STAMP): pyproject.toml
 qemu:
 	@bash scripts/ensure-qemu.sh
 
+qemu-releases:
+	@for r in 5.2 10.0 11.1; do bash scripts/ensure-qemu-release.sh $$r || exit 1; done
+
 qemu10:
-	@bash scripts/ensure-qemu10.sh
+	@bash scripts/ensure-qemu-release.sh 10.0
 
 demo: $(STAMP) qemu
 	$(BIN)/python -m vmferry.demo
 
-test: $(STAMP) qemu qemu10
+test: $(STAMP) qemu qemu-releases
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)
