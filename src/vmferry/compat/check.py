@@ -136,7 +136,7 @@ def _vmdesc_vmsd(d: Mapping[str, Any], path: str, name: str | None = None, versi
     if not isinstance(entries, list):
         raise SchemaError(f"{path}.fields: expected a list")
     by_name: dict[str, FieldDesc] = {}
-    prev = None  # the name of the previous entry
+    prev_name = None  # the name of the previous entry
     for i, e in enumerate(entries):
         p = f"{path}.fields[{i}]"
         if not isinstance(e, Mapping):
@@ -152,8 +152,8 @@ def _vmdesc_vmsd(d: Mapping[str, Any], path: str, name: str | None = None, versi
         # One more element of an array described element by element.  QEMU 7.2 writes an
         # "index" on every element, 10.0 leaves it out on the last one (spec §11.8), 11.1
         # writes none: an entry named like the one before it is the next element.
-        more = fname in by_name and ("index" in e or fname == prev)
-        prev = fname
+        more = fname in by_name and ("index" in e or fname == prev_name)
+        prev_name = fname
         if more:
             prev = by_name[fname]
             prev.count = (prev.count or 1) + 1
