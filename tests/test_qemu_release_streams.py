@@ -26,6 +26,7 @@ from vmferry.qemu_process import QemuError, QemuVM
 from vmferry.qemu_recipes import RECIPES, names
 from vmferry.serialize.describe import describe_section
 from vmferry.serialize.visitor import ARRAY_INDEX_BY_QEMU
+from vmferry.summary import StreamSummary
 
 #: release -> its marker
 MARKS = {"5.2": pytest.mark.qemu5, "11.1": pytest.mark.qemu11}
@@ -155,6 +156,19 @@ def test_qemu_5_2_names_fields_as_5_2_did(qemu_corpus: Any) -> None:
     assert "pending" in own[("pckbd", 0)].state["kbd"] and "pending_tmp" in by72[("pckbd", 0)].state["kbd"]
     config = next(e for e in _events(qemu_corpus["pc-5.2-on-5.2-paused"]) if isinstance(e, Configuration))
     assert bytes(config.state["name"]) == b"pc-i440fx-5.2"
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_the_writer_guess_names_the_release(name: str, qemu_corpus: Any) -> None:
+    summary = StreamSummary()
+    for ev in _events(qemu_corpus[name]):
+        summary.add(ev)
+    guess = summary.writer
+    assert guess.consistent
+    if RECIPES[name].qemu_version == "5.2":  # QJSON spacing and a 5.2 machine type
+        assert (guess.low, guess.high) == ((5, 2), (5, 2))
+    else:  # index-less vmdesc arrays: newer than 10.0, whatever the machine type
+        assert guess.low is not None and guess.low >= (10, 1) and guess.high is None
 
 
 # ------------------------------------------------------ loading across releases
