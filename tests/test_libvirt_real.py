@@ -1,6 +1,6 @@
 """Real libvirtd + QEMU: vmferry reads ``virsh save`` images, and moves them to a newer machine type.
 
-A counting guest (vmferry.guest) is saved by libvirt 9.0 under
+A counting guest (vmferry.live.qemu.guest) is saved by libvirt 9.0 under
 pc-i440fx-2.12 or pc-q35-2.12; vmferry converts the QEMU stream inside to
 the 7.2 machine type and rewrites the XML's machine; ``virsh restore`` (or
 ``virsh start`` after ``managedsave``) then accepts it, and the guest counts

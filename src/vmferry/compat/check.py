@@ -136,7 +136,7 @@ def _vmdesc_vmsd(d: Mapping[str, Any], path: str, name: str | None = None, versi
     if not isinstance(entries, list):
         raise SchemaError(f"{path}.fields: expected a list")
     by_name: dict[str, FieldDesc] = {}
-    indexed = None  # the name of the previous entry, if it was an array element ("index")
+    prev_name = None  # the name of the previous entry
     for i, e in enumerate(entries):
         p = f"{path}.fields[{i}]"
         if not isinstance(e, Mapping):
@@ -149,10 +149,11 @@ def _vmdesc_vmsd(d: Mapping[str, Any], path: str, name: str | None = None, versi
             struct = _vmdesc_vmsd(e["struct"], f"{p}.struct")
         elif t in ("tmp", "vstruct") and "fields" in e:
             struct = _vmdesc_vmsd(e, p)
-        # One more element of an array described element by element.  QEMU 10.0 leaves the
-        # "index" out on the last element (spec §11.8), 7.2 writes it on every one.
-        more = fname in by_name and ("index" in e or fname == indexed)
-        indexed = fname if "index" in e else None
+        # One more element of an array described element by element.  QEMU 7.2 writes an
+        # "index" on every element, 10.0 leaves it out on the last one (spec §11.8), 11.1
+        # writes none: an entry named like the one before it is the next element.
+        more = fname in by_name and ("index" in e or fname == prev_name)
+        prev_name = fname
         if more:
             prev = by_name[fname]
             prev.count = (prev.count or 1) + 1

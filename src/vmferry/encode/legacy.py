@@ -727,6 +727,35 @@ def _encode_zeros(out: bytearray, ev: RamZeros) -> None:
         out.append(fill[i] if fill is not None else 0)
 
 
-def vmdesc_text(obj: Any) -> bytes:
-    """QEMU's vmdesc JSON text for an object (identical to QEMU's writer for ASCII content)."""
-    return json.dumps(obj).encode()
+def vmdesc_text(obj: Any, *, qjson: bool = False) -> bytes:
+    """QEMU's vmdesc JSON text for an object (identical to QEMU's writer for ASCII content).
+
+    ``qjson``: the spacing of QEMU 5.2 and older (``migration/qjson.c``,
+    replaced by the JSON writer of 6.0 that 7.2 and later use):
+    ``{ "page_size" : 4096, "devices" : [ { "name" : ... } ] }``.
+    """
+    if not qjson:
+        return json.dumps(obj).encode()
+    out: list[str] = []
+    _qjson(obj, out)
+    return "".join(out).encode()
+
+
+def _qjson(value: Any, out: list[str]) -> None:
+    # QJSON neither escapes strings nor names; json.dumps does for what needs it, which
+    # QEMU's names and type names never do.
+    if isinstance(value, dict):
+        out.append("{ ")
+        for i, (k, v) in enumerate(value.items()):
+            out.append(f'{", " if i else ""}{json.dumps(k)} : ')
+            _qjson(v, out)
+        out.append(" }")
+    elif isinstance(value, list):
+        out.append("[ ")
+        for i, v in enumerate(value):
+            if i:
+                out.append(", ")
+            _qjson(v, out)
+        out.append(" ]")
+    else:
+        out.append(json.dumps(value))
