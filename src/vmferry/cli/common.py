@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 from contextlib import contextmanager
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator, Sequence
 
 from ..errors import FerryError
 from .files import Input, load_schema_file, open_input, widen_pipe
@@ -19,6 +19,9 @@ from .summary import StreamSummary
 EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
+#: stdout was closed before everything was written (``vmferry inspect X | head -1``): 128 + SIGPIPE, the status
+#: a shell reports for ``cat`` in the same place.
+EXIT_CLOSED_STDOUT = 141
 
 
 class UsageError(FerryError):
@@ -50,6 +53,19 @@ def stderr_console():
     return Console(stderr=True)
 
 
+def stdout_console(**options: Any) -> Any:
+    """A rich Console on stdout whose closed pipe raises BrokenPipeError (rich itself exits 1 silently)."""
+    import errno
+
+    from rich.console import Console
+
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            raise BrokenPipeError(errno.EPIPE, "stdout closed")
+
+    return _Console(**options)
+
+
 def open_stream(path: str, progress=None) -> Input:
     try:
         return open_input(path, progress)
@@ -70,30 +86,129 @@ def schema_option(args: argparse.Namespace):
         raise UsageError(f"{args.schema}: no such file") from None
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived while an output was being written (raised so that it is cleaned up)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+#: What a partial output is called: ``OUT.<random>.vmferry-partial``, beside OUT.
+PARTIAL_SUFFIX = ".vmferry-partial"
+
+
 @contextmanager
-def output_file(path: str) -> Iterator[BinaryIO]:
-    """``path`` for writing (``-`` is stdout); a partial file is removed on failure."""
+def _terminate_raises() -> Iterator[None]:
+    """While inside, SIGTERM and SIGHUP raise :class:`Terminated` (as SIGINT raises KeyboardInterrupt)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        raise Terminated(signum)
+
+    saved = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, old in saved.items():
+            signal.signal(sig, old)
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _input_stats(inputs: Sequence[str]) -> list[os.stat_result]:
+    """The inputs as the kernel sees them (symlinks followed): what an output must not be."""
+    stats = []
+    for name in inputs:
+        try:
+            stats.append(os.fstat(sys.stdin.fileno()) if name == "-" else os.stat(name))
+        except (OSError, ValueError):
+            continue
+    return stats
+
+
+def _output_mode(stats: list[os.stat_result]) -> int:
+    """The permission bits of a new output: the first regular input's, else 0600, less the umask.
+
+    A stream holds guest RAM: it must not come out readable by more people than its input was.
+    """
+    import stat
+
+    mode = next((st.st_mode & 0o777 for st in stats if stat.S_ISREG(st.st_mode)), 0o600)
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
+@contextmanager
+def output_file(path: str, inputs: Sequence[str] = (), sync: bool = False) -> Iterator[BinaryIO]:
+    """``path`` for writing (``-`` is stdout); a partial file is removed on failure.
+
+    * An output that is one of ``inputs`` (the same device and inode: a
+      symlink or a hard link to it, or the same name) is refused.
+    * A regular output is written to a new file beside it, created with
+      ``O_EXCL | O_NOFOLLOW`` under a random name (:func:`tempfile.mkstemp`), so
+      a planted file or symlink is never written through; it is renamed over
+      ``path`` once complete (``sync``: after an fsync), and removed when
+      anything fails, on SIGINT, SIGTERM and SIGHUP too.
+    * Its permission bits are the input's (less the umask), 0600 for an
+      input that is not a regular file.
+    * A device or FIFO (``/dev/null``, a named pipe) is written to, never replaced.
+    """
+    import stat
+    import tempfile
+
+    stats = _input_stats(inputs)
     if path == "-":
+        out = os.fstat(sys.stdout.fileno())
+        if stat.S_ISREG(out.st_mode) and any(_same_file(out, st) for st in stats):
+            raise UsageError("stdout is the input file")
         widen_pipe(sys.stdout.buffer)
         yield sys.stdout.buffer
         sys.stdout.buffer.flush()
         return
-    if os.path.exists(path) and not os.path.isfile(path):
+    try:
+        existing: os.stat_result | None = os.stat(path)
+    except FileNotFoundError:
+        existing = None
+    except OSError as e:
+        raise UsageError(f"{path}: {e.strerror or e}") from None
+    if existing is not None and any(_same_file(existing, st) for st in stats):
+        raise UsageError(f"{path}: output and input are the same file")
+    if existing is not None and stat.S_ISDIR(existing.st_mode):
+        raise UsageError(f"{path}: is a directory")
+    if existing is not None and not stat.S_ISREG(existing.st_mode):
         # a device or a FIFO (/dev/null, a named pipe): write to it, never replace it
         with open(path, "wb") as f:
             yield f
         return
-    tmp = f"{path}.vmferry-partial"
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
+    folder, name = os.path.split(os.path.abspath(path))
+    with _terminate_raises():
         try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+            fd, tmp = tempfile.mkstemp(prefix=f"{name}.", suffix=PARTIAL_SUFFIX, dir=folder)
+        except OSError as e:
+            raise UsageError(f"{path}: cannot create a file beside it: {e.strerror or e}") from None
+        try:
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), _output_mode(stats))
+                yield f
+                if sync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
 
 
 def tls_options(p: argparse.ArgumentParser) -> None:
@@ -106,11 +221,10 @@ def tls_options(p: argparse.ArgumentParser) -> None:
 
 def print_summary(s: StreamSummary, heading: str) -> None:
     """Print what ``vmferry inspect`` shows: ``heading``, then the summary's lines and tables."""
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
-    con = Console(highlight=False)
+    con = stdout_console(highlight=False)
     con.print(f"[bold]{escape(heading)}[/bold]")
     con.print(f"machine type: [bold]{s.machine or '(no configuration section)'}[/bold]")
     con.print(f"capabilities: {', '.join(s.capabilities) or 'none announced'}")

@@ -21,7 +21,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from .. import encode
-from .common import EXIT_OK, UsageError, open_stream, output_file, progress_bar
+from .common import EXIT_OK, UsageError, open_stream, output_file, progress_bar, stdout_console
 
 if TYPE_CHECKING:  # the compat package is imported by the commands that use it, not at start-up
     from ..compat.check import Report, Schemas
@@ -45,8 +45,6 @@ EXIT_UNCOVERED = 3
 def cmd_transform(args: argparse.Namespace) -> int:
     from ..compat import qemu_registry, transform_events
 
-    if args.input != "-" and args.output != "-" and os.path.abspath(args.input) == os.path.abspath(args.output):
-        raise UsageError("input and output are the same file")
     schema = None
     if args.schema:
         try:
@@ -67,11 +65,11 @@ def cmd_transform(args: argparse.Namespace) -> int:
         target = encode.codec(fmt)
         events = transform_events(decode_input(inp, schema, target=fmt), registry, machine, from_machine, from_qemu)
         try:
-            with output_file(args.output) as out:
+            with output_file(args.output, [args.input]) as out:
                 out.writelines(target.encode(events))
+        except BrokenPipeError:
+            raise
         except OSError as e:
-            if isinstance(e, BrokenPipeError):
-                return EXIT_OK
             raise UsageError(f"{args.output}: {e.strerror or e}") from None
     return EXIT_OK
 
@@ -231,10 +229,9 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def _print_report(r: Report) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    con = Console(highlight=False)
+    con = stdout_console(highlight=False)
     for side, s in (("A", r.a), ("B", r.b)):
         qemu = f", QEMU {s.qemu}" if s.qemu else ""
         con.print(f"{side}: [bold]{s.origin}[/bold] ({s.kind}, machine {s.machine or 'not named'}{qemu})")

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from .. import __version__
 from ..errors import FerryError
 from . import compat, libvirt, live, proxy, stream
-from .common import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_OK
+from .common import EXIT_BAD_INPUT, EXIT_CLOSED_STDOUT, EXIT_INTERNAL, Terminated
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,8 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vmferry: interrupted", file=sys.stderr)
         return 130
+    except Terminated as e:
+        print(f"vmferry: terminated by {signal.Signals(e.signum).name}", file=sys.stderr)
+        return 128 + e.signum
     except BrokenPipeError:
-        return EXIT_OK
+        return _closed_stdout()
     except OSError as e:
         print(f"vmferry: error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -58,6 +62,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vmferry: internal error: {type(e).__name__}: {e} (VMFERRY_DEBUG=1 shows the traceback)",
               file=sys.stderr)
         return EXIT_INTERNAL
+
+
+def _closed_stdout() -> int:
+    """The reader of stdout went away (``vmferry inspect X | head -1``): no message, exit 141 like ``cat``.
+
+    stdout is pointed at /dev/null so that the interpreter's last flush does not fail again.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+    return EXIT_CLOSED_STDOUT
 
 
 if __name__ == "__main__":

@@ -47,19 +47,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
     target = encode.codec(args.to)
     if args.compress is not None and args.to != "ferry":
         raise UsageError("--compress applies to --to ferry only")
-    if args.input != "-" and args.output != "-" and os.path.abspath(args.input) == os.path.abspath(args.output):
-        raise UsageError("input and output are the same file")
     size = os.path.getsize(args.input) if args.input != "-" and os.path.isfile(args.input) else None
     with progress_bar(f"{args.to}", size, not args.quiet) as advance:
         inp = open_stream(args.input, advance)
         events = decode_input(inp, schema, target=args.to)
         options = {"compress": args.compress} if args.compress is not None else {}
         try:
-            with output_file(args.output) as out:
+            with output_file(args.output, [args.input]) as out:
                 out.writelines(target.encode(events, **options))
+        except BrokenPipeError:
+            raise
         except OSError as e:
-            if isinstance(e, BrokenPipeError):
-                return EXIT_OK
             raise UsageError(f"{args.output}: {e.strerror or e}") from None
     return EXIT_OK
 
