@@ -211,12 +211,21 @@ def output_file(path: str, inputs: Sequence[str] = (), sync: bool = False) -> It
             raise
 
 
-def tls_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tls-cert", metavar="FILE", help="certificate (PEM) for tls: migration URIs")
+def tls_options(p: argparse.ArgumentParser, what: str = "tls: migration URIs") -> None:
+    p.add_argument("--tls-cert", metavar="FILE", help=f"certificate (PEM) for {what}")
     p.add_argument("--tls-key", metavar="FILE", help="private key of --tls-cert")
     p.add_argument("--tls-ca", metavar="FILE", help="CA to check the peer against (a listener then requires "
                                                     "client certificates)")
     p.add_argument("--tls-hostname", metavar="NAME", help="name the peer's certificate must carry")
+
+
+def tls_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`~vmferry.live.transport.TlsOptions` the ``--tls-*`` options give, or None."""
+    if not (args.tls_cert or args.tls_key or args.tls_ca or args.tls_hostname):
+        return None
+    from ..live.transport import TlsOptions
+
+    return TlsOptions(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca, hostname=args.tls_hostname)
 
 
 def print_summary(s: StreamSummary, heading: str) -> None:

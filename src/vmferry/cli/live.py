@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from .. import caps
-from .common import tls_options
+from .common import tls_from_args, tls_options
 
 EXIT_OK = 0
 EXIT_FAILED = 2
@@ -28,8 +28,10 @@ def add_subcommands(sub: Any) -> None:
                                      "that qemu.qmp clients (and vmferry migrate) can drive. With --incoming it "
                                      "waits for migrate-incoming, like QEMU's -incoming defer.")
     srv.add_argument("--qmp", required=True, metavar="ADDR",
-                     help="QMP address: unix:PATH (created mode 0600) or tcp:HOST:PORT (loopback unless "
-                          "--allow-remote)")
+                     help="QMP address: unix:PATH (created mode 0600), tcp:HOST:PORT (loopback unless "
+                          "--allow-remote; no authentication: anyone who connects controls the endpoint) or "
+                          "tls:HOST:PORT (needs --tls-cert, --tls-key and --tls-ca: clients must show a "
+                          "certificate signed by that CA)")
     srv.add_argument("--incoming", action="store_true", help="wait for an incoming migration (migrate-incoming)")
     srv.add_argument("--ram", default="64M", metavar="SIZE", help="guest RAM, e.g. 64M or 1G (default 64M)")
     srv.add_argument("--paused", action="store_true", help="start stopped (run with 'cont'), like QEMU's -S")
@@ -46,8 +48,12 @@ def add_subcommands(sub: Any) -> None:
                      help="run an older version of a device (e.g. mc146818rtc=2); repeatable")
     srv.add_argument("--compress", choices=["none", "zstd", "lz4"], default="none",
                      help="compress ferry frames when both sides agree on it (default none)")
-    srv.add_argument("--allow-remote", action="store_true", help="allow a QMP TCP address beyond loopback")
-    tls_options(srv)
+    srv.add_argument("--allow-remote", action="store_true",
+                     help="allow a tcp: QMP address beyond loopback (unauthenticated: prefer unix: or tls:)")
+    srv.add_argument("--allow-remote-exec", action="store_true",
+                     help="let QMP clients on other hosts name exec:, file: and fd: migration URIs (run a "
+                          "command, write a file here); refused by default")
+    tls_options(srv, "tls: migration URIs and a tls: QMP address")
     srv.add_argument("-q", "--quiet", action="store_true", help="no start-up line on stderr")
     srv.set_defaults(func=cmd_serve)
 
@@ -56,6 +62,7 @@ def add_subcommands(sub: Any) -> None:
                                     "real QEMU has mask 0 and shows its own capability list.")
     cp.add_argument("address", metavar="ADDR", help="QMP address: unix:PATH or tcp:HOST:PORT")
     cp.add_argument("--json", action="store_true", help='print {"mask": N, "names": [...], ...}')
+    tls_options(cp, "a tls: QMP address (the client certificate it asks for)")
     cp.set_defaults(func=cmd_caps)
 
     mg = sub.add_parser("migrate", help="live-migrate between two endpoints (QEMU or vmferry)",
@@ -83,6 +90,7 @@ def add_subcommands(sub: Any) -> None:
                          "zstd compresses the wire)")
     mg.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds (default 600)")
     mg.add_argument("--json", action="store_true", help="print the result as JSON")
+    tls_options(mg, "tls: QMP addresses (the client certificate they ask for)")
     mg.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     mg.set_defaults(func=cmd_migrate)
 
@@ -131,7 +139,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         opts = ServeOptions(qmp=args.qmp, incoming=args.incoming, ram_size=ram, paused=args.paused, rate=args.rate,
                             dirty_per_tick=args.dirty, fill=args.fill, supported=supported,
                             capability_commands=not args.no_capability_commands, device_versions=versions,
-                            allow_remote=args.allow_remote, tls=tls, compress=args.compress, quiet=args.quiet)
+                            allow_remote=args.allow_remote, tls=tls, compress=args.compress, quiet=args.quiet,
+                            allow_remote_exec=args.allow_remote_exec)
         return serve(opts)
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -140,7 +149,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_caps(args: argparse.Namespace) -> int:
     from ..live.migrate import capabilities
 
-    info = capabilities(args.address)
+    info = capabilities(args.address, qmp_tls=tls_from_args(args))
     if args.json:
         json.dump(info, sys.stdout, indent=1)
         sys.stdout.write("\n")
@@ -173,7 +182,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     with _Bar(show) as bar:
         result = migrate(args.source, args.dest, args.uri, _split(args.set_caps), progress=bar.update,
                          timeout=args.timeout, params=params or None, via_proxy=args.via_proxy,
-                         machine=args.machine, wire=args.wire)
+                         machine=args.machine, wire=args.wire, qmp_tls=tls_from_args(args))
     if args.json:
         json.dump(result.to_json(), sys.stdout, indent=1)
         sys.stdout.write("\n")

@@ -38,6 +38,7 @@ from ..events import Event
 from . import proxy
 from .qmp.client import QMPCommandError, QMPConnectError, QMPConnection
 from .route import ProxyRoute
+from .transport import TlsOptions
 
 
 class MigrationError(FerryError):
@@ -183,7 +184,7 @@ def migrate(source: str, dest: str, uri: str | None = None, set_caps: list[str] 
             progress: Progress | None = None, timeout: float = 600.0, poll: float = 0.1,
             params: dict[str, Any] | None = None, qmp_timeout: float = 30.0, via_proxy: bool = False,
             machine: str | None = "auto", wire: str = "legacy",
-            observe: Callable[[Event], None] | None = None) -> Result:
+            observe: Callable[[Event], None] | None = None, qmp_tls: TlsOptions | None = None) -> Result:
     """Migrate from the endpoint at QMP address ``source`` to the one at ``dest``; see the module doc.
 
     ``via_proxy`` routes the stream through proxies with ``wire`` between them, converting the device state
@@ -195,9 +196,9 @@ def migrate(source: str, dest: str, uri: str | None = None, set_caps: list[str] 
         raise MigrationError("--uri and --via-proxy exclude each other: the proxies choose the sockets")
     tmpdir: str | None = None
     route: ProxyRoute | None = None
-    src_conn = _open(source, "source", qmp_timeout)
+    src_conn = _open(source, "source", qmp_timeout, qmp_tls)
     try:
-        dst_conn = _open(dest, "destination", qmp_timeout)
+        dst_conn = _open(dest, "destination", qmp_timeout, qmp_tls)
     except BaseException:
         src_conn.close()
         raise
@@ -308,9 +309,9 @@ def _route(src: Side, dst: Side, plan: Plan, requested: list[str] | None, machin
         raise MigrationError(str(e).splitlines()[0]) from None
 
 
-def _open(address: str, role: str, timeout: float) -> QMPConnection:
+def _open(address: str, role: str, timeout: float, tls: TlsOptions | None = None) -> QMPConnection:
     try:
-        return QMPConnection(address, timeout=timeout, name=role).connect()
+        return QMPConnection(address, timeout=timeout, name=role, tls=tls).connect()
     except QMPConnectError as e:
         raise MigrationError(f"{role}: {e}") from None
 
@@ -425,9 +426,9 @@ def qemu_qmp_args(path: str, chardev_id: str = "vmferry-mgmt") -> list[str]:
             "-mon", f"chardev={chardev_id},mode=control"]
 
 
-def capabilities(address: str, timeout: float = 30.0) -> dict[str, Any]:
+def capabilities(address: str, timeout: float = 30.0, qmp_tls: TlsOptions | None = None) -> dict[str, Any]:
     """What one side supports: ``vmferry caps``."""
-    conn = _open(address, "endpoint", timeout)
+    conn = _open(address, "endpoint", timeout, qmp_tls)
     try:
         side = probe(conn, "endpoint", address)
     finally:
