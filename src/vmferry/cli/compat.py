@@ -216,9 +216,12 @@ def cmd_diff(args: argparse.Namespace) -> int:
     from ..compat import qemu_registry
     from ..compat.check import diff
 
+    registry = qemu_registry()
+    for machine in (args.from_machine, args.to_machine):
+        if machine:
+            registry.resolve(machine)  # an unknown machine type is bad input, before anything is read
     a = load_schemas(args.a)
     b = load_schemas(args.b)
-    registry = qemu_registry()
     report = diff(a, b, registry, source=args.from_machine, target=args.to_machine)
     if args.json:
         json.dump(report.as_dict(), sys.stdout, indent=1)
@@ -334,7 +337,8 @@ def add_subcommands(sub: Any) -> None:
     df.add_argument("a", help="schema set A (the source)")
     df.add_argument("b", help="schema set B (the destination)")
     df.add_argument("--from-machine", metavar="MACHINE", help="A's machine type, when A does not name it")
-    df.add_argument("--to-machine", metavar="MACHINE", help="B's machine type, when B does not name it")
+    df.add_argument("--machine", dest="to_machine", metavar="MACHINE", help="B's machine type, when B does not name it")
+    df.add_argument("--to-machine", dest="to_machine", help=argparse.SUPPRESS)  # the old spelling
     df.add_argument("--json", action="store_true", help="print the report as JSON")
     df.set_defaults(func=cmd_diff)
 

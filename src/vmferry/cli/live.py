@@ -84,10 +84,12 @@ def add_subcommands(sub: Any) -> None:
                          "and convert the device state to the destination's machine type (read over QMP)")
     mg.add_argument("--machine", default="auto", metavar="auto|TARGET",
                     help="with --via-proxy: the machine type to convert to (default auto: the destination's)")
-    mg.add_argument("--wire", choices=("legacy", "ferry"), default="legacy",
-                    help="with --via-proxy: legacy is one proxy; ferry is two proxies with vmferry's ferry format "
-                         "between them over tcp, as on two hosts (their capabilities are negotiated; --set-caps "
-                         "zstd compresses the wire)")
+    mg.add_argument("--to", dest="wire", choices=("legacy", "ferry"), default="legacy",
+                    help="with --via-proxy, the format on the wire: legacy is one proxy; ferry is two proxies with "
+                         "vmferry's ferry format between them over tcp, as on two hosts (their capabilities are "
+                         "negotiated; --set-caps zstd compresses the wire)")
+    mg.add_argument("--wire", dest="wire", choices=("legacy", "ferry"), default=argparse.SUPPRESS,
+                    help=argparse.SUPPRESS)  # the old spelling
     mg.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds (default 600)")
     mg.add_argument("--json", action="store_true", help="print the result as JSON")
     tls_options(mg, "tls: QMP addresses (the client certificate they ask for)")

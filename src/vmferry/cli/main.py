@@ -11,6 +11,7 @@ import argparse
 import os
 import signal
 import sys
+from typing import NoReturn
 
 from .. import __version__
 from ..errors import FerryError
@@ -18,8 +19,15 @@ from . import compat, libvirt, live, proxy, stream
 from .common import EXIT_BAD_INPUT, EXIT_CLOSED_STDOUT, EXIT_INTERNAL, Terminated
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with vmferry's error form: one line, ``vmferry COMMAND: error: ...``, exit 2 (not the whole usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="vmferry",
         description="Migrate virtual machine state across versions, formats and machines. "
                     "Reads and writes QEMU's migration stream byte for byte.",

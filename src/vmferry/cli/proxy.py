@@ -85,8 +85,10 @@ def add_subcommands(sub: Any) -> None:
                                                          "e.g. pc-i440fx-7.2")
     p.add_argument("--from-machine", metavar="SOURCE", help="source machine type, for streams without a "
                                                               "configuration section")
-    p.add_argument("--wire", choices=("legacy", "ferry"), default="legacy",
+    p.add_argument("--to", dest="wire", choices=("legacy", "ferry"), default="legacy",
                    help="output format: legacy for a QEMU, ferry for another proxy (default: legacy)")
+    p.add_argument("--wire", dest="wire", choices=("legacy", "ferry"), default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)  # the old spelling
     p.add_argument("--compress", choices=("none", "zstd", "lz4"), default="none",
                    help="compress the frames of a ferry wire (the receiving proxy needs the same extra installed; "
                         "worth it on slow links only, default none)")

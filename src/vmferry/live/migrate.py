@@ -191,7 +191,7 @@ def migrate(source: str, dest: str, uri: str | None = None, set_caps: list[str] 
     to ``machine`` (``auto``: the destination's machine type); ``observe`` sees every event they carry.
     """
     if not via_proxy and (wire != "legacy" or observe is not None or machine not in (None, "auto")):
-        raise MigrationError("--wire and --machine need --via-proxy (QEMU alone cannot convert a stream)")
+        raise MigrationError("--to and --machine need --via-proxy (QEMU alone cannot convert a stream)")
     if via_proxy and uri is not None:
         raise MigrationError("--uri and --via-proxy exclude each other: the proxies choose the sockets")
     tmpdir: str | None = None
