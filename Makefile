@@ -1,13 +1,13 @@
 # The README's two commands: `make demo` and `make test`.
 # Both create .venv, install vmferry with every extra, and make sure QEMU is there;
 # `make test` also needs QEMU 10.0 (a Debian trixie chroot, built once by `make qemu10`) and libvirt
-# (Debian's libvirtd and virsh, `make libvirt`).
+# (Debian's libvirtd and virsh, `make libvirt`) and jq >= 1.7 (`make jq`).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test qemu qemu10 libvirt lint bench clean
+.PHONY: demo test qemu qemu10 libvirt jq lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,10 +25,14 @@ qemu10:
 libvirt:
 	@bash scripts/ensure-libvirt.sh
 
+# jq >= 1.7 for the jq pipeline test (the system's, or trixie's inside the QEMU 10.0 chroot)
+jq: qemu10
+	@bash scripts/ensure-jq.sh
+
 demo: $(STAMP) qemu
 	$(BIN)/python -m vmferry.cli.demo
 
-test: $(STAMP) qemu qemu10 libvirt
+test: $(STAMP) qemu qemu10 libvirt jq
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)

@@ -66,15 +66,25 @@ def stdout_console(**options: Any) -> Any:
     return _Console(**options)
 
 
-def open_stream(path: str, progress=None) -> Input:
+def open_stream(path: str, progress=None, fmt: str | None = None) -> Input:
+    """:func:`~vmferry.cli.files.open_input`, its OS errors as one-line usage errors; ``fmt`` skips sniffing."""
     try:
-        return open_input(path, progress)
+        return open_input(path, progress, fmt)
     except FileNotFoundError:
         raise UsageError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise UsageError(f"{path}: is a directory") from None
     except PermissionError:
         raise UsageError(f"{path}: permission denied") from None
+
+
+def from_option(p: argparse.ArgumentParser) -> None:
+    """``--from FORMAT``: the input's format, instead of sniffing it from its first bytes (as ``qemu-img -f``)."""
+    from .. import encode
+
+    p.add_argument("--from", dest="from_format", metavar="FORMAT", choices=encode.names(),
+                   help="the input's format (" + ", ".join(encode.names()) + "), instead of detecting it from its "
+                        "first bytes")
 
 
 def schema_option(args: argparse.Namespace):

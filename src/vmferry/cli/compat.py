@@ -21,7 +21,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from .. import encode
-from .common import EXIT_OK, UsageError, open_stream, output_file, progress_bar, stdout_console
+from .common import EXIT_OK, UsageError, from_option, open_stream, output_file, progress_bar, stdout_console
 
 if TYPE_CHECKING:  # the compat package is imported by the commands that use it, not at start-up
     from ..compat.check import Report, Schemas
@@ -60,7 +60,7 @@ def cmd_transform(args: argparse.Namespace) -> int:
         from_qemu = source_qemu(args.input)
     size = os.path.getsize(args.input) if args.input != "-" and os.path.isfile(args.input) else None
     with progress_bar(f"{machine}", size, not args.quiet) as advance:
-        inp = open_stream(args.input, advance)
+        inp = open_stream(args.input, advance, args.from_format)
         fmt = args.to or inp.format
         target = encode.codec(fmt)
         events = transform_events(decode_input(inp, schema, target=fmt), registry, machine, from_machine, from_qemu)
@@ -321,6 +321,7 @@ def add_subcommands(sub: Any) -> None:
                     help="the QEMU version that wrote the input (default: what its vmdesc shows, else the "
                          "oldest QEMU that has its machine type)")
     tr.add_argument("--to", choices=encode.names(), help="output format (default: the input's)")
+    from_option(tr)
     tr.add_argument("--schema", metavar="FILE", help="schema for a stream without a vmdesc (as for convert)")
     tr.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     tr.set_defaults(func=cmd_transform)

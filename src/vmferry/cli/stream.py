@@ -10,14 +10,15 @@ from typing import Any
 
 from .. import encode
 from ..events import DeviceSection, OpaqueSection
-from .common import EXIT_OK, UsageError, open_stream, output_file, print_summary, progress_bar, schema_option
+from .common import (EXIT_OK, UsageError, from_option, open_stream, output_file, print_summary, progress_bar,
+                     schema_option)
 from .files import decode_input
 from .summary import StreamSummary
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     schema = schema_option(args)
-    inp = open_stream(args.stream)
+    inp = open_stream(args.stream, fmt=args.from_format)
     summary = StreamSummary()
     devices: list[dict[str, Any]] = []
     if args.json:
@@ -49,7 +50,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise UsageError("--compress applies to --to ferry only")
     size = os.path.getsize(args.input) if args.input != "-" and os.path.isfile(args.input) else None
     with progress_bar(f"{args.to}", size, not args.quiet) as advance:
-        inp = open_stream(args.input, advance)
+        inp = open_stream(args.input, advance, args.from_format)
         events = decode_input(inp, schema, target=args.to)
         options = {"compress": args.compress} if args.compress is not None else {}
         try:
@@ -89,6 +90,7 @@ def add_subcommands(sub: Any) -> None:
     ins.add_argument("--json", action="store_true", help="print the summary and the whole decoded device state "
                                                          "as JSON")
     ins.add_argument("--schema", metavar="FILE", help=schema_help)
+    from_option(ins)
     ins.set_defaults(func=cmd_inspect)
 
     conv = sub.add_parser("convert", help="convert a stream between formats, losslessly",
@@ -98,6 +100,7 @@ def add_subcommands(sub: Any) -> None:
     conv.add_argument("input", help="input stream; '-' for stdin")
     conv.add_argument("output", help="output file; '-' for stdout")
     conv.add_argument("--to", required=True, choices=encode.names(), help="output format")
+    from_option(conv)
     conv.add_argument("--schema", metavar="FILE", help=schema_help)
     conv.add_argument("--compress", choices=["none", "zstd", "lz4"],
                       help="compress each frame of a ferry stream (default none)")
