@@ -33,18 +33,87 @@ class UsageError(FerryError):
 # ---------------------------------------------------------------------------
 
 
+#: Progress bars fit in this many columns, whatever the terminal: name, bar, MiB done/total, MiB/s, time.
+BAR_COLUMNS = 80
+_NAME_WIDTH = 24
+MiB = float(1 << 20)
+
+
+def bar_label(name: str) -> str:
+    """A file name for a progress bar: its last part, shortened from the left to fit (``-``: stdin)."""
+    base = "stdin" if name == "-" else os.path.basename(name.rstrip("/")) or name
+    return base if len(base) <= _NAME_WIDTH else "…" + base[-(_NAME_WIDTH - 1):]
+
+
+def make_progress(console: Any, transient: bool = True) -> Any:
+    """A rich Progress in one unit (MiB) that fits :data:`BAR_COLUMNS`: ``name  ━━━━━  12.0/64.0 MiB  3.1 MiB/s  0:00:04``."""
+    from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+    from rich.text import Text
+
+    class Amount(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            done = task.completed / MiB
+            if task.total is None:
+                return Text(f"{done:,.1f} MiB".rjust(19))
+            return Text(f"{done:,.1f}/{task.total / MiB:,.1f} MiB".rjust(19))
+
+    class Rate(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text(("-" if speed is None else f"{speed / MiB:,.1f}") .rjust(7) + " MiB/s")
+
+    return Progress(TextColumn(f"{{task.description:<{_NAME_WIDTH}.{_NAME_WIDTH}}}"), BarColumn(bar_width=10),
+                    Amount(), Rate(), TimeElapsedColumn(), console=console, transient=transient, expand=False)
+
+
+def bar_console() -> Any:
+    """The console progress bars draw on: stderr, at most :data:`BAR_COLUMNS` wide."""
+    from rich.console import Console
+
+    con = Console(stderr=True)
+    return Console(stderr=True, width=min(BAR_COLUMNS, con.width))
+
+
 @contextmanager
 def progress_bar(label: str, total: int | None, enabled: bool) -> Iterator[Any]:
-    """A rich progress bar on stderr, or a no-op callback when stderr is not a terminal."""
+    """A progress bar named ``label`` (a file name) on stderr, or a no-op callback when stderr is not a terminal."""
     if not enabled or not sys.stderr.isatty():
         yield lambda n: None
         return
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  TimeRemainingColumn(), transient=True, console=stderr_console()) as bar:
-        task = bar.add_task(label, total=total)
+    with make_progress(bar_console()) as bar:
+        task = bar.add_task(bar_label(label), total=total)
         yield lambda n: bar.advance(task, n)
+
+
+class MigrationBar:
+    """A progress bar fed with ``query-migrate`` answers (``ram.transferred``, ``ram.total``, ``status``)."""
+
+    def __init__(self, enabled: bool, label: str = "migrate") -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        self.label = label
+        self._progress: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> MigrationBar:
+        if self.enabled:
+            self._progress = make_progress(bar_console())
+            self._progress.start()
+            self._task = self._progress.add_task(bar_label(self.label), total=None)
+        return self
+
+    def update(self, info: dict[str, Any]) -> None:
+        if self._progress is None:
+            return
+        ram = info.get("ram", {})
+        total = ram.get("total") or None
+        done = int(ram.get("transferred", 0))
+        status = info.get("status", "?")
+        name = f"{bar_label(self.label)} ({status})" if status not in ("active", "?") else bar_label(self.label)
+        self._progress.update(self._task, total=total, completed=min(done, total or done), description=name)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._progress is not None:
+            self._progress.stop()
 
 
 def stderr_console():

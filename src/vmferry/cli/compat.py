@@ -59,7 +59,7 @@ def cmd_transform(args: argparse.Namespace) -> int:
     if from_machine is None and from_qemu is None and args.input != "-" and os.path.isfile(args.input):
         from_qemu = source_qemu(args.input)
     size = os.path.getsize(args.input) if args.input != "-" and os.path.isfile(args.input) else None
-    with progress_bar(f"{machine}", size, not args.quiet) as advance:
+    with progress_bar(args.input, size, not args.quiet) as advance:
         inp = open_stream(args.input, advance, args.from_format)
         fmt = args.to or inp.format
         target = encode.codec(fmt)

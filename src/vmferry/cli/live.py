@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from .. import caps
-from .common import tls_from_args, tls_options
+from .common import MigrationBar, UsageError, open_stream, output_file, tls_from_args, tls_options
 
 EXIT_OK = 0
 EXIT_FAILED = 2
@@ -72,8 +72,14 @@ def add_subcommands(sub: Any) -> None:
                                     "keeps running. With --via-proxy the stream passes through vmferry, which "
                                     "converts it to the destination's machine type: a guest moves between machine "
                                     "types that QEMU alone refuses to mix.")
-    mg.add_argument("--source", required=True, metavar="ADDR", help="QMP address of the source")
-    mg.add_argument("--dest", required=True, metavar="ADDR", help="QMP address of the destination")
+    mg.add_argument("--source", metavar="ADDR", help="QMP address of the source")
+    mg.add_argument("--dest", metavar="ADDR", help="QMP address of the destination")
+    mg.add_argument("--to-file", metavar="FILE",
+                    help="save the guest of --source to FILE instead ('-': stdout), as virsh save and QEMU's file: "
+                         "URI do: QEMU's own stream, every capability off; the source is stopped once saved")
+    mg.add_argument("--from-file", metavar="FILE",
+                    help="load FILE ('-': stdin; any format vmferry reads) into --dest, which waits for it (QEMU's "
+                         "-incoming defer, serve --incoming), as virsh restore does, and run the guest")
     mg.add_argument("--uri", help="migration URI (default: a private unix socket)")
     mg.add_argument("--set-caps", metavar="NAMES",
                     help="use only these capabilities (comma-separated vmferry or QEMU names; 'none' for mask 0)")
@@ -168,9 +174,57 @@ def cmd_caps(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _file_mode(args: argparse.Namespace) -> str:
+    """Which migration the options ask for: live (--source --dest), save (--to-file), restore (--from-file)."""
+    if args.to_file is not None and args.from_file is not None:
+        raise UsageError("--to-file and --from-file exclude each other (convert a file with vmferry convert)")
+    if args.to_file is not None:
+        if args.source is None or args.dest is not None:
+            raise UsageError("--to-file FILE saves the guest of --source, without --dest")
+        mode = "save"
+    elif args.from_file is not None:
+        if args.dest is None or args.source is not None:
+            raise UsageError("--from-file FILE loads into --dest, without --source")
+        mode = "restore"
+    else:
+        if args.source is None or args.dest is None:
+            raise UsageError("migrate needs --source and --dest (or --source with --to-file, or --from-file with "
+                             "--dest)")
+        return "live"
+    if args.via_proxy or args.uri is not None or args.set_caps is not None:
+        raise UsageError("--via-proxy, --uri and --set-caps apply to a live migration, not to a file")
+    return mode
+
+
+def _save(args: argparse.Namespace, params: dict[str, Any]) -> Any:
+    from ..live.migrate import save
+
+    with output_file(args.to_file) as out, MigrationBar(_show_bar(args), args.to_file) as bar:
+        return save(args.source, out.write, progress=bar.update, timeout=args.timeout, params=params or None,
+                    qmp_tls=tls_from_args(args))
+
+
+def _restore(args: argparse.Namespace) -> Any:
+    from ..encode import legacy
+    from ..live.migrate import restore
+    from .files import decode_input
+
+    inp = open_stream(args.from_file)
+    # QEMU loads its own stream: any other format vmferry reads is converted on the way
+    chunks = inp.chunks if inp.format == "legacy" else legacy.encode(decode_input(inp, target="legacy"))
+    with MigrationBar(_show_bar(args), args.from_file) as bar:
+        return restore(chunks, args.dest, size=inp.size if inp.format == "legacy" else None, progress=bar.update,
+                       timeout=args.timeout, qmp_tls=tls_from_args(args))
+
+
+def _show_bar(args: argparse.Namespace) -> bool:
+    return not args.quiet and not args.json and sys.stderr.isatty()
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     from ..live.migrate import migrate
 
+    mode = _file_mode(args)
     if args.via_proxy:
         from ..live.allocator import keep_stream_buffers
 
@@ -180,57 +234,29 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         params["max-bandwidth"] = args.max_bandwidth
     if args.downtime_limit is not None:
         params["downtime-limit"] = args.downtime_limit
-    show = not args.quiet and not args.json and sys.stderr.isatty()
-    with _Bar(show) as bar:
-        result = migrate(args.source, args.dest, args.uri, _split(args.set_caps), progress=bar.update,
-                         timeout=args.timeout, params=params or None, via_proxy=args.via_proxy,
-                         machine=args.machine, wire=args.wire, qmp_tls=tls_from_args(args))
+    if mode == "save" and args.to_file == "-" and args.json:
+        raise UsageError("--json prints on stdout: give --to-file a file, not '-'")
+    if mode == "save":
+        result = _save(args, params)
+    elif mode == "restore":
+        result = _restore(args)
+    else:
+        with MigrationBar(_show_bar(args), args.dest) as bar:
+            result = migrate(args.source, args.dest, args.uri, _split(args.set_caps), progress=bar.update,
+                             timeout=args.timeout, params=params or None, via_proxy=args.via_proxy,
+                             machine=args.machine, wire=args.wire, qmp_tls=tls_from_args(args))
     if args.json:
         json.dump(result.to_json(), sys.stdout, indent=1)
         sys.stdout.write("\n")
+    elif mode == "save":
+        print(f"saved to {args.to_file}: {result.transferred:,} bytes in {result.seconds:.2f} s; the source is "
+              f"{result.source['status']} ('cont' resumes it)", file=sys.stderr if args.to_file == "-" else sys.stdout)
+    elif mode == "restore":
+        print(f"restored from {args.from_file}: {result.transferred:,} bytes in {result.seconds:.2f} s; the "
+              f"destination is {result.destination['status']}")
     else:
         print(result.line())
     return EXIT_OK
-
-
-class _Bar:
-    """A rich progress bar on stderr: bytes, pages, rate and the remainder."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self._progress: Any = None
-        self._task: Any = None
-
-    def __enter__(self) -> _Bar:
-        if self.enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self._progress = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
-                TextColumn("{task.fields[pages]} pages"), TextColumn("{task.fields[rate]}"),
-                TextColumn("left {task.fields[left]}"), TimeElapsedColumn(),
-                console=Console(stderr=True), transient=True)
-            self._progress.start()
-            self._task = self._progress.add_task("migrate", total=None, pages="0", rate="-", left="-")
-        return self
-
-    def update(self, info: dict[str, Any]) -> None:
-        if self._progress is None:
-            return
-        ram = info.get("ram", {})
-        total = ram.get("total") or None
-        done = ram.get("transferred", 0)
-        pages = ram.get("normal", 0) + ram.get("duplicate", 0)
-        rate = f"{ram.get('mbps', 0) / 8:.0f} MB/s" if ram.get("mbps") else "-"
-        left = f"{ram.get('remaining', 0) / 1048576:.1f} MiB"
-        desc = f"migrate ({info.get('status', '?')}, pass {ram.get('dirty-sync-count', 0)})"
-        self._progress.update(self._task, total=total, completed=min(done, total or done), pages=f"{pages:,}",
-                              rate=rate, left=left, description=desc)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._progress is not None:
-            self._progress.stop()
 
 
 __all__ = ["add_subcommands"]

@@ -49,7 +49,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.compress is not None and args.to != "ferry":
         raise UsageError("--compress applies to --to ferry only")
     size = os.path.getsize(args.input) if args.input != "-" and os.path.isfile(args.input) else None
-    with progress_bar(f"{args.to}", size, not args.quiet) as advance:
+    with progress_bar(args.input, size, not args.quiet) as advance:
         inp = open_stream(args.input, advance, args.from_format)
         events = decode_input(inp, schema, target=args.to)
         options = {"compress": args.compress} if args.compress is not None else {}
