@@ -290,6 +290,23 @@ def output_file(path: str, inputs: Sequence[str] = (), sync: bool = False) -> It
             raise
 
 
+def write_all(out: BinaryIO, chunks: Any) -> int:
+    """Write every chunk to ``out``; the number of bytes written."""
+    n = 0
+    for chunk in chunks:
+        out.write(chunk)
+        n += len(chunk)
+    return n
+
+
+def print_json(doc: Any) -> None:
+    """``doc`` as indented JSON on stdout (what ``--json`` prints)."""
+    import json
+
+    json.dump(doc, sys.stdout, indent=1)
+    sys.stdout.write("\n")
+
+
 def tls_options(p: argparse.ArgumentParser, what: str = "tls: migration URIs") -> None:
     p.add_argument("--tls-cert", metavar="FILE", help=f"certificate (PEM) for {what}")
     p.add_argument("--tls-key", metavar="FILE", help="private key of --tls-cert")

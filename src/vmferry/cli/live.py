@@ -147,9 +147,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         opts = ServeOptions(qmp=args.qmp, incoming=args.incoming, ram_size=ram, paused=args.paused, rate=args.rate,
                             dirty_per_tick=args.dirty, fill=args.fill, supported=supported,
                             capability_commands=not args.no_capability_commands, device_versions=versions,
-                            allow_remote=args.allow_remote, tls=tls, compress=args.compress, quiet=args.quiet,
-                            allow_remote_exec=args.allow_remote_exec)
-        return serve(opts)
+                            allow_remote=args.allow_remote, tls=tls, compress=args.compress,
+                            quiet=args.quiet or args.json, allow_remote_exec=args.allow_remote_exec)
+
+        def ready(where: str) -> None:  # --json: one line on stdout once QMP listens
+            if args.json:
+                print(json.dumps({"qmp": where, "ram": ram, "incoming": args.incoming, "paused": args.paused}),
+                      flush=True)
+
+        return serve(opts, ready=ready)
     except ValueError as e:
         raise UsageError(str(e)) from None
 

@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("shell", choices=("bash", "zsh", "fish", "tcsh"))
     comp.set_defaults(func=_cmd_completion)
     for leaf in _leaves(p):
-        _shared_options(leaf)
+        if leaf is not comp:
+            _shared_options(leaf)
     return p
 
 

@@ -10,8 +10,8 @@ from typing import Any
 
 from .. import encode
 from ..events import DeviceSection, OpaqueSection
-from .common import (EXIT_OK, UsageError, from_option, open_stream, output_file, print_summary, progress_bar,
-                     schema_option)
+from .common import (EXIT_OK, UsageError, from_option, open_stream, output_file, print_json, print_summary,
+                     progress_bar, schema_option, write_all)
 from .files import decode_input
 from .summary import StreamSummary
 
@@ -55,11 +55,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
         options = {"compress": args.compress} if args.compress is not None else {}
         try:
             with output_file(args.output, [args.input]) as out:
-                out.writelines(target.encode(events, **options))
+                written = write_all(out, target.encode(events, **options))
         except BrokenPipeError:
             raise
         except OSError as e:
             raise UsageError(f"{args.output}: {e.strerror or e}") from None
+    if args.json:
+        print_json({"input": args.input, "input_format": inp.format, "output": args.output, "format": args.to,
+                    "bytes": written})
     return EXIT_OK
 
 
