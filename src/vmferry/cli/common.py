@@ -35,7 +35,7 @@ class UsageError(FerryError):
 
 #: Progress bars fit in this many columns, whatever the terminal: name, bar, MiB done/total, MiB/s, time.
 BAR_COLUMNS = 80
-_NAME_WIDTH = 24
+_NAME_WIDTH = 22
 MiB = float(1 << 20)
 
 
@@ -54,13 +54,13 @@ def make_progress(console: Any, transient: bool = True) -> Any:
         def render(self, task: Any) -> Text:
             done = task.completed / MiB
             if task.total is None:
-                return Text(f"{done:,.1f} MiB".rjust(19))
-            return Text(f"{done:,.1f}/{task.total / MiB:,.1f} MiB".rjust(19))
+                return Text(f"{done:.1f} MiB".rjust(17))
+            return Text(f"{done:.1f}/{task.total / MiB:.1f} MiB".rjust(17))
 
     class Rate(ProgressColumn):
         def render(self, task: Any) -> Text:
             speed = task.finished_speed or task.speed
-            return Text(("-" if speed is None else f"{speed / MiB:,.1f}") .rjust(7) + " MiB/s")
+            return Text(("-" if speed is None else f"{speed / MiB:.1f}").rjust(6) + " MiB/s")
 
     return Progress(TextColumn(f"{{task.description:<{_NAME_WIDTH}.{_NAME_WIDTH}}}"), BarColumn(bar_width=10),
                     Amount(), Rate(), TimeElapsedColumn(), console=console, transient=transient, expand=False)
