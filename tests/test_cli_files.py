@@ -116,8 +116,10 @@ def test_a_signal_removes_the_partial_output(stream, tmp_path, sig):
     rc = proc.wait(timeout=60)
     err = proc.stderr.read().decode()
     proc.stdin.close()
-    assert rc == 128 + sig, (rc, err)
-    assert err.count("\n") == 1 and "Traceback" not in err, err
+    # the orderly way (one line, exit 128 + N); or, should Python drop the exception in a finaliser, the
+    # signal delivered again with its default action (vmferry.cli.common.TERMINATE_GRACE)
+    assert rc == 128 + sig or rc == -sig, (rc, err)
+    assert err.count("\n") <= 1 and "Traceback" not in err, err
     assert not partials(tmp_path) and not out.exists()
 
 

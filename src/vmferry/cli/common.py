@@ -177,9 +177,20 @@ class Terminated(BaseException):
 PARTIAL_SUFFIX = ".vmferry-partial"
 
 
+#: After SIGTERM/SIGHUP, how long the orderly way out (an exception unwinding to main) may take before the
+#: signal is delivered again with its default action, which ends the process.
+TERMINATE_GRACE = 10.0
+
+
 @contextmanager
-def _terminate_raises() -> Iterator[None]:
-    """While inside, SIGTERM and SIGHUP raise :class:`Terminated` (as SIGINT raises KeyboardInterrupt)."""
+def _terminate_raises(partial: list[str]) -> Iterator[None]:
+    """While inside, SIGTERM and SIGHUP raise :class:`Terminated` (as SIGINT raises KeyboardInterrupt).
+
+    The handler first removes the partial files named in ``partial`` itself: an exception raised while
+    Python runs a finaliser is printed and dropped, and the file must go all the same.  It also restores
+    the default actions and, should the exception be lost that way, delivers the signal again after
+    :data:`TERMINATE_GRACE` seconds, so a SIGTERM always ends the process.
+    """
     import signal
     import threading
 
@@ -188,6 +199,16 @@ def _terminate_raises() -> Iterator[None]:
         return
 
     def handler(signum: int, _frame: Any) -> None:
+        for path in partial:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        for sig in saved:
+            signal.signal(sig, signal.SIG_DFL)
+        timer = threading.Timer(TERMINATE_GRACE, os.kill, (os.getpid(), signum))
+        timer.daemon = True
+        timer.start()
         raise Terminated(signum)
 
     saved = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
@@ -226,6 +247,23 @@ def _output_mode(stats: list[os.stat_result]) -> int:
     return mode & ~umask
 
 
+def _create_partial(folder: str, name: str, partial: list[str]) -> tuple[int, str]:
+    """A new file ``NAME.<random>.vmferry-partial`` in ``folder``, opened ``O_EXCL | O_NOFOLLOW`` (as
+    :func:`tempfile.mkstemp` does, mode 0600), its name put in ``partial`` before the file exists, so that a signal
+    arriving meanwhile still finds it."""
+    import secrets
+
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(100):
+        candidate = os.path.join(folder, f"{name}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
+        partial[:] = [candidate]
+        try:
+            return os.open(candidate, flags, 0o600), candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free name for a partial file beside {name}")
+
+
 @contextmanager
 def output_file(path: str, inputs: Sequence[str] = (), sync: bool = False) -> Iterator[BinaryIO]:
     """``path`` for writing (``-`` is stdout); a partial file is removed on failure.
@@ -233,7 +271,7 @@ def output_file(path: str, inputs: Sequence[str] = (), sync: bool = False) -> It
     * An output that is one of ``inputs`` (the same device and inode: a
       symlink or a hard link to it, or the same name) is refused.
     * A regular output is written to a new file beside it, created with
-      ``O_EXCL | O_NOFOLLOW`` under a random name (:func:`tempfile.mkstemp`), so
+      ``O_EXCL | O_NOFOLLOW`` under a random name (as :func:`tempfile.mkstemp`), so
       a planted file or symlink is never written through; it is renamed over
       ``path`` once complete (``sync``: after an fsync), and removed when
       anything fails, on SIGINT, SIGTERM and SIGHUP too.
@@ -242,7 +280,6 @@ def output_file(path: str, inputs: Sequence[str] = (), sync: bool = False) -> It
     * A device or FIFO (``/dev/null``, a named pipe) is written to, never replaced.
     """
     import stat
-    import tempfile
 
     stats = _input_stats(inputs)
     if path == "-":
@@ -269,9 +306,10 @@ def output_file(path: str, inputs: Sequence[str] = (), sync: bool = False) -> It
             yield f
         return
     folder, name = os.path.split(os.path.abspath(path))
-    with _terminate_raises():
+    partial: list[str] = []
+    with _terminate_raises(partial):
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f"{name}.", suffix=PARTIAL_SUFFIX, dir=folder)
+            fd, tmp = _create_partial(folder, name, partial)
         except OSError as e:
             raise UsageError(f"{path}: cannot create a file beside it: {e.strerror or e}") from None
         try:
@@ -282,6 +320,7 @@ def output_file(path: str, inputs: Sequence[str] = (), sync: bool = False) -> It
                     f.flush()
                     os.fsync(f.fileno())
             os.replace(tmp, path)
+            partial.clear()
         except BaseException:
             try:
                 os.unlink(tmp)
