@@ -21,7 +21,8 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from .. import encode
-from .common import EXIT_OK, UsageError, open_stream, output_file, progress_bar
+from .common import (EXIT_OK, UsageError, from_option, open_stream, output_file, print_json, progress_bar,
+                     stdout_console, write_all)
 
 if TYPE_CHECKING:  # the compat package is imported by the commands that use it, not at start-up
     from ..compat.check import Report, Schemas
@@ -45,8 +46,6 @@ EXIT_UNCOVERED = 3
 def cmd_transform(args: argparse.Namespace) -> int:
     from ..compat import qemu_registry, transform_events
 
-    if args.input != "-" and args.output != "-" and os.path.abspath(args.input) == os.path.abspath(args.output):
-        raise UsageError("input and output are the same file")
     schema = None
     if args.schema:
         try:
@@ -61,18 +60,21 @@ def cmd_transform(args: argparse.Namespace) -> int:
     if from_machine is None and from_qemu is None and args.input != "-" and os.path.isfile(args.input):
         from_qemu = source_qemu(args.input)
     size = os.path.getsize(args.input) if args.input != "-" and os.path.isfile(args.input) else None
-    with progress_bar(f"{machine}", size, not args.quiet) as advance:
-        inp = open_stream(args.input, advance)
+    with progress_bar(args.input, size, not args.quiet) as advance:
+        inp = open_stream(args.input, advance, args.from_format)
         fmt = args.to or inp.format
         target = encode.codec(fmt)
         events = transform_events(decode_input(inp, schema, target=fmt), registry, machine, from_machine, from_qemu)
         try:
-            with output_file(args.output) as out:
-                out.writelines(target.encode(events))
+            with output_file(args.output, [args.input]) as out:
+                written = write_all(out, target.encode(events))
+        except BrokenPipeError:
+            raise
         except OSError as e:
-            if isinstance(e, BrokenPipeError):
-                return EXIT_OK
             raise UsageError(f"{args.output}: {e.strerror or e}") from None
+    if args.json:
+        print_json({"input": args.input, "input_format": inp.format, "output": args.output, "format": fmt,
+                    "machine": machine, "bytes": written})
     return EXIT_OK
 
 
@@ -218,23 +220,83 @@ def cmd_diff(args: argparse.Namespace) -> int:
     from ..compat import qemu_registry
     from ..compat.check import diff
 
+    registry = qemu_registry()
+    for machine in (args.from_machine, args.to_machine):
+        if machine:
+            registry.resolve(machine)  # an unknown machine type is bad input, before anything is read
     a = load_schemas(args.a)
     b = load_schemas(args.b)
-    registry = qemu_registry()
     report = diff(a, b, registry, source=args.from_machine, target=args.to_machine)
+    values = _value_diff(args.a, args.b) if a.kind == "stream" and b.kind == "stream" and not args.schemas_only \
+        else None
     if args.json:
-        json.dump(report.as_dict(), sys.stdout, indent=1)
+        doc = report.as_dict()
+        if values is not None:
+            doc["values"] = values.as_dict()
+        json.dump(doc, sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
         _print_report(report)
+        if values is not None:
+            _print_values(values)
     return EXIT_UNCOVERED if report.uncovered else EXIT_OK
 
 
-def _print_report(r: Report) -> None:
-    from rich.console import Console
+def _value_diff(path_a: str, path_b: str) -> Any:
+    """The value diff of two streams (:mod:`vmferry.compat.values`): each read once, digests kept, not RAM."""
+    from ..compat.values import StreamValues, compare
+
+    sides = []
+    for path in (path_a, path_b):
+        values = StreamValues()
+        for ev in decode_input(open_stream(path)):
+            values.add(ev)
+        sides.append(values)
+    return compare(*sides)
+
+
+def _print_values(v: Any, rows: int = 200, spans: int = 8) -> None:
     from rich.table import Table
 
-    con = Console(highlight=False)
+    con = stdout_console(highlight=False)
+    if v.empty:
+        con.print("values: the same (every device field both sides have, every RAM page)")
+        return
+    if v.only_a or v.only_b:
+        con.print(f"sections only in A: {', '.join(v.only_a) or 'none'}; only in B: {', '.join(v.only_b) or 'none'}")
+    if v.fields:
+        t = Table(title=f"{len(v.fields)} device fields differ", title_justify="left")
+        for col in ("section", "field", "A", "B"):
+            t.add_column(col)
+        for section, path, a, b in v.fields[:rows]:
+            t.add_row(section, path, _short(a), _short(b))
+        con.print(t)
+        if len(v.fields) > rows:
+            con.print(f"... and {len(v.fields) - rows} more (--json lists them all)")
+    for r in v.ram:
+        if r.length_a != r.length_b:
+            con.print(f"RAM {r.block}: length {r.length_a if r.length_a is not None else 'absent'} in A, "
+                      f"{r.length_b if r.length_b is not None else 'absent'} in B")
+        elif r.ranges:
+            shown = ", ".join(f"{s * r.page_size:#x}-{e * r.page_size - 1:#x}" for s, e in r.ranges[:spans])
+            more = f", ... ({len(r.ranges)} ranges)" if len(r.ranges) > spans else ""
+            con.print(f"RAM {r.block}: {r.differing:,} of {r.pages:,} pages differ: {shown}{more}")
+    same = [r.block for r in v.ram if not r.ranges and r.length_a == r.length_b]
+    if same:
+        con.print(f"RAM the same in: {', '.join(same)}")
+    if v.unknown_pages:
+        con.print(f"({v.unknown_pages} pages came as XBZRLE deltas and were not compared)")
+
+
+def _short(value: Any, width: int = 40) -> str:
+    text = bytes(value).hex() if isinstance(value, (bytes, bytearray, memoryview)) else repr(value)
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def _print_report(r: Report) -> None:
+    from rich.table import Table
+
+    con = stdout_console(highlight=False)
     for side, s in (("A", r.a), ("B", r.b)):
         qemu = f", QEMU {s.qemu}" if s.qemu else ""
         con.print(f"{side}: [bold]{s.origin}[/bold] ({s.kind}, machine {s.machine or 'not named'}{qemu})")
@@ -243,7 +305,7 @@ def _print_report(r: Report) -> None:
     elif r.plan_error:
         con.print(f"[bold]no transform path[/bold]: {r.plan_error}")
     if not r.differences:
-        con.print("no differences")
+        con.print("schemas: no differences")
         return
     t = Table(title=f"{len(r.differences)} differences, {len(r.uncovered)} not covered", title_justify="left")
     for col in ("kind", "section", "item", "detail", "covered by"):
@@ -321,24 +383,31 @@ def add_subcommands(sub: Any) -> None:
                     help="the QEMU version that wrote the input (default: what its vmdesc shows, else the "
                          "oldest QEMU that has its machine type)")
     tr.add_argument("--to", choices=encode.names(), help="output format (default: the input's)")
+    from_option(tr)
     tr.add_argument("--schema", metavar="FILE", help="schema for a stream without a vmdesc (as for convert)")
     tr.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     tr.set_defaults(func=cmd_transform)
 
     df = sub.add_parser(
-        "diff", help="compare two schema sets and say which transforms cover the differences",
+        "diff", help="compare two streams' values and schemas, and say which transforms cover the differences",
         description="Compare the device descriptions of A and B (each a stream, a vmdesc JSON or QEMU's "
                     "-dump-vmstate JSON) and list every incompatibility for loading A's state as B: sections, "
                     "fields and subsections added or removed, fields resized, versions out of range, and for "
                     "streams the configuration section, footers, machine name and RAM blocks. Each is marked "
-                    "covered when a registered transform on the path between the machine types handles it.",
-        epilog="Exit status: 0 when every difference is covered (or there are none), 3 when some is not, "
-               "2 for bad input.")
+                    "covered when a registered transform on the path between the machine types handles it. When A "
+                    "and B are both streams, their values are compared too: every device field both have that "
+                    "differs, sections present on one side only, and per RAM block the pages that differ (each "
+                    "stream is read once; a digest per page is kept, never the RAM).",
+        epilog="Exit status: 0 when every schema difference is covered (or there are none), 3 when some is not, "
+               "2 for bad input; value differences are reported, they do not change the status.")
     df.add_argument("a", help="schema set A (the source)")
     df.add_argument("b", help="schema set B (the destination)")
     df.add_argument("--from-machine", metavar="MACHINE", help="A's machine type, when A does not name it")
-    df.add_argument("--to-machine", metavar="MACHINE", help="B's machine type, when B does not name it")
-    df.add_argument("--json", action="store_true", help="print the report as JSON")
+    df.add_argument("--machine", dest="to_machine", metavar="MACHINE", help="B's machine type, when B does not name it")
+    df.add_argument("--to-machine", dest="to_machine", help=argparse.SUPPRESS)  # the old spelling
+    df.add_argument("--json", action="store_true", help="print the report as JSON (with \"values\" for two streams)")
+    df.add_argument("--schemas-only", action="store_true",
+                    help="for two streams, compare only their schemas, not their values (reads less)")
     df.set_defaults(func=cmd_diff)
 
     pl = sub.add_parser(

@@ -92,8 +92,8 @@ def widen_pipe(f: BinaryIO, size: int = PIPE_SIZE) -> None:
         pass
 
 
-def open_input(path: str, progress: Callable[[int], None] | None = None) -> Input:
-    """Open ``path`` (``-`` is stdin) and sniff its format from the first bytes.
+def open_input(path: str, progress: Callable[[int], None] | None = None, fmt: str | None = None) -> Input:
+    """Open ``path`` (``-`` is stdin) and sniff its format from the first bytes, unless ``fmt`` names it.
 
     Regular files are mapped (see :func:`mapped_chunks`); pipes are read in chunks.
     """
@@ -110,7 +110,8 @@ def open_input(path: str, progress: Callable[[int], None] | None = None) -> Inpu
         if not more:
             break
         head += more
-    fmt = encode.sniff(head)
+    if fmt is None:
+        fmt = encode.sniff(head)
 
     def chunks() -> Iterator[bytes | memoryview]:
         try:

@@ -3,7 +3,7 @@
 The orchestration around :mod:`vmferry.encode.libvirt_save` (which does no
 I/O): files are mapped in windows, the QEMU stream inside is decoded by the
 legacy codec as it is decompressed, and an output is written to
-``PATH.vmferry-partial`` and renamed only once complete, so a damaged
+``PATH.<random>.vmferry-partial`` and renamed only once complete, so a damaged
 input leaves nothing behind.  Decoding errors inside a raw image's stream
 name the offset in the image file.
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import replace
-from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
 
 from ..encode import legacy
@@ -66,22 +65,22 @@ def read_image(path: str | os.PathLike[str], *, allow_partial: bool = False,
 
 
 @contextmanager
-def _atomic(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
-    """Write ``path`` through ``PATH.vmferry-partial``, renamed on success and removed on failure."""
-    tmp = Path(f"{os.fspath(path)}.vmferry-partial")
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def _atomic(path: str | os.PathLike[str], src: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    """Write ``path`` as :func:`vmferry.cli.common.output_file` does (a new file beside it, renamed on success
+    after an fsync, removed on failure and on SIGINT/SIGTERM/SIGHUP, with ``src``'s permission bits)."""
+    from .common import output_file
+
+    with output_file(os.fspath(path), [os.fspath(src)], sync=True) as f:
+        yield f
 
 
 def _check_paths(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-    if os.path.abspath(src) == os.path.abspath(dst):
+    """Refuse an output that is the input: the same name, or a symlink or hard link to it."""
+    try:
+        a, b = os.stat(src), os.stat(dst)
+    except OSError:
+        return
+    if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino):
         raise ValueError("input and output are the same file")
 
 
@@ -91,7 +90,7 @@ def copy_image(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Save
     image, events = read_image(src)
     for _ in events:
         pass
-    with _atomic(dst) as out:
+    with _atomic(dst, src) as out:
         image2, stored = ls.split(_chunks(src))
         out.writelines(ls.encode(image2, stored))
     return image
@@ -120,6 +119,6 @@ def transform_image(src: str | os.PathLike[str], dst: str | os.PathLike[str], ma
             new = ls.parse(replace(new.header, version=2).pack() + new.data)
         new = ls.parse(replace(new.header, compressed=int(compression)).pack() + new.data)
     converted = transform_events(events, registry, target, source, from_qemu_version)
-    with _atomic(dst) as out:
+    with _atomic(dst, src) as out:
         out.writelines(ls.encode(new, ls.compress(legacy.encode(converted), new.compression)))
     return new

@@ -63,9 +63,12 @@ def cmd_copy(args: argparse.Namespace) -> int:
     from .images import copy_image
 
     try:
-        copy_image(args.input, args.output)
+        image = copy_image(args.input, args.output)
     except (ValueError, FileNotFoundError) as e:
         raise _usage(e) from None
+    if args.json:
+        json.dump({"output": args.output, **image.summary()}, sys.stdout, indent=1)
+        sys.stdout.write("\n")
     return 0
 
 
@@ -74,11 +77,14 @@ def cmd_transform(args: argparse.Namespace) -> int:
 
     compression = Compression[args.compress.upper()] if args.compress else None
     try:
-        transform_image(args.input, args.output, args.machine, qemu_version=args.qemu_version,
-                        from_machine=args.from_machine, from_qemu_version=args.from_qemu_version,
-                        compression=compression)
+        image = transform_image(args.input, args.output, args.machine, qemu_version=args.qemu_version,
+                                from_machine=args.from_machine, from_qemu_version=args.from_qemu_version,
+                                compression=compression)
     except (ValueError, FileNotFoundError) as e:
         raise _usage(e) from None
+    if args.json:
+        json.dump({"output": args.output, **image.summary()}, sys.stdout, indent=1)
+        sys.stdout.write("\n")
     return 0
 
 

@@ -10,14 +10,15 @@ from typing import Any
 
 from .. import encode
 from ..events import DeviceSection, OpaqueSection
-from .common import EXIT_OK, UsageError, open_stream, output_file, print_summary, progress_bar, schema_option
+from .common import (EXIT_OK, UsageError, from_option, open_stream, output_file, print_json, print_summary,
+                     progress_bar, schema_option, write_all)
 from .files import decode_input
 from .summary import StreamSummary
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     schema = schema_option(args)
-    inp = open_stream(args.stream)
+    inp = open_stream(args.stream, fmt=args.from_format)
     summary = StreamSummary()
     devices: list[dict[str, Any]] = []
     if args.json:
@@ -47,20 +48,21 @@ def cmd_convert(args: argparse.Namespace) -> int:
     target = encode.codec(args.to)
     if args.compress is not None and args.to != "ferry":
         raise UsageError("--compress applies to --to ferry only")
-    if args.input != "-" and args.output != "-" and os.path.abspath(args.input) == os.path.abspath(args.output):
-        raise UsageError("input and output are the same file")
     size = os.path.getsize(args.input) if args.input != "-" and os.path.isfile(args.input) else None
-    with progress_bar(f"{args.to}", size, not args.quiet) as advance:
-        inp = open_stream(args.input, advance)
+    with progress_bar(args.input, size, not args.quiet) as advance:
+        inp = open_stream(args.input, advance, args.from_format)
         events = decode_input(inp, schema, target=args.to)
         options = {"compress": args.compress} if args.compress is not None else {}
         try:
-            with output_file(args.output) as out:
-                out.writelines(target.encode(events, **options))
+            with output_file(args.output, [args.input]) as out:
+                written = write_all(out, target.encode(events, **options))
+        except BrokenPipeError:
+            raise
         except OSError as e:
-            if isinstance(e, BrokenPipeError):
-                return EXIT_OK
             raise UsageError(f"{args.output}: {e.strerror or e}") from None
+    if args.json:
+        print_json({"input": args.input, "input_format": inp.format, "output": args.output, "format": args.to,
+                    "bytes": written})
     return EXIT_OK
 
 
@@ -91,6 +93,7 @@ def add_subcommands(sub: Any) -> None:
     ins.add_argument("--json", action="store_true", help="print the summary and the whole decoded device state "
                                                          "as JSON")
     ins.add_argument("--schema", metavar="FILE", help=schema_help)
+    from_option(ins)
     ins.set_defaults(func=cmd_inspect)
 
     conv = sub.add_parser("convert", help="convert a stream between formats, losslessly",
@@ -100,6 +103,7 @@ def add_subcommands(sub: Any) -> None:
     conv.add_argument("input", help="input stream; '-' for stdin")
     conv.add_argument("output", help="output file; '-' for stdout")
     conv.add_argument("--to", required=True, choices=encode.names(), help="output format")
+    from_option(conv)
     conv.add_argument("--schema", metavar="FILE", help=schema_help)
     conv.add_argument("--compress", choices=["none", "zstd", "lz4"],
                       help="compress each frame of a ferry stream (default none)")

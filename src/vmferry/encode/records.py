@@ -582,12 +582,21 @@ def pieces(chunks: Iterable[Any], size: int = PIECE) -> Iterator[memoryview]:
 # ---------------------------------------------------------------------------
 
 
+def regrouped(events: Iterable[Event]) -> Iterator[Event]:
+    """``events`` with page runs cut every :data:`PAGES_PER_RECORD` pages however the decoder cut them
+    (:mod:`vmferry.encode.runs`), so that a file and a pipe give the same records."""
+    from .runs import PageGroup, regroup
+
+    for ev in regroup(events, PAGES_PER_RECORD):
+        yield ev.as_event() if isinstance(ev, PageGroup) else ev
+
+
 def encode_records(events: Iterable[Event], fmt: str, spelling: Spelling) -> Iterator[dict[str, Any]]:
     """The records of a record stream: ``stream``, the events' records (schema table on), ``fin``."""
     enc = RecordEncoder(spelling, schema_table=True)
     yield stream_record(fmt)
     n = 0
-    for ev in events:
+    for ev in regrouped(events):
         for rec in enc.records(ev):
             n += 1
             yield rec

@@ -27,17 +27,19 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from .. import caps
 from ..caps import Cap
-from ..errors import FerryError
+from ..errors import FerryError, TransportError
 from ..events import Event
 from . import proxy
 from .qmp.client import QMPCommandError, QMPConnectError, QMPConnection
 from .route import ProxyRoute
+from .transport import TlsOptions, connect, listen
 
 
 class MigrationError(FerryError):
@@ -183,21 +185,21 @@ def migrate(source: str, dest: str, uri: str | None = None, set_caps: list[str] 
             progress: Progress | None = None, timeout: float = 600.0, poll: float = 0.1,
             params: dict[str, Any] | None = None, qmp_timeout: float = 30.0, via_proxy: bool = False,
             machine: str | None = "auto", wire: str = "legacy",
-            observe: Callable[[Event], None] | None = None) -> Result:
+            observe: Callable[[Event], None] | None = None, qmp_tls: TlsOptions | None = None) -> Result:
     """Migrate from the endpoint at QMP address ``source`` to the one at ``dest``; see the module doc.
 
     ``via_proxy`` routes the stream through proxies with ``wire`` between them, converting the device state
     to ``machine`` (``auto``: the destination's machine type); ``observe`` sees every event they carry.
     """
     if not via_proxy and (wire != "legacy" or observe is not None or machine not in (None, "auto")):
-        raise MigrationError("--wire and --machine need --via-proxy (QEMU alone cannot convert a stream)")
+        raise MigrationError("--to and --machine need --via-proxy (QEMU alone cannot convert a stream)")
     if via_proxy and uri is not None:
         raise MigrationError("--uri and --via-proxy exclude each other: the proxies choose the sockets")
     tmpdir: str | None = None
     route: ProxyRoute | None = None
-    src_conn = _open(source, "source", qmp_timeout)
+    src_conn = _open(source, "source", qmp_timeout, qmp_tls)
     try:
-        dst_conn = _open(dest, "destination", qmp_timeout)
+        dst_conn = _open(dest, "destination", qmp_timeout, qmp_tls)
     except BaseException:
         src_conn.close()
         raise
@@ -308,9 +310,9 @@ def _route(src: Side, dst: Side, plan: Plan, requested: list[str] | None, machin
         raise MigrationError(str(e).splitlines()[0]) from None
 
 
-def _open(address: str, role: str, timeout: float) -> QMPConnection:
+def _open(address: str, role: str, timeout: float, tls: TlsOptions | None = None) -> QMPConnection:
     try:
-        return QMPConnection(address, timeout=timeout, name=role).connect()
+        return QMPConnection(address, timeout=timeout, name=role, tls=tls).connect()
     except QMPConnectError as e:
         raise MigrationError(f"{role}: {e}") from None
 
@@ -425,9 +427,184 @@ def qemu_qmp_args(path: str, chardev_id: str = "vmferry-mgmt") -> list[str]:
             "-mon", f"chardev={chardev_id},mode=control"]
 
 
-def capabilities(address: str, timeout: float = 30.0) -> dict[str, Any]:
+# ---------------------------------------------------------------------------
+# To and from a file: virsh save / restore, QEMU's file: URI
+# ---------------------------------------------------------------------------
+
+
+def _plain(side: Side) -> None:
+    """Set what a stream in a file needs: mask 0 (QEMU's own stream) and no QEMU capability that wants a peer."""
+    apply_plan(side, Plan(Cap(0), {name: False for name in side.qemu}))
+
+
+def save(source: str, write: Callable[[Any], Any], *, progress: Progress | None = None, timeout: float = 600.0,
+         poll: float = 0.1, params: dict[str, Any] | None = None, qmp_timeout: float = 30.0,
+         qmp_tls: TlsOptions | None = None) -> Result:
+    """Migrate the guest at QMP ``source`` into ``write`` (called with each chunk): QEMU's own stream, as
+    ``virsh save`` and QEMU's ``file:`` URI make it.
+
+    The source migrates to a private unix socket that this function reads, so it works with any QEMU (``file:``
+    needs QEMU >= 8.2) and with vmferry endpoints, and the caller decides how the file is written.  Every QEMU
+    capability is switched off and a vmferry endpoint is set to mask 0 first: the file holds a plain stream any
+    QEMU of that machine type loads.  Once saved, the source is stopped (``postmigrate``; ``cont`` resumes it).
+    On any failure or interruption the migration is cancelled and a running source runs on.
+    """
+    conn = _open(source, "source", qmp_timeout, qmp_tls)
+    tmpdir = tempfile.mkdtemp(prefix="vmferry-save-")
+    listener = None
+    reader: threading.Thread | None = None
+    src: Side | None = None
+    started = False
+    got: dict[str, Any] = {"bytes": 0, "error": None, "done": False}
+    try:
+        src = probe(conn, "source", source)
+        if src.status in ("inmigrate", "postmigrate", "finish-migrate", "shutdown"):
+            raise MigrationError(f"the source is {src.status}: nothing to save")
+        _plain(src)
+        if params:
+            wanted = {k: v for k, v in params.items() if src.kind == "vmferry" or not k.startswith("x-vmferry-")}
+            if wanted:
+                conn.cmd("migrate-set-parameters", wanted)
+        uri = f"unix:{os.path.join(tmpdir, 'save.sock')}"
+        listener = listen(uri)
+
+        def pump() -> None:
+            assert listener is not None
+            try:
+                with listener.accept(timeout) as stream:
+                    for chunk in stream.chunks():
+                        write(chunk)
+                        got["bytes"] += len(chunk)
+                got["done"] = True
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                got["error"] = e
+
+        reader = threading.Thread(target=pump, name="vmferry-save", daemon=True)
+        reader.start()
+        t0 = time.monotonic()
+        conn.cmd("migrate", {"uri": uri})
+        started = True
+        info = _follow_source(conn, progress, timeout, poll)
+        reader.join(timeout)
+        if got["error"] is not None:
+            raise MigrationError(f"writing the file: {got['error']}")
+        if not got["done"]:
+            raise MigrationError("the source completed, but its stream did not end")
+        elapsed = time.monotonic() - t0
+        ram = info.get("ram", {})
+        side = src.describe()
+        side["status"] = str(conn.cmd("query-status").get("status", ""))
+        return Result(elapsed, got["bytes"], int(ram.get("total", 0)), info.get("downtime"), 0, [], "legacy", side,
+                      {"kind": "file", "bytes": got["bytes"]}, info)
+    except BaseException as e:
+        if started and src is not None:
+            _safe(conn, "migrate_cancel")
+            _resume_after_cancel(conn, src.status == "running")
+        if listener is not None:
+            listener.close()
+        if reader is not None:
+            reader.join(10)
+        if isinstance(e, (FerryError, TimeoutError)):
+            message = str(e) if isinstance(e, FerryError) else "timed out"
+            raise MigrationError(message.splitlines()[0] if message else "save failed") from None
+        raise
+    finally:
+        if listener is not None:
+            listener.close()
+        conn.close()
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def restore(chunks: Iterable[Any], dest: str, *, size: int | None = None, progress: Progress | None = None,
+            timeout: float = 600.0, qmp_timeout: float = 30.0, qmp_tls: TlsOptions | None = None,
+            resume: bool = True) -> Result:
+    """Load the stream ``chunks`` (QEMU's own stream, e.g. a file :func:`save` wrote) into the destination at
+    QMP ``dest``, which waits for it (QEMU's ``-incoming defer``, ``vmferry serve --incoming``), as
+    ``virsh restore`` does; then run the guest (``resume``; else leave it paused).
+
+    The destination gets ``migrate-incoming`` on a private unix socket and this function sends the stream
+    there.  ``progress`` sees ``{"status", "ram": {"transferred", "total"}}`` with ``size`` as the total.
+    """
+    conn = _open(dest, "destination", qmp_timeout, qmp_tls)
+    tmpdir = tempfile.mkdtemp(prefix="vmferry-restore-")
+    sent = 0
+    try:
+        dst = probe(conn, "destination", dest)
+        if dst.status != "inmigrate":
+            raise MigrationError(f"the destination is {dst.status or 'in an unknown state'}, not waiting for a "
+                                 "migration (start it with 'vmferry serve --incoming' or QEMU's -incoming defer)")
+        _plain(dst)
+        uri = f"unix:{os.path.join(tmpdir, 'restore.sock')}"
+        conn.cmd("migrate-incoming", {"uri": uri})
+        t0 = time.monotonic()
+        last = 0.0
+        try:
+            with connect(uri, timeout=qmp_timeout) as stream:
+                for chunk in chunks:
+                    stream.write(chunk)
+                    sent += len(chunk)
+                    now = time.monotonic()
+                    if progress is not None and now - last > 0.1:
+                        last = now
+                        progress({"status": "active", "ram": {"transferred": sent, "total": size or 0}})
+                stream.close_write()
+        except TransportError as e:
+            theirs = _dest_error(conn)
+            raise MigrationError(theirs or f"sending the stream: {e}") from None
+        if progress is not None:
+            progress({"status": "completed", "ram": {"transferred": sent, "total": size or sent}})
+        status = _wait_destination(conn, resume, timeout=timeout)
+        elapsed = time.monotonic() - t0
+        side = dst.describe()
+        side["status"] = status
+        return Result(elapsed, sent, size or sent, None, 0, [], "legacy", {"kind": "file", "bytes": sent}, side,
+                      _safe(conn, "query-migrate") or {})
+    except (FerryError, TimeoutError) as e:
+        message = str(e) if isinstance(e, FerryError) else "timed out"
+        raise MigrationError(message.splitlines()[0] if message else "restore failed") from None
+    finally:
+        conn.close()
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _follow_source(src: QMPConnection, progress: Progress | None, timeout: float, poll: float) -> dict[str, Any]:
+    """Poll ``query-migrate`` of a source until it completes (MigrationError when it fails or times out)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            info = src.cmd("query-migrate")
+        except QMPConnectError as e:
+            raise MigrationError(f"lost the source: {e}") from None
+        if progress is not None:
+            progress(info)
+        status = info.get("status")
+        if status == "completed":
+            return dict(info)
+        if status in ("failed", "cancelled"):
+            raise MigrationError(f"migration {status}: {info.get('error-desc') or 'no reason given'}")
+        if time.monotonic() > deadline:
+            raise MigrationError(f"migration not completed within {timeout:.0f} s (status {status!r})")
+        time.sleep(poll)
+
+
+def _resume_after_cancel(src: QMPConnection, was_running: bool) -> None:
+    deadline = time.monotonic() + 15.0
+    while time.monotonic() < deadline:
+        info = _safe(src, "query-migrate") or {}
+        if info.get("status") not in ("active", "setup", "cancelling", "device", "pre-switchover"):
+            break
+        time.sleep(0.05)
+    st = (_safe(src, "query-status") or {}).get("status")
+    if was_running and st in ("paused", "postmigrate", "finish-migrate"):
+        try:
+            src.cmd("cont", timeout=10.0)
+        except FerryError:
+            pass
+
+
+def capabilities(address: str, timeout: float = 30.0, qmp_tls: TlsOptions | None = None) -> dict[str, Any]:
     """What one side supports: ``vmferry caps``."""
-    conn = _open(address, "endpoint", timeout)
+    conn = _open(address, "endpoint", timeout, qmp_tls)
     try:
         side = probe(conn, "endpoint", address)
     finally:
@@ -436,4 +613,4 @@ def capabilities(address: str, timeout: float = 30.0) -> dict[str, Any]:
 
 
 __all__ = ["MigrationError", "Plan", "Result", "Side", "apply_plan", "capabilities", "machine_type", "make_plan",
-           "migrate", "probe", "qemu_qmp_args"]
+           "migrate", "probe", "qemu_qmp_args", "restore", "save"]
