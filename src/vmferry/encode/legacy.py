@@ -52,6 +52,7 @@ from ..events import (
     DeviceSection,
     Eof,
     Event,
+    Flush,
     Header,
     IterBegin,
     IterEnd,
@@ -216,6 +217,8 @@ def _decode_stream(w: Window, st: _State) -> Iterator[Event]:
     first = True
     while True:
         w.path = "$"
+        if w.idle():
+            yield Flush()
         start = w.offset
         t = _u8(w, "record type")
         if t == CONFIGURATION and first:
@@ -403,6 +406,8 @@ def _decode_ram(w: Window, st: _State) -> Iterator[Event]:
     mask = ps - 1
     ram = st.ram
     while True:
+        if w.idle():
+            yield Flush()
         w.need(8, "ram record")
         (addr,) = BE64.unpack_from(w.buf, w.pos)
         flags = addr & mask
@@ -579,6 +584,12 @@ def encode_pieces(events: Iterable[Event]) -> Iterator[bytes | RamPages]:
     writer that can forward those bytes another way (the proxy splices them)."""
     out = bytearray()
     for ev in events:
+        if isinstance(ev, Flush):
+            if out:
+                yield bytes(out)
+                out.clear()
+            yield b""  # tells the writer to write what it holds
+            continue
         if isinstance(ev, RamPages):
             if ev.legacy is not None:
                 if out:
@@ -671,6 +682,8 @@ def encode_event(out: bytearray, ev: Event) -> None:
         out.append(VMDESCRIPTION)
         out += BE32.pack(len(ev.text))
         out += ev.text
+    elif isinstance(ev, Flush):
+        pass  # nothing on the wire
     else:
         raise EncodeError(f"cannot encode {type(ev).__name__} as a QEMU stream")
 

@@ -2,7 +2,7 @@
 
 Decoders pull bytes through a :class:`Window`: ``need(n)`` makes sure ``n``
 bytes are available at ``pos``, taking more chunks from the iterable when
-necessary.  Chunks are used in place, never copied, whether they are
+necessary.  An empty chunk means "nothing ready now" (see :meth:`Window.idle`).  Chunks are used in place, never copied, whether they are
 ``bytes`` or ``memoryview`` slices of a mapped file; only a record that
 straddles two chunks is copied, into a small bridge buffer holding just
 that record.  Chunks are never written to, so the ``memoryview`` slices
@@ -82,6 +82,20 @@ class Window:
             got = len(self.buf) - self.pos
             label = f"{what}: " if what else ""
             raise TruncatedError(f"{label}stream truncated: expected {n} bytes, got {got}", self.offset, self.path)
+
+    def idle(self) -> bool:
+        """True when nothing unread is buffered and the input's next chunk is empty: the input has
+        nothing ready now (a live reader's signal before it blocks).  Any data it brings stays for the next read."""
+        if self.pos < len(self.buf) or self._pending is not None or self.eof:
+            return False
+        data = next(self._chunks, None)
+        if data is None:
+            self.eof = True
+            return False
+        if not len(data):
+            return True
+        self._pending = data if isinstance(data, memoryview) else memoryview(data)
+        return False
 
     def at_end(self) -> bool:
         return not self.fill(1)
