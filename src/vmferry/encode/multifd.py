@@ -142,10 +142,14 @@ def parse_header(header: bytes, offset: int = 0, path: str = "$.multifd", page_s
     if pages_alloc > slots or normal + zero > slots:
         raise DecodeError(f"multifd packet with {normal} normal and {zero} zero pages ({pages_alloc} allocated), "
                           f"more than the {slots} a packet holds", offset + 12, path)
+    # Only the normal pages have a payload (zero pages are just listed); a packet without any has none, whatever
+    # next_packet_size says (QEMU 7.2 leaves the previous packet's there in a sync packet).
     compressed = flags & COMPRESSION_MASK
-    if not compressed and nbytes != normal * page_size:
+    if not normal:
+        nbytes = 0
+    elif not compressed and nbytes != normal * page_size:
         raise DecodeError(f"uncompressed multifd packet of {nbytes} bytes for {normal} pages", offset + 20, path)
-    if compressed and (nbytes > MAX_COMPRESSED or (nbytes and not normal)):
+    elif compressed and nbytes > MAX_COMPRESSED:
         raise DecodeError(f"compressed multifd packet of {nbytes} bytes for {normal} pages", offset + 20, path)
     block = ""
     if normal or zero:
