@@ -228,7 +228,12 @@ class _Tamper:
             except OSError:
                 return
             b = socket.socket(socket.AF_UNIX)
-            b.connect(str(self.forward))
+            try:
+                b.connect(str(self.forward))
+            except OSError:  # the proxy has closed every channel already
+                a.close()
+                b.close()
+                continue
             threading.Thread(target=self._pump, args=(a, b, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(b, a, False), daemon=True).start()
 

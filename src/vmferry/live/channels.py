@@ -339,7 +339,8 @@ def relay_ram_records(first: bytes, source: ByteStream, dest: ByteStream, stats:
 
 
 def classify(first: bytes, number: int) -> str:
-    """What a channel is, from its first bytes (as QEMU 7.2 and 10.0 destinations tell them apart)."""
+    """What a channel is, from its first bytes (4, or 8 for a postcopy-preempt channel's first page record),
+    as QEMU 7.2 and 10.0 destinations tell them apart; ``unknown`` for anything else."""
     if first.startswith(b"QEVM"):
         return "main"
     if first.startswith(b"\x89FRY"):
@@ -348,9 +349,12 @@ def classify(first: bytes, number: int) -> str:
         return "main (resumed)"
     if multifd.is_multifd(first):
         return "multifd"
-    if number == 0:
-        return "unknown"
-    return "preempt"
+    if number and len(first) >= 8:
+        (addr,) = struct.unpack_from(">Q", first)
+        kind = addr & (PAGE_SIZE - 1) & ~RAM_CONTINUE
+        if kind in (RAM_PAGE, RAM_ZERO, RAM_EOS) and addr < 1 << 52:
+            return "preempt"
+    return "unknown"
 
 
 def shutdown(*streams: ByteStream) -> None:

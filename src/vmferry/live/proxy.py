@@ -248,11 +248,12 @@ class Proxy:
         try:
             self._run()
         except (FerryError, OSError) as e:
-            self.stats.error = str(e)
+            first = self._failure or e  # a channel's failure, not what closing the others then caused
+            self.stats.error = str(first)
             self.abort()
-            if isinstance(e, ProxyError):
-                raise
-            raise ProxyError(f"proxy {self.listen_uri} -> {self.forward_uri}: {e}") from None
+            if isinstance(first, ProxyError):
+                raise first from None
+            raise ProxyError(f"proxy {self.listen_uri} -> {self.forward_uri}: {first}") from None
         except BaseException as e:
             self.stats.error = f"{type(e).__name__}: {e}"
             self.abort()
@@ -354,10 +355,12 @@ class Proxy:
                 if not data:
                     break
                 first += data
+            if first and number and classify(first, number) == "unknown":
+                first += source.read_exact(8 - len(first), "the first bytes of a channel")
             stats.kind = classify(first, number) if first else "empty"
-            if number == 0 and not stats.kind.startswith("main"):
-                raise ProxyError(f"{source.name}: the first connection is not a migration's main channel "
-                                 f"(starts with {first.hex() or 'nothing'})")
+            if stats.kind == "unknown" or (number == 0 and not stats.kind.startswith("main")):
+                what = "the main channel" if number == 0 else "a multifd channel (11223344) or postcopy pages"
+                raise DecodeError(f"the channel starts with {first.hex()}: not {what}", 0, f"$.channel[{number}]")
             if stats.kind == "multifd":
                 relay_multifd(first, source, dest, stats, self._renames, self._alive)
             elif stats.kind == "preempt":
