@@ -281,6 +281,18 @@ class Eof:
 
 
 @dataclass(slots=True)
+class Flush:
+    """The input paused: whoever holds output back to batch it should write it now.
+
+    Decoders emit it only when their input says it has nothing more ready
+    (an empty chunk: the live proxy's socket readers send one before they
+    block), so that a page a postcopy destination asked for goes on at once
+    instead of waiting in a batch.  It carries nothing; encoders write
+    nothing for it but an empty chunk, which tells their writer to flush.
+    """
+
+
+@dataclass(slots=True)
 class Vmdesc:
     """The JSON VM description that follows EOF, as its exact bytes."""
 
@@ -302,6 +314,7 @@ Event = Union[
     RamEos,
     Eof,
     Vmdesc,
+    Flush,
 ]
 
 RAM_EVENTS = (RamMemSize, RamPages, RamZeros, RamRecord, RamEos)

@@ -28,6 +28,7 @@ from ..events import (
     RAM_PAGE,
     DeviceSection,
     Event,
+    Flush,
     IterBegin,
     OpaqueSection,
     RamPages,
@@ -324,6 +325,8 @@ def encode(events: Iterable[Event], compress: str = "none", level: int | None = 
             yield from w.pages(ev)
         elif isinstance(ev, RamZeros):
             yield from w.zeros(ev)
+        elif isinstance(ev, Flush):
+            yield b""  # nothing on the wire; tells the writer to write what it holds
         elif isinstance(ev, UnknownFrame):
             c = crc32c(ev.body)
             yield frame_header(ev.type, ev.flags, len(ev.body), c)

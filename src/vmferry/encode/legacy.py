@@ -52,6 +52,7 @@ from ..events import (
     DeviceSection,
     Eof,
     Event,
+    Flush,
     Header,
     IterBegin,
     IterEnd,
@@ -216,6 +217,8 @@ def _decode_stream(w: Window, st: _State) -> Iterator[Event]:
     first = True
     while True:
         w.path = "$"
+        if w.idle():
+            yield Flush()
         start = w.offset
         t = _u8(w, "record type")
         if t == CONFIGURATION and first:
@@ -336,8 +339,21 @@ def _decode_section(w: Window, st: _State, kind: int, start: int) -> Iterator[Ev
     yield DeviceSection(section_id, idstr, instance_id, version_id, state, vmsd, desc, footer, size)
 
 
+def _ends_with_vmdesc(data: bytes) -> bool:
+    """Whether ``data`` ends with EOF and a complete vmdesc: a live source that waits for the destination's
+    answer on its return path stops there without closing the stream."""
+    found = find_vmdesc(data)
+    if found is None or found[0] == 0 or data[found[0] - 1] != EOF_TYPE:
+        return False
+    try:
+        load_json(found[1], "vmdesc")
+    except SchemaError:
+        return False
+    return True
+
+
 def _load_trailing_vmdesc(w: Window, st: _State, idstr: str, instance_id: int) -> None:
-    w.read_all(MAX_BUFFERED_TAIL, f"waiting for the vmdesc to decode section {idstr!r}")
+    w.read_all(MAX_BUFFERED_TAIL, f"waiting for the vmdesc to decode section {idstr!r}", _ends_with_vmdesc)
     found = find_vmdesc(w.view[w.pos:], w.offset)
     if found is None:
         st.schemas = st.opts.fallback_schemas
@@ -379,7 +395,9 @@ def _decode_command(w: Window, st: _State) -> Command:
 
 
 def _decode_trailer(w: Window, st: _State) -> Iterator[Event]:
-    if w.at_end():
+    # A live source that waits for its return path sends nothing after the vmdesc, nor closes the stream:
+    # what is not there when the input pauses is not coming.
+    if w.idle() or w.at_end():
         return
     w.path = "$.vmdesc"
     start = w.offset
@@ -390,7 +408,7 @@ def _decode_trailer(w: Window, st: _State) -> Iterator[Event]:
     if n > MAX_VMDESC:
         raise DecodeError(f"vmdesc of {n} bytes exceeds the {MAX_VMDESC}-byte limit", start + 1, w.path)
     text = bytes(w.take(n, "vmdesc"))
-    if not w.at_end():
+    if not w.idle() and not w.at_end():
         raise DecodeError("unexpected bytes after the vmdesc", w.offset, w.path)
     yield Vmdesc(text)
 
@@ -403,6 +421,8 @@ def _decode_ram(w: Window, st: _State) -> Iterator[Event]:
     mask = ps - 1
     ram = st.ram
     while True:
+        if w.idle():
+            yield Flush()
         w.need(8, "ram record")
         (addr,) = BE64.unpack_from(w.buf, w.pos)
         flags = addr & mask
@@ -579,6 +599,12 @@ def encode_pieces(events: Iterable[Event]) -> Iterator[bytes | RamPages]:
     writer that can forward those bytes another way (the proxy splices them)."""
     out = bytearray()
     for ev in events:
+        if isinstance(ev, Flush):
+            if out:
+                yield bytes(out)
+                out.clear()
+            yield b""  # tells the writer to write what it holds
+            continue
         if isinstance(ev, RamPages):
             if ev.legacy is not None:
                 if out:
@@ -671,6 +697,8 @@ def encode_event(out: bytearray, ev: Event) -> None:
         out.append(VMDESCRIPTION)
         out += BE32.pack(len(ev.text))
         out += ev.text
+    elif isinstance(ev, Flush):
+        pass  # nothing on the wire
     else:
         raise EncodeError(f"cannot encode {type(ev).__name__} as a QEMU stream")
 
