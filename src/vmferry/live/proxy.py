@@ -28,6 +28,7 @@ from ..encode import ferry, legacy
 from ..encode import return_path as rp
 from ..errors import DecodeError, FerryError, TransportError
 from ..events import CMD_PACKAGED, Command, Event, Flush, RamMemSize
+from ..serialize.schema import SchemaSet
 from .channels import ChannelStats, Renames, classify, relay_multifd, relay_ram_records, relay_return_path
 from .splice import PipedInput, can_splice, write_legacy
 from .transport import CHUNK, ByteStream, Listener, TlsOptions, connect, listen, parse_uri
@@ -133,17 +134,24 @@ def _ferry_events(chunks: Iterable[bytes | memoryview], options: ferry.DecodeOpt
 
 def transcode_events(chunks: Iterable[bytes | memoryview], input_format: str, wire: str = "legacy",
                      machine: str | None = None, from_machine: str | None = None, *,
-                     observe: Callable[[Event], None] | None = None) -> Iterator[Event]:
+                     observe: Callable[[Event], None] | None = None,
+                     schema: SchemaSet | None = None) -> Iterator[Event]:
     """The events of the input ``chunks`` of ``input_format``, converted to ``machine`` (to be written as
-    ``wire``); ``observe`` sees every event as it arrives (before the transforms)."""
+    ``wire``); ``observe`` sees every event as it arrives (before the transforms).
+
+    ``schema`` describes the source's devices for a postcopy migration, whose device state comes in a
+    PACKAGED command with no vmdesc to read it by; without it that state travels undecoded (and cannot be
+    converted to another machine type)."""
     if wire not in WIRES:
         raise ProxyError(f"unknown wire format {wire!r} (known: {', '.join(WIRES)})")
     events: Iterable[Event]
     if input_format == "legacy":
-        events = legacy.decode(chunks)
+        events = legacy.decode(chunks, legacy.DecodeOptions(live=True, fallback_schemas=schema))
     else:
         events = _ferry_events(chunks, ferry.DecodeOptions(keep_unknown=wire != "legacy",
                                                            legacy_records=wire == "legacy"))
+        if schema is not None:
+            events = _unpacked(events, schema)
     if observe is not None:
         events = _observed(events, observe)
     if machine:
@@ -166,6 +174,12 @@ def transcode(chunks: Iterable[bytes | memoryview], input_format: str, wire: str
     """
     events = transcode_events(chunks, input_format, wire, machine, from_machine, observe=observe)
     return legacy.encode(events) if wire == "legacy" else ferry.encode(events, compress=compress)
+
+
+def _unpacked(events: Iterable[Event], schema: SchemaSet) -> Iterator[Event]:
+    """``events``, a PACKAGED command that came undecoded decoded with ``schema``."""
+    for ev in events:
+        yield legacy.unpack(ev, schema) if isinstance(ev, Command) and ev.packaged_raw is not None else ev
 
 
 def _observed(events: Iterable[Event], observe: Callable[[Event], None]) -> Iterator[Event]:
@@ -194,6 +208,7 @@ class Proxy:
     compress: str = "none"
     observe: Callable[[Event], None] | None = None
     tls: TlsOptions | None = None
+    schema: SchemaSet | None = None  # the source's devices, for postcopy's device state (see transcode_events)
     accept_timeout: float | None = None
     connect_timeout: float = 30.0
     chunk_size: int = CHUNK
@@ -430,7 +445,8 @@ class Proxy:
             piped = PipedInput(source, dest, len(head), self.chunk_size)  # type: ignore[arg-type]
             try:
                 events = transcode_events(itertools.chain([head], piped.chunks(idle_markers=True)), "legacy",
-                                          "legacy", self.machine, self.from_machine, observe=observe)
+                                          "legacy", self.machine, self.from_machine, observe=observe,
+                                          schema=self.schema)
                 write_legacy(self._learning(events), piped)
             finally:
                 piped.close()
@@ -439,7 +455,7 @@ class Proxy:
             chunks = itertools.chain([head], source.chunks(self.chunk_size, idle_markers=True)) \
                 if fmt == "legacy" else _ferry_chunks(source, head, self.chunk_size)
             events = self._learning(transcode_events(chunks, fmt, self.wire, self.machine, self.from_machine,
-                                                     observe=observe))
+                                                     observe=observe, schema=self.schema))
             out = legacy.encode(events) if self.wire == "legacy" else ferry.encode(events, compress=self.compress)
             dest.write_chunks(out)
         stats.bytes_in, stats.bytes_out = source.bytes_read, dest.bytes_written

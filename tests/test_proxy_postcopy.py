@@ -1,0 +1,111 @@
+"""Postcopy through the proxy: the device state in the PACKAGED command converted in flight, page requests back.
+
+A counting guest starts migrating under a bandwidth cap that precopy alone
+would take long to get through; ``migrate-start-postcopy`` switches it over
+and the destination, already running, asks for the pages it touches on the
+return path.  The device state comes inside PACKAGED with no vmdesc, so the
+proxy reads it with the schemas of a stream saved from a twin of the source
+(same QEMU, machine type and devices), converts it to the destination's
+machine type, and re-encodes the package with its new length.  Without
+those schemas the same machine type still works (the package travels
+undecoded) and a machine-type change is refused with one line.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_proxy import _check_continued, sockdir  # noqa: F401  (the fixture)
+from test_proxy_channels import _final_status, _vm, _wait_for_bytes
+
+from vmferry.cli.files import load_schema_file
+from vmferry.live.proxy import Proxy
+
+pytestmark = pytest.mark.qemu
+
+E1000 = ("-device", "e1000")
+CAPS = {"postcopy-ram": True}
+MOVES = [
+    ("pc-i440fx-2.12", "7.2", "pc-i440fx-7.2", "7.2", E1000),
+    pytest.param("pc-i440fx-10.0", "10.0", "pc-i440fx-7.2", "7.2", (), marks=pytest.mark.qemu10),
+]
+
+
+def _twin_schema(tmp_path: Path, machine: str, qemu: str, args: tuple[str, ...]) -> Any:
+    """The schemas of a stream saved from a running twin of the source (as an operator would make one)."""
+    with _vm(machine, qemu, args, tmp_path / "twin", paused=False, name="twin") as twin:
+        twin.wait_for_count(3, timeout=60)
+        twin.save(tmp_path / "twin.mig")
+    return load_schema_file(str(tmp_path / "twin.mig"))
+
+
+def _postcopy(tmp_path: Path, sockdir: Path, a: str, qa: str, b: str, qb: str, args: tuple[str, ...],
+              proxy: Proxy) -> dict[str, Any]:
+    dst_sock = sockdir / "dst.sock"
+    with _vm(a, qa, args, tmp_path / "src", paused=False, name="source") as src, \
+            _vm(b, qb, args, tmp_path / "dst", incoming=True, paused=False, name="destination") as dst:
+        dst.set_caps(CAPS)
+        dst.cmd("migrate-incoming", uri=f"unix:{dst_sock}")
+        proxy.start()
+        src.wait_for_count(5, timeout=60)
+        src.set_caps(CAPS)
+        # precopy alone would take many seconds; postcopy's background copy is as slow, so the running
+        # destination asks for the pages its guest touches
+        src.set_params({"max-bandwidth": 65536, "max-postcopy-bandwidth": 65536})
+        src.migrate(proxy.uri)
+        _wait_for_bytes(src, 50_000)
+        src.cmd("migrate-start-postcopy")
+        status = _final_status(src, timeout=120)
+        info = src.query_migrate()
+        stats = proxy.join(60)
+        assert status == "completed", (info, stats.error)
+        assert stats.error is None and stats.done, stats
+        _check_continued(src.serial_text(), dst)
+    return info
+
+
+@pytest.mark.parametrize(("a", "qa", "b", "qb", "args"), MOVES)
+def test_postcopy_converts_the_packaged_device_state(tmp_path: Path, sockdir: Path, a: str, qa: str, b: str,
+                                                     qb: str, args: tuple[str, ...]) -> None:
+    schema = _twin_schema(tmp_path, a, qa, args)
+    proxy = Proxy(f"unix:{sockdir / 'proxy.sock'}", f"unix:{sockdir / 'dst.sock'}", machine=b, schema=schema,
+                  accept_timeout=120)
+    info = _postcopy(tmp_path, sockdir, a, qa, b, qb, args, proxy)
+    main = proxy.stats.channels[0]
+    # PING 1 opens the return path; 2, 3 (inside the package) and 4 come only with the switch to postcopy
+    assert main.messages.get("PONG") == 4 and main.messages.get("SHUT") == 1, main.messages
+    assert main.messages.get("REQ_PAGES_ID", 0) >= 1, main.messages
+    print(f"\n{a}@{qa} -> {b}@{qb} in postcopy: {info.get('ram', {}).get('postcopy-requests')} page requests, "
+          f"return path {main.messages}")
+
+
+def test_postcopy_without_schemas_under_the_same_machine_type(tmp_path: Path, sockdir: Path) -> None:
+    proxy = Proxy(f"unix:{sockdir / 'proxy.sock'}", f"unix:{sockdir / 'dst.sock'}", accept_timeout=120)
+    _postcopy(tmp_path, sockdir, "pc-i440fx-7.2", "7.2", "pc-i440fx-7.2", "7.2", E1000, proxy)
+    assert proxy.stats.channels[0].messages.get("PONG") == 4
+
+
+def test_postcopy_to_another_machine_type_needs_the_schemas(tmp_path: Path, sockdir: Path) -> None:
+    proxy = Proxy(f"unix:{sockdir / 'proxy.sock'}", f"unix:{sockdir / 'dst.sock'}", machine="pc-i440fx-7.2",
+                  accept_timeout=120)
+    dst_sock = sockdir / "dst.sock"
+    with _vm("pc-i440fx-2.12", "7.2", E1000, tmp_path / "src", paused=False, name="source") as src, \
+            _vm("pc-i440fx-7.2", "7.2", E1000, tmp_path / "dst", incoming=True, paused=False,
+                name="destination") as dst:
+        dst.set_caps(CAPS)
+        dst.cmd("migrate-incoming", uri=f"unix:{dst_sock}")
+        proxy.start()
+        src.wait_for_count(3, timeout=60)
+        src.set_caps(CAPS)
+        src.set_params({"max-bandwidth": 65536})
+        src.migrate(proxy.uri)
+        _wait_for_bytes(src, 50_000)
+        src.cmd("migrate-start-postcopy")
+        stats = proxy.join(60)
+        assert stats.error is not None and "--schema" in stats.error and "\n" not in stats.error, stats.error
+        time.sleep(0.5)
+        # the source stopped its guest for the switch-over and never heard the destination run it: it pauses
+        assert src.query_migrate()["status"] in ("postcopy-paused", "failed"), src.query_migrate()["status"]
