@@ -10,7 +10,7 @@ import json
 import sys
 from typing import Any
 
-from .common import UsageError, tls_options
+from .common import UsageError, schema_option, tls_options
 
 __all__ = ["add_subcommands", "cmd_proxy"]
 
@@ -27,7 +27,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         tls = TlsOptions(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca, hostname=args.tls_hostname)
     _check_listen(args.listen, tls, args.allow_remote)
     proxy = Proxy(args.listen, args.forward, machine=args.machine, wire=args.wire, from_machine=args.from_machine,
-                  compress=args.compress, tls=tls, accept_timeout=args.timeout)
+                  compress=args.compress, tls=tls, accept_timeout=args.timeout, schema=schema_option(args))
     proxy.bind()
     if not args.quiet:
         print(f"vmferry proxy: listening on {proxy.uri}, forwarding {args.wire} to {args.forward}"
@@ -85,6 +85,9 @@ def add_subcommands(sub: Any) -> None:
                                                          "e.g. pc-i440fx-7.2")
     p.add_argument("--from-machine", metavar="SOURCE", help="source machine type, for streams without a "
                                                               "configuration section")
+    p.add_argument("--schema", metavar="FILE",
+                   help="a stream (or vmdesc) the source's QEMU wrote under the same machine type and devices: "
+                        "needed to convert a postcopy migration, whose device state comes without description")
     p.add_argument("--to", dest="wire", choices=("legacy", "ferry"), default="legacy",
                    help="output format: legacy for a QEMU, ferry for another proxy (default: legacy)")
     p.add_argument("--wire", dest="wire", choices=("legacy", "ferry"), default=argparse.SUPPRESS,

@@ -35,9 +35,10 @@ from .transport import CHUNK, ByteStream, Listener, TlsOptions, connect, listen,
 
 WIRES = ("legacy", "ferry")
 
-#: QEMU capabilities a proxy can carry: they neither change how the stream is framed nor need a
-#: channel back to the source (the proxy carries one way).  Every other one is switched off.
-QEMU_CAPABILITIES = frozenset({"events", "auto-converge", "late-block-activate", "validate-uuid"})
+#: QEMU capabilities a proxy carries (docs/proxy.md has the table of every capability of QEMU 7.2 and 10.0,
+#: and why the others are not).  ``migrate --via-proxy`` switches every other one off.
+QEMU_CAPABILITIES = frozenset({"events", "auto-converge", "late-block-activate", "validate-uuid", "return-path",
+                               "multifd", "xbzrle", "compress", "switchover-ack", "postcopy-ram"})
 
 
 def capabilities() -> Cap:
