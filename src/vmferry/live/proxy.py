@@ -38,7 +38,8 @@ WIRES = ("legacy", "ferry")
 #: QEMU capabilities a proxy carries (docs/proxy.md has the table of every capability of QEMU 7.2 and 10.0,
 #: and why the others are not).  ``migrate --via-proxy`` switches every other one off.
 QEMU_CAPABILITIES = frozenset({"events", "auto-converge", "late-block-activate", "validate-uuid", "return-path",
-                               "multifd", "xbzrle", "compress", "switchover-ack", "postcopy-ram"})
+                               "multifd", "xbzrle", "compress", "switchover-ack", "postcopy-ram",
+                               "postcopy-preempt"})
 
 
 def capabilities() -> Cap:
@@ -210,6 +211,7 @@ class Proxy:
     observe: Callable[[Event], None] | None = None
     tls: TlsOptions | None = None
     schema: SchemaSet | None = None  # the source's devices, for postcopy's device state (see transcode_events)
+    renames: dict[str, str] | None = None  # RAM block renames of an earlier proxy, for a postcopy recovery
     accept_timeout: float | None = None
     connect_timeout: float = 30.0
     chunk_size: int = CHUNK
@@ -329,7 +331,9 @@ class Proxy:
         """Accept the main channel, then every further channel until the main one is done; carry each in a
         thread of its own, its destination connection opened at once, in the order the source's arrive."""
         assert self._listener is not None
-        if self.machine:
+        if self.renames is not None:
+            self._renames = Renames(self.renames)
+        elif self.machine:
             self._renames = Renames()  # known once the main channel has seen the RAM blocks
         threads = [self._open_channel(self._listener.accept(self.accept_timeout, cancelled=lambda: self._closed))]
         while not self._main_done.is_set() and not self._closed:
@@ -412,7 +416,11 @@ class Proxy:
                                 name="vmferry-proxy return path", daemon=True)
         back.start()
         if stats.kind == "main (resumed)":
+            # A postcopy recovery through this (fresh) proxy: no RAM section says which blocks a transform
+            # renames, so the names are the ones given (``renames``), else kept.
             self.stats.phase = "postcopy"
+            if not self._renames.known:
+                self._renames.release()
             relay_ram_records(first, source, dest, stats, self._renames, self._alive, resumed=True)
         else:
             self._transcode_main(first, source, dest, stats)
