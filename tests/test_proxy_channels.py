@@ -144,18 +144,20 @@ def test_multifd_from_qemu_10_to_qemu_7_2(tmp_path: Path, sockdir: Path, wire: s
     assert [c.kind for c in proxies[0].stats.channels].count("multifd") == 4
 
 
-def test_xbzrle_and_compress_cross_the_proxy(tmp_path: Path, sockdir: Path) -> None:
+@pytest.mark.parametrize("wire", WIRES)
+def test_xbzrle_and_compress_cross_the_proxies(tmp_path: Path, sockdir: Path, wire: str) -> None:
     _migrate(tmp_path, sockdir, "pc-i440fx-2.12", "7.2", "pc-i440fx-7.2", "7.2", E1000,
-             {"xbzrle": True, "return-path": True}, {})
+             {"xbzrle": True, "return-path": True}, {}, wire)
     _migrate(tmp_path / "2", sockdir, "pc-i440fx-2.12", "7.2", "pc-i440fx-7.2", "7.2", E1000,
-             {"compress": True}, {})
+             {"compress": True}, {}, wire)
 
 
 @pytest.mark.qemu10
-def test_switchover_ack_crosses_the_proxy(tmp_path: Path, sockdir: Path) -> None:
-    (proxy,) = _migrate(tmp_path, sockdir, "pc-i440fx-9.2", "10.0", "pc-i440fx-10.0", "10.0", E1000,
-                        {"return-path": True, "switchover-ack": True}, {})
-    assert proxy.stats.channels[0].messages.get("SWITCHOVER_ACK") == 1
+@pytest.mark.parametrize("wire", WIRES)
+def test_switchover_ack_crosses_the_proxies(tmp_path: Path, sockdir: Path, wire: str) -> None:
+    proxies = _migrate(tmp_path, sockdir, "pc-i440fx-9.2", "10.0", "pc-i440fx-10.0", "10.0", E1000,
+                       {"return-path": True, "switchover-ack": True}, {}, wire)
+    assert all(p.stats.channels[0].messages.get("SWITCHOVER_ACK") == 1 for p in proxies)
 
 
 def test_a_destination_failure_reaches_the_source_as_direct(tmp_path: Path, sockdir: Path) -> None:
