@@ -219,3 +219,14 @@ def test_across_qemu_versions_the_release_is_read_from_both_sides(where: Path) -
         assert (r.route["from_machine"], r.route["machine"]) == ("pc-i440fx-7.2@10.0", "pc-i440fx-7.2")
         assert "10.0" in r.source["version"] and "7.2" in r.destination["version"]
         _counted_on(src, dst)
+
+
+def test_the_progress_bar_names_each_kind_of_channel() -> None:
+    from vmferry.cli.common import channel_summary
+
+    mib = 1 << 20
+    channels = [{"kind": "main", "bytes_in": 12 * mib}] + [{"kind": "multifd", "bytes_in": 30 * mib}] * 4
+    assert channel_summary(channels) == "main 12M, multifd 4x30M"
+    assert channel_summary([{"kind": "main (resumed)", "bytes_in": 3 * mib}, {"kind": "preempt", "bytes_in": 0}]) \
+        == "main 3M, preempt 0M"
+    assert channel_summary([]) == ""

@@ -75,9 +75,12 @@ def add_subcommands(sub: Any) -> None:
                     "as it arrives (QEMU's format or ferry from another proxy), optionally convert the device state "
                     "to another machine type, and forward it: in QEMU's format to a destination QEMU "
                     "('migrate-incoming' on the --forward URI) or in ferry to a proxy on the destination host. RAM "
-                    "streams through; device sections are held until the vmdesc at the end of the stream. If either "
-                    "side fails both are closed, so the source QEMU's migration fails and its guest keeps running. "
-                    "One migration per run.")
+                    "streams through; device sections are held until the vmdesc at the end of the stream. Every "
+                    "channel of the migration comes through the one --listen address: the return path goes back "
+                    "beside the main channel, multifd channels are checked and spliced, postcopy's page requests "
+                    "and preempt channel pass (docs/proxy.md). If any channel fails all are closed, so the source "
+                    "QEMU's migration fails (or pauses, in postcopy) and its guest keeps running. One migration "
+                    "per run.")
     p.add_argument("--listen", required=True, metavar="URI", help="where the source connects: unix:PATH, "
                                                                    "tcp:HOST:PORT or tls:HOST:PORT")
     p.add_argument("--forward", required=True, metavar="URI", help="where the stream goes (unix:, tcp:, tls:)")

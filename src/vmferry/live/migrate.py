@@ -256,6 +256,8 @@ def migrate(source: str, dest: str, uri: str | None = None, set_caps: list[str] 
             route.start()
         t0 = time.monotonic()
         src_conn.cmd("migrate", {"uri": uri})
+        if route is not None and progress is not None:
+            progress = _with_channels(progress, route)
         info = _follow(src_conn, dst_conn, progress, timeout, poll, postcopy)
         elapsed = time.monotonic() - t0
         if route is not None:
@@ -386,6 +388,14 @@ def _open(address: str, role: str, timeout: float, tls: TlsOptions | None = None
         return QMPConnection(address, timeout=timeout, name=role, tls=tls).connect()
     except QMPConnectError as e:
         raise MigrationError(f"{role}: {e}") from None
+
+
+def _with_channels(progress: Progress, route: ProxyRoute) -> Progress:
+    """``progress`` fed with the first proxy's channels too (``x-vmferry-channels``: kind and bytes of each)."""
+    def update(info: dict[str, Any]) -> None:
+        channels = [{"kind": c.kind, "bytes_in": c.carried} for c in route.proxies[0].stats.channels]
+        progress(dict(info, **{"x-vmferry-channels": channels}))
+    return update
 
 
 def _follow(src: QMPConnection, dst: QMPConnection, progress: Progress | None, timeout: float,

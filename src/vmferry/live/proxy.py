@@ -356,7 +356,7 @@ class Proxy:
     def _open_channel(self, source: ByteStream) -> threading.Thread:
         self._track(source)
         number = len(self.stats.channels)
-        stats = ChannelStats(number)
+        stats = ChannelStats(number, source=source)
         self.stats.channels.append(stats)
         dest = self._track(connect(parse_uri(self.forward_uri, self.tls), timeout=self.connect_timeout))
         thread = threading.Thread(target=self._carry, args=(number, source, dest, stats),
