@@ -100,11 +100,17 @@ class Configuration:
 
 @dataclass(slots=True)
 class Command:
-    """A ``QEMU_VM_COMMAND`` record.  PACKAGED carries its nested records in ``packaged``."""
+    """A ``QEMU_VM_COMMAND`` record.  PACKAGED carries its nested records in ``packaged``.
+
+    A live postcopy migration sends no vmdesc, so without schemas given ahead
+    the device sections inside PACKAGED cannot be read: ``packaged_raw`` then
+    holds the nested records' exact bytes instead (``packaged`` is None).
+    """
 
     cmd: int
     payload: bytes = b""
     packaged: list["Event"] | None = None
+    packaged_raw: bytes | None = None
 
     @property
     def name(self) -> str:

@@ -109,11 +109,28 @@ class MigrationBar:
         done = int(ram.get("transferred", 0))
         status = info.get("status", "?")
         name = f"{bar_label(self.label)} ({status})" if status not in ("active", "?") else bar_label(self.label)
+        channels = channel_summary(info.get("x-vmferry-channels") or [])
+        if channels:
+            name = f"{name} [{channels}]"
         self._progress.update(self._task, total=total, completed=min(done, total or done), description=name)
+
 
     def __exit__(self, *exc: Any) -> None:
         if self._progress is not None:
             self._progress.stop()
+
+
+def channel_summary(channels: list[dict[str, Any]]) -> str:
+    """``main 12M, multifd 4x30M``: what each kind of channel has carried (the proxies' channel stats)."""
+    kinds: dict[str, list[int]] = {}
+    for c in channels:
+        kind = str(c.get("kind", "?")).split(" ")[0]
+        kinds.setdefault(kind, []).append(int(c.get("bytes_in") or 0))
+    parts = []
+    for kind, sizes in kinds.items():
+        mib = f"{sum(sizes) / 2**20:.0f}M" if len(sizes) == 1 else f"{len(sizes)}x{sum(sizes) / len(sizes) / 2**20:.0f}M"
+        parts.append(f"{kind} {mib}")
+    return ", ".join(parts)
 
 
 def stderr_console():

@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from .. import caps
-from .common import MigrationBar, UsageError, open_stream, output_file, tls_from_args, tls_options
+from .common import MigrationBar, UsageError, open_stream, output_file, schema_option, tls_from_args, tls_options
 
 EXIT_OK = 0
 EXIT_FAILED = 2
@@ -96,6 +96,22 @@ def add_subcommands(sub: Any) -> None:
                          "negotiated; --set-caps zstd compresses the wire)")
     mg.add_argument("--wire", dest="wire", choices=("legacy", "ferry"), default=argparse.SUPPRESS,
                     help=argparse.SUPPRESS)  # the old spelling
+    mg.add_argument("--qemu-caps", metavar="NAMES",
+                    help="QEMU migration capabilities to switch on at both QEMUs (comma-separated, e.g. "
+                         "multifd,return-path); refused before anything moves if a QEMU lacks one, or, with "
+                         "--via-proxy, if the proxy cannot carry it (docs/proxy.md lists them)")
+    mg.add_argument("--multifd-channels", type=int, metavar="N",
+                    help="use multifd with N channels (switches multifd on at both QEMUs)")
+    mg.add_argument("--multifd-compression", choices=("none", "zlib", "zstd"),
+                    help="compress the multifd channels (switches multifd on)")
+    mg.add_argument("--postcopy", action="store_true",
+                    help="switch postcopy-ram on, and the migration to postcopy once the first pass over RAM is "
+                         "done: the destination runs at once and asks for the pages it has not got yet (a busy "
+                         "guest then converges whatever it dirties)")
+    mg.add_argument("--schema", metavar="FILE",
+                    help="with --via-proxy and --postcopy to another machine type: a stream (or vmdesc) the "
+                         "source's QEMU wrote under the same machine type and devices; postcopy carries the "
+                         "device state without the description needed to convert it")
     mg.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds (default 600)")
     mg.add_argument("--json", action="store_true", help="print the result as JSON")
     tls_options(mg, "tls: QMP addresses (the client certificate they ask for)")
@@ -250,7 +266,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         with MigrationBar(_show_bar(args), args.dest) as bar:
             result = migrate(args.source, args.dest, args.uri, _split(args.set_caps), progress=bar.update,
                              timeout=args.timeout, params=params or None, via_proxy=args.via_proxy,
-                             machine=args.machine, wire=args.wire, qmp_tls=tls_from_args(args))
+                             machine=args.machine, wire=args.wire, qmp_tls=tls_from_args(args),
+                             qemu_caps=_split(args.qemu_caps), multifd_channels=args.multifd_channels,
+                             multifd_compression=args.multifd_compression, postcopy=args.postcopy,
+                             schema=schema_option(args))
     if args.json:
         json.dump(result.to_json(), sys.stdout, indent=1)
         sys.stdout.write("\n")

@@ -144,6 +144,7 @@ class _Runner:
         self.iter_ids: set[int] = set()
         self.vmdesc: Vmdesc | None = None
         self.done = False
+        self.postcopy = False  # the device state came in a PACKAGED command: no vmdesc follows the EOF
         self.result: Machine | None = None
 
     # ------------------------------------------------------------- records
@@ -175,7 +176,8 @@ class _Runner:
             self.sections.append(ev)
             return
         if isinstance(ev, Eof):
-            yield from self._flush()
+            if not self.postcopy:
+                yield from self._flush()
             yield ev
             return
         if isinstance(ev, Vmdesc):
@@ -197,10 +199,27 @@ class _Runner:
             return
         if isinstance(ev, IterBegin):
             self.iter_ids.add(ev.section_id)
+        if isinstance(ev, Command) and ev.packaged_raw is not None:
+            raise CompatError("the device state of this postcopy migration (its PACKAGED command) can only be "
+                              "converted with the source's schemas: give a stream or vmdesc that the source QEMU "
+                              "wrote under the same machine type and devices (--schema)")
         if isinstance(ev, Command) and ev.packaged:
-            if any(isinstance(x, (DeviceSection, OpaqueSection)) for x in ev.packaged):
-                raise CompatError("device state inside a PACKAGED command (postcopy) cannot be transformed yet")
+            yield self._package(ev)
+            return
         yield ev
+
+    def _package(self, ev: Command) -> Command:
+        """A postcopy PACKAGED command: the device state it carries (all of it: postcopy sends no other)
+        converted like the sections before an EOF, its commands (LISTEN, PING, RUN) where they were."""
+        assert ev.packaged is not None
+        self.postcopy = True
+        for x in ev.packaged:
+            if isinstance(x, (DeviceSection, OpaqueSection)):
+                self.sections.append(x)
+        before = [x for x in itertools.takewhile(lambda x: not isinstance(x, (DeviceSection, OpaqueSection)),
+                                                 ev.packaged)]
+        after = [x for x in ev.packaged[len(before):] if not isinstance(x, (DeviceSection, OpaqueSection))]
+        return Command(ev.cmd, ev.payload, [*before, *self._flush(), *after])
 
     def _ram(self, ev: RamPages | RamZeros | RamRecord) -> Event:
         if isinstance(ev, RamPages) and ev.offset == 0:
@@ -263,7 +282,7 @@ class _Runner:
         if not self.done:
             # A stream cut before EOF: still hand out what was transformed.
             yield from self._flush()
-        elif self.vmdesc is None and self.dst.vmdesc:
+        elif self.vmdesc is None and self.dst.vmdesc and not self.postcopy:
             # The source sent none (suppress-vmdesc) but the target's streams carry one: QEMU
             # only warns without it, but a description of what is on the wire costs nothing.
             yield self._vmdesc(None)

@@ -103,6 +103,10 @@ class DecodeOptions:
     fallback_schemas: SchemaSet | None = None  # schemas for a stream that turns out to have no vmdesc
     page_size: int = 4096  # target page size (x86: 4096); a vmdesc's page_size wins
     chunk_hint: int = 1 << 22
+    # A live migration may pause without ending: the device sections inside a postcopy PACKAGED command are read
+    # with the schemas given (``schemas``, else ``fallback_schemas``), or kept raw, never by waiting for a vmdesc
+    # (postcopy sends none).
+    live: bool = False
 
 
 @dataclass
@@ -379,6 +383,14 @@ def _decode_command(w: Window, st: _State) -> Command:
         raise DecodeError(f"PACKAGED blob of {length} bytes exceeds {MAX_PACKAGED}", w.offset, w.path)
     base = w.offset
     blob = bytes(w.take(length, "packaged records"))
+    if st.opts.live and st.schemas is None:
+        if st.opts.fallback_schemas is None:
+            return Command(cmd, payload, None, blob)
+        st.schemas = st.opts.fallback_schemas
+    return Command(cmd, payload, _decode_packaged(blob, st, base))
+
+
+def _decode_packaged(blob: bytes, st: _State, base: int) -> list[Event]:
     inner = Window([blob], "$.packaged")
     inner.base = base
     nested: list[Event] = []
@@ -391,7 +403,18 @@ def _decode_command(w: Window, st: _State) -> Command:
             nested.append(_decode_command(inner, st))
         else:
             raise DecodeError(f"record type {t:#04x} inside a PACKAGED command", start, "$.packaged")
-    return Command(cmd, payload, nested)
+    return nested
+
+
+def unpack(ev: Command, schemas: SchemaSet) -> Command:
+    """A PACKAGED command kept raw (``packaged_raw``), its records decoded with ``schemas``."""
+    if ev.packaged_raw is None:
+        return ev
+    st = _State(DecodeOptions(schemas=schemas), schemas, schemas.page_size)
+    try:
+        return Command(ev.cmd, ev.payload, _decode_packaged(ev.packaged_raw, st, 0))
+    except (ValueError, IndexError, KeyError, struct.error, UnicodeError, OverflowError, RecursionError) as e:
+        raise DecodeError(f"malformed PACKAGED records ({type(e).__name__}: {e})", None, "$.packaged") from None
 
 
 def _decode_trailer(w: Window, st: _State) -> Iterator[Event]:
@@ -719,6 +742,9 @@ def _encode_command(out: bytearray, ev: Command) -> None:
         for sub in ev.packaged:
             encode_event(inner, sub)
         nested = bytes(inner)
+        payload = BE32.pack(len(nested))
+    elif ev.cmd == CMD_PACKAGED and ev.packaged_raw is not None:
+        nested = ev.packaged_raw
         payload = BE32.pack(len(nested))
     if len(payload) > 0xFFFF:
         raise EncodeError(f"command payload of {len(payload)} bytes (at most 65535)", "$.command")

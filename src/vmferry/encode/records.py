@@ -299,6 +299,8 @@ class RecordEncoder:
                         # schema records of nested devices go before the command itself
                         (out if r["t"] == "schema" else nested).append(r)
                 rec["packaged"] = nested
+            if ev.packaged_raw is not None:
+                rec["packaged_raw"] = sp.blob(ev.packaged_raw)
             out.append(rec)
             return out
         if isinstance(ev, Eof):
@@ -535,7 +537,8 @@ class RecordDecoder:
                     if field(sub, "t", str, sp) in ("stream", "fin", "header", "vmdesc", "eof", "schema"):
                         raise DecodeError("record not allowed inside a PACKAGED command", None, sp)
                     packaged.extend(self._record(sub, sp))
-            yield Command(field(rec, "cmd", int, path), self._blob(rec, "payload", path), packaged)
+            raw = self._blob(rec, "packaged_raw", path) if "packaged_raw" in rec else None
+            yield Command(field(rec, "cmd", int, path), self._blob(rec, "payload", path), packaged, raw)
         elif t == "eof":
             yield Eof()
         elif t == "vmdesc":

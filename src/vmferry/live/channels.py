@@ -70,6 +70,12 @@ class ChannelStats:
     messages: dict[str, int] = field(default_factory=dict)
     error: str | None = None
     done: bool = False
+    source: ByteStream | None = field(default=None, repr=False)  # for live byte counts while it runs
+
+    @property
+    def carried(self) -> int:
+        """The bytes read from the source so far."""
+        return self.source.bytes_read if self.source is not None else self.bytes_in
 
     def as_dict(self) -> dict[str, object]:
         return {"number": self.number, "kind": self.kind, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,

@@ -36,6 +36,7 @@ from .. import caps
 from ..caps import Cap
 from ..errors import FerryError, TransportError
 from ..events import Event
+from ..serialize.schema import SchemaSet
 from . import proxy
 from .qmp.client import QMPCommandError, QMPConnectError, QMPConnection
 from .route import ProxyRoute
@@ -185,11 +186,20 @@ def migrate(source: str, dest: str, uri: str | None = None, set_caps: list[str] 
             progress: Progress | None = None, timeout: float = 600.0, poll: float = 0.1,
             params: dict[str, Any] | None = None, qmp_timeout: float = 30.0, via_proxy: bool = False,
             machine: str | None = "auto", wire: str = "legacy",
-            observe: Callable[[Event], None] | None = None, qmp_tls: TlsOptions | None = None) -> Result:
+            observe: Callable[[Event], None] | None = None, qmp_tls: TlsOptions | None = None,
+            qemu_caps: list[str] | None = None, multifd_channels: int | None = None,
+            multifd_compression: str | None = None, postcopy: bool = False,
+            schema: SchemaSet | None = None) -> Result:
     """Migrate from the endpoint at QMP address ``source`` to the one at ``dest``; see the module doc.
 
     ``via_proxy`` routes the stream through proxies with ``wire`` between them, converting the device state
     to ``machine`` (``auto``: the destination's machine type); ``observe`` sees every event they carry.
+
+    ``qemu_caps`` are QEMU migration capabilities to switch on at both QEMUs (each must exist at both, and
+    through proxies be one they carry); ``multifd_channels``/``multifd_compression`` set multifd (and switch
+    it on); ``postcopy`` switches postcopy-ram on and the migration to postcopy once the first pass over RAM
+    is done.  ``schema`` describes the source's devices, which a postcopy migration to another machine type
+    needs (postcopy sends no vmdesc).
     """
     if not via_proxy and (wire != "legacy" or observe is not None or machine not in (None, "auto")):
         raise MigrationError("--to and --machine need --via-proxy (QEMU alone cannot convert a stream)")
@@ -213,16 +223,26 @@ def migrate(source: str, dest: str, uri: str | None = None, set_caps: list[str] 
                                  "migration (start it with 'vmferry serve --incoming' or QEMU's -incoming defer)")
         if src.status in ("inmigrate", "postmigrate", "finish-migrate"):
             raise MigrationError(f"the source is {src.status}: nothing to migrate")
+        qemu_wanted = _qemu_wanted(qemu_caps, multifd_channels, multifd_compression, postcopy)
+        _check_qemu_caps(qemu_wanted, src, dst, via_proxy)
         try:
-            plan = make_plan(src, dst, set_caps)
+            requested = (set_caps or []) + qemu_wanted if set_caps is not None or qemu_wanted else None
+            plan = make_plan(src, dst, requested)
         except ValueError as e:
             raise MigrationError(str(e)) from None
+        both_params = _multifd_params(src, dst, multifd_channels, multifd_compression)
         if via_proxy:
             tmpdir = tempfile.mkdtemp(prefix="vmferry-mig-")
-            route = _route(src, dst, plan, set_caps, machine, wire, tmpdir, observe)
+            route = _route(src, dst, plan, set_caps, machine, wire, tmpdir, observe, schema)
             uri = route.source_uri
+            if postcopy and route.machine and schema is None:
+                raise MigrationError(f"postcopy to {route.machine} converts the device state inside the postcopy "
+                                     "package, which carries no description of it: give --schema (a stream the "
+                                     f"source's QEMU wrote under {route.from_machine} with the same devices)")
         for side in (src, dst):
             apply_plan(side, plan)
+            if both_params.get(side.role):
+                side.conn.cmd("migrate-set-parameters", both_params[side.role])
         if params:
             wanted = {k: v for k, v in params.items() if src.kind == "vmferry" or not k.startswith("x-vmferry-")}
             if wanted:
@@ -236,7 +256,9 @@ def migrate(source: str, dest: str, uri: str | None = None, set_caps: list[str] 
             route.start()
         t0 = time.monotonic()
         src_conn.cmd("migrate", {"uri": uri})
-        info = _follow(src_conn, dst_conn, progress, timeout, poll)
+        if route is not None and progress is not None:
+            progress = _with_channels(progress, route)
+        info = _follow(src_conn, dst_conn, progress, timeout, poll, postcopy)
         elapsed = time.monotonic() - t0
         if route is not None:
             route.finish()
@@ -289,8 +311,59 @@ def _release(machine: str, qemu: str) -> str:
     return machine
 
 
+#: QEMU capabilities that imply others (QEMU refuses them alone).
+_IMPLIES = {"switchover-ack": ("return-path",), "postcopy-preempt": ("postcopy-ram",)}
+
+
+def _qemu_wanted(qemu_caps: list[str] | None, channels: int | None, compression: str | None,
+                 postcopy: bool) -> list[str]:
+    wanted = list(qemu_caps or [])
+    if (channels is not None or compression is not None) and "multifd" not in wanted:
+        wanted.append("multifd")
+    if postcopy and "postcopy-ram" not in wanted:
+        wanted.append("postcopy-ram")
+    for name in list(wanted):
+        wanted += [n for n in _IMPLIES.get(name, ()) if n not in wanted]
+    return wanted
+
+
+def _check_qemu_caps(wanted: list[str], src: Side, dst: Side, via_proxy: bool) -> None:
+    """Refuse, before anything moves, a capability one side lacks or a proxy cannot carry."""
+    for name in wanted:
+        for side in (src, dst):
+            if name not in side.qemu:
+                what = f"QEMU {side.release}" if side.release else side.kind
+                raise MigrationError(f"{name}: the {side.role} ({what}) has no such migration capability")
+        if via_proxy and name not in proxy.QEMU_CAPABILITIES:
+            raise MigrationError(f"{name}: the proxy cannot carry it (it carries "
+                                 f"{', '.join(sorted(proxy.QEMU_CAPABILITIES))})")
+
+
+def _multifd_params(src: Side, dst: Side, channels: int | None, compression: str | None) -> dict[str, dict[str, Any]]:
+    """The multifd parameters for each side (by role)."""
+    common: dict[str, Any] = {}
+    if channels is not None:
+        common["multifd-channels"] = channels
+    if compression is not None:
+        common["multifd-compression"] = compression
+    if not common:
+        return {}
+    out = {"source": dict(common), "destination": dict(common)}
+    if _release_tuple(src.release) >= (9, 0) and _release_tuple(dst.release) < (9, 0):
+        # A QEMU older than 9.0 reads no zero pages from multifd packets: the source sends them the old way.
+        out["source"]["zero-page-detection"] = "legacy"
+    return out
+
+
+def _release_tuple(release: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in release.split("."))
+    except ValueError:
+        return ()
+
+
 def _route(src: Side, dst: Side, plan: Plan, requested: list[str] | None, machine: str | None, wire: str,
-           workdir: str, observe: Callable[[Event], None] | None) -> ProxyRoute:
+           workdir: str, observe: Callable[[Event], None] | None, schema: SchemaSet | None = None) -> ProxyRoute:
     """The proxies for this migration; narrows ``plan`` to what a proxy can carry.
 
     The vmferry bits in ``requested`` (e.g. ``zstd``) are asked of the ferry wire between the proxies.
@@ -305,7 +378,7 @@ def _route(src: Side, dst: Side, plan: Plan, requested: list[str] | None, machin
     plan.mask = Cap(plan.mask & ~(Cap.RETURN_PATH | Cap.RECEIVER_TRANSFORMS | Cap.DEVICE_VERSIONS))
     link_bits = caps.split_requested(requested, set(src.qemu) | set(dst.qemu))[0] if requested is not None else None
     try:
-        return ProxyRoute(workdir, machine, from_machine, wire, link_bits, observe)
+        return ProxyRoute(workdir, machine, from_machine, wire, link_bits, observe, schema=schema)
     except FerryError as e:
         raise MigrationError(str(e).splitlines()[0]) from None
 
@@ -317,16 +390,31 @@ def _open(address: str, role: str, timeout: float, tls: TlsOptions | None = None
         raise MigrationError(f"{role}: {e}") from None
 
 
+def _with_channels(progress: Progress, route: ProxyRoute) -> Progress:
+    """``progress`` fed with the first proxy's channels too (``x-vmferry-channels``: kind and bytes of each)."""
+    def update(info: dict[str, Any]) -> None:
+        channels = [{"kind": c.kind, "bytes_in": c.carried} for c in route.proxies[0].stats.channels]
+        progress(dict(info, **{"x-vmferry-channels": channels}))
+    return update
+
+
 def _follow(src: QMPConnection, dst: QMPConnection, progress: Progress | None, timeout: float,
-            poll: float) -> dict[str, Any]:
+            poll: float, postcopy: bool = False) -> dict[str, Any]:
+    """Poll the source until the migration completes; with ``postcopy``, switch to postcopy once the first
+    pass over RAM is done (``dirty-sync-count`` 2: the second dirty-bitmap sync comes after it)."""
     deadline = time.monotonic() + timeout
     last_dst_check = 0.0
+    switched = False
     while True:
         try:
             info = src.cmd("query-migrate")
         except QMPConnectError as e:
             raise MigrationError(f"lost the source: {e}") from None
         status = info.get("status")
+        if postcopy and not switched and status == "active" and \
+                int(info.get("ram", {}).get("dirty-sync-count", 0)) >= 2:
+            src.cmd("migrate-start-postcopy")
+            switched = True
         if progress is not None:
             progress(info)
         if status == "completed":

@@ -28,15 +28,18 @@ from ..encode import ferry, legacy
 from ..encode import return_path as rp
 from ..errors import DecodeError, FerryError, TransportError
 from ..events import CMD_PACKAGED, Command, Event, Flush, RamMemSize
+from ..serialize.schema import SchemaSet
 from .channels import ChannelStats, Renames, classify, relay_multifd, relay_ram_records, relay_return_path
 from .splice import PipedInput, can_splice, write_legacy
 from .transport import CHUNK, ByteStream, Listener, TlsOptions, connect, listen, parse_uri
 
 WIRES = ("legacy", "ferry")
 
-#: QEMU capabilities a proxy can carry: they neither change how the stream is framed nor need a
-#: channel back to the source (the proxy carries one way).  Every other one is switched off.
-QEMU_CAPABILITIES = frozenset({"events", "auto-converge", "late-block-activate", "validate-uuid"})
+#: QEMU capabilities a proxy carries (docs/proxy.md has the table of every capability of QEMU 7.2 and 10.0,
+#: and why the others are not).  ``migrate --via-proxy`` switches every other one off.
+QEMU_CAPABILITIES = frozenset({"events", "auto-converge", "late-block-activate", "validate-uuid", "return-path",
+                               "multifd", "xbzrle", "compress", "switchover-ack", "postcopy-ram",
+                               "postcopy-preempt"})
 
 
 def capabilities() -> Cap:
@@ -133,17 +136,24 @@ def _ferry_events(chunks: Iterable[bytes | memoryview], options: ferry.DecodeOpt
 
 def transcode_events(chunks: Iterable[bytes | memoryview], input_format: str, wire: str = "legacy",
                      machine: str | None = None, from_machine: str | None = None, *,
-                     observe: Callable[[Event], None] | None = None) -> Iterator[Event]:
+                     observe: Callable[[Event], None] | None = None,
+                     schema: SchemaSet | None = None) -> Iterator[Event]:
     """The events of the input ``chunks`` of ``input_format``, converted to ``machine`` (to be written as
-    ``wire``); ``observe`` sees every event as it arrives (before the transforms)."""
+    ``wire``); ``observe`` sees every event as it arrives (before the transforms).
+
+    ``schema`` describes the source's devices for a postcopy migration, whose device state comes in a
+    PACKAGED command with no vmdesc to read it by; without it that state travels undecoded (and cannot be
+    converted to another machine type)."""
     if wire not in WIRES:
         raise ProxyError(f"unknown wire format {wire!r} (known: {', '.join(WIRES)})")
     events: Iterable[Event]
     if input_format == "legacy":
-        events = legacy.decode(chunks)
+        events = legacy.decode(chunks, legacy.DecodeOptions(live=True, fallback_schemas=schema))
     else:
         events = _ferry_events(chunks, ferry.DecodeOptions(keep_unknown=wire != "legacy",
                                                            legacy_records=wire == "legacy"))
+        if schema is not None:
+            events = _unpacked(events, schema)
     if observe is not None:
         events = _observed(events, observe)
     if machine:
@@ -166,6 +176,12 @@ def transcode(chunks: Iterable[bytes | memoryview], input_format: str, wire: str
     """
     events = transcode_events(chunks, input_format, wire, machine, from_machine, observe=observe)
     return legacy.encode(events) if wire == "legacy" else ferry.encode(events, compress=compress)
+
+
+def _unpacked(events: Iterable[Event], schema: SchemaSet) -> Iterator[Event]:
+    """``events``, a PACKAGED command that came undecoded decoded with ``schema``."""
+    for ev in events:
+        yield legacy.unpack(ev, schema) if isinstance(ev, Command) and ev.packaged_raw is not None else ev
 
 
 def _observed(events: Iterable[Event], observe: Callable[[Event], None]) -> Iterator[Event]:
@@ -194,6 +210,8 @@ class Proxy:
     compress: str = "none"
     observe: Callable[[Event], None] | None = None
     tls: TlsOptions | None = None
+    schema: SchemaSet | None = None  # the source's devices, for postcopy's device state (see transcode_events)
+    renames: dict[str, str] | None = None  # RAM block renames of an earlier proxy, for a postcopy recovery
     accept_timeout: float | None = None
     connect_timeout: float = 30.0
     chunk_size: int = CHUNK
@@ -313,7 +331,9 @@ class Proxy:
         """Accept the main channel, then every further channel until the main one is done; carry each in a
         thread of its own, its destination connection opened at once, in the order the source's arrive."""
         assert self._listener is not None
-        if self.machine:
+        if self.renames is not None:
+            self._renames = Renames(self.renames)
+        elif self.machine:
             self._renames = Renames()  # known once the main channel has seen the RAM blocks
         threads = [self._open_channel(self._listener.accept(self.accept_timeout, cancelled=lambda: self._closed))]
         while not self._main_done.is_set() and not self._closed:
@@ -336,7 +356,7 @@ class Proxy:
     def _open_channel(self, source: ByteStream) -> threading.Thread:
         self._track(source)
         number = len(self.stats.channels)
-        stats = ChannelStats(number)
+        stats = ChannelStats(number, source=source)
         self.stats.channels.append(stats)
         dest = self._track(connect(parse_uri(self.forward_uri, self.tls), timeout=self.connect_timeout))
         thread = threading.Thread(target=self._carry, args=(number, source, dest, stats),
@@ -396,7 +416,11 @@ class Proxy:
                                 name="vmferry-proxy return path", daemon=True)
         back.start()
         if stats.kind == "main (resumed)":
+            # A postcopy recovery through this (fresh) proxy: no RAM section says which blocks a transform
+            # renames, so the names are the ones given (``renames``), else kept.
             self.stats.phase = "postcopy"
+            if not self._renames.known:
+                self._renames.release()
             relay_ram_records(first, source, dest, stats, self._renames, self._alive, resumed=True)
         else:
             self._transcode_main(first, source, dest, stats)
@@ -430,7 +454,8 @@ class Proxy:
             piped = PipedInput(source, dest, len(head), self.chunk_size)  # type: ignore[arg-type]
             try:
                 events = transcode_events(itertools.chain([head], piped.chunks(idle_markers=True)), "legacy",
-                                          "legacy", self.machine, self.from_machine, observe=observe)
+                                          "legacy", self.machine, self.from_machine, observe=observe,
+                                          schema=self.schema)
                 write_legacy(self._learning(events), piped)
             finally:
                 piped.close()
@@ -439,7 +464,7 @@ class Proxy:
             chunks = itertools.chain([head], source.chunks(self.chunk_size, idle_markers=True)) \
                 if fmt == "legacy" else _ferry_chunks(source, head, self.chunk_size)
             events = self._learning(transcode_events(chunks, fmt, self.wire, self.machine, self.from_machine,
-                                                     observe=observe))
+                                                     observe=observe, schema=self.schema))
             out = legacy.encode(events) if self.wire == "legacy" else ferry.encode(events, compress=self.compress)
             dest.write_chunks(out)
         stats.bytes_in, stats.bytes_out = source.bytes_read, dest.bytes_written

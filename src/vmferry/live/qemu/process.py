@@ -338,8 +338,10 @@ class QemuVM:
     ``"pc,suppress-vmdesc=on"``) and ``args`` are appended to the command
     line.  ``memory`` is ``-m`` (None: leave it out), ``incoming`` adds
     ``-incoming defer``, ``paused`` adds ``-S``, ``boot_sector`` attaches the
-    counting guest (True) or the given 512-byte sector as a raw floppy,
-    ``serial`` connects COM1 to ``serial.log``.  QMP listens on
+    counting guest (True) or the given 512-byte sector as a raw floppy (as
+    an IDE disk with ``boot_disk``: SeaBIOS polls a disk, while it waits for
+    the floppy's interrupt, which the in-kernel PIC of a nested KVM can
+    lose), ``serial`` connects COM1 to ``serial.log``.  QMP listens on
     ``qmp.sock``; QEMU's stdout and stderr go to ``qemu.log``; all of them in
     ``workdir`` (a fresh temporary directory, deleted on exit, when None).
 
@@ -369,6 +371,7 @@ class QemuVM:
         incoming: bool = False,
         paused: bool = True,
         boot_sector: bool | bytes = False,
+        boot_disk: bool = False,
         serial: bool = True,
         workdir: Path | None = None,
         binary: str | None = None,
@@ -385,6 +388,7 @@ class QemuVM:
         self.incoming = incoming
         self.paused = paused
         self.boot_sector = boot_sector
+        self.boot_disk = boot_disk
         self.serial = serial
         self.accel = accel
         self.name = name
@@ -438,7 +442,8 @@ class QemuVM:
             argv += ["-chardev", f"file,id=serial0,path={escape_option(self.serial_log.absolute())}",
                      "-serial", "chardev:serial0"]
         if self.boot_sector is not False:
-            argv += ["-drive", f"file={escape_option(self.boot_image.absolute())},format=raw,if=floppy"]
+            where = "ide" if self.boot_disk else "floppy"
+            argv += ["-drive", f"file={escape_option(self.boot_image.absolute())},format=raw,if={where}"]
         if self.paused:
             argv.append("-S")
         if self.incoming:
