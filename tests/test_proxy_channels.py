@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -97,11 +96,17 @@ def _migrate(tmp_path: Path, sockdir: Path, a: str, qa: str, b: str, qb: str, ar
 WIRES = ["legacy", "ferry"]
 
 
+PAIRS = [("pc-i440fx-2.12", "7.2", E1000),
+         pytest.param("pc-i440fx-10.0", "10.0", (), marks=pytest.mark.qemu10)]
+
+
 @pytest.mark.parametrize("accel", ACCELS)
 @pytest.mark.parametrize("wire", WIRES)
-def test_the_return_path_crosses_the_proxies(tmp_path: Path, sockdir: Path, wire: str, accel: str) -> None:
-    proxies = _migrate(tmp_path, sockdir, "pc-i440fx-2.12", "7.2", "pc-i440fx-7.2", "7.2", E1000,
-                       {"return-path": True}, {}, wire, accel=accel)
+@pytest.mark.parametrize(("a", "qa", "args"), PAIRS)
+def test_the_return_path_crosses_the_proxies(tmp_path: Path, sockdir: Path, a: str, qa: str, args: tuple[str, ...],
+                                             wire: str, accel: str) -> None:
+    proxies = _migrate(tmp_path, sockdir, a, qa, "pc-i440fx-7.2", "7.2", args, {"return-path": True}, {}, wire,
+                       accel=accel)
     for p in proxies:
         main = p.stats.channels[0]
         assert main.kind.startswith("main")

@@ -13,13 +13,16 @@ undecoded) and a machine-type change is refused with one line.
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from test_proxy import _check_continued, sockdir  # noqa: F401  (the fixture)
-from test_proxy_channels import ACCELS, _final_status, _vm, _wait_for_bytes
+from test_proxy_channels import ACCELS, _final_status, _vm, _wait_for, _wait_for_bytes
 
 from vmferry.cli.files import load_schema_file
 from vmferry.live.proxy import Proxy
@@ -142,30 +145,37 @@ def test_postcopy_recovers_through_a_fresh_proxy(tmp_path: Path, sockdir: Path, 
     """The proxy dies in postcopy: both QEMUs pause (postcopy-paused); migrate-recover on the destination and
     migrate resume=true on the source, through a fresh proxy, finish the migration; the guest counts on."""
     a, b = ("pc-i440fx-2.12", "pc-i440fx-7.2") if schema_needed else ("pc-i440fx-7.2", "pc-i440fx-7.2")
-    schema = _twin_schema(tmp_path, a, "7.2", E1000) if schema_needed else None
-    dst_sock, again_sock = sockdir / "dst.sock", sockdir / "again.sock"
-    first = Proxy(f"unix:{sockdir / 'proxy.sock'}", f"unix:{dst_sock}", machine=b if schema_needed else None,
-                  schema=schema, accept_timeout=120)
+    if schema_needed:
+        _twin_schema(tmp_path, a, "7.2", E1000)  # writes tmp_path / "twin.mig" for the proxy's --schema
+    dst_sock, again_sock, first_sock = sockdir / "dst.sock", sockdir / "again.sock", sockdir / "proxy.sock"
+    command = [sys.executable, "-m", "vmferry.cli", "proxy", "--listen", f"unix:{first_sock}",
+               "--forward", f"unix:{dst_sock}", "-q"]
+    if schema_needed:
+        command += ["--machine", b, "--schema", str(tmp_path / "twin.mig")]
     with _vm(a, "7.2", E1000, tmp_path / "src", paused=False, name="source") as src, \
             _vm(b, "7.2", E1000, tmp_path / "dst", incoming=True, paused=False, name="destination") as dst:
         dst.set_caps(CAPS)
         dst.cmd("migrate-incoming", uri=f"unix:{dst_sock}")
-        first.start()
-        src.wait_for_count(5, timeout=60)
-        src.set_caps(CAPS)
-        src.set_params({"max-bandwidth": 65536, "max-postcopy-bandwidth": 32768})
-        src.migrate(first.uri)
-        _wait_for_bytes(src, 50_000)
-        src.cmd("migrate-start-postcopy")
-        _wait_status(src, "postcopy-active")
-        _wait_status(dst, "postcopy-active")  # the destination runs the guest
-        time.sleep(0.5)
-        first.abort()  # the proxy dies in the middle of postcopy
+        first = subprocess.Popen(command)
+        try:
+            _wait_for(first_sock)
+            src.wait_for_count(5, timeout=60)
+            src.set_caps(CAPS)
+            src.set_params({"max-bandwidth": 65536, "max-postcopy-bandwidth": 32768})
+            src.migrate(f"unix:{first_sock}")
+            _wait_for_bytes(src, 50_000)
+            src.cmd("migrate-start-postcopy")
+            _wait_status(src, "postcopy-active")
+            _wait_status(dst, "postcopy-active")  # the destination runs the guest
+            time.sleep(0.5)
+            first.send_signal(signal.SIGKILL)  # the proxy dies in the middle of postcopy
+        finally:
+            first.wait(30)
         _wait_status(src, "postcopy-paused")
         _wait_status(dst, "postcopy-paused")
         dst.cmd("migrate-recover", uri=f"unix:{again_sock}")
         fresh = Proxy(f"unix:{sockdir / 'proxy2.sock'}", f"unix:{again_sock}", machine=b if schema_needed else None,
-                      renames=first._renames.to_target, accept_timeout=60)
+                      accept_timeout=60)
         fresh.start()
         src.cmd("migrate", uri=fresh.uri, resume=True)
         status = _final_status(src, timeout=120)
