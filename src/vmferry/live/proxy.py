@@ -381,14 +381,14 @@ class Proxy:
             if stats.kind == "unknown" or (number == 0 and not stats.kind.startswith("main")):
                 what = "the main channel" if number == 0 else "a multifd channel (11223344) or postcopy pages"
                 raise DecodeError(f"the channel starts with {first.hex()}: not {what}", 0, f"$.channel[{number}]")
-            if stats.kind == "multifd":
-                relay_multifd(first, source, dest, stats, self._renames, self._alive)
-            elif stats.kind == "preempt":
-                relay_ram_records(first, source, dest, stats, self._renames, self._alive, resumed=False)
             if stats.kind.startswith("main"):
                 self._carry_main(first, source, dest, stats)
             else:
-                dest.close_write()
+                if stats.kind == "multifd":
+                    relay_multifd(first, source, dest, stats, self._renames, self._alive)
+                elif stats.kind == "preempt":
+                    relay_ram_records(first, source, dest, stats, self._renames, self._alive, resumed=False)
+                dest.close_write()  # "empty": a channel closed before its first byte (an idle preempt channel)
             stats.done = True
             for s in (source, dest):
                 s.close()
