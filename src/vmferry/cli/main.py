@@ -13,7 +13,7 @@ import sys
 
 from .. import __version__
 from ..errors import FerryError
-from . import compat, libvirt, live, proxy, stream
+from . import compat, live, proxy, stream
 from .common import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_OK
 
 
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"vmferry {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    for command in (stream, live, compat, proxy, libvirt):
+    for command in (stream, live, compat, proxy):
         command.add_subcommands(sub)
     return p
 
