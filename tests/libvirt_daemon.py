@@ -21,7 +21,12 @@ compression of ``virsh save``/``managedsave`` images; :meth:`restart`
 changes it.
 
 :class:`Domain` defines a guest that boots vmferry's counting boot sector
-from a floppy with COM1 written to a log file, and reads its counts.
+from a disk (IDE on i440fx, SATA on q35) with COM1 written to a log file,
+and reads its counts.  Not from a floppy: under KVM here, SeaBIOS waits
+for the floppy controller's IRQ 6 in ``sti; nop; pause; cli`` windows, and
+the in-kernel PIC of this host's KVM (kvm-pvm) leaves it pending in IRR,
+so most boots hang at "Booting from Floppy..."; SeaBIOS polls the ATA and
+AHCI controllers instead (docs/libvirt.md).
 
 The daemons are stopped by pid (SIGTERM, then SIGKILL) when the context
 ends; libvirtd leaves its QEMUs running when it stops, so
@@ -67,6 +72,16 @@ def libvirt_missing() -> str | None:
             return f"{prog} not found (scripts/ensure-libvirt.sh installs libvirt)"
     if os.geteuid() != 0:
         return "libvirtd runs QEMU as root here: the tests need root"
+    return None
+
+
+def kvm_missing() -> str | None:
+    """Why a domain of type ``kvm`` cannot run here (None when /dev/kvm opens for reading and writing)."""
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        return f"/dev/kvm: {e.strerror}"
+    os.close(fd)
     return None
 
 
@@ -245,7 +260,7 @@ class LibvirtDaemon:
 
 
 class Domain:
-    """A counting guest defined in a :class:`LibvirtDaemon`: floppy boot sector, COM1 to a log file."""
+    """A counting guest defined in a :class:`LibvirtDaemon`: the boot sector on a disk, COM1 to a log file."""
 
     def __init__(self, daemon: LibvirtDaemon, name: str, machine: str, *, kind: str = "qemu",
                  memory_mib: int = 64) -> None:
@@ -260,8 +275,7 @@ class Domain:
         self.serial_log = self.dir / "serial.log"
 
     def xml(self) -> str:
-        # a disk, not a floppy: SeaBIOS polls the ATA/AHCI controller, while its floppy reads wait for IRQ 6 in
-        # `sti; nop; pause; cli` windows that the in-kernel PIC of kvm here (kvm-pvm) never injects into
+        # a disk, not a floppy: see the module's docstring
         bus, dev = ("sata", "sda") if "q35" in self.machine else ("ide", "hda")
         disk = ("<disk type='file' device='disk'><driver name='qemu' type='raw'/>"
                 f"<source file='{escape(str(self.boot_image))}'/><target dev='{dev}' bus='{bus}'/></disk>")
