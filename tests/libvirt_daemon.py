@@ -259,16 +259,34 @@ class LibvirtDaemon:
         return r.stdout
 
 
+#: Devices a domain may have besides its disk and serial port (the XML libvirt is given; it adds the rest, e.g. a
+#: pcie-root-port for each PCI device on q35).  Without ``usb`` and ``balloon`` the domain has neither.
+DEVICES = {
+    "usb": "<controller type='usb' model='piix3-uhci'/><input type='tablet' bus='usb'/>",
+    "vga": "<video><model type='vga'/></video><graphics type='vnc' port='-1' listen='127.0.0.1'/>",
+    "cirrus": "<video><model type='cirrus'/></video><graphics type='vnc' port='-1' listen='127.0.0.1'/>",
+    "e1000": "<interface type='user'><model type='e1000'/></interface>",
+    "virtio-net": "<interface type='user'><model type='virtio'/></interface>",
+    "virtio-serial": "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>",
+    "balloon": "<memballoon model='virtio'/>",
+    "rng": "<rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>",
+}
+
+
 class Domain:
-    """A counting guest defined in a :class:`LibvirtDaemon`: the boot sector on a disk, COM1 to a log file."""
+    """A counting guest defined in a :class:`LibvirtDaemon`: the boot sector on a disk, COM1 to a log file.
+
+    ``devices`` names more devices (:data:`DEVICES`).
+    """
 
     def __init__(self, daemon: LibvirtDaemon, name: str, machine: str, *, kind: str = "qemu",
-                 memory_mib: int = 64) -> None:
+                 memory_mib: int = 64, devices: tuple[str, ...] = ()) -> None:
         self.daemon = daemon
         self.name = name
         self.machine = machine
         self.kind = kind
         self.memory_mib = memory_mib
+        self.devices = devices
         self.dir = daemon.root / "domains" / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.boot_image = self.dir / "boot.img"
@@ -280,6 +298,11 @@ class Domain:
         disk = ("<disk type='file' device='disk'><driver name='qemu' type='raw'/>"
                 f"<source file='{escape(str(self.boot_image))}'/><target dev='{dev}' bus='{bus}'/></disk>")
         boot = "hd"
+        extra = "".join(DEVICES[d] for d in self.devices)
+        if "usb" not in self.devices:
+            extra += "<controller type='usb' model='none'/>"
+        if "balloon" not in self.devices:
+            extra += "<memballoon model='none'/>"
         return textwrap.dedent(f"""\
             <domain type='{self.kind}'>
               <name>{escape(self.name)}</name>
@@ -299,8 +322,7 @@ class Domain:
                   <source path='{escape(str(self.serial_log))}' append='on'/>
                   <target port='0'/>
                 </serial>
-                <controller type='usb' model='none'/>
-                <memballoon model='none'/>
+                {extra}
               </devices>
             </domain>
             """)

@@ -245,6 +245,31 @@ def test_image_through_pipes(image_212, tmp_path):
     assert ls.parse(moved.stdout).machine == "pc-i440fx-7.2"
 
 
+@pytest.mark.qemu10
+def test_which_qemu_wrote_the_image(qemu_corpus, tmp_path):
+    """A raw image ends with its stream, vmdesc included: transform reads there that QEMU 10.0 wrote it.
+
+    A compressed image's vmdesc lies at the end of the compressed data, so a
+    pc-i440fx-7.2 stream of QEMU 10.0 is taken for 7.2's unless --from-qemu-version says otherwise.
+    """
+    stream = qemu_corpus["pc-7.2-on-10.0-paused"].read_bytes()
+    xml = XML.replace("pc-i440fx-2.12", "pc-i440fx-7.2")
+    bare, want = tmp_path / "s.mig", tmp_path / "want.mig"
+    bare.write_bytes(stream)
+    assert main(["transform", "-q", str(bare), str(want), "--machine", "pc-i440fx-7.2"]) == 0
+    assert want.read_bytes() != stream  # 7.2@10.0 -> 7.2@7.2 is not the identity
+    raw, gz, out = tmp_path / "raw.save", tmp_path / "gz.save", tmp_path / "out.save"
+    raw.write_bytes(write_like_libvirt(xml, COOKIE, stream))
+    gz.write_bytes(write_like_libvirt(xml, COOKIE, stream, Compression.GZIP))
+    assert main(["transform", "-q", str(raw), str(out), "--machine", "pc-i440fx-7.2"]) == 0
+    assert stream_of(out) == want.read_bytes()
+    assert main(["transform", "-q", str(gz), str(out), "--machine", "pc-i440fx-7.2", "--from-qemu-version",
+                 "10.0"]) == 0
+    assert stream_of(out) == want.read_bytes()
+    assert main(["transform", "-q", str(gz), str(out), "--machine", "pc-i440fx-7.2"]) == 0
+    assert stream_of(out) == stream  # taken for a 7.2 stream: nothing to do
+
+
 # ---------------------------------------------------------------------------
 # diff
 # ---------------------------------------------------------------------------
