@@ -31,6 +31,7 @@ from ..errors import DecodeError, SchemaError
 from ..events import Command, Configuration, DeviceSection, Event, IterEnd, OpaqueSection, RamMemSize, Vmdesc
 from ..serialize.qemu_vmdesc import is_dump_vmstate, is_vmdesc, load_json
 from .files import Input, decode_input, load_schema_file, read_stream_vmdesc
+from .images import COMPRESS_CHOICES, COMPRESS_HELP, FERRY_COMPRESS
 
 __all__ = ["EXIT_UNCOVERED", "add_subcommands", "cmd_diff", "cmd_plan", "cmd_transform", "load_schemas"]
 
@@ -70,8 +71,9 @@ def cmd_transform(args: argparse.Namespace) -> int:
                                                      from_qemu))
         fmt = args.to or inp.format
         target = encode.codec(fmt)
-        if args.compress is not None and (fmt != "ferry" or args.compress not in ("none", "zstd", "lz4")):
-            raise UsageError("--compress none|zstd|lz4 applies to --to ferry, the others to libvirt save images")
+        if args.compress is not None and (fmt != "ferry" or args.compress not in FERRY_COMPRESS):
+            raise UsageError(f"--compress {'|'.join(FERRY_COMPRESS)} applies to --to ferry, the others to libvirt "
+                             "save images")
         options = {"compress": args.compress} if args.compress is not None else {}
         events = transform_events(decode_input(inp, schema, target=fmt), registry, machine, from_machine, from_qemu)
         try:
@@ -352,10 +354,7 @@ def add_subcommands(sub: Any) -> None:
     tr.add_argument("--to", choices=encode.names(),
                     help="output format (default: the input's; for a save image, an image; with --to only the "
                          "QEMU stream inside comes out, without the libvirt header, XML and cookie)")
-    tr.add_argument("--compress", choices=["none", "zstd", "lz4", "raw", "gzip", "bzip2", "xz", "lzop"],
-                    metavar="none|zstd|lz4|raw|gzip|bzip2|xz|lzop",
-                    help="--to ferry: compress each frame (none, zstd, lz4). A save image out: how its QEMU stream "
-                         "is stored (raw, gzip, bzip2, xz, lzop, zstd; default: as the input)")
+    tr.add_argument("--compress", choices=COMPRESS_CHOICES, metavar="|".join(COMPRESS_CHOICES), help=COMPRESS_HELP)
     tr.add_argument("--schema", metavar="FILE", help="schema for a stream without a vmdesc (as for convert)")
     tr.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     tr.set_defaults(func=cmd_transform)
@@ -363,8 +362,8 @@ def add_subcommands(sub: Any) -> None:
     df = sub.add_parser(
         "diff", help="compare two schema sets and say which transforms cover the differences",
         description="Compare the device descriptions of A and B (each a stream, a libvirt save image, a vmdesc "
-                    "JSON or QEMU's -dump-vmstate JSON) and list every incompatibility for loading A's state as B: sections, "
-                    "fields and subsections added or removed, fields resized, versions out of range, and for "
+                    "JSON or QEMU's -dump-vmstate JSON) and list every incompatibility for loading A's state as B: "
+                    "sections, fields and subsections added or removed, fields resized, versions out of range, and for "
                     "streams the configuration section, footers, machine name and RAM blocks. Each is marked "
                     "covered when a registered transform on the path between the machine types handles it.",
         epilog="Exit status: 0 when every difference is covered (or there are none), 3 when some is not, "

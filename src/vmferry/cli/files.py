@@ -179,7 +179,7 @@ def image_offsets(events: Iterable[Event], image: SaveImage) -> Iterator[Event]:
             hint = f" where data_len {image.header.data_len} puts the stream" if e.offset == 0 else ""
             raise type(e)(e.message + hint, e.offset + image.payload_offset, e.path) from None
         raise type(e)(f"{e.message} (offset {e.offset:#x} of the decompressed {image.compression.label} "
-                          f"stream, which starts at {image.payload_offset:#x} in the image)", None, e.path) from None
+                      f"stream, which starts at {image.payload_offset:#x} in the image)", None, e.path) from None
 
 
 def read_stream_vmdesc(path: str) -> bytes | None:
@@ -242,5 +242,5 @@ def decode_input(inp: Input, schema: SchemaSet | None = None, target: str | None
     return events
 
 
-__all__ = ["DecodeError", "Input", "decode_input", "image_offsets", "widen_pipe", "load_schema_file", "open_input", "read_chunks",
-           "read_stream_vmdesc"]
+__all__ = ["DecodeError", "Input", "decode_input", "image_offsets", "widen_pipe", "load_schema_file", "open_input",
+           "read_chunks", "read_stream_vmdesc"]

@@ -37,11 +37,11 @@ from ..encode import libvirt_save as ls
 from ..encode.libvirt_save import Compression, SaveImage
 from ..errors import DecodeError, FerryError
 from ..events import Event
-from .files import Input, decode_input, open_input, widen_pipe
+from .files import Input, decode_input, image_offsets, open_input, widen_pipe
 
-__all__ = ["IMAGE_COMPRESSIONS", "IMAGE_MODE", "ImageError", "copy_image", "copy_stored", "describe",
-           "image_compression", "persistent_note", "read_image", "retarget", "same_file", "transform_image",
-           "write_image"]
+__all__ = ["COMPRESS_CHOICES", "COMPRESS_HELP", "FERRY_COMPRESS", "IMAGE_COMPRESSIONS", "IMAGE_MODE", "ImageError",
+           "copy_image", "copy_stored", "describe", "image_compression", "persistent_note", "read_image", "retarget",
+           "same_file", "transform_image", "write_image"]
 
 #: The permissions of an image vmferry writes: libvirt's own (the file holds the guest's RAM).
 IMAGE_MODE = 0o600
@@ -112,6 +112,12 @@ def _output(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
 
 #: ``--compress`` names for an image's stream ("none" as for ferry frames).
 IMAGE_COMPRESSIONS = {"none": Compression.RAW, **{c.label: c for c in Compression if c != Compression.SPARSE}}
+#: ``--compress`` of ``convert`` and ``transform``: these for ferry frames, the others for an image's stream.
+FERRY_COMPRESS = ("none", "zstd", "lz4")
+COMPRESS_CHOICES = [*FERRY_COMPRESS, *(name for name in IMAGE_COMPRESSIONS if name not in FERRY_COMPRESS)]
+COMPRESS_HELP = ("--to ferry: compress each frame (none, zstd, lz4; default none). A libvirt save image out: how its "
+                 "QEMU stream is stored (raw, gzip, bzip2, xz, lzop, zstd; default: as the input's; libvirt 9.0 "
+                 "restores all but zstd)")
 
 
 def image_compression(name: str | None) -> Compression | None:
@@ -219,8 +225,7 @@ def read_image(path: str | os.PathLike[str], *, allow_partial: bool = False,
         getattr(inp.chunks, "close", lambda: None)()
         raise DecodeError("the save image is incomplete (libvirt had not finished writing it)", 0,
                           "$.libvirt.header.magic")
-    schema = options.fallback_schemas if options is not None else None
-    return image, decode_input(inp, schema)
+    return image, image_offsets(legacy.decode(inp.chunks, options), image)
 
 
 def copy_image(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> SaveImage:

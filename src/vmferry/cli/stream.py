@@ -16,8 +16,10 @@ from typing import Any
 
 from .. import encode
 from ..events import DeviceSection, OpaqueSection
+from ..serialize.schema import SchemaSet
 from .common import EXIT_OK, UsageError, open_stream, output_file, print_summary, progress_bar, schema_option
 from .files import Input, decode_input
+from .images import COMPRESS_CHOICES, COMPRESS_HELP, FERRY_COMPRESS
 from .summary import StreamSummary
 
 
@@ -95,7 +97,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _convert_image(args: argparse.Namespace, inp: Input, schema: Any) -> int:
+def _convert_image(args: argparse.Namespace, inp: Input, schema: SchemaSet | None) -> int:
     """A libvirt save image in, an image out: every byte kept, or the stream stored with another compression."""
     from .images import copy_stored, image_compression, retarget, write_image
 
@@ -121,11 +123,6 @@ def cmd_formats(args: argparse.Namespace) -> int:
         if r["features"]:
             print(f"{'':9} supports: {', '.join(r['features'])}")
     return EXIT_OK
-
-
-#: ``--compress`` for ferry frames; the other names are for libvirt save images (cli.images.IMAGE_COMPRESSIONS).
-FERRY_COMPRESS = ("none", "zstd", "lz4")
-COMPRESS_CHOICES = ["none", "zstd", "lz4", "raw", "gzip", "bzip2", "xz", "lzop"]
 
 
 def add_subcommands(sub: Any) -> None:
@@ -160,10 +157,7 @@ def add_subcommands(sub: Any) -> None:
     conv.add_argument("--to", choices=encode.names(),
                       help="output format (default: the input's; for a save image, an image)")
     conv.add_argument("--schema", metavar="FILE", help=schema_help)
-    conv.add_argument("--compress", choices=COMPRESS_CHOICES, metavar="|".join(COMPRESS_CHOICES),
-                      help="--to ferry: compress each frame (none, zstd, lz4; default none). A save image out: "
-                           "how its QEMU stream is stored (raw, gzip, bzip2, xz, lzop, zstd; default: as the "
-                           "input; libvirt 9.0 restores all but zstd)")
+    conv.add_argument("--compress", choices=COMPRESS_CHOICES, metavar="|".join(COMPRESS_CHOICES), help=COMPRESS_HELP)
     conv.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     conv.set_defaults(func=cmd_convert)
 
