@@ -62,19 +62,42 @@ class Input:
 
 
 def read_chunks(f: BinaryIO, first: bytes = b"", chunk: int = CHUNK,
-                progress: Callable[[int], None] | None = None) -> Iterator[bytes]:
-    """Yield ``first`` then fresh ``chunk``-sized blocks of ``f`` until its end."""
+                progress: Callable[[int], None] | None = None) -> Iterator[bytes | memoryview]:
+    """Yield ``first`` then fresh ``chunk``-sized blocks of ``f`` until its end (read-only views of new buffers)."""
     if first:
         if progress:
             progress(len(first))
         yield first
     while True:
-        data = f.read(chunk)
+        data = _read_block(f, chunk)
         if not data:
             return
         if progress:
             progress(len(data))
         yield data
+
+
+def _read_block(f: BinaryIO, n: int) -> bytes | memoryview:
+    """``f.read(n)``, one system call at a time.
+
+    ``f.read(n)`` on a pipe loops over ``read(2)`` in C until it has ``n``
+    bytes, and a signal that arrives while one of those calls is copying data
+    is only handled by Python once the loop returns: with a writer that has
+    stalled, never (a SIGTERM or SIGHUP then left the process blocked, its
+    partial output in place: 4 runs in 120, docs/design-notes.md).  Between
+    two calls made from here, Python runs the handler.
+    """
+    readinto1 = getattr(f, "readinto1", None)
+    if readinto1 is None:
+        return f.read(n)
+    view = memoryview(bytearray(n))
+    got = 0
+    while got < n:
+        k = readinto1(view[got:])
+        if not k:
+            break
+        got += k
+    return (view if got == n else view[:got]).toreadonly()
 
 
 def mapped_chunks(f: BinaryIO, size: int, window: int = MAP_WINDOW,
