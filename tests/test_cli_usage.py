@@ -28,7 +28,8 @@ def one_line_error(out: subprocess.CompletedProcess) -> str:
     (["transform", "a.mig", "b.mig"], "required: --machine"),
     (["inspect"], "required: stream"),
     (["nope"], "invalid choice: 'nope'"),
-    (["libvirt", "transform", "a", "b"], "required: --machine"),
+    (["ram", "inject", "a", "b"], "required: output"),  # a command of a command
+    (["convert", "a.mig", "b.mig", "--from", "qcow2"], "invalid choice: 'qcow2'"),
     (["migrate", "--source", "unix:a", "--dest", "unix:b", "--to", "json"], "invalid choice: 'json'"),
 ])
 def test_a_wrong_option_is_one_line(args, says):

@@ -165,11 +165,14 @@ def open_stream(path: str, progress=None, fmt: str | None = None) -> Input:
 
 
 def from_option(p: argparse.ArgumentParser) -> None:
-    """``--from FORMAT``: the input's format, instead of sniffing it from its first bytes (as ``qemu-img -f``)."""
+    """``--from FORMAT``: the input's format, instead of sniffing it from its first bytes (as ``qemu-img -f``);
+    ``libvirt-save`` for a libvirt save image."""
     from .. import encode
+    from ..encode import libvirt_save
 
-    p.add_argument("--from", dest="from_format", metavar="FORMAT", choices=encode.names(),
-                   help="the input's format (" + ", ".join(encode.names()) + "), instead of detecting it from its "
+    names = [*encode.names(), libvirt_save.NAME]
+    p.add_argument("--from", dest="from_format", metavar="FORMAT", choices=names,
+                   help="the input's format (" + ", ".join(names) + "), instead of detecting it from its "
                         "first bytes")
 
 
@@ -251,14 +254,16 @@ def _input_stats(inputs: Sequence[str]) -> list[os.stat_result]:
     return stats
 
 
-def _output_mode(stats: list[os.stat_result]) -> int:
-    """The permission bits of a new output: the first regular input's, else 0600, less the umask.
+def _output_mode(stats: list[os.stat_result], mode: int | None = None) -> int:
+    """The permission bits of a new output: ``mode`` if given, else the first regular input's, else 0600, less
+    the umask.
 
     A stream holds guest RAM: it must not come out readable by more people than its input was.
     """
     import stat
 
-    mode = next((st.st_mode & 0o777 for st in stats if stat.S_ISREG(st.st_mode)), 0o600)
+    if mode is None:
+        mode = next((st.st_mode & 0o777 for st in stats if stat.S_ISREG(st.st_mode)), 0o600)
     umask = os.umask(0)
     os.umask(umask)
     return mode & ~umask
@@ -282,7 +287,8 @@ def _create_partial(folder: str, name: str, partial: list[str]) -> tuple[int, st
 
 
 @contextmanager
-def output_file(path: str, inputs: Sequence[str] = (), sync: bool = False) -> Iterator[BinaryIO]:
+def output_file(path: str, inputs: Sequence[str] = (), sync: bool = False,
+                mode: int | None = None) -> Iterator[BinaryIO]:
     """``path`` for writing (``-`` is stdout); a partial file is removed on failure.
 
     * An output that is one of ``inputs`` (the same device and inode: a
@@ -292,8 +298,9 @@ def output_file(path: str, inputs: Sequence[str] = (), sync: bool = False) -> It
       a planted file or symlink is never written through; it is renamed over
       ``path`` once complete (``sync``: after an fsync), and removed when
       anything fails, on SIGINT, SIGTERM and SIGHUP too.
-    * Its permission bits are the input's (less the umask), 0600 for an
-      input that is not a regular file.
+    * Its permission bits are ``mode`` if given (a libvirt save image:
+      0600, as libvirt writes it), else the input's, 0600 for an input that
+      is not a regular file; less the umask.
     * A device or FIFO (``/dev/null``, a named pipe) is written to, never replaced.
     """
     import stat
@@ -331,7 +338,7 @@ def output_file(path: str, inputs: Sequence[str] = (), sync: bool = False) -> It
             raise UsageError(f"{path}: cannot create a file beside it: {e.strerror or e}") from None
         try:
             with os.fdopen(fd, "wb") as f:
-                os.fchmod(f.fileno(), _output_mode(stats))
+                os.fchmod(f.fileno(), _output_mode(stats, mode))
                 yield f
                 if sync:
                     f.flush()

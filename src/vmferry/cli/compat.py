@@ -18,7 +18,7 @@ import argparse
 import json
 import os
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from .. import encode
 from .common import (EXIT_OK, UsageError, from_option, open_stream, output_file, print_json, progress_bar,
@@ -27,10 +27,12 @@ from .common import (EXIT_OK, UsageError, from_option, open_stream, output_file,
 if TYPE_CHECKING:  # the compat package is imported by the commands that use it, not at start-up
     from ..compat.check import Report, Schemas
 from ..encode import legacy
-from ..errors import SchemaError
-from ..events import Command, Configuration, DeviceSection, IterEnd, OpaqueSection, RamMemSize, Vmdesc
+from ..encode import libvirt_save as ls
+from ..errors import DecodeError, SchemaError
+from ..events import Command, Configuration, DeviceSection, Event, IterEnd, OpaqueSection, RamMemSize, Vmdesc
 from ..serialize.qemu_vmdesc import is_dump_vmstate, is_vmdesc, load_json
-from .files import decode_input, load_schema_file, read_stream_vmdesc
+from .files import Input, decode_input, load_schema_file, read_stream_vmdesc
+from .images import COMPRESS_CHOICES, COMPRESS_HELP, FERRY_COMPRESS
 
 __all__ = ["EXIT_UNCOVERED", "add_subcommands", "cmd_diff", "cmd_plan", "cmd_transform", "load_schemas"]
 
@@ -62,19 +64,44 @@ def cmd_transform(args: argparse.Namespace) -> int:
     size = os.path.getsize(args.input) if args.input != "-" and os.path.isfile(args.input) else None
     with progress_bar(args.input, size, not args.quiet) as advance:
         inp = open_stream(args.input, advance, args.from_format)
+        if inp.image is not None and args.to is None:
+            return _transform_image(args, inp, machine, registry.release(machine).machine,
+                                    transform_events(decode_input(inp, schema), registry, machine, from_machine,
+                                                     from_qemu))
         fmt = args.to or inp.format
         target = encode.codec(fmt)
+        if args.compress is not None and (fmt != "ferry" or args.compress not in FERRY_COMPRESS):
+            raise UsageError(f"--compress {'|'.join(FERRY_COMPRESS)} applies to --to ferry, the others to libvirt "
+                             "save images")
+        options = {"compress": args.compress} if args.compress is not None else {}
         events = transform_events(decode_input(inp, schema, target=fmt), registry, machine, from_machine, from_qemu)
         try:
             with output_file(args.output, [args.input]) as out:
-                written = write_all(out, target.encode(events))
+                written = write_all(out, target.encode(events, **options))
         except BrokenPipeError:
             raise
         except OSError as e:
             raise UsageError(f"{args.output}: {e.strerror or e}") from None
     if args.json:
-        print_json({"input": args.input, "input_format": inp.format, "output": args.output, "format": fmt,
+        print_json({"input": args.input, "input_format": inp.file_format, "output": args.output, "format": fmt,
                     "machine": machine, "bytes": written})
+    return EXIT_OK
+
+
+def _transform_image(args: argparse.Namespace, inp: Input, release: str, machine: str, events: Iterator[Event]) -> int:
+    """A libvirt save image in, one out: the stream converted to ``release``, the XML's machine type set to
+    ``machine`` (its machine type)."""
+    from .images import image_compression, persistent_note, retarget, write_image
+
+    assert inp.image is not None
+    new = retarget(inp.image, machine, image_compression(args.compress))
+    written = write_image(new, events, args.output, src=args.input)
+    note = persistent_note(inp.image, new)
+    if note is not None and not args.quiet:
+        print(f"vmferry: {note}", file=sys.stderr)
+    if args.json:
+        print_json({"input": args.input, "input_format": inp.file_format, "output": args.output,
+                    "format": inp.file_format, "machine": release, "bytes": written, "libvirt": new.summary()})
     return EXIT_OK
 
 
@@ -87,10 +114,14 @@ def source_qemu(path: str) -> str | None:
     """
     try:
         with open(path, "rb") as f:
-            if not legacy.sniff(f.read(64)):
+            head = f.read(ls.HEADER_SIZE)
+        if ls.sniff(head):  # a raw save image ends with its stream, vmdesc included
+            if ls.parse_header(head).compression != ls.Compression.RAW:
                 return None
+        elif not legacy.sniff(head):
+            return None
         text = read_stream_vmdesc(path)
-    except (OSError, SchemaError):
+    except (OSError, SchemaError, DecodeError):
         return None
     if text is None:
         return None
@@ -209,7 +240,7 @@ def load_schemas(path: str) -> Schemas:
         if is_dump_vmstate(obj):
             return from_dump_vmstate(obj, path)
     inp = open_stream(path)
-    fmt = inp.format
+    fmt = ls.NAME if inp.image is not None else inp.format  # an image's stream is read whole, not its tail
     close = getattr(inp.chunks, "close", None)
     if close is not None:
         close()
@@ -370,8 +401,12 @@ def add_subcommands(sub: Any) -> None:
                     "A release is a machine type of one QEMU version: pc-i440fx-7.2@10.0 is pc-i440fx-7.2 run by "
                     "QEMU 10.0. The source machine type is read from the stream's configuration "
                     "section; streams without one (pc-i440fx-2.3) need --from-machine. RAM passes through; "
-                    "device state is converted step by step (see 'vmferry plan').")
-    tr.add_argument("input", help="input stream (any format vmferry reads); '-' for stdin")
+                    "device state is converted step by step (see 'vmferry plan'). A libvirt save image (virsh save, "
+                    "managedsave) gives an image: the stream converted and the machine type of its domain XML set "
+                    "to TARGET, was_running, the cookie and the rest of the XML kept, so that virsh restore (or "
+                    "virsh start after managedsave) runs the guest on under TARGET; the output is written 0600, "
+                    "never over the input.")
+    tr.add_argument("input", help="input stream (any format vmferry reads, or a libvirt save image); '-' for stdin")
     tr.add_argument("output", help="output file; '-' for stdout")
     tr.add_argument("--machine", required=True, metavar="TARGET", help="target machine type, e.g. pc-i440fx-2.12")
     tr.add_argument("--qemu-version", metavar="V",
@@ -382,25 +417,29 @@ def add_subcommands(sub: Any) -> None:
     tr.add_argument("--from-qemu-version", metavar="V",
                     help="the QEMU version that wrote the input (default: what its vmdesc shows, else the "
                          "oldest QEMU that has its machine type)")
-    tr.add_argument("--to", choices=encode.names(), help="output format (default: the input's)")
+    tr.add_argument("--to", choices=encode.names(),
+                    help="output format (default: the input's; for a save image, an image; with --to only the "
+                         "QEMU stream inside comes out, without the libvirt header, XML and cookie)")
     from_option(tr)
+    tr.add_argument("--compress", choices=COMPRESS_CHOICES, metavar="|".join(COMPRESS_CHOICES), help=COMPRESS_HELP)
     tr.add_argument("--schema", metavar="FILE", help="schema for a stream without a vmdesc (as for convert)")
     tr.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     tr.set_defaults(func=cmd_transform)
 
     df = sub.add_parser(
         "diff", help="compare two streams' values and schemas, and say which transforms cover the differences",
-        description="Compare the device descriptions of A and B (each a stream, a vmdesc JSON or QEMU's "
-                    "-dump-vmstate JSON) and list every incompatibility for loading A's state as B: sections, "
-                    "fields and subsections added or removed, fields resized, versions out of range, and for "
-                    "streams the configuration section, footers, machine name and RAM blocks. Each is marked "
+        description="Compare the device descriptions of A and B (each a stream, a libvirt save image, a vmdesc "
+                    "JSON or QEMU's -dump-vmstate JSON) and list every incompatibility for loading A's state as B: "
+                    "sections, fields and subsections added or removed, fields resized, versions out of range, and "
+                    "for streams the configuration section, footers, machine name and RAM blocks. Each is marked "
                     "covered when a registered transform on the path between the machine types handles it. When A "
-                    "and B are both streams, their values are compared too: every device field both have that "
-                    "differs, sections present on one side only, and per RAM block the pages that differ (each "
-                    "stream is read once; a digest per page is kept, never the RAM).",
+                    "and B are both streams (a save image counts as the stream inside), their values are compared "
+                    "too: every device field both have that differs, sections present on one side only, and per "
+                    "RAM block the pages that differ (each stream is read once; a digest per page is kept, never "
+                    "the RAM).",
         epilog="Exit status: 0 when every schema difference is covered (or there are none), 3 when some is not, "
                "2 for bad input; value differences are reported, they do not change the status.")
-    df.add_argument("a", help="schema set A (the source)")
+    df.add_argument("a", help="schema set A (the source; a libvirt save image is read as its stream)")
     df.add_argument("b", help="schema set B (the destination)")
     df.add_argument("--from-machine", metavar="MACHINE", help="A's machine type, when A does not name it")
     df.add_argument("--machine", dest="to_machine", metavar="MACHINE", help="B's machine type, when B does not name it")

@@ -232,11 +232,13 @@ def _restore(args: argparse.Namespace) -> Any:
     from .files import decode_input
 
     inp = open_stream(args.from_file)
-    # QEMU loads its own stream: any other format vmferry reads is converted on the way
+    # QEMU loads its own stream: any other format vmferry reads is converted on the way (a libvirt save image
+    # gives the stream inside, decompressed: its size is not the file's)
     chunks = inp.chunks if inp.format == "legacy" else legacy.encode(decode_input(inp, target="legacy"))
+    size = inp.size if inp.format == "legacy" and inp.image is None else None
     with MigrationBar(_show_bar(args), args.from_file) as bar:
-        return restore(chunks, args.dest, size=inp.size if inp.format == "legacy" else None, progress=bar.update,
-                       timeout=args.timeout, qmp_tls=tls_from_args(args))
+        return restore(chunks, args.dest, size=size, progress=bar.update, timeout=args.timeout,
+                       qmp_tls=tls_from_args(args))
 
 
 def _show_bar(args: argparse.Namespace) -> bool:

@@ -21,7 +21,7 @@ from typing import NoReturn
 
 from .. import __version__
 from ..errors import FerryError
-from . import compat, libvirt, live, proxy, ram, stream
+from . import compat, live, proxy, ram, stream
 from .common import EXIT_BAD_INPUT, EXIT_CLOSED_STDOUT, EXIT_INTERNAL, Terminated
 
 
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-V", "--version", action="version", version=f"vmferry {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    for command in (stream, live, compat, proxy, libvirt, ram):
+    for command in (stream, live, compat, proxy, ram):
         command.add_subcommands(sub)
     comp = sub.add_parser("completion", help="print the shell code for tab completion (bash, zsh, fish, tcsh)",
                           description="Print the code that makes SHELL complete vmferry's commands, options, formats "

@@ -312,12 +312,19 @@ def cmd_inject(args: argparse.Namespace) -> int:
         events = inject_events(decode_input(inp, schema, target=fmt), args.directory)
         written = 0
         digest = hashlib.sha256()
-        with output_file(args.output, [args.input]) as out:
-            for chunk in encode.codec(fmt).encode(events):
-                out.write(chunk)
-                written += len(chunk)
-                if args.json:
-                    digest.update(chunk)
+        if inp.image is not None and args.to is None:  # a libvirt save image in: an image out, its head kept
+            from .images import write_image
+
+            fmt = inp.file_format
+            written = write_image(inp.image, events, args.output, src=args.input,
+                                  tap=digest.update if args.json else None)
+        else:
+            with output_file(args.output, [args.input]) as out:
+                for chunk in encode.codec(fmt).encode(events):
+                    out.write(chunk)
+                    written += len(chunk)
+                    if args.json:
+                        digest.update(chunk)
     if args.json:
         json.dump({"output": args.output, "format": fmt, "bytes": written, "sha256": digest.hexdigest()}, sys.stdout,
                   indent=1)
@@ -348,10 +355,12 @@ def add_subcommands(sub: Any) -> None:
                                       "vmdesc) with its RAM replaced by DIR's raw files (as vmferry ram extract "
                                       "wrote them, edited or not). Every page is sent once, where IN's first page "
                                       "record was: non-zero pages as PAGE records, zero pages as ZERO records.")
-    inj.add_argument("input", help="the stream that gives everything but RAM; '-' for stdin")
+    inj.add_argument("input", help="the stream that gives everything but RAM (a libvirt save image gives an "
+                                   "image); '-' for stdin")
     inj.add_argument("directory", help="directory made by vmferry ram extract")
     inj.add_argument("output", help="output file; '-' for stdout")
-    inj.add_argument("--to", choices=encode.names(), help="output format (default: the input's)")
+    inj.add_argument("--to", choices=encode.names(),
+                     help="output format (default: the input's; for a libvirt save image, an image)")
     inj.add_argument("--schema", metavar="FILE", help="schema for a stream without a vmdesc (as for convert)")
     from_option(inj)
     inj.set_defaults(func=cmd_inject)
