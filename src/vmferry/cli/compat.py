@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import encode
 from .common import (EXIT_OK, UsageError, from_option, open_stream, output_file, print_json, progress_bar,
-                     stdout_console, write_all)
+                     stderr_console, stdout_console, write_all)
 
 if TYPE_CHECKING:  # the compat package is imported by the commands that use it, not at start-up
     from ..compat.check import Report, Schemas
@@ -64,7 +64,9 @@ def cmd_transform(args: argparse.Namespace) -> int:
         inp = open_stream(args.input, advance, args.from_format)
         fmt = args.to or inp.format
         target = encode.codec(fmt)
-        events = transform_events(decode_input(inp, schema, target=fmt), registry, machine, from_machine, from_qemu)
+        plans: list[Any] = []
+        events = transform_events(decode_input(inp, schema, target=fmt), registry, machine, from_machine, from_qemu,
+                                  on_plan=plans.append)
         try:
             with output_file(args.output, [args.input]) as out:
                 written = write_all(out, target.encode(events))
@@ -74,17 +76,23 @@ def cmd_transform(args: argparse.Namespace) -> int:
             raise UsageError(f"{args.output}: {e.strerror or e}") from None
     if args.json:
         print_json({"input": args.input, "input_format": inp.format, "output": args.output, "format": fmt,
-                    "machine": machine, "bytes": written})
+                    "machine": machine, "source": plans[0].source if plans else None,
+                    "path": plans[0].path if plans else None, "bytes": written})
+    elif plans and args.verbose:
+        stderr_console().print(f"path: {plans[0]}")
     return EXIT_OK
 
 
-def source_qemu(path: str) -> str | None:
-    """The QEMU version that wrote the QEMU stream file ``path``, where its vmdesc tells (else None).
+def source_qemu(path: str) -> list[str] | None:
+    """The QEMU versions that may have written the QEMU stream file ``path``, most likely first, as its
+    vmdesc tells (:func:`vmferry.compat.machines.vmdesc.writer_qemu`); None when it cannot tell.
 
-    QEMU 10.0 describes the configuration section in the vmdesc, 7.2 does not
-    (spec §11.8); this tells a ``pc-i440fx-7.2`` stream of QEMU 10.0 from one
-    of QEMU 7.2.
+    QJSON spacing means 5.2, arrays without any index 11.1, a configuration
+    object (spec §11.8) 10.0; this tells, e.g., a ``pc-i440fx-7.2`` stream of
+    QEMU 10.0 from one of QEMU 7.2.
     """
+    from ..compat.machines.vmdesc import writer_qemu
+
     try:
         with open(path, "rb") as f:
             if not legacy.sniff(f.read(64)):
@@ -94,13 +102,7 @@ def source_qemu(path: str) -> str | None:
         return None
     if text is None:
         return None
-    try:
-        obj = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(obj, dict):
-        return None
-    return "10.0" if isinstance(obj.get("configuration"), dict) else "7.2"
+    return writer_qemu(text) or None
 
 
 # ---------------------------------------------------------------------------
