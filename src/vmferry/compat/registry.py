@@ -251,6 +251,11 @@ class Registry:
             if ms:
                 on.append(f"{ms[0]} .. {ms[-1]}" if len(ms) > 2 else ", ".join(ms))
         hint = f"; QEMU {qemu} has here: {'; '.join(on)}" if on else f"; no QEMU {qemu} releases here"
+        family = machine.rsplit("-", 1)[0]
+        newest = [r.machine for names in self._lines.values() for n in names
+                  for r in (self._releases[n],) if r.qemu == qemu and r.machine.rsplit("-", 1)[0] == family]
+        if newest:
+            hint += f" (a stream converts to any of them, e.g. --machine {newest[-1]} --qemu-version {qemu})"
         raise CompatError(f"no release of {machine} for QEMU {qemu} (it has QEMU {have}){hint}")
 
     @property

@@ -157,7 +157,8 @@ def _vmdesc_for(qemu: str) -> Any:
 # ---------------------------------------------------------------------------
 
 PS2 = "hw/input/ps2.c (QEMU 7.2): the PS/2 keyboard and mouse are QOM devices; their common state, 'common' in " \
-      "QEMU 5.2, is 'parent_obj' (same 272 bytes)"
+      "QEMU 5.2, is 'parent_obj' (same 272 bytes); QEMU 5.2 registers them with vmstate_register, so its " \
+      "-dump-vmstate does not list them, but its streams carry them"
 PENDING = "hw/input/pckbd.c (QEMU 6.1): 5.2's 'kbd.pending' travels as 'kbd.pending_tmp' (kbd_pre_save); with " \
           "hw_compat_6_0 i8042 extended-state=false, as for pc-*-5.2, it holds the same bits (0x01 keyboard, " \
           "0x02 aux)"
@@ -186,10 +187,12 @@ def _version_step(reg: Registry, old: str, new: str) -> None:
     for vmsd in ("ps2kbd", "ps2mouse"):
         reg.section(vmsd, old, new, _rename("common", "parent_obj"), lossless=True, mirrors=PS2,
                     name=f"{vmsd} parent_obj",
-                    changes=[Change("field-removed", vmsd, "common"), Change("field-added", vmsd, "parent_obj")])
+                    changes=[Change("field-removed", vmsd, "common"), Change("field-added", vmsd, "parent_obj"),
+                             Change("section-added", vmsd)])
         reg.section(vmsd, new, old, _rename("parent_obj", "common"), lossless=True, mirrors=PS2,
                     name=f"{vmsd} common",
-                    changes=[Change("field-removed", vmsd, "parent_obj"), Change("field-added", vmsd, "common")])
+                    changes=[Change("field-removed", vmsd, "parent_obj"), Change("field-added", vmsd, "common"),
+                             Change("section-removed", vmsd)])
     reg.section("pckbd", old, new, _rename("pending", "pending_tmp", ("kbd",)), lossless=True, mirrors=PENDING,
                 name="pckbd pending_tmp",
                 changes=[Change("field-removed", "pckbd", "kbd/pending"),

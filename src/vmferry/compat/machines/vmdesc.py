@@ -26,7 +26,7 @@ from ...errors import CompatError
 from ...events import Vmdesc
 from ...serialize.visitor import ARRAY_INDEX_BY_QEMU
 
-__all__ = ["is_qjson", "restyle_fields", "restyle_text", "restyle_vmsd", "style_of", "writer_qemu"]
+__all__ = ["is_qjson", "restyle_fields", "restyle_text", "restyle_vmsd", "style_of", "writer_qemu", "writer_qemu_of"]
 
 
 def style_of(qemu: str) -> str:
@@ -154,10 +154,8 @@ def _neighbours(node: Any, test: Any) -> bool:
 def writer_qemu(text: bytes) -> list[str]:
     """The QEMU releases of the catalogue whose vmdesc looks like ``text``, most likely first.
 
-    QJSON spacing: 5.2.  Neighbours of one name without any index: 11.1.
-    A configuration object, or an array's last element without an index:
-    10.0 (then 11.1, whose streams without element-by-element arrays look
-    the same).  Otherwise 7.2.  Empty when ``text`` is not a vmdesc.
+    QJSON spacing: 5.2.  Otherwise as :func:`writer_qemu_of`.  Empty when
+    ``text`` is not a vmdesc.
     """
     try:
         doc = json.loads(text)
@@ -165,9 +163,17 @@ def writer_qemu(text: bytes) -> list[str]:
         return []
     if not isinstance(doc, dict) or not isinstance(doc.get("devices"), list):
         return []
-    if is_qjson(text):
-        return ["5.2"]
-    devices = doc["devices"]
+    return ["5.2"] if is_qjson(text) else writer_qemu_of(doc)
+
+
+def writer_qemu_of(doc: Mapping[str, Any]) -> list[str]:
+    """The QEMU releases (6.0 and later) whose vmdesc object looks like ``doc``, most likely first.
+
+    Neighbours of one name without any index: 11.1.  A configuration object,
+    or an array's last element without an index: 10.0 (then 11.1, whose
+    streams without element-by-element arrays look the same).  Otherwise 7.2.
+    """
+    devices = doc.get("devices")
     if _neighbours(devices, lambda a, b: "index" not in a and "index" not in b):
         return ["11.1"]
     if isinstance(doc.get("configuration"), dict) or \
