@@ -110,6 +110,7 @@ class Schemas:
     commands: set[str] | None = None
     vmdesc_configuration: bool | None = None
     qemus: list[str] = field(default_factory=list)
+    classes: dict[str, SectionDesc] | None = None  # -dump-vmstate: every device class, by class name
 
     @property
     def class_level(self) -> bool:
@@ -227,17 +228,23 @@ def from_dump_vmstate(obj: Any, origin: str) -> Schemas:
         raise SchemaError(f"{origin}: not a -dump-vmstate file (no 'vmschkmachine')")
     machine = obj["vmschkmachine"].get("Name") if isinstance(obj["vmschkmachine"], Mapping) else None
     sections: dict[str, SectionDesc] = {}
+    classes: dict[str, SectionDesc] = {}
     for key, entry in obj.items():
         if key == "vmschkmachine" or not isinstance(entry, Mapping) or "Description" not in entry:
             continue
         vmsd = _dump_vmsd(entry["Description"], f"$[{key!r}].Description")
         sections.setdefault(vmsd.name, SectionDesc(vmsd.name, vmsd.name, None, vmsd))
-    return Schemas(origin, "dump-vmstate", sections, machine if isinstance(machine, str) else None)
+        classes[key] = SectionDesc(key, key, None, vmsd)  # several classes may share a vmsd
+    return Schemas(origin, "dump-vmstate", sections, machine if isinstance(machine, str) else None, classes=classes)
 
 
-def _by_vmsd_name(s: Schemas) -> dict[str, SectionDesc]:
+def _by_vmsd_name(s: Schemas, other: Schemas) -> dict[str, SectionDesc]:
+    """One description per vmsd name; where several classes share one (7.2's serial-mm and isa-serial),
+    the class the other side has too, so that like is compared with like."""
+    mine, theirs = s.classes or s.sections, other.classes or other.sections
+    shared = {k for k, sec in mine.items() if k in theirs and theirs[k].vmsd.name == sec.vmsd.name}
     out: dict[str, SectionDesc] = {}
-    for sec in s.sections.values():
+    for key, sec in sorted(mine.items(), key=lambda kv: kv[0] not in shared):
         out.setdefault(sec.vmsd.name, SectionDesc(sec.vmsd.name, sec.vmsd.name, None, sec.vmsd))
     return out
 
@@ -299,8 +306,8 @@ def diff(a: Schemas, b: Schemas, registry: Registry | None = None, *, source: st
     """
     out: list[Difference] = []
     class_level = a.class_level or b.class_level
-    sa = _by_vmsd_name(a) if class_level else a.sections
-    sb = _by_vmsd_name(b) if class_level else b.sections
+    sa = _by_vmsd_name(a, b) if class_level else a.sections
+    sb = _by_vmsd_name(b, a) if class_level else b.sections
     for key, sec in sa.items():
         if key not in sb:
             out.append(Difference("section-removed", key, sec.vmsd.name, "", f"{sec.vmsd.name} v{sec.vmsd.version}"))
