@@ -23,13 +23,14 @@ goes on to 7.2, and :mod:`.x86` and :mod:`.qemu5` further):
   property), writes no array ``index`` in the vmdesc (:mod:`.vmdesc`), and
   has CPU state 10.0 cannot hold (``cpu/apx``, ``cpu/cet``, ...).
 
-Left as the guest saw them, as QEMU itself does loading the other's stream
-of the same machine type: the ICH9 GCS "no reboot" bit (``ICH9LPC``
-``chip_config[0x3410]``: QEMU 10.0 resets it to 0x20 whatever the
-``noreboot`` property, 11.1 follows the property, off from ``pc-q35-8.0``
-on), and the size virtio-net reports for queues the guest never set up
-(1024 in 10.0, the default sizes in 11.1; the guest's device reset sets
-them).  Going up, the CPU hotplug state is not added: a QEMU 11.1
+The size QEMU 10.0 writes for a virtqueue no driver set up (1024) is one QEMU
+11.1 refuses ("VQ 0 vring.num 1024 exceeds allocated max 256"): such
+queues get the size the device allocated (virtio-net: 256, the control
+queue 64), as 11.1 writes them, and back.  Left as the guest saw it, as
+QEMU itself does loading the other's stream of the same machine type: the
+ICH9 GCS "no reboot" bit (``ICH9LPC`` ``chip_config[0x3410]``: QEMU 10.0
+resets it to 0x20 whatever the ``noreboot`` property, 11.1 follows the
+property, off from ``pc-q35-8.0`` on).  Going up, the CPU hotplug state is not added: a QEMU 11.1
 destination of a stream without it keeps its reset state, which is what the
 subsection would carry (its length, the number of possible CPUs, is not in
 the stream).
@@ -44,6 +45,7 @@ from ...errors import CompatError
 from ...events import DeviceSection, Event, Vmdesc
 from ..ops import Machine, drop_subsection, node, set_field, with_node
 from ..registry import Change, Registry, Release
+from . import virtio
 from .qemu10 import QEMU_10_0
 from .vmdesc import restyle_text
 
@@ -120,6 +122,24 @@ def features_128_down(sec: DeviceSection, m: Machine) -> DeviceSection:
         raise CompatError(f"{sec.idstr}: the guest negotiated virtio features above bit 63 ({FEATURES_128}: "
                           f"UDP tunnel offloads), which no older machine type offers")
     return sec
+
+
+#: virtio-net's queue sizes (hw/net/virtio-net.c): rx_queue_size and tx_queue_size default to 256, the control
+#: queue, the last one, is 64; QEMU 10.0 writes VIRTQUEUE_MAX_SIZE for a queue no driver set up.
+VIRTIO_NET_QUEUE_SIZE, VIRTIO_NET_CTRL_QUEUE_SIZE, VIRTQUEUE_MAX_SIZE = 256, 64, 1024
+
+
+def _unset_queue_sizes(to_11_1: bool) -> Any:
+    def fn(t: dict[str, Any], sec: DeviceSection) -> dict[str, Any]:
+        queues = t["queues"]
+        out = []
+        for i, q in enumerate(queues):
+            size = VIRTIO_NET_CTRL_QUEUE_SIZE if i == len(queues) - 1 else VIRTIO_NET_QUEUE_SIZE
+            old, new = (VIRTQUEUE_MAX_SIZE, size) if to_11_1 else (size, VIRTQUEUE_MAX_SIZE)
+            out.append(dict(q, num=new) if q["desc"] == 0 and q["num"] == old else q)
+        return t if out == queues else dict(t, queues=out)
+    fn.__name__ = "unset_queue_sizes_" + ("11_1" if to_11_1 else "10_0")
+    return fn
 
 
 def _vmdesc_for(qemu: str) -> Any:
@@ -233,6 +253,13 @@ def _version_step(reg: Registry, old: str, new: str) -> None:
     reg.section("virtio-net", new, old, features_128_down, lossless=True, name=FEATURES_128,
                 mirrors="hw/virtio/virtio.c (QEMU 10.1+): virtio/128bit_features carries feature bits above 63; "
                         "refused going down when the guest negotiated one")
+    queues = "hw/virtio/virtio.c (QEMU 10.1+): virtio_load refuses a queue size above the size the device " \
+             "allocated ('VQ 0 vring.num 1024 exceeds allocated max 256'); QEMU 10.0 writes VIRTQUEUE_MAX_SIZE (1024) " \
+             "for a queue no driver set up, 11.1 the allocated size (virtio-net: 256, the control queue 64)"
+    reg.section("virtio-net", old, new, virtio.on_blob(_unset_queue_sizes(True)), lossless=True,
+                name="virtio-net unset queue sizes", mirrors=queues + "; set to the allocated size")
+    reg.section("virtio-net", new, old, virtio.on_blob(_unset_queue_sizes(False)), lossless=True,
+                name="virtio-net unset queue sizes", mirrors=queues + "; set back to 1024")
     reg.machine(old, new, None, lossless=True, mirrors=SINCE, name="since-versions", changes=SINCE_CHANGES)
     reg.machine(new, old, None, lossless=True, mirrors=SINCE, name="since-versions", changes=SINCE_CHANGES)
     reg.stream(old, new, _vmdesc_for(QEMU_11_1), lossless=True, mirrors=VMDESC, name="vmdesc (QEMU 11.1)")
