@@ -319,7 +319,8 @@ def test_live_through_the_proxy_between_the_oldest_and_the_newest(where: Path, c
         out = capsys.readouterr()
         assert code == 0, out.err
         route = json.loads(out.out)["route"]
-        assert (route["from_machine"], route["machine"]) == (qemu_registry().resolve(a, qa), b)
+        reg = qemu_registry()
+        assert (route["from_machine"], route["machine"]) == (reg.resolve(a, qa), reg.resolve(b, qb))
         assert src.status() == "postmigrate"
         _counts_on(src.serial_text(), dst)
 

@@ -204,8 +204,8 @@ SINCE = "hw/rtc/mc146818rtc.c, hw/timer/hpet.c, hw/i2c/smbus_ich9.c (QEMU 10.1+)
         "older than 3 (RTC) and 2 (HPET) and for SMBus-less ICH9 (machine types <= 3.1) was dropped with those " \
         "machine types, so the fields lost their since-version and field tests; both QEMUs write and load the " \
         "same bytes"
-SINCE_CHANGES = [Change("field-changed", "mc146818rtc", f) for f in
-                 ("irq_coalesced", "period", "base_rtc", "last_update", "offset", "update_timer", "next_alarm_time")] + \
+RTC_FIELDS = ("irq_coalesced", "period", "base_rtc", "last_update", "offset", "update_timer", "next_alarm_time")
+SINCE_CHANGES = [Change("field-changed", "mc146818rtc", f) for f in RTC_FIELDS] + \
     [Change("field-changed", "hpet", "num_timers_save"), Change("field-changed", "ich9_smb", "irq_enabled")]
 
 _NO_CHANGE = {
@@ -254,8 +254,8 @@ def _version_step(reg: Registry, old: str, new: str) -> None:
                 mirrors="hw/virtio/virtio.c (QEMU 10.1+): virtio/128bit_features carries feature bits above 63; "
                         "refused going down when the guest negotiated one")
     queues = "hw/virtio/virtio.c (QEMU 10.1+): virtio_load refuses a queue size above the size the device " \
-             "allocated ('VQ 0 vring.num 1024 exceeds allocated max 256'); QEMU 10.0 writes VIRTQUEUE_MAX_SIZE (1024) " \
-             "for a queue no driver set up, 11.1 the allocated size (virtio-net: 256, the control queue 64)"
+             "allocated ('VQ 0 vring.num 1024 exceeds allocated max 256'); QEMU 10.0 writes VIRTQUEUE_MAX_SIZE " \
+             "(1024) for a queue no driver set up, 11.1 the allocated size (virtio-net: 256, the control queue 64)"
     reg.section("virtio-net", old, new, virtio.on_blob(_unset_queue_sizes(True)), lossless=True,
                 name="virtio-net unset queue sizes", mirrors=queues + "; set to the allocated size")
     reg.section("virtio-net", new, old, virtio.on_blob(_unset_queue_sizes(False)), lossless=True,
