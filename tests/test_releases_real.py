@@ -6,6 +6,8 @@
   ``vmferry transform``; the destination QEMU alone refuses the untransformed
   stream (at its configuration section).  The same with e1000, e1000e (q35)
   and virtio-net-pci, each release a source and a destination.
+* QEMU 11.1 refuses QEMU 10.0's own stream of the same machine type with a
+  virtio-net-pci (unset virtqueues' size); transformed, it loads.
 * The removed-machine-type rescue: QEMU 7.2's pc-i440fx-2.12 / pc-q35-2.12,
   which QEMU 11.1 does not run, go to 11.1's newest machine types.
 * A stream without a configuration section (pc-i440fx-2.3) transforms without
@@ -162,6 +164,21 @@ def test_network_cards_travel_too(saved: _Saved, tmp_path: Path, chipset: str, q
     with _vm(b, qb, args, incoming=True, paused=False, name="destination", workdir=tmp_path / "dst") as dst:
         assert dst.load(out) == "running"
         _counts_on(src_text, dst)
+
+
+@pytest.mark.qemu10
+@pytest.mark.qemu11
+def test_qemu_11_1_refuses_qemu_10_0s_virtio_net_of_the_same_machine_type(saved: _Saved, tmp_path: Path) -> None:
+    """QEMU 10.0 writes 1024 for the size of a virtqueue no driver set up, above what 11.1 allocates."""
+    src, _ = saved.get("pc-i440fx-10.0", "10.0", E1000_VIRTIO, running=False)
+    with _vm("pc-i440fx-10.0", "11.1", E1000_VIRTIO, incoming=True, name="refuses", workdir=tmp_path / "r") as dst:
+        with pytest.raises(QemuError) as e:
+            dst.load(src)
+    assert "vring.num 1024 exceeds allocated max 256" in str(e.value)
+    out = tmp_path / "out.mig"
+    assert _transform(src, out, "pc-i440fx-10.0", "11.1") == 0
+    with _vm("pc-i440fx-10.0", "11.1", E1000_VIRTIO, incoming=True, name="loads", workdir=tmp_path / "l") as dst:
+        assert dst.load(out) in ("prelaunch", "paused")
 
 
 # ------------------------------------------------------------ a machine type 11.1 no longer has

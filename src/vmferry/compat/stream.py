@@ -86,14 +86,18 @@ def source_release(configuration: Configuration | None, given: str | None, regis
         return _infer(registry, versions)
     if registry is None:
         return name
-    if len(versions) <= 1:
+    if isinstance(qemu, str) or not versions:  # given, or nothing shown: that QEMU (or the home release)
         return registry.resolve(name, versions[0] if versions else None)
+    errors = []
     for v in versions:
         try:
             return registry.resolve(name, v)
-        except CompatError:
-            continue
-    return registry.resolve(name, versions[0])  # raises, saying what QEMU versions[0] has here
+        except CompatError as e:
+            errors.append(e)
+    shown = " or ".join(versions)
+    raise CompatError(f"the stream is {name}, written by QEMU {shown} as far as its vmdesc shows, and the "
+                      f"catalogue has no such release ({errors[0]}); if another QEMU wrote it, name it "
+                      f"(--from-qemu-version)") from None
 
 
 def without_configuration(registry: Registry, qemu: Sequence[str] = ()) -> list[str]:
