@@ -306,3 +306,16 @@ def test_the_5_2_names_travel_both_ways() -> None:
     assert t.section_fn is not None
     assert t.section_fn(pckbd, m).state == {"kbd": {"status": 0x1c, "pending_tmp": 1}}
     assert pckbd.state == {"kbd": {"status": 0x1c, "pending": 1}}  # the input is left as it was
+
+
+def test_diff_infers_the_machine_type_of_a_stream_without_configuration(tmp_path: Any,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from test_compat_cli import read, small_stream, write
+
+    new = write(tmp_path / "new.mig", small_stream())
+    assert main(["transform", str(new), str(tmp_path / "old.mig"), "--machine", "pc-i440fx-2.3", "-q"]) == 0
+    assert not any(isinstance(e, Configuration) for e in read(tmp_path / "old.mig"))
+    assert main(["diff", str(tmp_path / "old.mig"), str(new), "--schemas-only", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["plan"][0] == "pc-i440fx-2.3" and report["plan"][-1] == "pc-i440fx-7.2"
+    assert report["plan_error"] is None and report["uncovered"] == 0
