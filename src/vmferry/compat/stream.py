@@ -88,16 +88,16 @@ def source_release(configuration: Configuration | None, given: str | None, regis
         return name
     if isinstance(qemu, str) or not versions:  # given, or nothing shown: that QEMU (or the home release)
         return registry.resolve(name, versions[0] if versions else None)
-    errors = []
     for v in versions:
         try:
             return registry.resolve(name, v)
-        except CompatError as e:
-            errors.append(e)
-    shown = " or ".join(versions)
-    raise CompatError(f"the stream is {name}, written by QEMU {shown} as far as its vmdesc shows, and the "
-                      f"catalogue has no such release ({errors[0]}); if another QEMU wrote it, name it "
-                      f"(--from-qemu-version)") from None
+        except CompatError:
+            continue
+    registry.release(name)  # an unknown machine type: say so, with what the catalogue knows
+    have = sorted({registry.release(n).qemu or "?" for n in registry.releases if registry.release(n).machine == name})
+    raise CompatError(f"the stream is {name}, written by QEMU {' or '.join(versions)} as far as its vmdesc shows, "
+                      f"but the catalogue has {name} for QEMU {', '.join(have)} only; if one of those wrote it, "
+                      f"say so (--from-qemu-version)")
 
 
 def without_configuration(registry: Registry, qemu: Sequence[str] = ()) -> list[str]:

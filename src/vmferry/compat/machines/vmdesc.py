@@ -169,13 +169,15 @@ def writer_qemu(text: bytes) -> list[str]:
 def writer_qemu_of(doc: Mapping[str, Any]) -> list[str]:
     """The QEMU releases (6.0 and later) whose vmdesc object looks like ``doc``, most likely first.
 
-    Neighbours of one name without any index: 11.1.  A configuration object,
-    or an array's last element without an index: 10.0 (then 11.1, whose
-    streams without element-by-element arrays look the same).  Otherwise 7.2.
+    Neighbours of one name without any index: 11.1 (then 10.0: the catalogue
+    has 11.1's machine types from 10.0 on, and 11.1's streams of older ones
+    are otherwise like 10.0's).  A configuration object, or an array's last
+    element without an index: 10.0 (then 11.1, whose streams without
+    element-by-element arrays look the same).  Otherwise 7.2.
     """
     devices = doc.get("devices")
     if _neighbours(devices, lambda a, b: "index" not in a and "index" not in b):
-        return ["11.1"]
+        return ["11.1", "10.0"]
     if isinstance(doc.get("configuration"), dict) or \
             _neighbours(devices, lambda a, b: "index" in a and "index" not in b):
         return ["10.0", "11.1"]
