@@ -35,9 +35,9 @@ def build_registry() -> Registry:
     """A fresh registry with the QEMU x86 catalogue."""
     reg = Registry()
     x86.register(reg)
+    qemu5.register(reg)
     qemu10.register(reg)
     qemu11.register(reg)
-    qemu5.register(reg)
     return reg
 
 

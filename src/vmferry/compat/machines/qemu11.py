@@ -39,15 +39,15 @@ the stream).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator
+from typing import Any
 
 from ...errors import CompatError
-from ...events import DeviceSection, Event, Vmdesc
+from ...events import DeviceSection
 from ..ops import Machine, drop_subsection, node, set_field, with_node
 from ..registry import Change, Registry, Release
 from . import virtio
 from .qemu10 import QEMU_10_0
-from .vmdesc import restyle_text
+from .vmdesc import styled
 
 __all__ = ["PC11", "Q35_11", "QEMU_11_1", "register"]
 
@@ -139,14 +139,6 @@ def _unset_queue_sizes(to_11_1: bool) -> Any:
             out.append(dict(q, num=new) if q["desc"] == 0 and q["num"] == old else q)
         return t if out == queues else dict(t, queues=out)
     fn.__name__ = "unset_queue_sizes_" + ("11_1" if to_11_1 else "10_0")
-    return fn
-
-
-def _vmdesc_for(qemu: str) -> Any:
-    def fn(events: Iterator[Event]) -> Iterator[Event]:
-        for ev in events:
-            yield restyle_text(ev, qemu) if isinstance(ev, Vmdesc) else ev
-    fn.__doc__ = f"The vmdesc's array indexes as QEMU {qemu} writes them."
     return fn
 
 
@@ -262,8 +254,8 @@ def _version_step(reg: Registry, old: str, new: str) -> None:
                 name="virtio-net unset queue sizes", mirrors=queues + "; set back to 1024")
     reg.machine(old, new, None, lossless=True, mirrors=SINCE, name="since-versions", changes=SINCE_CHANGES)
     reg.machine(new, old, None, lossless=True, mirrors=SINCE, name="since-versions", changes=SINCE_CHANGES)
-    reg.stream(old, new, _vmdesc_for(QEMU_11_1), lossless=True, mirrors=VMDESC, name="vmdesc (QEMU 11.1)")
-    reg.stream(new, old, _vmdesc_for(QEMU_10_0), lossless=True, mirrors=VMDESC, name="vmdesc (QEMU 10.0)")
+    reg.stream(old, new, styled(QEMU_11_1), lossless=True, mirrors=VMDESC, name="vmdesc (QEMU 11.1)")
+    reg.stream(new, old, styled(QEMU_10_0), lossless=True, mirrors=VMDESC, name="vmdesc (QEMU 10.0)")
 
 
 def _machine_steps(reg: Registry, at: dict[str, str], q35: bool) -> None:
@@ -299,4 +291,4 @@ def _machine_steps(reg: Registry, at: dict[str, str], q35: bool) -> None:
     # Sections a transform changed get a new vmdesc entry: written as 11.1 writes it.
     for prev, v in zip(VERSIONS_11_1, VERSIONS_11_1[1:]):
         for a, b in ((at[prev], at[v]), (at[v], at[prev])):
-            reg.stream(a, b, _vmdesc_for(QEMU_11_1), lossless=True, name="vmdesc (QEMU 11.1)", mirrors=VMDESC)
+            reg.stream(a, b, styled(QEMU_11_1), lossless=True, name="vmdesc (QEMU 11.1)", mirrors=VMDESC)

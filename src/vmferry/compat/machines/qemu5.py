@@ -34,14 +34,14 @@ qemu-xhci (set in 5.2), a TCG-internal ``hflags2`` bit of the CPU.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from ...errors import CompatError
-from ...events import DeviceSection, Event, OpaqueSection, Vmdesc
+from ...events import DeviceSection, OpaqueSection
 from ..ops import Machine, node, rename_field, with_node
 from ..registry import Change, Registry, Release
 from .releases import QEMU_7_2
-from .vmdesc import restyle_text
+from .vmdesc import styled
 
 __all__ = ["PC5", "Q35_5", "QEMU_5_2", "register"]
 
@@ -140,19 +140,6 @@ def dma_after_speaker(m: Machine) -> Machine:
 
 
 # ---------------------------------------------------------------------------
-# The vmdesc
-# ---------------------------------------------------------------------------
-
-
-def _vmdesc_for(qemu: str) -> Any:
-    def fn(events: Iterator[Event]) -> Iterator[Event]:
-        for ev in events:
-            yield restyle_text(ev, qemu) if isinstance(ev, Vmdesc) else ev
-    fn.__doc__ = f"The vmdesc as QEMU {qemu} writes it."
-    return fn
-
-
-# ---------------------------------------------------------------------------
 # Registration
 # ---------------------------------------------------------------------------
 
@@ -215,5 +202,5 @@ def _version_step(reg: Registry, old: str, new: str) -> None:
     reg.machine(old, new, None, lossless=True, mirrors=NOT_SENT, name="7.2 state not sent for 5.2", changes=not_sent)
     reg.machine(new, old, None, lossless=True, mirrors=NOT_SENT, name="7.2 state not sent for 5.2",
                 changes=[dataclasses.replace(c, kind=c.kind.replace("added", "removed")) for c in not_sent])
-    reg.stream(old, new, _vmdesc_for(QEMU_7_2), lossless=True, mirrors=VMDESC, name="vmdesc (QEMU 7.2)")
-    reg.stream(new, old, _vmdesc_for(QEMU_5_2), lossless=True, mirrors=VMDESC, name="vmdesc (QEMU 5.2)")
+    reg.stream(old, new, styled(QEMU_7_2), lossless=True, mirrors=VMDESC, name="vmdesc (QEMU 7.2)")
+    reg.stream(new, old, styled(QEMU_5_2), lossless=True, mirrors=VMDESC, name="vmdesc (QEMU 5.2)")

@@ -20,13 +20,14 @@ none at all).  :func:`writer_qemu` reads the clues back.  Pure functions.
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from ...errors import CompatError
-from ...events import Vmdesc
+from ...events import Event, Vmdesc
 from ...serialize.visitor import ARRAY_INDEX_BY_QEMU
 
-__all__ = ["is_qjson", "restyle_fields", "restyle_text", "restyle_vmsd", "style_of", "writer_qemu", "writer_qemu_of"]
+__all__ = ["is_qjson", "restyle_fields", "restyle_text", "restyle_vmsd", "style_of", "styled", "writer_qemu",
+           "writer_qemu_of"]
 
 
 def style_of(qemu: str) -> str:
@@ -131,6 +132,15 @@ def restyle_text(ev: Vmdesc, qemu: str) -> Vmdesc:
     style = style_of(qemu)
     obj["devices"] = [restyle_vmsd(d, style) if isinstance(d, Mapping) else d for d in obj["devices"]]
     return Vmdesc(vmdesc_text(obj, qjson=qemu == "5.2"))
+
+
+def styled(qemu: str) -> Callable[[Iterator[Event]], Iterator[Event]]:
+    """A stream transform writing the vmdesc as QEMU ``qemu`` does (:func:`restyle_text`)."""
+    def fn(events: Iterator[Event]) -> Iterator[Event]:
+        for ev in events:
+            yield restyle_text(ev, qemu) if isinstance(ev, Vmdesc) else ev
+    fn.__doc__ = f"The vmdesc as QEMU {qemu} writes it."
+    return fn
 
 
 def _neighbours(node: Any, test: Any) -> bool:
