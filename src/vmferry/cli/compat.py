@@ -2,7 +2,8 @@
 
 ``vmferry transform IN OUT --machine TARGET [--qemu-version V]`` converts a
 stream saved under one QEMU machine type into the stream of the same guest
-under another, also across QEMU versions (5.2, 7.2, 10.0 and 11.1; :mod:`vmferry.compat`).  ``vmferry diff A B`` lists what differs between two
+under another, also across QEMU versions (5.2, 7.2, 10.0 and 11.1;
+:mod:`vmferry.compat`).  ``vmferry diff A B`` lists what differs between two
 schema sets (streams, vmdesc JSON, ``-dump-vmstate`` JSON) and whether a
 registered transform covers each difference.  ``vmferry plan A B`` shows the
 chain of transforms between two machine types and what each mirrors.
