@@ -2,7 +2,8 @@
 
 ``vmferry transform IN OUT --machine TARGET [--qemu-version V]`` converts a
 stream saved under one QEMU machine type into the stream of the same guest
-under another, also across QEMU versions (7.2 and 10.0; :mod:`vmferry.compat`).  ``vmferry diff A B`` lists what differs between two
+under another, also across QEMU versions (5.2, 7.2, 10.0 and 11.1;
+:mod:`vmferry.compat`).  ``vmferry diff A B`` lists what differs between two
 schema sets (streams, vmdesc JSON, ``-dump-vmstate`` JSON) and whether a
 registered transform covers each difference.  ``vmferry plan A B`` shows the
 chain of transforms between two machine types and what each mirrors.
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from .. import encode
 from .common import (EXIT_OK, UsageError, from_option, open_stream, output_file, print_json, progress_bar,
-                     stdout_console, write_all)
+                     stderr_console, stdout_console, write_all)
 
 if TYPE_CHECKING:  # the compat package is imported by the commands that use it, not at start-up
     from ..compat.check import Report, Schemas
@@ -74,7 +75,9 @@ def cmd_transform(args: argparse.Namespace) -> int:
             raise UsageError(f"--compress {'|'.join(FERRY_COMPRESS)} applies to --to ferry, the others to libvirt "
                              "save images")
         options = {"compress": args.compress} if args.compress is not None else {}
-        events = transform_events(decode_input(inp, schema, target=fmt), registry, machine, from_machine, from_qemu)
+        plans: list[Any] = []
+        events = transform_events(decode_input(inp, schema, target=fmt), registry, machine, from_machine, from_qemu,
+                                  on_plan=plans.append)
         try:
             with output_file(args.output, [args.input]) as out:
                 written = write_all(out, target.encode(events, **options))
@@ -84,7 +87,10 @@ def cmd_transform(args: argparse.Namespace) -> int:
             raise UsageError(f"{args.output}: {e.strerror or e}") from None
     if args.json:
         print_json({"input": args.input, "input_format": inp.file_format, "output": args.output, "format": fmt,
-                    "machine": machine, "bytes": written})
+                    "machine": machine, "source": plans[0].source if plans else None,
+                    "path": plans[0].path if plans else None, "bytes": written})
+    elif plans and args.verbose:
+        stderr_console().print(f"path: {plans[0]}")
     return EXIT_OK
 
 
@@ -105,13 +111,17 @@ def _transform_image(args: argparse.Namespace, inp: Input, release: str, machine
     return EXIT_OK
 
 
-def source_qemu(path: str) -> str | None:
-    """The QEMU version that wrote the QEMU stream file ``path``, where its vmdesc tells (else None).
+def source_qemu(path: str) -> list[str] | None:
+    """The QEMU versions that may have written the QEMU stream file ``path`` (or a raw libvirt save image's
+    stream), most likely first, as its vmdesc tells (:func:`vmferry.compat.machines.vmdesc.writer_qemu`); None
+    when it cannot tell.
 
-    QEMU 10.0 describes the configuration section in the vmdesc, 7.2 does not
-    (spec §11.8); this tells a ``pc-i440fx-7.2`` stream of QEMU 10.0 from one
-    of QEMU 7.2.
+    QJSON spacing means 5.2, arrays without any index 11.1, a configuration
+    object (spec §11.8) 10.0; this tells, e.g., a ``pc-i440fx-7.2`` stream of
+    QEMU 10.0 from one of QEMU 7.2.
     """
+    from ..compat.machines.vmdesc import writer_qemu
+
     try:
         with open(path, "rb") as f:
             head = f.read(ls.HEADER_SIZE)
@@ -125,13 +135,7 @@ def source_qemu(path: str) -> str | None:
         return None
     if text is None:
         return None
-    try:
-        obj = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(obj, dict):
-        return None
-    return "10.0" if isinstance(obj.get("configuration"), dict) else "7.2"
+    return writer_qemu(text) or None
 
 
 # ---------------------------------------------------------------------------
@@ -182,6 +186,7 @@ def _stream_schemas(path: str, fmt: str) -> Schemas:
 def _stream_schemas_only(path: str, fmt: str) -> Schemas:
     from ..compat.check import from_vmdesc
 
+    text: bytes | None = None
     if fmt == "legacy":
         config, footers, ram = _stream_head(path)
         text = read_stream_vmdesc(path)
@@ -210,6 +215,11 @@ def _stream_schemas_only(path: str, fmt: str) -> Schemas:
         if obj is None:
             obj = {"page_size": 4096, "devices": devices}
     s = from_vmdesc(obj, path, "stream", config.machine if config is not None else None)
+    if text is not None:
+        from ..compat.machines.vmdesc import writer_qemu
+
+        s.qemus = writer_qemu(text) or s.qemus  # QEMU 5.2's QJSON spacing shows only in the text
+        s.qemu = s.qemus[0] if s.qemus else s.qemu
     s.configuration = config is not None
     s.footers = footers
     s.ram = ram
@@ -252,12 +262,13 @@ def cmd_diff(args: argparse.Namespace) -> int:
     from ..compat.check import diff
 
     registry = qemu_registry()
-    for machine in (args.from_machine, args.to_machine):
+    for machine, qemu in ((args.from_machine, args.from_qemu_version), (args.to_machine, args.qemu_version)):
         if machine:
-            registry.resolve(machine)  # an unknown machine type is bad input, before anything is read
+            registry.resolve(machine, qemu)  # an unknown machine type is bad input, before anything is read
     a = load_schemas(args.a)
     b = load_schemas(args.b)
-    report = diff(a, b, registry, source=args.from_machine, target=args.to_machine)
+    report = diff(a, b, registry, source=args.from_machine, target=args.to_machine,
+                  source_qemu=args.from_qemu_version, target_qemu=args.qemu_version)
     values = _value_diff(args.a, args.b) if a.kind == "stream" and b.kind == "stream" and not args.schemas_only \
         else None
     if args.json:
@@ -395,12 +406,15 @@ def add_subcommands(sub: Any) -> None:
     """Add ``transform``, ``diff`` and ``plan`` to the ``vmferry`` subcommand parsers."""
     tr = sub.add_parser(
         "transform", help="convert a stream from one QEMU machine type to another",
-        description="Convert a stream saved by QEMU under one machine type (QEMU 7.2: pc-i440fx-2.3 .. 7.2, "
-                    "pc-q35-2.4 .. 7.2; QEMU 10.0: pc-i440fx-7.2 .. 10.0, pc-q35-7.2 .. 10.0) into "
-                    "the stream of the same guest under another, for that QEMU to load with that machine type. "
-                    "A release is a machine type of one QEMU version: pc-i440fx-7.2@10.0 is pc-i440fx-7.2 run by "
-                    "QEMU 10.0. The source machine type is read from the stream's configuration "
-                    "section; streams without one (pc-i440fx-2.3) need --from-machine. RAM passes through; "
+        description="Convert a stream saved by QEMU under one machine type (QEMU 5.2: pc-i440fx-5.2, "
+                    "pc-q35-5.2; QEMU 7.2: pc-i440fx-2.3 .. 7.2, pc-q35-2.4 .. 7.2; QEMU 10.0: pc-i440fx-7.2 .. "
+                    "10.0, pc-q35-7.2 .. 10.0; QEMU 11.1: pc-i440fx-10.0 .. 11.1, pc-q35-10.0 .. 11.1) into "
+                    "the stream of the same guest under another, for that QEMU to load with that machine type, "
+                    "also one the source's QEMU does not have (QEMU 7.2's pc-i440fx-2.12 to QEMU 11.1's "
+                    "pc-i440fx-11.1). A release is a machine type of one QEMU version: pc-i440fx-7.2@10.0 is "
+                    "pc-i440fx-7.2 run by QEMU 10.0. The source machine type is read from the stream's "
+                    "configuration section; a stream without one is taken as pc-i440fx-2.3, the one machine type "
+                    "of the catalogue that sends none (--from-machine says otherwise). RAM passes through; "
                     "device state is converted step by step (see 'vmferry plan'). A libvirt save image (virsh save, "
                     "managedsave) gives an image: the stream converted and the machine type of its domain XML set "
                     "to TARGET, was_running, the cookie and the rest of the XML kept, so that virsh restore (or "
@@ -410,10 +424,12 @@ def add_subcommands(sub: Any) -> None:
     tr.add_argument("output", help="output file; '-' for stdout")
     tr.add_argument("--machine", required=True, metavar="TARGET", help="target machine type, e.g. pc-i440fx-2.12")
     tr.add_argument("--qemu-version", metavar="V",
-                    help="the QEMU version that will load the result (7.2 or 10.0; default: the oldest that has "
-                         "the target machine type, so pc-i440fx-10.0 means 10.0 and pc-i440fx-7.2 means 7.2)")
+                    help="the QEMU version that will load the result (5.2, 7.2, 10.0 or 11.1; default: the one "
+                         "the catalogue has the machine type for, so pc-i440fx-10.0 means 10.0, pc-i440fx-7.2 and "
+                         "pc-i440fx-5.2 mean 7.2)")
     tr.add_argument("--from-machine", metavar="SOURCE",
-                    help="source machine type, for streams without a configuration section")
+                    help="source machine type, for streams without a configuration section (default: the one "
+                         "machine type of the catalogue that sends none, pc-i440fx-2.3)")
     tr.add_argument("--from-qemu-version", metavar="V",
                     help="the QEMU version that wrote the input (default: what its vmdesc shows, else the "
                          "oldest QEMU that has its machine type)")
@@ -444,6 +460,9 @@ def add_subcommands(sub: Any) -> None:
     df.add_argument("--from-machine", metavar="MACHINE", help="A's machine type, when A does not name it")
     df.add_argument("--machine", dest="to_machine", metavar="MACHINE", help="B's machine type, when B does not name it")
     df.add_argument("--to-machine", dest="to_machine", help=argparse.SUPPRESS)  # the old spelling
+    df.add_argument("--from-qemu-version", metavar="V",
+                    help="the QEMU version of A (default: what A's vmdesc shows; -dump-vmstate files do not show it)")
+    df.add_argument("--qemu-version", metavar="V", help="the QEMU version of B (as --from-qemu-version)")
     df.add_argument("--json", action="store_true", help="print the report as JSON (with \"values\" for two streams)")
     df.add_argument("--schemas-only", action="store_true",
                     help="for two streams, compare only their schemas, not their values (reads less)")
