@@ -31,6 +31,7 @@ pytestmark = pytest.mark.qemu
 
 E1000 = ("-device", "e1000")
 CAPS = {"postcopy-ram": True}
+MEMORY = "128M"  # enough zero pages above what precopy sent that postcopy's background copy takes seconds
 MOVES = [
     ("pc-i440fx-2.12", "7.2", "pc-i440fx-7.2", "7.2", E1000),
     pytest.param("pc-i440fx-10.0", "10.0", "pc-i440fx-7.2", "7.2", (), marks=pytest.mark.qemu10),
@@ -48,8 +49,9 @@ def _twin_schema(tmp_path: Path, machine: str, qemu: str, args: tuple[str, ...],
 def _postcopy(tmp_path: Path, sockdir: Path, a: str, qa: str, b: str, qb: str, args: tuple[str, ...],
               proxy: Proxy, accel: str = "tcg") -> dict[str, Any]:
     dst_sock = sockdir / "dst.sock"
-    with _vm(a, qa, args, tmp_path / "src", accel, paused=False, name="source") as src, \
-            _vm(b, qb, args, tmp_path / "dst", accel, incoming=True, paused=False, name="destination") as dst:
+    with _vm(a, qa, args, tmp_path / "src", accel, paused=False, name="source", memory=MEMORY) as src, \
+            _vm(b, qb, args, tmp_path / "dst", accel, incoming=True, paused=False, name="destination",
+                memory=MEMORY) as dst:
         dst.set_caps(CAPS)
         dst.cmd("migrate-incoming", uri=f"unix:{dst_sock}")
         proxy.start()
@@ -72,10 +74,12 @@ def _postcopy(tmp_path: Path, sockdir: Path, a: str, qa: str, b: str, qb: str, a
 
 
 def _touch_missing_pages(dst: Any) -> None:
-    """Once the destination runs, read guest pages near the top of its 64 MiB, which the slow background copy
-    (from the bottom up) has not sent yet: each read faults, and the destination asks for the page."""
+    """Once the destination runs, read guest pages near the top of its RAM, which the slow background copy
+    (from the bottom up, 64 KiB/s: several seconds to get there) has not sent yet: each read faults, and the
+    destination asks for the page."""
     _wait_status(dst, "postcopy-active")
-    for mib in (60, 61, 62, 63):
+    top = int(MEMORY.rstrip("M"))
+    for mib in range(top - 4, top):
         dst.cmd("human-monitor-command", **{"command-line": f"xp /1xw {mib << 20:#x}"})
 
 
