@@ -90,7 +90,7 @@ def _start_stage(kind: str, listen: str, forward: str) -> subprocess.Popen[bytes
         argv = [sys.executable, str(Path(__file__).with_name("_pump.py")), kind, "--listen", listen,
                 "--forward", forward]
     else:
-        argv = vmferry("proxy", "--listen", listen, "--forward", forward, "--wire", kind, "--timeout", "120")
+        argv = vmferry("proxy", "--listen", listen, "--forward", forward, "--to", kind, "--timeout", "120")
     proc = subprocess.Popen(argv, stderr=subprocess.PIPE)
     assert proc.stderr is not None
     line = proc.stderr.readline().decode(errors="replace")

@@ -4,8 +4,9 @@
 * ``qemu`` tests are skipped, with the reason, only when QEMU is missing and
   the environment variable ``CI`` is not set; in CI a missing QEMU fails
   them instead, so a broken runner cannot pass silently.
-* ``qemu10`` tests (QEMU 10.0 in the chroot of scripts/ensure-qemu10.sh)
-  follow the same policy.
+* ``qemu5``, ``qemu10`` and ``qemu11`` tests (QEMU 5.2, 10.0 and 11.1 in the
+  chroots of ``scripts/ensure-qemu-release.sh RELEASE``) follow the same
+  policy, each for its own chroot.
 """
 
 from __future__ import annotations
@@ -30,11 +31,15 @@ def _qemu_present() -> bool:
     return shutil.which(_qemu_name()) is not None
 
 
-def _qemu10_missing() -> str | None:
-    from vmferry.live.qemu.process import QemuError, qemu10_root
+#: marker -> the QEMU release (a chroot of scripts/ensure-qemu-release.sh) its tests need
+RELEASE_MARKERS = {"qemu5": "5.2", "qemu10": "10.0", "qemu11": "11.1"}
+
+
+def _release_missing(release: str) -> str | None:
+    from vmferry.live.qemu.process import QemuError, release_root
 
     try:
-        qemu10_root()
+        release_root(release)
     except QemuError as exc:
         return str(exc)
     return None
@@ -51,12 +56,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.qemu)
     if _in_ci():
         return
-    missing10 = _qemu10_missing()
-    if missing10 is not None:
-        skip10 = pytest.mark.skip(reason=missing10 + " (CI unset, so skipping)")
+    for marker, release in RELEASE_MARKERS.items():
+        missing = _release_missing(release)
+        if missing is None:
+            continue
+        skip_release = pytest.mark.skip(reason=missing + " (CI unset, so skipping)")
         for item in items:
-            if item.get_closest_marker("qemu10") is not None:
-                item.add_marker(skip10)
+            if item.get_closest_marker(marker) is not None:
+                item.add_marker(skip_release)
     if _qemu_present():
         return
     skip = pytest.mark.skip(reason=_QEMU_MISSING.format(name=_qemu_name()) + " (CI unset, so skipping)")
@@ -68,7 +75,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("qemu") is not None and _in_ci() and not _qemu_present():
         pytest.fail("CI is set and " + _QEMU_MISSING.format(name=_qemu_name()), pytrace=False)
-    if item.get_closest_marker("qemu10") is not None and _in_ci():
-        missing10 = _qemu10_missing()
-        if missing10 is not None:
-            pytest.fail("CI is set and " + missing10, pytrace=False)
+    if not _in_ci():
+        return
+    for marker, release in RELEASE_MARKERS.items():
+        if item.get_closest_marker(marker) is not None:
+            missing = _release_missing(release)
+            if missing is not None:
+                pytest.fail("CI is set and " + missing, pytrace=False)

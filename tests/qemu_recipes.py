@@ -19,8 +19,10 @@ promises:
 * A recipe that needs something this QEMU build or host lacks (a device,
   a machine type, userfaultfd) raises :class:`RecipeUnavailable`.
 * A recipe with ``qemu_version="10.0"`` runs QEMU 10.0 (the chroot of
-  :func:`vmferry.live.qemu.process.qemu10_root`); ``names(qemu="10.0")`` lists
-  those, ``names()`` the system QEMU's (7.2) as before.
+  :func:`vmferry.live.qemu.process.qemu10_root`), likewise ``"5.2"`` and
+  ``"11.1"`` (:func:`vmferry.live.qemu.process.release_root`);
+  ``names(qemu="10.0")`` lists those, ``names()`` the system QEMU's (7.2)
+  as before.
 
 Used by the tests (``tests/qemu_corpus.py``), the demo and the benchmarks.
 """
@@ -96,7 +98,7 @@ class Recipe:
     has_vmdesc: bool = True
     #: big or slow (e.g. 1 GiB); left out of ``names()`` unless asked for
     heavy: bool = False
-    #: the QEMU that makes the stream: None for the system's (7.2), "10.0" for the chroot one
+    #: the QEMU that makes the stream: None for the system's (7.2), "5.2"/"10.0"/"11.1" for a chroot one
     qemu_version: str | None = None
 
     @property
@@ -198,6 +200,7 @@ def _recipes() -> list[Recipe]:
                args=("-smp", "2"), kind="running"),
     ]
     r += _qemu10_recipes()
+    r += _release_recipes("5.2") + _release_recipes("11.1")
     # --- benchmarks
     r.append(Recipe(
         "pc-7.2-1g-random",
@@ -257,6 +260,50 @@ def _qemu10_recipes() -> list[Recipe]:
             kind="xbzrle", caps={"xbzrle": True},
             params={"max-bandwidth": 1 << 20, "downtime-limit": 1}, guest={"dirty_pages": 128}),
     ]
+
+
+# ---- QEMU 5.2 and 11.1 (issue 13) -------------------------------------------
+
+
+def _release_recipes(release: str) -> list[Recipe]:
+    """Streams made by QEMU ``release`` ("5.2" or "11.1") under its newest machine types.
+
+    Names: ``pc-11.1-paused`` is pc-i440fx-11.1 made by QEMU 11.1; a machine
+    type made by another release says so, ``pc-5.2-on-11.1-paused``.  QEMU
+    5.2's own are all ``...-on-5.2-...``: ``pc-5.2-paused`` is QEMU 7.2's
+    stream of pc-i440fx-5.2.
+    """
+    pc, q35 = f"pc-i440fx-{release}", f"pc-q35-{release}"
+    own = f"{release}-on-{release}" if release == "5.2" else release
+
+    def rr(name: str, summary: str, **kw: Any) -> Recipe:
+        kw.setdefault("machine", pc)
+        return Recipe(name, f"QEMU {release}, {kw['machine']}, {summary}", qemu_version=release, **kw)
+
+    e1000 = ("-netdev", "user,id=net0", "-device", "e1000,netdev=net0")
+    out = [
+        rr(f"pc-{own}-paused", "64 MiB, never started"),
+        rr(f"q35-{own}-paused", "64 MiB, never started", machine=q35),
+        rr(f"pc-{own}-running", "counting guest saved while it counts", kind="running"),
+        rr(f"q35-{own}-running", "counting guest saved while it counts", machine=q35, kind="running"),
+        rr(f"pc-{own}-e1000-slirp", "e1000 on -netdev user, never started", args=e1000, devices=("e1000",)),
+        rr(f"q35-{own}-e1000e", "e1000e (no netdev), never started", machine=q35,
+           args=("-device", "e1000e"), devices=("e1000e",)),
+        rr(f"pc-{own}-virtio-net", "virtio-net-pci (no netdev), never started",
+           args=("-device", "virtio-net-pci"), devices=("virtio-net-pci",)),
+        rr(f"q35-{own}-virtio-net", "virtio-net-pci (no netdev), never started", machine=q35,
+           args=("-device", "virtio-net-pci"), devices=("virtio-net-pci",)),
+    ]
+    if release == "11.1":  # older machine types that QEMU 11.1 still runs, for transforms
+        for old in ("5.2", "7.2", "10.0"):
+            out += [
+                rr(f"pc-{old}-on-11.1-paused", "never started", machine=f"pc-i440fx-{old}"),
+                rr(f"q35-{old}-on-11.1-paused", "never started", machine=f"pc-q35-{old}"),
+            ]
+    return out
+
+
+# ---- end of QEMU 5.2 and 11.1 ----------------------------------------------
 
 
 RECIPES: dict[str, Recipe] = {rec.name: rec for rec in _recipes()}

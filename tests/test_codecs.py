@@ -648,7 +648,7 @@ def test_compress_option(tmp_path, capsys):
                      "legacy"]) == 0
         assert (tmp_path / "back.mig").read_bytes() == src.read_bytes()
     assert main(["convert", "-q", str(src), str(tmp_path / "x.json"), "--to", "json", "--compress", "zstd"]) == 2
-    assert "--compress applies to --to ferry only" in capsys.readouterr().err
+    assert "--compress none|zstd|lz4 applies to --to ferry" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------

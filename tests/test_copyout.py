@@ -59,7 +59,7 @@ def pieces(f, window: int = 64 << 10):
 def test_runs_of_a_file_are_copied_by_the_kernel(source, tmp_path):
     out_path = tmp_path / "out.mig"
     with open(out_path, "wb") as out:
-        copied = write_pieces(pieces(source), out, source)
+        _, copied = write_pieces(pieces(source), out, source)
     data = stream()
     assert out_path.read_bytes() == data
     assert copied > 0.95 * PAGES * PS  # nearly every page byte went file to file; the rest was written
@@ -76,7 +76,7 @@ def test_into_a_pipe_by_sendfile(source):
     reader = threading.Thread(target=drain)
     reader.start()
     with os.fdopen(w, "wb") as out:
-        copied = write_pieces(pieces(source), out, source)
+        _, copied = write_pieces(pieces(source), out, source)
     reader.join()
     os.close(r)
     assert bytes(got) == stream() and copied > 0.95 * PAGES * PS
@@ -85,14 +85,14 @@ def test_into_a_pipe_by_sendfile(source):
 def test_without_a_source_every_byte_is_written(source, tmp_path):
     out_path = tmp_path / "out.mig"
     with open(out_path, "wb") as out:
-        assert write_pieces(pieces(source), out, None) == 0
+        assert write_pieces(pieces(source), out, None) == (len(stream()), 0)
     assert out_path.read_bytes() == stream()
 
 
 def test_refused_kernel_copy_falls_back_to_reading(source, tmp_path):
     out_path = tmp_path / "out.mig"
     with open(out_path, "ab") as out:  # O_APPEND: copy_file_range and sendfile refuse it
-        copied = write_pieces(pieces(source), out, source)
+        _, copied = write_pieces(pieces(source), out, source)
     assert out_path.read_bytes() == stream() and copied == 0
 
 
@@ -137,7 +137,7 @@ def test_bytes_that_differ_from_the_input_are_written_and_the_rest_still_copied(
 
     out_path = tmp_path / "out.mig"
     with open(out_path, "wb") as out:
-        copied = write_pieces(edited(), out, source)
+        _, copied = write_pieces(edited(), out, source)
     assert out_path.read_bytes() == b"QEVX" + data[4:]
     assert copied > 0.95 * PAGES * PS
 
@@ -145,5 +145,5 @@ def test_bytes_that_differ_from_the_input_are_written_and_the_rest_still_copied(
 def test_a_stream_converted_to_itself_is_copied_whole(source, tmp_path):
     out_path = tmp_path / "out.mig"
     with open(out_path, "wb") as out:
-        copied = write_pieces(pieces(source), out, source)
+        _, copied = write_pieces(pieces(source), out, source)
     assert out_path.read_bytes() == stream() and copied == len(stream())

@@ -1,32 +1,34 @@
-"""Real libvirtd + QEMU: vmferry reads ``virsh save`` images, and moves them to a newer machine type.
+"""Real libvirtd + QEMU: ``vmferry`` reads ``virsh save`` images, and moves them to a newer machine type.
 
-A counting guest (vmferry.guest) is saved by libvirt 9.0 under
-pc-i440fx-2.12 or pc-q35-2.12; vmferry converts the QEMU stream inside to
-the 7.2 machine type and rewrites the XML's machine; ``virsh restore`` (or
+A counting guest (vmferry.live.qemu.guest) is saved by libvirt 9.0 under
+pc-i440fx-2.12 or pc-q35-2.12, as a domain of type ``qemu`` (TCG) and of
+type ``kvm``; ``vmferry transform`` converts the QEMU stream inside to the
+7.2 machine type and rewrites the XML's machine; ``virsh restore`` (or
 ``virsh start`` after ``managedsave``) then accepts it, and the guest counts
 on from where it stopped.  Every ``save_image_format`` libvirt 9.0 knows is
-tried, and images round-trip byte for byte.
+tried, and images round-trip byte for byte through ``vmferry convert``.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from pathlib import Path
 
 import pytest
-from libvirt_daemon import Domain, LibvirtDaemon, LibvirtError, libvirtd  # noqa: F401  (the fixture)
+from libvirt_daemon import Domain, LibvirtDaemon, LibvirtError, kvm_missing, libvirtd  # noqa: F401  (the fixture)
 
-from vmferry.cli.images import copy_image, read_image, transform_image
+from vmferry.cli import main
 from vmferry.encode import legacy
 from vmferry.encode import libvirt_save as ls
 from vmferry.encode.libvirt_save import HEADER_SIZE, PADDING, Compression
-from vmferry.errors import DecodeError
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.qemu, pytest.mark.slow]
 
-#: The domain type: TCG.  Under KVM (nested here) SeaBIOS hung before the boot sector in three of four
-#: boots, so the kvm type is not a dependable test here.
-KIND = "qemu"
+#: The domain types the restore tests run: TCG, and KVM where /dev/kvm is there.
+KINDS = ["qemu", pytest.param("kvm", marks=pytest.mark.skipif(kvm_missing() is not None,
+                                                               reason=f"no KVM: {kvm_missing()}"))]
 
 
 def assert_counts_on(dom: Domain, before: int, more: int = 15) -> None:
@@ -38,11 +40,15 @@ def assert_counts_on(dom: Domain, before: int, more: int = 15) -> None:
     assert not gaps, f"the count jumped or restarted: {gaps[:3]} ({counts[:3]}...{counts[-3:]})"
 
 
-def start_counting(libvirtd: LibvirtDaemon, name: str, machine: str, kind: str) -> Domain:
+def start_counting(libvirtd: LibvirtDaemon, name: str, machine: str, kind: str = "qemu") -> Domain:
     dom = Domain(libvirtd, name, machine, kind=kind).define()
     dom.start()
     dom.wait_for_count(10)
     return dom
+
+
+def vmferry(*argv: str) -> None:
+    assert main(list(argv)) == 0, argv
 
 
 def stream_bytes(image_path: Path) -> bytes:
@@ -50,14 +56,20 @@ def stream_bytes(image_path: Path) -> bytes:
     return b"".join(bytes(c) for c in ls.qemu_stream(image, stored))
 
 
-def test_virsh_save_image_is_what_the_parser_says(libvirtd, tmp_path):
-    dom = start_counting(libvirtd, "layout", "pc-i440fx-2.12", KIND)
+def machine_of(xml: str) -> str:
+    found = re.search(r"<type [^>]*machine='([^']+)'", xml)
+    assert found, xml
+    return found[1]
+
+
+def test_virsh_save_image_is_what_the_parser_says(libvirtd, tmp_path, capsys):
+    dom = start_counting(libvirtd, "layout", "pc-i440fx-2.12")
     path = tmp_path / "layout.save"
     libvirtd.virsh("save", dom.name, str(path))
     data = path.read_bytes()
     image, stored = ls.split([data])
     assert data[:16] == b"LibvirtQemudSave" and image.header.version == 2 and image.header.byteorder == "<"
-    assert (image.name, image.machine, image.domain_type) == ("layout", "pc-i440fx-2.12", KIND)
+    assert (image.name, image.machine, image.domain_type) == ("layout", "pc-i440fx-2.12", "qemu")
     assert image.was_running and image.compression == Compression.RAW and image.cookie is not None
     assert image.cookie.startswith("<cookie>") and "<cpu" in image.cookie
     xml_len = len(image.xml.encode()) + 1
@@ -72,12 +84,16 @@ def test_virsh_save_image_is_what_the_parser_says(libvirtd, tmp_path):
     # libvirt stores the migratable XML (no default pci-root controller); save-image-dumpxml fills the defaults in
     dumped = libvirtd.virsh("save-image-dumpxml", str(path))
     assert "<name>layout</name>" in dumped and "machine='pc-i440fx-2.12'" in dumped
+    # what vmferry inspect says of it
+    vmferry("inspect", "--json", str(path))
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["libvirt"]["domain"] == "layout" and doc["libvirt"]["xml"] == image.xml
+    assert doc["machine"] == "pc-i440fx-2.12" and doc["libvirt"]["stream_offset"] == image.payload_offset
+    libvirtd.virsh("undefine", dom.name)
 
 
-@pytest.mark.parametrize("source, target, kind", [
-    ("pc-i440fx-2.12", "pc-i440fx-7.2", "qemu"),
-    ("pc-q35-2.12", "pc-q35-7.2", "qemu"),
-])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("source, target", [("pc-i440fx-2.12", "pc-i440fx-7.2"), ("pc-q35-2.12", "pc-q35-7.2")])
 def test_transform_then_virsh_restore_counts_on(libvirtd, tmp_path, source, target, kind):
     name = f"{kind}-{source.split('-')[1]}"
     dom = start_counting(libvirtd, name, source, kind)
@@ -91,34 +107,100 @@ def test_transform_then_virsh_restore_counts_on(libvirtd, tmp_path, source, targ
     with pytest.raises(LibvirtError, match="machine type"):
         libvirtd.virsh("restore", str(saved), "--xml", str(xml))
     t0 = time.monotonic()
-    new = transform_image(saved, moved, target)
+    vmferry("transform", "-q", str(saved), str(moved), "--machine", target)
     took = time.monotonic() - t0
-    assert new.machine == target and new.was_running and new.name == dom.name
-    image, events = read_image(moved)
-    assert image.machine == target
-    assert image.xml == ls.parse(saved.read_bytes()).xml.replace(f"machine='{source}'", f"machine='{target}'")
+    old, new = ls.parse(saved.read_bytes()), ls.parse(moved.read_bytes())
+    assert new.machine == target and new.was_running and new.name == dom.name and new.domain_type == kind
+    assert new.xml == old.xml.replace(f"machine='{source}'", f"machine='{target}'") and new.cookie == old.cookie
     libvirtd.virsh("restore", str(moved))
     assert dom.state() == "running"
-    assert f"machine='{target}'" in libvirtd.virsh("dumpxml", dom.name)
+    assert machine_of(libvirtd.virsh("dumpxml", dom.name)) == target
+    # the domain's persistent definition is not in the image: restore leaves it as it was
+    assert machine_of(libvirtd.virsh("dumpxml", "--inactive", dom.name)) == source
     assert_counts_on(dom, before)
     libvirtd.virsh("destroy", dom.name)
     libvirtd.virsh("undefine", dom.name)
     print(f"transform {source} -> {target} ({kind}): {took:.2f} s")
 
 
-def test_managedsave_transform_in_place_then_start(libvirtd, tmp_path):
-    dom = start_counting(libvirtd, "managed", "pc-i440fx-2.12", KIND)
+def _gap(reason: str) -> pytest.MarkDecorator:
+    """A device vmferry's transforms do not cover yet: strict, so that covering it makes the test fail here."""
+    return pytest.mark.xfail(strict=True, reason=reason)
+
+
+@pytest.mark.parametrize("source, target, devices", [
+    ("pc-i440fx-2.12", "pc-i440fx-7.2", ("usb", "vga", "e1000", "virtio-net", "virtio-serial")),
+    ("pc-q35-2.12", "pc-q35-7.2", ("vga",)),
+    pytest.param("pc-i440fx-2.12", "pc-i440fx-7.2", ("usb", "vga", "e1000", "virtio-serial", "balloon"),
+                 marks=_gap("virtio-balloon's page-poison (hw_compat_5_0) is not transformed: its legacy I/O BAR grows "
+                            "from 32 to 64 bytes, and QEMU 7.2 refuses a BAR the BIOS put at a 32-byte boundary "
+                            "(get_pci_config_device: Bad config data: i=0x10)")),
+    pytest.param("pc-i440fx-2.12", "pc-i440fx-7.2", ("rng",),
+                 marks=_gap("virtio-rng-pci: QEMU 7.2 refuses the converted stream (get_pci_config_device: Bad "
+                            "config data: i=0x34, the capability list starts elsewhere)")),
+    pytest.param("pc-i440fx-2.12", "pc-i440fx-7.2", ("cirrus",),
+                 marks=_gap("cirrus-vga: transform refuses, 'cannot tell which PCI device owns RAM block "
+                            "vga.vram' (cirrus has no vga.rom block)")),
+    pytest.param("pc-q35-2.12", "pc-q35-7.2", ("virtio-net",),
+                 marks=_gap("q35 with a pcie-root-port (libvirt adds one per PCI device): transform refuses, "
+                            "'PCIHost (pc-q35-5.0 -> pc-q35-5.1): 3 sections of vmsd PCIBUS'")),
+], ids=lambda v: "+".join(v) if isinstance(v, tuple) else v)
+def test_domains_with_more_devices(libvirtd, tmp_path, source, target, devices):
+    """Domains closer to what virt-install makes: which devices the transforms carry to 7.2 today."""
+    dom = Domain(libvirtd, "dev-" + "-".join(devices) + source[2:6], source, devices=devices).define()
+    dom.start()
+    try:
+        dom.wait_for_count(10)
+        saved, moved = tmp_path / "old.save", tmp_path / "new.save"
+        libvirtd.virsh("save", dom.name, str(saved))
+        before = dom.counts()[-1]
+        vmferry("transform", "-q", str(saved), str(moved), "--machine", target)
+        libvirtd.virsh("restore", str(moved))
+        assert_counts_on(dom, before)
+    finally:
+        libvirtd.virsh("destroy", dom.name, check=False)
+        libvirtd.virsh("undefine", dom.name, check=False)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_managedsave_transform_define_then_start(libvirtd, tmp_path, kind):
+    """The operator's managed-save workflow of docs/libvirt.md, step by step."""
+    source, target = "pc-i440fx-2.12", "pc-i440fx-7.2"
+    dom = start_counting(libvirtd, f"managed-{kind}", source, kind)
     libvirtd.virsh("managedsave", dom.name)
     before = dom.counts()[-1]
     path = libvirtd.managed_save_path(dom.name)
-    assert path.exists()  # the file libvirt keeps for `virsh start`
-    assert ls.parse(path.read_bytes()).machine == "pc-i440fx-2.12"
-    out = tmp_path / "managed.save"
-    transform_image(path, out, "pc-i440fx-7.2")
-    out.replace(path)  # the operator's `mv`: libvirt finds the image under its own name
+    assert path.exists() and ls.parse(path.read_bytes()).machine == source
+    # libvirt's own edit of a managed save image refuses another machine type
+    edited = tmp_path / "edited.xml"
+    edited.write_text(libvirtd.virsh("managedsave-dumpxml", dom.name).replace(source, target))
+    with pytest.raises(LibvirtError, match="machine type"):
+        libvirtd.virsh("managedsave-define", dom.name, str(edited))
+    # 1. convert next to it, 2. move it over the image (libvirt looks for it under its own name)
+    new = path.with_name(path.name + ".new")
+    vmferry("transform", "-q", str(path), str(new), "--machine", target)
+    new.replace(path)
+    assert "Managed save:   yes" in libvirtd.virsh("dominfo", dom.name)
+    # 3. the persistent definition, for later cold boots: libvirt accepts it with the managed save image there
+    persistent = libvirtd.virsh("dumpxml", "--inactive", "--security-info", dom.name)
+    assert machine_of(persistent) == source
+    defined = tmp_path / "defined.xml"
+    defined.write_text(persistent.replace(f"machine='{source}'", f"machine='{target}'"))
+    libvirtd.virsh("define", str(defined))
+    assert path.exists()
+    # 4. virsh start restores from the image, runs its XML, and deletes the image
     libvirtd.virsh("start", dom.name)
     assert_counts_on(dom, before)
-    assert not path.exists()  # libvirt removes a managed save image once it restored from it
+    assert not path.exists()
+    assert machine_of(libvirtd.virsh("dumpxml", dom.name)) == target
+    assert machine_of(libvirtd.virsh("dumpxml", "--inactive", dom.name)) == target
+    # a cold boot later runs the new machine type from the start
+    libvirtd.virsh("destroy", dom.name)
+    dom.serial_log.write_bytes(b"")
+    libvirtd.virsh("start", dom.name)
+    assert dom.wait_for_count(5) >= 5 and dom.counts()[0] == 1
+    log = (libvirtd.private("/var/log/libvirt") / "qemu" / f"{dom.name}.log").read_text()
+    assert re.findall(r"-machine ([\w.-]+)", log)[-1] == target
     libvirtd.virsh("destroy", dom.name)
     libvirtd.virsh("undefine", dom.name)
 
@@ -128,20 +210,22 @@ def test_each_save_image_format(libvirtd, tmp_path, fmt):
     """libvirt compresses with ``save_image_format``: the image round-trips, and a transformed one restores."""
     libvirtd.restart(save_image_format=fmt)
     try:
-        dom = start_counting(libvirtd, f"fmt-{fmt}", "pc-i440fx-2.12", KIND)
+        dom = start_counting(libvirtd, f"fmt-{fmt}", "pc-i440fx-2.12")
         saved = tmp_path / f"{fmt}.save"
         libvirtd.virsh("save", dom.name, str(saved))
         before = dom.counts()[-1]
         image = ls.parse(saved.read_bytes())
         assert image.compression == Compression[fmt.upper()]
         copy = tmp_path / "copy.save"
-        copy_image(saved, copy)
+        vmferry("convert", "-q", str(saved), str(copy))
         assert copy.read_bytes() == saved.read_bytes()  # byte for byte, compressed stream included
         raw = stream_bytes(saved)
         assert raw[:4] == b"QEVM"
-        assert b"".join(bytes(c) for c in legacy.encode(legacy.decode([raw]))) == raw
+        extracted = tmp_path / "stream.mig"
+        vmferry("convert", "-q", str(saved), str(extracted), "--to", "legacy")
+        assert extracted.read_bytes() == raw
         moved = tmp_path / "moved.save"
-        transform_image(saved, moved, "pc-i440fx-7.2")
+        vmferry("transform", "-q", str(saved), str(moved), "--machine", "pc-i440fx-7.2")
         assert ls.parse(moved.read_bytes()).compression == image.compression
         libvirtd.virsh("restore", str(moved))  # libvirt's `PROG -dc` reads vmferry's compression
         assert_counts_on(dom, before)
@@ -155,7 +239,7 @@ def test_zstd_is_not_in_libvirt_9(libvirtd, tmp_path):
     """libvirt 9.0 knows no zstd: ``virsh save`` refuses the setting, and cannot restore a zstd image."""
     libvirtd.restart(save_image_format="zstd")
     try:
-        dom = start_counting(libvirtd, "fmt-zstd", "pc-i440fx-2.12", KIND)
+        dom = start_counting(libvirtd, "fmt-zstd", "pc-i440fx-2.12")
         saved = tmp_path / "zstd.save"
         with pytest.raises(LibvirtError, match="Invalid save image format"):
             libvirtd.virsh("save", dom.name, str(saved))
@@ -164,7 +248,7 @@ def test_zstd_is_not_in_libvirt_9(libvirtd, tmp_path):
         libvirtd.restart(save_image_format="raw")
     libvirtd.virsh("save", dom.name, str(saved))
     moved = tmp_path / "moved.save"
-    transform_image(saved, moved, "pc-i440fx-7.2", compression=Compression.ZSTD)
+    vmferry("transform", "-q", str(saved), str(moved), "--machine", "pc-i440fx-7.2", "--compress", "zstd")
     assert ls.parse(moved.read_bytes()).compression == Compression.ZSTD
     assert stream_bytes(moved)[:4] == b"QEVM"
     with pytest.raises(LibvirtError, match="Invalid compressed save format 5"):
@@ -172,8 +256,8 @@ def test_zstd_is_not_in_libvirt_9(libvirtd, tmp_path):
     libvirtd.virsh("undefine", dom.name)
 
 
-def test_damaged_images_fail_cleanly_and_write_nothing(libvirtd, tmp_path):
-    dom = start_counting(libvirtd, "damaged", "pc-i440fx-2.12", KIND)
+def test_damaged_images_fail_cleanly_and_write_nothing(libvirtd, tmp_path, capsys):
+    dom = start_counting(libvirtd, "damaged", "pc-i440fx-2.12")
     saved = tmp_path / "good.save"
     libvirtd.virsh("save", dom.name, str(saved))
     libvirtd.virsh("undefine", dom.name)
@@ -181,21 +265,21 @@ def test_damaged_images_fail_cleanly_and_write_nothing(libvirtd, tmp_path):
     image = ls.parse(data)
     xml_at = HEADER_SIZE + image.xml.index("<os>")
     cases = {
-        "magic": (data[:3] + b"X" + data[4:], 0),
         "version": (data[:16] + b"\x07" + data[17:], 16),
         "xml": (data[:xml_at] + b"<0s" + data[xml_at + 3:], None),
         "truncated head": (data[:HEADER_SIZE + 100], HEADER_SIZE + 100),
         "stream": (data[:image.payload_offset + 40] + b"\xee" * 8 + data[image.payload_offset + 48:], None),
         "truncated stream": (data[:len(data) // 2], None),
     }
+    capsys.readouterr()
     for what, (bad, offset) in cases.items():
         src, dst = tmp_path / f"{what}.save", tmp_path / f"{what}.out"
         src.write_bytes(bad)
-        with pytest.raises(DecodeError) as e:
-            transform_image(src, dst, "pc-i440fx-7.2")
-            pytest.fail(f"{what}: no error")
-        assert not dst.exists() and not Path(f"{dst}.vmferry-partial").exists(), what
-        if offset is not None:
-            assert e.value.offset == offset, (what, str(e.value))
-        else:
-            assert e.value.offset is not None and e.value.offset >= HEADER_SIZE, (what, str(e.value))
+        for argv in (["transform", "-q", str(src), str(dst), "--machine", "pc-i440fx-7.2"],
+                     ["convert", "-q", str(src), str(dst)]):
+            assert main(argv) == 2, what
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and "at offset 0x" in err, (what, err)
+            at = int(err.rsplit("at offset ", 1)[1].rstrip(")\n"), 16)
+            assert at == offset if offset is not None else at >= HEADER_SIZE, (what, err)
+            assert not dst.exists() and not list(tmp_path.glob(f"{dst.name}.*vmferry-partial")), what

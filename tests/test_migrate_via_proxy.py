@@ -85,17 +85,72 @@ def test_capabilities_a_proxy_cannot_carry_are_switched_off(where: Path) -> None
     with s as src, d as dst:
         src.wait_for_count(3, timeout=60)
         for vm in (src, dst):
-            vm.set_caps({"return-path": True, "events": True})
+            vm.set_caps({"block": True, "return-path": True, "events": True})
         summary = StreamSummary()
         r = migrate(s.address, d.address, via_proxy=True, observe=summary.add, timeout=120)
-        assert r.qemu_caps == ["events"]
+        assert r.qemu_caps == ["events", "return-path"]  # both carried; block migration is not
         for vm in (src, dst):
             states = {c["capability"]: c["state"] for c in vm.query("query-migrate-capabilities")}
-            assert states["return-path"] is False and states["events"] is True
+            assert states["block"] is False and states["return-path"] is True and states["events"] is True
         assert r.route is not None and r.route["machine"] is None  # same machine type: nothing to convert
         assert summary.machine == "pc-i440fx-7.2" and summary.has_eof and summary.total_pages > 0
-        assert "OPEN_RETURN_PATH" not in " ".join(summary.commands)
+        assert "open-return-path" in summary.commands
         _counted_on(src, dst)
+
+
+@pytest.mark.qemu
+def test_multifd_and_postcopy_through_the_proxies(where: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    e1000 = ("-device", "e1000")
+    twin = Managed(where, "twin", "pc-i440fx-2.12", e1000)
+    with twin as vm:  # the source's schemas, for the postcopy package
+        vm.wait_for_count(3, timeout=60)
+        vm.save(where / "twin.mig")
+    s, d = Managed(where, "src", "pc-i440fx-2.12", e1000), Managed(where, "dst", "pc-i440fx-7.2", e1000,
+                                                                    incoming=True)
+    with s as src, d as dst:
+        src.wait_for_count(5, timeout=60)
+        code = cli.main(["migrate", "--source", s.address, "--dest", d.address, "--via-proxy", "--to", "ferry",
+                         "--multifd-channels", "4", "--multifd-compression", "zstd", "--json", "-q"])
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        result = json.loads(out.out)
+        assert "multifd" in result["qemu_capabilities"]
+        for p in result["route"]["proxies"]:
+            kinds = [c["kind"] for c in p["channels"]]
+            assert kinds.count("multifd") == 4 and kinds[0].startswith("main"), kinds
+        _counted_on(src, dst)
+    s, d = Managed(where, "src2", "pc-i440fx-2.12", e1000), Managed(where, "dst2", "pc-i440fx-7.2", e1000,
+                                                                     incoming=True)
+    with s as src, d as dst:
+        src.wait_for_count(5, timeout=60)
+        code = cli.main(["migrate", "--source", s.address, "--dest", d.address, "--via-proxy", "--postcopy",
+                         "--schema", str(where / "twin.mig"), "--max-bandwidth", "262144", "--downtime-limit", "1",
+                         "--json", "-q"])  # precopy alone would not converge
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        result = json.loads(out.out)
+        assert "postcopy-ram" in result["qemu_capabilities"]
+        (proxy,) = result["route"]["proxies"]
+        assert proxy["channels"][0]["return_path"].get("PONG") == 4  # pings 2 to 4 come with the switch
+        _counted_on(src, dst)
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize(("args", "says"), [
+    (["--qemu-caps", "switchover-ack"], "switchover-ack: the source (QEMU 7.2) has no such migration capability"),
+    (["--qemu-caps", "block"], "block: the proxy cannot carry it"),
+    (["--postcopy"], "give --schema"),
+])
+def test_refused_before_anything_moves(where: Path, capsys: pytest.CaptureFixture[str], args: list[str],
+                                      says: str) -> None:
+    s, d = Managed(where, "src", "pc-i440fx-2.12"), Managed(where, "dst", "pc-i440fx-7.2", incoming=True)
+    with s as src, d as dst:
+        src.wait_for_count(2, timeout=60)
+        assert cli.main(["migrate", "--source", s.address, "--dest", d.address, "--via-proxy", *args]) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1, err
+        assert src.query_migrate().get("status") in (None, "none")
+        assert src.status() == "running" and dst.status() == "inmigrate"
 
 
 @pytest.mark.qemu
@@ -164,3 +219,14 @@ def test_across_qemu_versions_the_release_is_read_from_both_sides(where: Path) -
         assert (r.route["from_machine"], r.route["machine"]) == ("pc-i440fx-7.2@10.0", "pc-i440fx-7.2")
         assert "10.0" in r.source["version"] and "7.2" in r.destination["version"]
         _counted_on(src, dst)
+
+
+def test_the_progress_bar_names_each_kind_of_channel() -> None:
+    from vmferry.cli.common import channel_summary
+
+    mib = 1 << 20
+    channels = [{"kind": "main", "bytes_in": 12 * mib}] + [{"kind": "multifd", "bytes_in": 30 * mib}] * 4
+    assert channel_summary(channels) == "main 12M, multifd 4x30M"
+    assert channel_summary([{"kind": "main (resumed)", "bytes_in": 3 * mib}, {"kind": "preempt", "bytes_in": 0}]) \
+        == "main 3M, preempt 0M"
+    assert channel_summary([]) == ""

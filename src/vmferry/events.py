@@ -100,11 +100,17 @@ class Configuration:
 
 @dataclass(slots=True)
 class Command:
-    """A ``QEMU_VM_COMMAND`` record.  PACKAGED carries its nested records in ``packaged``."""
+    """A ``QEMU_VM_COMMAND`` record.  PACKAGED carries its nested records in ``packaged``.
+
+    A live postcopy migration sends no vmdesc, so without schemas given ahead
+    the device sections inside PACKAGED cannot be read: ``packaged_raw`` then
+    holds the nested records' exact bytes instead (``packaged`` is None).
+    """
 
     cmd: int
     payload: bytes = b""
     packaged: list["Event"] | None = None
+    packaged_raw: bytes | None = None
 
     @property
     def name(self) -> str:
@@ -281,6 +287,18 @@ class Eof:
 
 
 @dataclass(slots=True)
+class Flush:
+    """The input paused: whoever holds output back to batch it should write it now.
+
+    Decoders emit it only when their input says it has nothing more ready
+    (an empty chunk: the live proxy's socket readers send one before they
+    block), so that a page a postcopy destination asked for goes on at once
+    instead of waiting in a batch.  It carries nothing; encoders write
+    nothing for it but an empty chunk, which tells their writer to flush.
+    """
+
+
+@dataclass(slots=True)
 class Vmdesc:
     """The JSON VM description that follows EOF, as its exact bytes."""
 
@@ -302,6 +320,7 @@ Event = Union[
     RamEos,
     Eof,
     Vmdesc,
+    Flush,
 ]
 
 RAM_EVENTS = (RamMemSize, RamPages, RamZeros, RamRecord, RamEos)

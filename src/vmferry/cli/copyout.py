@@ -119,14 +119,15 @@ SAME_MAX = 1 << 20  # bytes pieces up to this size are compared with the input (
 
 
 def write_pieces(pieces: Iterable[bytes | memoryview | RamPages], out: BinaryIO, source: BinaryIO | None = None,
-                 flush_at: int = 1 << 16) -> int:
+                 flush_at: int = 1 << 16) -> tuple[int, int]:
     """Write ``pieces`` to ``out`` in order; runs with ``at`` are copied from ``source`` by the kernel.
 
     ``source`` must be the regular file the runs were decoded from (their ``at`` offsets are offsets in it), or
     None (then every run is written from its bytes).  While everything written so far equals the input at the
     same offsets (QEMU's stream converted to itself), a bytes piece that equals the input's next bytes joins
     the copy too (checked with a ``pread`` of its length), so that the copies are few and long: each of
-    them costs the writer thread a wait for the interpreter lock.  Returns how many bytes the kernel copied.
+    them costs the writer thread a wait for the interpreter lock.  Returns the bytes written, and how many of
+    them the kernel copied.
     """
     out.flush()
     src_fd = os.dup(source.fileno()) if source is not None else None
@@ -195,4 +196,4 @@ def write_pieces(pieces: Iterable[bytes | memoryview | RamPages], out: BinaryIO,
     finally:
         if src_fd is not None:
             os.close(src_fd)
-    return writer.copied
+    return written, writer.copied

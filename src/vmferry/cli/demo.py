@@ -105,7 +105,7 @@ def run(src_machine: str, dst_machine: str, wire: str, workdir: Path) -> int:
             link = link_mask(proxy.capabilities(), proxy.capabilities()) if wire == "ferry" else 0
             console.print(_caps_table(sides, link))
 
-            _step(4, f"vmferry migrate --via-proxy --wire {wire}: live, {src_machine} -> {dst_machine} in flight")
+            _step(4, f"vmferry migrate --via-proxy --to {wire}: live, {src_machine} -> {dst_machine} in flight")
             summary = StreamSummary()
             result = migrate(src_addr, dst_addr, via_proxy=True, wire=wire, observe=summary.add,
                              params={"max-bandwidth": 1 << 30}, timeout=300)

@@ -2,6 +2,11 @@
 
 This is where bytes come off the disk (or stdin) for the CLI, the demo and
 the benchmarks; the codecs below only ever see iterables of chunks.
+
+A libvirt save image (``virsh save``, ``virsh managedsave``) is opened like
+any stream: :func:`open_input` reads its header, XML and cookie
+(:attr:`Input.image`) and hands on the QEMU stream inside, decompressed as
+it is read; :func:`decode_input` names file offsets in its errors.
 """
 
 from __future__ import annotations
@@ -9,12 +14,16 @@ from __future__ import annotations
 import mmap
 import os
 import sys
-from dataclasses import dataclass
-from typing import BinaryIO, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Generator, Iterable, Iterator
 
 from .. import encode
 from ..encode import legacy
+from ..encode import libvirt_save as ls
+from ..encode.libvirt_save import Compression, SaveImage
 from ..errors import DecodeError, SchemaError
+from ..events import Event
 from ..serialize.qemu_vmdesc import (
     is_dump_vmstate,
     is_vmdesc,
@@ -31,30 +40,67 @@ SNIFF_BYTES = 64
 
 @dataclass
 class Input:
-    """An opened input stream: its chunks (sniffed bytes included), format and size if known."""
+    """An opened input stream: its chunks (sniffed bytes included), format and size if known.
+
+    For a libvirt save image, ``image`` is its head (header, domain XML,
+    cookie) and ``chunks`` the QEMU stream inside, decompressed; ``size`` is
+    the image file's.
+    """
 
     chunks: Iterator[bytes | memoryview]
     format: str
     size: int | None
     name: str
-    #: the opened input when it is a regular file: byte offsets in the stream are offsets in it (RamPages.at)
+    image: SaveImage | None = None
+    #: called with every chunk of the image's stored (possibly compressed) stream as it is read
+    taps: list[Callable[[ls.Chunk], Any]] = field(default_factory=list)
+    #: the opened input when it is a regular file holding just the stream: byte offsets in the stream are
+    #: offsets in it (RamPages.at), so page runs can be copied from it by the kernel (vmferry.cli.copyout)
     file: BinaryIO | None = None
+
+    @property
+    def file_format(self) -> str:
+        """What ``--from`` calls this input: ``libvirt-save`` for a save image, else :attr:`format`."""
+        return ls.NAME if self.image is not None else self.format
 
 
 def read_chunks(f: BinaryIO, first: bytes = b"", chunk: int = CHUNK,
-                progress: Callable[[int], None] | None = None) -> Iterator[bytes]:
-    """Yield ``first`` then fresh ``chunk``-sized blocks of ``f`` until its end."""
+                progress: Callable[[int], None] | None = None) -> Iterator[bytes | memoryview]:
+    """Yield ``first`` then fresh ``chunk``-sized blocks of ``f`` until its end (read-only views of new buffers)."""
     if first:
         if progress:
             progress(len(first))
         yield first
     while True:
-        data = f.read(chunk)
+        data = _read_block(f, chunk)
         if not data:
             return
         if progress:
             progress(len(data))
         yield data
+
+
+def _read_block(f: BinaryIO, n: int) -> bytes | memoryview:
+    """``f.read(n)``, one system call at a time.
+
+    ``f.read(n)`` on a pipe loops over ``read(2)`` in C until it has ``n``
+    bytes, and a signal that arrives while one of those calls is copying data
+    is only handled by Python once the loop returns: with a writer that has
+    stalled, never (a SIGTERM or SIGHUP then left the process blocked, its
+    partial output in place: 4 runs in 120, docs/design-notes.md).  Between
+    two calls made from here, Python runs the handler.
+    """
+    readinto1 = getattr(f, "readinto1", None)
+    if readinto1 is None:
+        return f.read(n)
+    view = memoryview(bytearray(n))
+    got = 0
+    while got < n:
+        k = readinto1(view[got:])
+        if not k:
+            break
+        got += k
+    return (view if got == n else view[:got]).toreadonly()
 
 
 def mapped_chunks(f: BinaryIO, size: int, window: int = MAP_WINDOW,
@@ -93,10 +139,14 @@ def widen_pipe(f: BinaryIO, size: int = PIPE_SIZE) -> None:
         pass
 
 
-def open_input(path: str, progress: Callable[[int], None] | None = None) -> Input:
-    """Open ``path`` (``-`` is stdin) and sniff its format from the first bytes.
+def open_input(path: str, progress: Callable[[int], None] | None = None, fmt: str | None = None) -> Input:
+    """Open ``path`` (``-`` is stdin) and sniff its format from the first bytes, unless ``fmt`` names it.
 
-    Regular files are mapped (see :func:`mapped_chunks`); pipes are read in chunks.
+    A libvirt save image is recognised by its magic; ``fmt`` ``libvirt-save``
+    reads the input as one whatever its first bytes, and a stream format
+    given for what is a save image is refused (its stream is inside, after
+    the header, XML and cookie).  Regular files are mapped (see
+    :func:`mapped_chunks`); pipes are read in chunks.
     """
     if path == "-":
         f: BinaryIO = sys.stdin.buffer
@@ -111,9 +161,20 @@ def open_input(path: str, progress: Callable[[int], None] | None = None) -> Inpu
         if not more:
             break
         head += more
-    fmt = encode.sniff(head)
+    if fmt is None:
+        image = ls.sniff(head)
+        fmt = "legacy" if image else encode.sniff(head)
+    elif fmt == ls.NAME:  # a save image whatever its first bytes say (else an error naming its magic)
+        image, fmt = True, "legacy"
+    else:
+        image = False
+        if ls.sniff(head):
+            if f is not sys.stdin.buffer:
+                f.close()
+            raise DecodeError(f"a libvirt save image, not a {fmt} stream (give --from {ls.NAME}, or no --from)",
+                              0, "$.libvirt.header.magic")
 
-    def chunks() -> Iterator[bytes | memoryview]:
+    def chunks() -> Generator[bytes | memoryview, None, None]:
         try:
             if size:
                 yield from mapped_chunks(f, size, progress=progress)
@@ -123,7 +184,47 @@ def open_input(path: str, progress: Callable[[int], None] | None = None) -> Inpu
             if f is not sys.stdin.buffer:
                 f.close()
 
-    return Input(chunks(), fmt, size, path, f if size else None)
+    if not image:
+        return Input(chunks(), fmt, size, path, file=f if size else None)
+    raw = chunks()
+    try:
+        head_of, stored = ls.split(raw, allow_partial=True)
+    except BaseException:
+        raw.close()
+        raise
+    inp = Input(iter(()), fmt, size, path, head_of)
+
+    def tapped() -> Iterator[ls.Chunk]:
+        for chunk in stored:
+            for tap in inp.taps:
+                tap(chunk)
+            yield chunk
+
+    def stream() -> Iterator[bytes | memoryview]:
+        for chunk in ls.qemu_stream(head_of, tapped()):
+            yield chunk if isinstance(chunk, (bytes, memoryview)) else bytes(chunk)
+
+    inp.chunks = stream()
+    return inp
+
+
+def image_offsets(events: Iterable[Event], image: SaveImage) -> Iterator[Event]:
+    """``events`` of the stream inside ``image``, their DecodeErrors naming where in the image file.
+
+    A raw image's stream lies in the file as it is: the offset becomes the
+    file's.  A compressed one's offsets are in the decompressed stream: the
+    message says so and where the compressed stream starts.
+    """
+    try:
+        yield from events
+    except DecodeError as e:
+        if e.offset is None or e.path.startswith("$.libvirt"):
+            raise
+        if image.compression == Compression.RAW:
+            hint = f" where data_len {image.header.data_len} puts the stream" if e.offset == 0 else ""
+            raise type(e)(e.message + hint, e.offset + image.payload_offset, e.path) from None
+        raise type(e)(f"{e.message} (offset {e.offset:#x} of the decompressed {image.compression.label} "
+                      f"stream, which starts at {image.payload_offset:#x} in the image)", None, e.path) from None
 
 
 def read_stream_vmdesc(path: str) -> bytes | None:
@@ -172,6 +273,8 @@ def decode_input(inp: Input, schema: SchemaSet | None = None, target: str | None
     kept for every target that can carry them (all but QEMU's own stream).
     """
     mod = encode.codec(inp.format)
+    if inp.image is not None:
+        return image_offsets(mod.decode(inp.chunks, legacy.DecodeOptions(fallback_schemas=schema)), inp.image)
     if inp.format == "legacy":
         return mod.decode(inp.chunks, legacy.DecodeOptions(fallback_schemas=schema))
     if inp.format == "ferry":
@@ -185,5 +288,5 @@ def decode_input(inp: Input, schema: SchemaSet | None = None, target: str | None
     return events
 
 
-__all__ = ["DecodeError", "Input", "decode_input", "widen_pipe", "load_schema_file", "open_input", "read_chunks",
-           "read_stream_vmdesc"]
+__all__ = ["DecodeError", "Input", "decode_input", "image_offsets", "widen_pipe", "load_schema_file", "open_input",
+           "read_chunks", "read_stream_vmdesc"]

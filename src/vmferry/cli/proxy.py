@@ -10,7 +10,7 @@ import json
 import sys
 from typing import Any
 
-from .common import tls_options
+from .common import UsageError, schema_option, tls_options
 
 __all__ = ["add_subcommands", "cmd_proxy"]
 
@@ -25,8 +25,9 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     tls = None
     if args.tls_cert or args.tls_ca or args.tls_key or args.tls_hostname:
         tls = TlsOptions(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca, hostname=args.tls_hostname)
+    _check_listen(args.listen, tls, args.allow_remote)
     proxy = Proxy(args.listen, args.forward, machine=args.machine, wire=args.wire, from_machine=args.from_machine,
-                  compress=args.compress, tls=tls, accept_timeout=args.timeout)
+                  compress=args.compress, tls=tls, accept_timeout=args.timeout, schema=schema_option(args))
     proxy.bind()
     if not args.quiet:
         print(f"vmferry proxy: listening on {proxy.uri}, forwarding {args.wire} to {args.forward}"
@@ -45,6 +46,27 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_listen(uri: str, tls: Any, allow_remote: bool) -> None:
+    """Refuse a listener beyond this host that anyone could connect to, unless ``--allow-remote``.
+
+    Whoever connects first feeds the destination QEMU a guest of their making.  A ``tls:`` listener with
+    ``--tls-ca`` requires a client certificate signed by that CA, so it may listen anywhere.
+    """
+    from ..errors import TransportError
+    from ..live.transport import is_loopback, parse_uri
+
+    try:
+        addr = parse_uri(uri, tls)
+    except TransportError as e:
+        raise UsageError(f"--listen: {e}") from None
+    if addr.scheme not in ("tcp", "tls") or is_loopback(addr.bind_host) or allow_remote:
+        return
+    if addr.scheme == "tls" and addr.tls is not None and addr.tls.ca:
+        return
+    raise UsageError(f"--listen {uri} would accept a stream from any host: pass --allow-remote to mean it, or use "
+                     "tls: with --tls-ca (client certificates) or a unix socket")
+
+
 def add_subcommands(sub: Any) -> None:
     """Add ``proxy`` to the ``vmferry`` subcommand parsers."""
     p = sub.add_parser(
@@ -53,9 +75,12 @@ def add_subcommands(sub: Any) -> None:
                     "as it arrives (QEMU's format or ferry from another proxy), optionally convert the device state "
                     "to another machine type, and forward it: in QEMU's format to a destination QEMU "
                     "('migrate-incoming' on the --forward URI) or in ferry to a proxy on the destination host. RAM "
-                    "streams through; device sections are held until the vmdesc at the end of the stream. If either "
-                    "side fails both are closed, so the source QEMU's migration fails and its guest keeps running. "
-                    "One migration per run.")
+                    "streams through; device sections are held until the vmdesc at the end of the stream. Every "
+                    "channel of the migration comes through the one --listen address: the return path goes back "
+                    "beside the main channel, multifd channels are checked and spliced, postcopy's page requests "
+                    "and preempt channel pass (docs/proxy.md). If any channel fails all are closed, so the source "
+                    "QEMU's migration fails (or pauses, in postcopy) and its guest keeps running. One migration "
+                    "per run.")
     p.add_argument("--listen", required=True, metavar="URI", help="where the source connects: unix:PATH, "
                                                                    "tcp:HOST:PORT or tls:HOST:PORT")
     p.add_argument("--forward", required=True, metavar="URI", help="where the stream goes (unix:, tcp:, tls:)")
@@ -63,11 +88,19 @@ def add_subcommands(sub: Any) -> None:
                                                          "e.g. pc-i440fx-7.2")
     p.add_argument("--from-machine", metavar="SOURCE", help="source machine type, for streams without a "
                                                               "configuration section")
-    p.add_argument("--wire", choices=("legacy", "ferry"), default="legacy",
+    p.add_argument("--schema", metavar="FILE",
+                   help="a stream (or vmdesc) the source's QEMU wrote under the same machine type and devices: "
+                        "needed to convert a postcopy migration, whose device state comes without description")
+    p.add_argument("--to", dest="wire", choices=("legacy", "ferry"), default="legacy",
                    help="output format: legacy for a QEMU, ferry for another proxy (default: legacy)")
+    p.add_argument("--wire", dest="wire", choices=("legacy", "ferry"), default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)  # the old spelling
     p.add_argument("--compress", choices=("none", "zstd", "lz4"), default="none",
                    help="compress the frames of a ferry wire (the receiving proxy needs the same extra installed; "
                         "worth it on slow links only, default none)")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="allow a tcp: (or tls: without --tls-ca) --listen address beyond loopback: anyone who "
+                        "connects first feeds the destination")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="give up when no source connects in time")
     p.add_argument("--json", action="store_true", help="print what was carried as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no messages on stderr")

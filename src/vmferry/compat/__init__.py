@@ -6,10 +6,11 @@
 * :mod:`.ops`: the reusable operations transforms are made of: add, drop,
   rename and change fields, versions and subsections; add, drop, rename,
   split and merge sections.
-* :mod:`.machines`: the catalogue of QEMU 7.2's x86 machine types
-  (``pc-i440fx-2.3`` .. ``7.2``, ``pc-q35-2.4`` .. ``7.2``) and of QEMU
-  10.0's newest (``pc-i440fx-10.0``, ``pc-q35-10.0``), a release being a
-  machine type of one QEMU version (``pc-i440fx-7.2@10.0``).
+* :mod:`.machines`: the catalogue of four QEMU releases' x86 machine types
+  (5.2's ``pc-*-5.2``; 7.2's ``pc-i440fx-2.3`` .. ``7.2``, ``pc-q35-2.4`` ..
+  ``7.2``; 10.0's 7.2 .. 10.0; 11.1's 10.0 .. 11.1), a release being a
+  machine type of one QEMU version (``pc-i440fx-7.2@10.0``), one chain of
+  steps joining any two of a chipset.
 * :mod:`.stream`: apply a plan to an event stream, RAM passing through;
   stream transforms handle commands, the configuration and the vmdesc.
 * :mod:`.check`: the static diff of two schema sets (``vmferry diff``).

@@ -37,10 +37,10 @@ from typing import Any, Iterable, Mapping, Sequence
 from ..errors import CompatError, SchemaError
 from ..events import RamBlock
 from ..serialize.qemu_vmdesc import is_dump_vmstate, is_vmdesc
+from .machines.vmdesc import writer_qemu_of
 from .registry import Change, Registry
+from .stream import source_release, without_configuration
 
-#: The QEMU versions a vmdesc tells apart: 10.0 describes the configuration section, 7.2 does not.
-QEMU_7_2, QEMU_10_0 = "7.2", "10.0"
 
 __all__ = ["Difference", "FieldDesc", "Report", "Schemas", "SectionDesc", "VmsdDesc", "diff", "from_dump_vmstate",
            "from_vmdesc"]
@@ -91,7 +91,9 @@ class Schemas:
     ``kind`` is ``stream``, ``vmdesc`` or ``dump-vmstate``; ``machine`` the
     machine type if the input names one, ``qemu`` the QEMU version that
     wrote it where the input shows it (a vmdesc that describes the
-    configuration section comes from QEMU 10.0, spec §11.8).  The
+    configuration section comes from QEMU 10.0, spec §11.8, one without
+    array indexes from 11.1, one in QJSON spacing from 5.2) and ``qemus``
+    every version it may come from, most likely first.  The
     stream-only facts are None when unknown: ``commands`` the names of the
     commands the stream carries, ``vmdesc_configuration`` whether its vmdesc
     describes the configuration section.
@@ -107,6 +109,8 @@ class Schemas:
     qemu: str | None = None
     commands: set[str] | None = None
     vmdesc_configuration: bool | None = None
+    qemus: list[str] = field(default_factory=list)
+    classes: dict[str, SectionDesc] | None = None  # -dump-vmstate: every device class, by class name
 
     @property
     def class_level(self) -> bool:
@@ -136,7 +140,7 @@ def _vmdesc_vmsd(d: Mapping[str, Any], path: str, name: str | None = None, versi
     if not isinstance(entries, list):
         raise SchemaError(f"{path}.fields: expected a list")
     by_name: dict[str, FieldDesc] = {}
-    indexed = None  # the name of the previous entry, if it was an array element ("index")
+    prev_name = None  # the name of the previous entry
     for i, e in enumerate(entries):
         p = f"{path}.fields[{i}]"
         if not isinstance(e, Mapping):
@@ -149,10 +153,11 @@ def _vmdesc_vmsd(d: Mapping[str, Any], path: str, name: str | None = None, versi
             struct = _vmdesc_vmsd(e["struct"], f"{p}.struct")
         elif t in ("tmp", "vstruct") and "fields" in e:
             struct = _vmdesc_vmsd(e, p)
-        # One more element of an array described element by element.  QEMU 10.0 leaves the
-        # "index" out on the last element (spec §11.8), 7.2 writes it on every one.
-        more = fname in by_name and ("index" in e or fname == indexed)
-        indexed = fname if "index" in e else None
+        # One more element of an array described element by element.  QEMU 7.2 writes an
+        # "index" on every element, 10.0 leaves it out on the last one (spec §11.8), 11.1
+        # writes none: an entry named like the one before it is the next element.
+        more = fname in by_name and ("index" in e or fname == prev_name)
+        prev_name = fname
         if more:
             prev = by_name[fname]
             prev.count = (prev.count or 1) + 1
@@ -185,8 +190,8 @@ def from_vmdesc(obj: Any, origin: str, kind: str = "vmdesc", machine: str | None
         key = idstr if inst == 0 else f"{idstr}#{inst}"
         sections[key] = SectionDesc(key, idstr, inst, vmsd)
     has_config = isinstance(obj.get("configuration"), Mapping)
-    return Schemas(origin, kind, sections, machine, qemu=QEMU_10_0 if has_config else QEMU_7_2,
-                   vmdesc_configuration=has_config)
+    qemus = writer_qemu_of(obj)
+    return Schemas(origin, kind, sections, machine, qemu=qemus[0], vmdesc_configuration=has_config, qemus=qemus)
 
 
 def _dump_vmsd(d: Mapping[str, Any], path: str) -> VmsdDesc:
@@ -223,17 +228,23 @@ def from_dump_vmstate(obj: Any, origin: str) -> Schemas:
         raise SchemaError(f"{origin}: not a -dump-vmstate file (no 'vmschkmachine')")
     machine = obj["vmschkmachine"].get("Name") if isinstance(obj["vmschkmachine"], Mapping) else None
     sections: dict[str, SectionDesc] = {}
+    classes: dict[str, SectionDesc] = {}
     for key, entry in obj.items():
         if key == "vmschkmachine" or not isinstance(entry, Mapping) or "Description" not in entry:
             continue
         vmsd = _dump_vmsd(entry["Description"], f"$[{key!r}].Description")
         sections.setdefault(vmsd.name, SectionDesc(vmsd.name, vmsd.name, None, vmsd))
-    return Schemas(origin, "dump-vmstate", sections, machine if isinstance(machine, str) else None)
+        classes[key] = SectionDesc(key, key, None, vmsd)  # several classes may share a vmsd
+    return Schemas(origin, "dump-vmstate", sections, machine if isinstance(machine, str) else None, classes=classes)
 
 
-def _by_vmsd_name(s: Schemas) -> dict[str, SectionDesc]:
+def _by_vmsd_name(s: Schemas, other: Schemas) -> dict[str, SectionDesc]:
+    """One description per vmsd name; where several classes share one (7.2's serial-mm and isa-serial),
+    the class the other side has too, so that like is compared with like."""
+    mine, theirs = s.classes or s.sections, other.classes or other.sections
+    shared = {k for k, sec in mine.items() if k in theirs and theirs[k].vmsd.name == sec.vmsd.name}
     out: dict[str, SectionDesc] = {}
-    for sec in s.sections.values():
+    for key, sec in sorted(mine.items(), key=lambda kv: kv[0] not in shared):
         out.setdefault(sec.vmsd.name, SectionDesc(sec.vmsd.name, sec.vmsd.name, None, sec.vmsd))
     return out
 
@@ -284,16 +295,19 @@ class Report:
 
 
 def diff(a: Schemas, b: Schemas, registry: Registry | None = None, *, source: str | None = None,
-         target: str | None = None) -> Report:
+         target: str | None = None, source_qemu: str | None = None, target_qemu: str | None = None) -> Report:
     """Every incompatibility of a stream described by ``a`` loaded as ``b``, and what covers it.
 
     ``source``/``target`` name the machine types when the inputs do not
-    (a vmdesc JSON); they override what the inputs say.
+    (a vmdesc JSON); they override what the inputs say, as ``source_qemu``/
+    ``target_qemu`` override the QEMU versions the inputs show.  A stream
+    without a configuration section gets the one release of the catalogue
+    that sends none.
     """
     out: list[Difference] = []
     class_level = a.class_level or b.class_level
-    sa = _by_vmsd_name(a) if class_level else a.sections
-    sb = _by_vmsd_name(b) if class_level else b.sections
+    sa = _by_vmsd_name(a, b) if class_level else a.sections
+    sb = _by_vmsd_name(b, a) if class_level else b.sections
     for key, sec in sa.items():
         if key not in sb:
             out.append(Difference("section-removed", key, sec.vmsd.name, "", f"{sec.vmsd.name} v{sec.vmsd.version}"))
@@ -308,10 +322,19 @@ def diff(a: Schemas, b: Schemas, registry: Registry | None = None, *, source: st
     plan: list[str] | None = None
     plan_error = None
     src, dst = source or a.machine, target or b.machine
+    if registry is not None:
+        for side, name in ((a, src), (b, dst)):
+            if not name and side.kind == "stream" and side.configuration is False \
+                    and len(without_configuration(registry, side.qemus)) == 1:
+                name = without_configuration(registry, side.qemus)[0]
+                if side is a:
+                    src = name
+                else:
+                    dst = name
     if registry is not None and src and dst:
         try:
-            src = registry.resolve(src, None if source else a.qemu)
-            dst = registry.resolve(dst, None if target else b.qemu)
+            src = _resolve(registry, src, source_qemu, None if source else a.qemus)
+            dst = _resolve(registry, dst, target_qemu, None if target else b.qemus)
             p = registry.plan(src, dst)
             plan = p.path
             _cover(out, p.transforms, src != dst)
@@ -320,6 +343,13 @@ def diff(a: Schemas, b: Schemas, registry: Registry | None = None, *, source: st
     elif registry is not None:
         plan_error = "the machine types are unknown (give them with --from-machine/--to-machine)"
     return Report(a, b, out, plan, plan_error)
+
+
+def _resolve(registry: Registry, machine: str, qemu: str | None, shown: list[str] | None) -> str:
+    """The release of ``machine``: of QEMU ``qemu`` if given, else of the first QEMU the input shows that has it."""
+    if qemu is not None:
+        return registry.resolve(machine, qemu)
+    return source_release(None, machine, registry, shown or None)
 
 
 def _join(prefix: str, name: str) -> str:

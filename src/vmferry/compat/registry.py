@@ -225,9 +225,10 @@ class Registry:
     def resolve(self, machine: str, qemu: str | None = None) -> str:
         """The release of machine type ``machine`` run by QEMU ``qemu``.
 
-        Without ``qemu``: the oldest QEMU version of the catalogue that has
-        the machine type (a 10.0 machine type implies QEMU 10.0).  A name with
-        ``@`` is taken as it is (then ``qemu`` must agree).
+        Without ``qemu``: the release named by the machine type alone (its
+        home QEMU in the catalogue: ``pc-i440fx-5.2`` is QEMU 7.2's,
+        ``pc-i440fx-10.0`` QEMU 10.0's), else the oldest QEMU version that
+        has it.  A name with ``@`` is taken as it is (then ``qemu`` must agree).
         """
         if "@" in machine:
             rel = self.release(machine)
@@ -238,7 +239,8 @@ class Registry:
         if not found:
             return self.release(machine).name  # raises, listing the known releases
         if qemu is None:
-            return min(found, key=lambda r: _version(r.qemu)).name
+            home = [r for r in found if r.name == machine]
+            return (home or [min(found, key=lambda r: _version(r.qemu))])[0].name
         for r in found:
             if r.qemu == qemu:
                 return r.name
@@ -249,6 +251,11 @@ class Registry:
             if ms:
                 on.append(f"{ms[0]} .. {ms[-1]}" if len(ms) > 2 else ", ".join(ms))
         hint = f"; QEMU {qemu} has here: {'; '.join(on)}" if on else f"; no QEMU {qemu} releases here"
+        family = machine.rsplit("-", 1)[0]
+        newest = [r.machine for names in self._lines.values() for n in names
+                  for r in (self._releases[n],) if r.qemu == qemu and r.machine.rsplit("-", 1)[0] == family]
+        if newest:
+            hint += f" (a stream converts to any of them, e.g. --machine {newest[-1]} --qemu-version {qemu})"
         raise CompatError(f"no release of {machine} for QEMU {qemu} (it has QEMU {have}){hint}")
 
     @property

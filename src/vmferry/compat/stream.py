@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from ..encode.configuration import configuration_state
 from ..errors import CompatError, EncodeError
@@ -48,7 +48,7 @@ from ..serialize.describe import describe_section
 from .ops import Machine
 from .registry import Plan, Registry, apply
 
-__all__ = ["PEEK_BYTES", "source_release", "transform_events"]
+__all__ = ["PEEK_BYTES", "source_release", "transform_events", "without_configuration"]
 
 #: How many bytes of a peeked RAM block are kept (enough for any ACPI RSDP).
 PEEK_BYTES = 64
@@ -57,29 +57,78 @@ DEFAULT_PAGE_SIZE = 4096
 
 
 def source_release(configuration: Configuration | None, given: str | None, registry: Registry | None = None,
-                   qemu: str | None = None) -> str:
+                   qemu: str | Sequence[str] | None = None) -> str:
     """The release a stream is in: its configuration's machine name, or ``given`` if it has none.
 
     With a ``registry``, the machine type is resolved to a release of QEMU
-    ``qemu`` (``given`` may name one, ``pc-i440fx-7.2@10.0``).
+    ``qemu`` (``given`` may name one, ``pc-i440fx-7.2@10.0``); ``qemu`` may
+    also list the QEMU versions the stream may come from, most likely first
+    (what its vmdesc shows, :func:`~vmferry.compat.machines.vmdesc.writer_qemu`):
+    the first that has the machine type is taken.
+
+    A stream without a configuration section (machine types up to
+    ``pc-i440fx-2.3``) and without ``given`` is in the one release of the
+    catalogue whose streams have none (of QEMU ``qemu`` where given); when
+    there is more than one, or none, the error lists them and names
+    ``--from-machine``.
     """
     found = configuration.machine if configuration is not None else None
     given_machine = registry.release(given).machine if registry is not None and given else given
     if found and given_machine and found != given_machine:
         raise CompatError(f"the stream says it is {found}, but {given} was given as its machine type")
     name = given or found
+    versions = [qemu] if isinstance(qemu, str) else list(qemu or [])
     if not name:
-        raise CompatError("the stream has no configuration section to name its machine type "
-                          "(machine types up to 2.3 send none): give the source machine type "
-                          "(vmferry transform --from-machine)")
-    return registry.resolve(name, qemu) if registry is not None else name
+        if registry is None:
+            raise CompatError("the stream has no configuration section to name its machine type "
+                              "(machine types up to 2.3 send none): give the source machine type "
+                              "(vmferry transform --from-machine)")
+        return _infer(registry, versions)
+    if registry is None:
+        return name
+    if isinstance(qemu, str) or not versions:  # given, or nothing shown: that QEMU (or the home release)
+        return registry.resolve(name, versions[0] if versions else None)
+    for v in versions:
+        try:
+            return registry.resolve(name, v)
+        except CompatError:
+            continue
+    registry.release(name)  # an unknown machine type: say so, with what the catalogue knows
+    have = sorted({registry.release(n).qemu or "?" for n in registry.releases if registry.release(n).machine == name})
+    raise CompatError(f"the stream is {name}, written by QEMU {' or '.join(versions)} as far as its vmdesc shows, "
+                      f"but the catalogue has {name} for QEMU {', '.join(have)} only; if one of those wrote it, "
+                      f"say so (--from-qemu-version)")
+
+
+def without_configuration(registry: Registry, qemu: Sequence[str] = ()) -> list[str]:
+    """The releases of the catalogue whose streams carry no configuration section (of QEMU ``qemu``)."""
+    names = [n for n in registry.releases if not registry.release(n).configuration]
+    if qemu:
+        names = [n for n in names if registry.release(n).qemu in qemu]
+    return names
+
+
+def _infer(registry: Registry, qemu: Sequence[str]) -> str:
+    found = without_configuration(registry, qemu)
+    if len(found) == 1:
+        return found[0]
+    every = without_configuration(registry)
+    listed = ", ".join(f"{n} (QEMU {registry.release(n).qemu})" for n in (found or every)) or "none"
+    of = f" of QEMU {' or '.join(qemu)}" if qemu else ""
+    what = f"it could be any of: {listed}" if found else f"no machine type{of} in the catalogue sends none " \
+        f"(those of other QEMU versions: {listed})"
+    raise CompatError(f"the stream has no configuration section to name its machine type; {what}: give the "
+                      f"source machine type (vmferry transform --from-machine)")
 
 
 def transform_events(events: Iterable[Event], registry: Registry, target: str,
-                     source: str | None = None, source_qemu: str | None = None) -> Iterator[Event]:
+                     source: str | None = None, source_qemu: str | Sequence[str] | None = None,
+                     on_plan: Callable[[Plan], None] | None = None) -> Iterator[Event]:
     """The events of ``events`` (a stream of ``source``, or of the machine its configuration names,
-    run by QEMU ``source_qemu``) converted to release ``target``.
+    run by QEMU ``source_qemu``: one version, or candidates as for :func:`source_release`) converted to
+    release ``target``.
 
+    ``on_plan`` is handed the plan once it is made (before any event is).
     Raises :class:`CompatError` when no unique path exists or a transform refuses.
     """
     it = iter(events)
@@ -93,6 +142,8 @@ def transform_events(events: Iterable[Event], registry: Registry, target: str,
     config = second if isinstance(second, Configuration) else None
     # Plan before anything is handed out: a stream that cannot be converted yields nothing.
     plan = registry.plan(source_release(config, source, registry, source_qemu), target)
+    if on_plan is not None:
+        on_plan(plan)
     out: Iterator[Event] = _run(plan, registry, head, it)
     for fn in plan.stream_fns():
         out = fn(out)
@@ -144,6 +195,7 @@ class _Runner:
         self.iter_ids: set[int] = set()
         self.vmdesc: Vmdesc | None = None
         self.done = False
+        self.postcopy = False  # the device state came in a PACKAGED command: no vmdesc follows the EOF
         self.result: Machine | None = None
 
     # ------------------------------------------------------------- records
@@ -175,7 +227,8 @@ class _Runner:
             self.sections.append(ev)
             return
         if isinstance(ev, Eof):
-            yield from self._flush()
+            if not self.postcopy:
+                yield from self._flush()
             yield ev
             return
         if isinstance(ev, Vmdesc):
@@ -197,10 +250,27 @@ class _Runner:
             return
         if isinstance(ev, IterBegin):
             self.iter_ids.add(ev.section_id)
+        if isinstance(ev, Command) and ev.packaged_raw is not None:
+            raise CompatError("the device state of this postcopy migration (its PACKAGED command) can only be "
+                              "converted with the source's schemas: give a stream or vmdesc that the source QEMU "
+                              "wrote under the same machine type and devices (--schema)")
         if isinstance(ev, Command) and ev.packaged:
-            if any(isinstance(x, (DeviceSection, OpaqueSection)) for x in ev.packaged):
-                raise CompatError("device state inside a PACKAGED command (postcopy) cannot be transformed yet")
+            yield self._package(ev)
+            return
         yield ev
+
+    def _package(self, ev: Command) -> Command:
+        """A postcopy PACKAGED command: the device state it carries (all of it: postcopy sends no other)
+        converted like the sections before an EOF, its commands (LISTEN, PING, RUN) where they were."""
+        assert ev.packaged is not None
+        self.postcopy = True
+        for x in ev.packaged:
+            if isinstance(x, (DeviceSection, OpaqueSection)):
+                self.sections.append(x)
+        before = [x for x in itertools.takewhile(lambda x: not isinstance(x, (DeviceSection, OpaqueSection)),
+                                                 ev.packaged)]
+        after = [x for x in ev.packaged[len(before):] if not isinstance(x, (DeviceSection, OpaqueSection))]
+        return Command(ev.cmd, ev.payload, [*before, *self._flush(), *after])
 
     def _ram(self, ev: RamPages | RamZeros | RamRecord) -> Event:
         if isinstance(ev, RamPages) and ev.offset == 0:
@@ -263,7 +333,7 @@ class _Runner:
         if not self.done:
             # A stream cut before EOF: still hand out what was transformed.
             yield from self._flush()
-        elif self.vmdesc is None and self.dst.vmdesc:
+        elif self.vmdesc is None and self.dst.vmdesc and not self.postcopy:
             # The source sent none (suppress-vmdesc) but the target's streams carry one: QEMU
             # only warns without it, but a description of what is on the wire costs nothing.
             yield self._vmdesc(None)

@@ -29,6 +29,7 @@ from ..events import (
     RAM_PAGE,
     DeviceSection,
     Event,
+    Flush,
     IterBegin,
     OpaqueSection,
     RamPages,
@@ -37,6 +38,7 @@ from ..events import (
 )
 from . import bcj
 from .records import NATIVE, RecordDecoder, RecordEncoder, UnknownFrame
+from .runs import PageGroup, regroup
 
 NAME = "ferry"
 CAP = Cap.CODEC_FERRY
@@ -296,6 +298,11 @@ def frame_extent(head: bytes | memoryview, max_body: int = MAX_BODY) -> tuple[in
     return (n, ftype & 0x7F == T_END) if n <= max_body else None
 
 
+def pages_per_frame(page_size: int) -> int:
+    """How many pages a PAGES frame holds: 256, fewer only for pages so large that 256 exceed a body."""
+    return max(1, min(PAGES_PER_FRAME, MAX_BODY // (page_size + 8) - 1))
+
+
 def frame_header(ftype: int, flags: int, body_len: int, body_crc: int) -> bytes:
     h = _FRAME.pack(ftype, flags, 0, body_len, body_crc)
     return h + _BE32.pack(crc32c(h))
@@ -430,41 +437,35 @@ class _Writer:
             body = self.packb(rec, use_bin_type=True)
             yield from self.frame(MUST_UNDERSTAND | ftype, [body], len(body))
 
-    def pages(self, ev: RamPages) -> Iterator[Any]:
-        ps = ev.page_size
-        name = ev.block.encode("latin-1")
+    def pages(self, group: PageGroup) -> Iterator[Any]:
+        """One PAGES frame of a group (at most :func:`pages_per_frame` pages), its data as views."""
+        ps = group.page_size
+        name = group.block.encode("latin-1")
         if len(name) > 255:
-            raise EncodeError(f"block name {ev.block[:40]!r}... is longer than 255 bytes", "$.ram")
-        whole = memoryview(ev.data) if ev.data is not None else None
-        records = memoryview(ev.legacy) if whole is None and ev.legacy is not None else None
-        per = max(1, min(PAGES_PER_FRAME, MAX_BODY // (ps + 8) - 1))
-        for start in range(0, ev.count, per):
-            n = min(per, ev.count - start)
-            flags = RUN_NAMED if ev.named and start == 0 else 0
-            if self.groups and not self._incompressible(ev, start, n):
-                self._remember(ev, start, n)
+            raise EncodeError(f"block name {group.block[:40]!r}... is longer than 255 bytes", "$.ram")
+        flags = RUN_NAMED if group.named else 0
+        if self.groups:
+            ev = group.as_event()
+            if not self._incompressible(ev, 0, ev.count):
+                self._remember(ev, 0, ev.count)
                 # Packed pages in the group: QEMU's record headers would only cost bytes (the reader rebuilds
                 # them); code goes through the x86 filter, which makes its call targets repeat.
-                packed: Any = whole[start * ps:(start + n) * ps] if whole is not None else \
-                    b"".join([ev.page(i) for i in range(start, start + n)])
+                packed: Any = ev.contiguous()
                 if bcj.looks_like_x86(packed):
-                    packed = bcj.encode_pages(packed, ev.offset + start * ps)
+                    packed = bcj.encode_pages(packed, group.offset)
                     flags |= RUN_X86
-                head = _RUN.pack(ev.offset + start * ps, n, ps, flags, len(name)) + name
+                head = _RUN.pack(group.offset, group.count, ps, flags, len(name)) + name
                 yield from self._grouped(MUST_UNDERSTAND | T_PAGES, [head, packed], len(head) + len(packed))
-                continue
-            if records is not None:
-                # QEMU's records as they came: a slice of the input, nothing copied.
-                begin = 0 if start == 0 else ev.page_start(start) - 8
-                data: Any = records[begin:ev.page_start(start + n - 1) + ps]
-                flags |= RUN_QEMU_LAYOUT
-            elif whole is not None:
-                data = whole[start * ps:(start + n) * ps]
-            else:
-                data = b"".join([ev.page(i) for i in range(start, start + n)])
-            head = _RUN.pack(ev.offset + start * ps, n, ps, flags, len(name)) + name
-            yield from self.frame(MUST_UNDERSTAND | T_PAGES, [head, data], len(head) + len(data),
-                                  compressible=not self.groups)
+                return
+        parts = group.qemu_records()
+        if parts is not None:
+            # QEMU's records as they came: slices of the input, nothing copied.
+            flags |= RUN_QEMU_LAYOUT
+        else:
+            parts = group.data()
+        head = _RUN.pack(group.offset, group.count, ps, flags, len(name)) + name
+        yield from self.frame(MUST_UNDERSTAND | T_PAGES, [head, *parts], len(head) + sum(len(p) for p in parts),
+                              compressible=not self.groups)
 
     def zeros(self, ev: RamZeros) -> Iterator[Any]:
         name = ev.block.encode("latin-1")
@@ -488,12 +489,21 @@ def encode(events: Iterable[Event], compress: str = "none", level: int | None = 
     head = header(w.caps)
     w.totals.stream_bytes = len(head)
     yield head
-    for ev in events:
-        w.totals.count(ev)
-        if isinstance(ev, RamPages):
+    def counted(events: Iterable[Event]) -> Iterator[Event]:
+        for ev in events:
+            w.totals.count(ev)
+            yield ev
+
+    # Frames cut the same way however the decoder cut the runs (a file and a pipe give the same bytes).
+    for ev in regroup(counted(events), pages_per_frame):
+        if isinstance(ev, PageGroup):
             yield from w.pages(ev)
         elif isinstance(ev, RamZeros):
             yield from w.zeros(ev)
+        elif isinstance(ev, Flush):
+            if w.groups:
+                yield from w.flush_group()
+            yield b""  # nothing on the wire; tells the writer to write what it holds
         elif isinstance(ev, UnknownFrame):
             if w.groups:
                 yield from w.flush_group()

@@ -44,6 +44,7 @@ from .records import (
     RecordDecoder,
     RecordEncoder,
     pieces,
+    regrouped,
     tree_in,
     tree_out,
 )
@@ -97,7 +98,7 @@ def encode(events: Iterable[Event]) -> Iterator[bytes]:
     enc = RecordEncoder(JSON_TEXT)
     has_vmdesc = False
     pending: bytes | None = None
-    for ev in events:
+    for ev in regrouped(events):
         has_vmdesc |= isinstance(ev, Vmdesc)
         for rec in enc.records(ev):
             line = json.dumps(rec).encode()

@@ -11,6 +11,7 @@ plus the schema table; the first line is
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Iterable, Iterator
 
 from ..caps import Cap
@@ -26,9 +27,24 @@ REQUIRES: tuple[str, ...] = ()
 FIRST = b'{"t": "stream", "format": "vmferry-jsonl"'
 
 
+#: the stream record's format, however a filter re-spaced or re-ordered the first line
+_FORMAT = re.compile(rb'"format"\s*:\s*"vmferry-jsonl("|$)')
+
+
 def sniff(head: bytes) -> bool:
-    n = min(len(head), len(FIRST))
-    return n >= 8 and head[:n] == FIRST[:n]
+    """Whether ``head`` starts a JSON-lines stream: its first line parses to the stream record.
+
+    The line is parsed, not compared byte for byte, so that ``jq -c`` output (no spaces, keys in any order)
+    is recognised; when ``head`` ends inside the first line, its text must name the format.
+    """
+    line, newline, _ = head.partition(b"\n")
+    if not line.lstrip().startswith(b"{"):
+        return False
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return not newline and _FORMAT.search(line) is not None
+    return isinstance(rec, dict) and rec.get("t") == "stream" and rec.get("format") == f"vmferry-{NAME}"
 
 
 def encode(events: Iterable[Event]) -> Iterator[bytes]:

@@ -52,6 +52,7 @@ from ..events import (
     DeviceSection,
     Eof,
     Event,
+    Flush,
     Header,
     IterBegin,
     IterEnd,
@@ -103,6 +104,10 @@ class DecodeOptions:
     fallback_schemas: SchemaSet | None = None  # schemas for a stream that turns out to have no vmdesc
     page_size: int = 4096  # target page size (x86: 4096); a vmdesc's page_size wins
     chunk_hint: int = 1 << 22
+    # A live migration may pause without ending: the device sections inside a postcopy PACKAGED command are read
+    # with the schemas given (``schemas``, else ``fallback_schemas``), or kept raw, never by waiting for a vmdesc
+    # (postcopy sends none).
+    live: bool = False
 
 
 @dataclass
@@ -217,6 +222,8 @@ def _decode_stream(w: Window, st: _State) -> Iterator[Event]:
     first = True
     while True:
         w.path = "$"
+        if w.idle():
+            yield Flush()
         start = w.offset
         t = _u8(w, "record type")
         if t == CONFIGURATION and first:
@@ -337,8 +344,21 @@ def _decode_section(w: Window, st: _State, kind: int, start: int) -> Iterator[Ev
     yield DeviceSection(section_id, idstr, instance_id, version_id, state, vmsd, desc, footer, size)
 
 
+def _ends_with_vmdesc(data: bytes) -> bool:
+    """Whether ``data`` ends with EOF and a complete vmdesc: a live source that waits for the destination's
+    answer on its return path stops there without closing the stream."""
+    found = find_vmdesc(data)
+    if found is None or found[0] == 0 or data[found[0] - 1] != EOF_TYPE:
+        return False
+    try:
+        load_json(found[1], "vmdesc")
+    except SchemaError:
+        return False
+    return True
+
+
 def _load_trailing_vmdesc(w: Window, st: _State, idstr: str, instance_id: int) -> None:
-    w.read_all(MAX_BUFFERED_TAIL, f"waiting for the vmdesc to decode section {idstr!r}")
+    w.read_all(MAX_BUFFERED_TAIL, f"waiting for the vmdesc to decode section {idstr!r}", _ends_with_vmdesc)
     found = find_vmdesc(w.view[w.pos:], w.offset)
     if found is None:
         st.schemas = st.opts.fallback_schemas
@@ -364,6 +384,14 @@ def _decode_command(w: Window, st: _State) -> Command:
         raise DecodeError(f"PACKAGED blob of {length} bytes exceeds {MAX_PACKAGED}", w.offset, w.path)
     base = w.offset
     blob = bytes(w.take(length, "packaged records"))
+    if st.opts.live and st.schemas is None:
+        if st.opts.fallback_schemas is None:
+            return Command(cmd, payload, None, blob)
+        st.schemas = st.opts.fallback_schemas
+    return Command(cmd, payload, _decode_packaged(blob, st, base))
+
+
+def _decode_packaged(blob: bytes, st: _State, base: int) -> list[Event]:
     inner = Window([blob], "$.packaged")
     inner.base = base
     nested: list[Event] = []
@@ -376,11 +404,24 @@ def _decode_command(w: Window, st: _State) -> Command:
             nested.append(_decode_command(inner, st))
         else:
             raise DecodeError(f"record type {t:#04x} inside a PACKAGED command", start, "$.packaged")
-    return Command(cmd, payload, nested)
+    return nested
+
+
+def unpack(ev: Command, schemas: SchemaSet) -> Command:
+    """A PACKAGED command kept raw (``packaged_raw``), its records decoded with ``schemas``."""
+    if ev.packaged_raw is None:
+        return ev
+    st = _State(DecodeOptions(schemas=schemas), schemas, schemas.page_size)
+    try:
+        return Command(ev.cmd, ev.payload, _decode_packaged(ev.packaged_raw, st, 0))
+    except (ValueError, IndexError, KeyError, struct.error, UnicodeError, OverflowError, RecursionError) as e:
+        raise DecodeError(f"malformed PACKAGED records ({type(e).__name__}: {e})", None, "$.packaged") from None
 
 
 def _decode_trailer(w: Window, st: _State) -> Iterator[Event]:
-    if w.at_end():
+    # A live source that waits for its return path sends nothing after the vmdesc, nor closes the stream:
+    # what is not there when the input pauses is not coming.
+    if w.idle() or w.at_end():
         return
     w.path = "$.vmdesc"
     start = w.offset
@@ -391,7 +432,7 @@ def _decode_trailer(w: Window, st: _State) -> Iterator[Event]:
     if n > MAX_VMDESC:
         raise DecodeError(f"vmdesc of {n} bytes exceeds the {MAX_VMDESC}-byte limit", start + 1, w.path)
     text = bytes(w.take(n, "vmdesc"))
-    if not w.at_end():
+    if not w.idle() and not w.at_end():
         raise DecodeError("unexpected bytes after the vmdesc", w.offset, w.path)
     yield Vmdesc(text)
 
@@ -404,6 +445,8 @@ def _decode_ram(w: Window, st: _State) -> Iterator[Event]:
     mask = ps - 1
     ram = st.ram
     while True:
+        if w.idle():
+            yield Flush()
         w.need(8, "ram record")
         (addr,) = BE64.unpack_from(w.buf, w.pos)
         flags = addr & mask
@@ -562,6 +605,12 @@ def encode_pieces(events: Iterable[Event]) -> Iterator[bytes | RamPages]:
     writer that can forward those bytes another way (the proxy splices them)."""
     out = bytearray()
     for ev in events:
+        if isinstance(ev, Flush):
+            if out:
+                yield bytes(out)
+                out.clear()
+            yield b""  # tells the writer to write what it holds
+            continue
         if isinstance(ev, RamPages):
             if ev.legacy is not None:
                 if out:
@@ -654,6 +703,8 @@ def encode_event(out: bytearray, ev: Event) -> None:
         out.append(VMDESCRIPTION)
         out += BE32.pack(len(ev.text))
         out += ev.text
+    elif isinstance(ev, Flush):
+        pass  # nothing on the wire
     else:
         raise EncodeError(f"cannot encode {type(ev).__name__} as a QEMU stream")
 
@@ -674,6 +725,9 @@ def _encode_command(out: bytearray, ev: Command) -> None:
         for sub in ev.packaged:
             encode_event(inner, sub)
         nested = bytes(inner)
+        payload = BE32.pack(len(nested))
+    elif ev.cmd == CMD_PACKAGED and ev.packaged_raw is not None:
+        nested = ev.packaged_raw
         payload = BE32.pack(len(nested))
     if len(payload) > 0xFFFF:
         raise EncodeError(f"command payload of {len(payload)} bytes (at most 65535)", "$.command")
@@ -720,6 +774,35 @@ def _encode_zeros(out: bytearray, ev: RamZeros) -> None:
         out.append(fill[i] if fill is not None else 0)
 
 
-def vmdesc_text(obj: Any) -> bytes:
-    """QEMU's vmdesc JSON text for an object (identical to QEMU's writer for ASCII content)."""
-    return json.dumps(obj).encode()
+def vmdesc_text(obj: Any, *, qjson: bool = False) -> bytes:
+    """QEMU's vmdesc JSON text for an object (identical to QEMU's writer for ASCII content).
+
+    ``qjson``: the spacing of QEMU 5.2 and older (``migration/qjson.c``,
+    replaced by the JSON writer of 6.0 that 7.2 and later use):
+    ``{ "page_size" : 4096, "devices" : [ { "name" : ... } ] }``.
+    """
+    if not qjson:
+        return json.dumps(obj).encode()
+    out: list[str] = []
+    _qjson(obj, out)
+    return "".join(out).encode()
+
+
+def _qjson(value: Any, out: list[str]) -> None:
+    # QJSON neither escapes strings nor names; json.dumps does for what needs it, which
+    # QEMU's names and type names never do.
+    if isinstance(value, dict):
+        out.append("{ ")
+        for i, (k, v) in enumerate(value.items()):
+            out.append(f'{", " if i else ""}{json.dumps(k)} : ')
+            _qjson(v, out)
+        out.append(" }")
+    elif isinstance(value, list):
+        out.append("[ ")
+        for i, v in enumerate(value):
+            if i:
+                out.append(", ")
+            _qjson(v, out)
+        out.append(" ]")
+    else:
+        out.append(json.dumps(value))

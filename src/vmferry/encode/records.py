@@ -299,6 +299,8 @@ class RecordEncoder:
                         # schema records of nested devices go before the command itself
                         (out if r["t"] == "schema" else nested).append(r)
                 rec["packaged"] = nested
+            if ev.packaged_raw is not None:
+                rec["packaged_raw"] = sp.blob(ev.packaged_raw)
             out.append(rec)
             return out
         if isinstance(ev, Eof):
@@ -535,7 +537,8 @@ class RecordDecoder:
                     if field(sub, "t", str, sp) in ("stream", "fin", "header", "vmdesc", "eof", "schema"):
                         raise DecodeError("record not allowed inside a PACKAGED command", None, sp)
                     packaged.extend(self._record(sub, sp))
-            yield Command(field(rec, "cmd", int, path), self._blob(rec, "payload", path), packaged)
+            raw = self._blob(rec, "packaged_raw", path) if "packaged_raw" in rec else None
+            yield Command(field(rec, "cmd", int, path), self._blob(rec, "payload", path), packaged, raw)
         elif t == "eof":
             yield Eof()
         elif t == "vmdesc":
@@ -582,12 +585,21 @@ def pieces(chunks: Iterable[Any], size: int = PIECE) -> Iterator[memoryview]:
 # ---------------------------------------------------------------------------
 
 
+def regrouped(events: Iterable[Event]) -> Iterator[Event]:
+    """``events`` with page runs cut every :data:`PAGES_PER_RECORD` pages however the decoder cut them
+    (:mod:`vmferry.encode.runs`), so that a file and a pipe give the same records."""
+    from .runs import PageGroup, regroup
+
+    for ev in regroup(events, PAGES_PER_RECORD):
+        yield ev.as_event() if isinstance(ev, PageGroup) else ev
+
+
 def encode_records(events: Iterable[Event], fmt: str, spelling: Spelling) -> Iterator[dict[str, Any]]:
     """The records of a record stream: ``stream``, the events' records (schema table on), ``fin``."""
     enc = RecordEncoder(spelling, schema_table=True)
     yield stream_record(fmt)
     n = 0
-    for ev in events:
+    for ev in regrouped(events):
         for rec in enc.records(ev):
             n += 1
             yield rec

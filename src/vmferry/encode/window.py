@@ -2,7 +2,7 @@
 
 Decoders pull bytes through a :class:`Window`: ``need(n)`` makes sure ``n``
 bytes are available at ``pos``, taking more chunks from the iterable when
-necessary.  Chunks are used in place, never copied, whether they are
+necessary.  An empty chunk means "nothing ready now" (see :meth:`Window.idle`).  Chunks are used in place, never copied, whether they are
 ``bytes`` or ``memoryview`` slices of a mapped file; only a record that
 straddles two chunks is copied, into a small bridge buffer holding just
 that record.  Chunks are never written to, so the ``memoryview`` slices
@@ -12,7 +12,7 @@ memory is bounded by the chunk size plus one record.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from ..errors import DecodeError, TruncatedError
 
@@ -30,6 +30,7 @@ class Window:
         self.pos = 0
         self.base = 0
         self.eof = False
+        self._paused = False  # the last chunk taken said "nothing ready now", and none came since
         self.path = path
 
     @property
@@ -51,6 +52,7 @@ class Window:
                 self.eof = True
                 return None
             if len(data):
+                self._paused = False
                 return data if isinstance(data, memoryview) else memoryview(data)
 
     def _set(self, buf: bytes | memoryview, consumed: int) -> None:
@@ -83,6 +85,23 @@ class Window:
             label = f"{what}: " if what else ""
             raise TruncatedError(f"{label}stream truncated: expected {n} bytes, got {got}", self.offset, self.path)
 
+    def idle(self) -> bool:
+        """True when nothing unread is buffered and the input's next chunk is empty: the input has
+        nothing ready now (a live reader's signal before it blocks).  Any data it brings stays for the next read."""
+        if self.pos < len(self.buf) or self._pending is not None or self.eof:
+            return False
+        if self._paused:  # the input said so, and nothing was read since
+            return True
+        data = next(self._chunks, None)
+        if data is None:
+            self.eof = True
+            return False
+        if not len(data):
+            self._paused = True
+            return True
+        self._pending = data if isinstance(data, memoryview) else memoryview(data)
+        return False
+
     def at_end(self) -> bool:
         return not self.fill(1)
 
@@ -93,14 +112,32 @@ class Window:
         self.pos += n
         return out
 
-    def read_all(self, limit: int, what: str) -> None:
-        """Pull the rest of the input into one buffer (at most ``limit`` bytes)."""
+    def read_all(self, limit: int, what: str, complete: Callable[[bytes], bool] | None = None) -> None:
+        """Pull the rest of the input into one buffer (at most ``limit`` bytes).
+
+        A live input may pause without ending (a source that waits for its return path): when it pauses
+        (an empty chunk) and ``complete(what was read)`` says the rest is there, stop reading."""
         parts = [bytes(self.view[self.pos:])]
         size = len(parts[0])
         while True:
-            chunk = self._next_chunk()
-            if chunk is None:
-                break
+            if self._pending is not None:
+                chunk: memoryview | None = self._pending
+                self._pending = None
+            else:
+                data = next(self._chunks, None)
+                if data is None:
+                    self.eof = True
+                    break
+                if not len(data):
+                    self._paused = True
+                    if complete is not None:
+                        parts = [b"".join(parts)]
+                        if complete(parts[0]):
+                            break
+                    continue
+                self._paused = False
+                chunk = data if isinstance(data, memoryview) else memoryview(data)
+            assert chunk is not None
             size += len(chunk)
             if size > limit:
                 raise DecodeError(f"{what}: more than {limit} bytes would have to be buffered", self.offset, self.path)

@@ -27,17 +27,20 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from .. import caps
 from ..caps import Cap
-from ..errors import FerryError
+from ..errors import FerryError, TransportError
 from ..events import Event
+from ..serialize.schema import SchemaSet
 from . import proxy
 from .qmp.client import QMPCommandError, QMPConnectError, QMPConnection
 from .route import ProxyRoute
+from .transport import TlsOptions, connect, listen
 
 
 class MigrationError(FerryError):
@@ -183,21 +186,30 @@ def migrate(source: str, dest: str, uri: str | None = None, set_caps: list[str] 
             progress: Progress | None = None, timeout: float = 600.0, poll: float = 0.1,
             params: dict[str, Any] | None = None, qmp_timeout: float = 30.0, via_proxy: bool = False,
             machine: str | None = "auto", wire: str = "legacy",
-            observe: Callable[[Event], None] | None = None) -> Result:
+            observe: Callable[[Event], None] | None = None, qmp_tls: TlsOptions | None = None,
+            qemu_caps: list[str] | None = None, multifd_channels: int | None = None,
+            multifd_compression: str | None = None, postcopy: bool = False,
+            schema: SchemaSet | None = None) -> Result:
     """Migrate from the endpoint at QMP address ``source`` to the one at ``dest``; see the module doc.
 
     ``via_proxy`` routes the stream through proxies with ``wire`` between them, converting the device state
     to ``machine`` (``auto``: the destination's machine type); ``observe`` sees every event they carry.
+
+    ``qemu_caps`` are QEMU migration capabilities to switch on at both QEMUs (each must exist at both, and
+    through proxies be one they carry); ``multifd_channels``/``multifd_compression`` set multifd (and switch
+    it on); ``postcopy`` switches postcopy-ram on and the migration to postcopy once the first pass over RAM
+    is done.  ``schema`` describes the source's devices, which a postcopy migration to another machine type
+    needs (postcopy sends no vmdesc).
     """
     if not via_proxy and (wire != "legacy" or observe is not None or machine not in (None, "auto")):
-        raise MigrationError("--wire and --machine need --via-proxy (QEMU alone cannot convert a stream)")
+        raise MigrationError("--to and --machine need --via-proxy (QEMU alone cannot convert a stream)")
     if via_proxy and uri is not None:
         raise MigrationError("--uri and --via-proxy exclude each other: the proxies choose the sockets")
     tmpdir: str | None = None
     route: ProxyRoute | None = None
-    src_conn = _open(source, "source", qmp_timeout)
+    src_conn = _open(source, "source", qmp_timeout, qmp_tls)
     try:
-        dst_conn = _open(dest, "destination", qmp_timeout)
+        dst_conn = _open(dest, "destination", qmp_timeout, qmp_tls)
     except BaseException:
         src_conn.close()
         raise
@@ -211,16 +223,26 @@ def migrate(source: str, dest: str, uri: str | None = None, set_caps: list[str] 
                                  "migration (start it with 'vmferry serve --incoming' or QEMU's -incoming defer)")
         if src.status in ("inmigrate", "postmigrate", "finish-migrate"):
             raise MigrationError(f"the source is {src.status}: nothing to migrate")
+        qemu_wanted = _qemu_wanted(qemu_caps, multifd_channels, multifd_compression, postcopy)
+        _check_qemu_caps(qemu_wanted, src, dst, via_proxy)
         try:
-            plan = make_plan(src, dst, set_caps)
+            requested = (set_caps or []) + qemu_wanted if set_caps is not None or qemu_wanted else None
+            plan = make_plan(src, dst, requested)
         except ValueError as e:
             raise MigrationError(str(e)) from None
+        both_params = _multifd_params(src, dst, multifd_channels, multifd_compression)
         if via_proxy:
             tmpdir = tempfile.mkdtemp(prefix="vmferry-mig-")
-            route = _route(src, dst, plan, set_caps, machine, wire, tmpdir, observe)
+            route = _route(src, dst, plan, set_caps, machine, wire, tmpdir, observe, schema)
             uri = route.source_uri
+            if postcopy and route.machine and schema is None:
+                raise MigrationError(f"postcopy to {route.machine} converts the device state inside the postcopy "
+                                     "package, which carries no description of it: give --schema (a stream the "
+                                     f"source's QEMU wrote under {route.from_machine} with the same devices)")
         for side in (src, dst):
             apply_plan(side, plan)
+            if both_params.get(side.role):
+                side.conn.cmd("migrate-set-parameters", both_params[side.role])
         if params:
             wanted = {k: v for k, v in params.items() if src.kind == "vmferry" or not k.startswith("x-vmferry-")}
             if wanted:
@@ -234,7 +256,9 @@ def migrate(source: str, dest: str, uri: str | None = None, set_caps: list[str] 
             route.start()
         t0 = time.monotonic()
         src_conn.cmd("migrate", {"uri": uri})
-        info = _follow(src_conn, dst_conn, progress, timeout, poll)
+        if route is not None and progress is not None:
+            progress = _with_channels(progress, route)
+        info = _follow(src_conn, dst_conn, progress, timeout, poll, postcopy)
         elapsed = time.monotonic() - t0
         if route is not None:
             route.finish()
@@ -287,8 +311,59 @@ def _release(machine: str, qemu: str) -> str:
     return machine
 
 
+#: QEMU capabilities that imply others (QEMU refuses them alone).
+_IMPLIES = {"switchover-ack": ("return-path",), "postcopy-preempt": ("postcopy-ram",)}
+
+
+def _qemu_wanted(qemu_caps: list[str] | None, channels: int | None, compression: str | None,
+                 postcopy: bool) -> list[str]:
+    wanted = list(qemu_caps or [])
+    if (channels is not None or compression is not None) and "multifd" not in wanted:
+        wanted.append("multifd")
+    if postcopy and "postcopy-ram" not in wanted:
+        wanted.append("postcopy-ram")
+    for name in list(wanted):
+        wanted += [n for n in _IMPLIES.get(name, ()) if n not in wanted]
+    return wanted
+
+
+def _check_qemu_caps(wanted: list[str], src: Side, dst: Side, via_proxy: bool) -> None:
+    """Refuse, before anything moves, a capability one side lacks or a proxy cannot carry."""
+    for name in wanted:
+        for side in (src, dst):
+            if name not in side.qemu:
+                what = f"QEMU {side.release}" if side.release else side.kind
+                raise MigrationError(f"{name}: the {side.role} ({what}) has no such migration capability")
+        if via_proxy and name not in proxy.QEMU_CAPABILITIES:
+            raise MigrationError(f"{name}: the proxy cannot carry it (it carries "
+                                 f"{', '.join(sorted(proxy.QEMU_CAPABILITIES))})")
+
+
+def _multifd_params(src: Side, dst: Side, channels: int | None, compression: str | None) -> dict[str, dict[str, Any]]:
+    """The multifd parameters for each side (by role)."""
+    common: dict[str, Any] = {}
+    if channels is not None:
+        common["multifd-channels"] = channels
+    if compression is not None:
+        common["multifd-compression"] = compression
+    if not common:
+        return {}
+    out = {"source": dict(common), "destination": dict(common)}
+    if _release_tuple(src.release) >= (9, 0) and _release_tuple(dst.release) < (9, 0):
+        # A QEMU older than 9.0 reads no zero pages from multifd packets: the source sends them the old way.
+        out["source"]["zero-page-detection"] = "legacy"
+    return out
+
+
+def _release_tuple(release: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in release.split("."))
+    except ValueError:
+        return ()
+
+
 def _route(src: Side, dst: Side, plan: Plan, requested: list[str] | None, machine: str | None, wire: str,
-           workdir: str, observe: Callable[[Event], None] | None) -> ProxyRoute:
+           workdir: str, observe: Callable[[Event], None] | None, schema: SchemaSet | None = None) -> ProxyRoute:
     """The proxies for this migration; narrows ``plan`` to what a proxy can carry.
 
     The vmferry bits in ``requested`` (e.g. ``zstd``) are asked of the ferry wire between the proxies.
@@ -303,28 +378,43 @@ def _route(src: Side, dst: Side, plan: Plan, requested: list[str] | None, machin
     plan.mask = Cap(plan.mask & ~(Cap.RETURN_PATH | Cap.RECEIVER_TRANSFORMS | Cap.DEVICE_VERSIONS))
     link_bits = caps.split_requested(requested, set(src.qemu) | set(dst.qemu))[0] if requested is not None else None
     try:
-        return ProxyRoute(workdir, machine, from_machine, wire, link_bits, observe)
+        return ProxyRoute(workdir, machine, from_machine, wire, link_bits, observe, schema=schema)
     except FerryError as e:
         raise MigrationError(str(e).splitlines()[0]) from None
 
 
-def _open(address: str, role: str, timeout: float) -> QMPConnection:
+def _open(address: str, role: str, timeout: float, tls: TlsOptions | None = None) -> QMPConnection:
     try:
-        return QMPConnection(address, timeout=timeout, name=role).connect()
+        return QMPConnection(address, timeout=timeout, name=role, tls=tls).connect()
     except QMPConnectError as e:
         raise MigrationError(f"{role}: {e}") from None
 
 
+def _with_channels(progress: Progress, route: ProxyRoute) -> Progress:
+    """``progress`` fed with the first proxy's channels too (``x-vmferry-channels``: kind and bytes of each)."""
+    def update(info: dict[str, Any]) -> None:
+        channels = [{"kind": c.kind, "bytes_in": c.carried} for c in route.proxies[0].stats.channels]
+        progress(dict(info, **{"x-vmferry-channels": channels}))
+    return update
+
+
 def _follow(src: QMPConnection, dst: QMPConnection, progress: Progress | None, timeout: float,
-            poll: float) -> dict[str, Any]:
+            poll: float, postcopy: bool = False) -> dict[str, Any]:
+    """Poll the source until the migration completes; with ``postcopy``, switch to postcopy once the first
+    pass over RAM is done (``dirty-sync-count`` 2: the second dirty-bitmap sync comes after it)."""
     deadline = time.monotonic() + timeout
     last_dst_check = 0.0
+    switched = False
     while True:
         try:
             info = src.cmd("query-migrate")
         except QMPConnectError as e:
             raise MigrationError(f"lost the source: {e}") from None
         status = info.get("status")
+        if postcopy and not switched and status == "active" and \
+                int(info.get("ram", {}).get("dirty-sync-count", 0)) >= 2:
+            src.cmd("migrate-start-postcopy")
+            switched = True
         if progress is not None:
             progress(info)
         if status == "completed":
@@ -425,9 +515,184 @@ def qemu_qmp_args(path: str, chardev_id: str = "vmferry-mgmt") -> list[str]:
             "-mon", f"chardev={chardev_id},mode=control"]
 
 
-def capabilities(address: str, timeout: float = 30.0) -> dict[str, Any]:
+# ---------------------------------------------------------------------------
+# To and from a file: virsh save / restore, QEMU's file: URI
+# ---------------------------------------------------------------------------
+
+
+def _plain(side: Side) -> None:
+    """Set what a stream in a file needs: mask 0 (QEMU's own stream) and no QEMU capability that wants a peer."""
+    apply_plan(side, Plan(Cap(0), {name: False for name in side.qemu}))
+
+
+def save(source: str, write: Callable[[Any], Any], *, progress: Progress | None = None, timeout: float = 600.0,
+         poll: float = 0.1, params: dict[str, Any] | None = None, qmp_timeout: float = 30.0,
+         qmp_tls: TlsOptions | None = None) -> Result:
+    """Migrate the guest at QMP ``source`` into ``write`` (called with each chunk): QEMU's own stream, as
+    ``virsh save`` and QEMU's ``file:`` URI make it.
+
+    The source migrates to a private unix socket that this function reads, so it works with any QEMU (``file:``
+    needs QEMU >= 8.2) and with vmferry endpoints, and the caller decides how the file is written.  Every QEMU
+    capability is switched off and a vmferry endpoint is set to mask 0 first: the file holds a plain stream any
+    QEMU of that machine type loads.  Once saved, the source is stopped (``postmigrate``; ``cont`` resumes it).
+    On any failure or interruption the migration is cancelled and a running source runs on.
+    """
+    conn = _open(source, "source", qmp_timeout, qmp_tls)
+    tmpdir = tempfile.mkdtemp(prefix="vmferry-save-")
+    listener = None
+    reader: threading.Thread | None = None
+    src: Side | None = None
+    started = False
+    got: dict[str, Any] = {"bytes": 0, "error": None, "done": False}
+    try:
+        src = probe(conn, "source", source)
+        if src.status in ("inmigrate", "postmigrate", "finish-migrate", "shutdown"):
+            raise MigrationError(f"the source is {src.status}: nothing to save")
+        _plain(src)
+        if params:
+            wanted = {k: v for k, v in params.items() if src.kind == "vmferry" or not k.startswith("x-vmferry-")}
+            if wanted:
+                conn.cmd("migrate-set-parameters", wanted)
+        uri = f"unix:{os.path.join(tmpdir, 'save.sock')}"
+        listener = listen(uri)
+
+        def pump() -> None:
+            assert listener is not None
+            try:
+                with listener.accept(timeout) as stream:
+                    for chunk in stream.chunks():
+                        write(chunk)
+                        got["bytes"] += len(chunk)
+                got["done"] = True
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                got["error"] = e
+
+        reader = threading.Thread(target=pump, name="vmferry-save", daemon=True)
+        reader.start()
+        t0 = time.monotonic()
+        conn.cmd("migrate", {"uri": uri})
+        started = True
+        info = _follow_source(conn, progress, timeout, poll)
+        reader.join(timeout)
+        if got["error"] is not None:
+            raise MigrationError(f"writing the file: {got['error']}")
+        if not got["done"]:
+            raise MigrationError("the source completed, but its stream did not end")
+        elapsed = time.monotonic() - t0
+        ram = info.get("ram", {})
+        side = src.describe()
+        side["status"] = str(conn.cmd("query-status").get("status", ""))
+        return Result(elapsed, got["bytes"], int(ram.get("total", 0)), info.get("downtime"), 0, [], "legacy", side,
+                      {"kind": "file", "bytes": got["bytes"]}, info)
+    except BaseException as e:
+        if started and src is not None:
+            _safe(conn, "migrate_cancel")
+            _resume_after_cancel(conn, src.status == "running")
+        if listener is not None:
+            listener.close()
+        if reader is not None:
+            reader.join(10)
+        if isinstance(e, (FerryError, TimeoutError)):
+            message = str(e) if isinstance(e, FerryError) else "timed out"
+            raise MigrationError(message.splitlines()[0] if message else "save failed") from None
+        raise
+    finally:
+        if listener is not None:
+            listener.close()
+        conn.close()
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def restore(chunks: Iterable[Any], dest: str, *, size: int | None = None, progress: Progress | None = None,
+            timeout: float = 600.0, qmp_timeout: float = 30.0, qmp_tls: TlsOptions | None = None,
+            resume: bool = True) -> Result:
+    """Load the stream ``chunks`` (QEMU's own stream, e.g. a file :func:`save` wrote) into the destination at
+    QMP ``dest``, which waits for it (QEMU's ``-incoming defer``, ``vmferry serve --incoming``), as
+    ``virsh restore`` does; then run the guest (``resume``; else leave it paused).
+
+    The destination gets ``migrate-incoming`` on a private unix socket and this function sends the stream
+    there.  ``progress`` sees ``{"status", "ram": {"transferred", "total"}}`` with ``size`` as the total.
+    """
+    conn = _open(dest, "destination", qmp_timeout, qmp_tls)
+    tmpdir = tempfile.mkdtemp(prefix="vmferry-restore-")
+    sent = 0
+    try:
+        dst = probe(conn, "destination", dest)
+        if dst.status != "inmigrate":
+            raise MigrationError(f"the destination is {dst.status or 'in an unknown state'}, not waiting for a "
+                                 "migration (start it with 'vmferry serve --incoming' or QEMU's -incoming defer)")
+        _plain(dst)
+        uri = f"unix:{os.path.join(tmpdir, 'restore.sock')}"
+        conn.cmd("migrate-incoming", {"uri": uri})
+        t0 = time.monotonic()
+        last = 0.0
+        try:
+            with connect(uri, timeout=qmp_timeout) as stream:
+                for chunk in chunks:
+                    stream.write(chunk)
+                    sent += len(chunk)
+                    now = time.monotonic()
+                    if progress is not None and now - last > 0.1:
+                        last = now
+                        progress({"status": "active", "ram": {"transferred": sent, "total": size or 0}})
+                stream.close_write()
+        except TransportError as e:
+            theirs = _dest_error(conn)
+            raise MigrationError(theirs or f"sending the stream: {e}") from None
+        if progress is not None:
+            progress({"status": "completed", "ram": {"transferred": sent, "total": size or sent}})
+        status = _wait_destination(conn, resume, timeout=timeout)
+        elapsed = time.monotonic() - t0
+        side = dst.describe()
+        side["status"] = status
+        return Result(elapsed, sent, size or sent, None, 0, [], "legacy", {"kind": "file", "bytes": sent}, side,
+                      _safe(conn, "query-migrate") or {})
+    except (FerryError, TimeoutError) as e:
+        message = str(e) if isinstance(e, FerryError) else "timed out"
+        raise MigrationError(message.splitlines()[0] if message else "restore failed") from None
+    finally:
+        conn.close()
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _follow_source(src: QMPConnection, progress: Progress | None, timeout: float, poll: float) -> dict[str, Any]:
+    """Poll ``query-migrate`` of a source until it completes (MigrationError when it fails or times out)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            info = src.cmd("query-migrate")
+        except QMPConnectError as e:
+            raise MigrationError(f"lost the source: {e}") from None
+        if progress is not None:
+            progress(info)
+        status = info.get("status")
+        if status == "completed":
+            return dict(info)
+        if status in ("failed", "cancelled"):
+            raise MigrationError(f"migration {status}: {info.get('error-desc') or 'no reason given'}")
+        if time.monotonic() > deadline:
+            raise MigrationError(f"migration not completed within {timeout:.0f} s (status {status!r})")
+        time.sleep(poll)
+
+
+def _resume_after_cancel(src: QMPConnection, was_running: bool) -> None:
+    deadline = time.monotonic() + 15.0
+    while time.monotonic() < deadline:
+        info = _safe(src, "query-migrate") or {}
+        if info.get("status") not in ("active", "setup", "cancelling", "device", "pre-switchover"):
+            break
+        time.sleep(0.05)
+    st = (_safe(src, "query-status") or {}).get("status")
+    if was_running and st in ("paused", "postmigrate", "finish-migrate"):
+        try:
+            src.cmd("cont", timeout=10.0)
+        except FerryError:
+            pass
+
+
+def capabilities(address: str, timeout: float = 30.0, qmp_tls: TlsOptions | None = None) -> dict[str, Any]:
     """What one side supports: ``vmferry caps``."""
-    conn = _open(address, "endpoint", timeout)
+    conn = _open(address, "endpoint", timeout, qmp_tls)
     try:
         side = probe(conn, "endpoint", address)
     finally:
@@ -436,4 +701,4 @@ def capabilities(address: str, timeout: float = 30.0) -> dict[str, Any]:
 
 
 __all__ = ["MigrationError", "Plan", "Result", "Side", "apply_plan", "capabilities", "machine_type", "make_plan",
-           "migrate", "probe", "qemu_qmp_args"]
+           "migrate", "probe", "qemu_qmp_args", "restore", "save"]

@@ -25,16 +25,21 @@ from typing import Callable, Iterable, Iterator
 
 from ..caps import Cap
 from ..encode import ferry, legacy
+from ..encode import return_path as rp
 from ..errors import DecodeError, FerryError, TransportError
-from ..events import Event
+from ..events import CMD_PACKAGED, Command, Event, Flush, RamMemSize
+from ..serialize.schema import SchemaSet
+from .channels import ChannelStats, Renames, classify, relay_multifd, relay_ram_records, relay_return_path
 from .splice import PipedInput, can_splice, write_legacy
-from .transport import CHUNK, ByteStream, Listener, SocketStream, TlsOptions, connect, listen, parse_uri
+from .transport import CHUNK, ByteStream, Listener, TlsOptions, connect, listen, parse_uri
 
 WIRES = ("legacy", "ferry")
 
-#: QEMU capabilities a proxy can carry: they neither change how the stream is framed nor need a
-#: channel back to the source (the proxy carries one way).  Every other one is switched off.
-QEMU_CAPABILITIES = frozenset({"events", "auto-converge", "late-block-activate", "validate-uuid"})
+#: QEMU capabilities a proxy carries (docs/proxy.md has the table of every capability of QEMU 7.2 and 10.0,
+#: and why the others are not).  ``migrate --via-proxy`` switches every other one off.
+QEMU_CAPABILITIES = frozenset({"events", "auto-converge", "late-block-activate", "validate-uuid", "return-path",
+                               "multifd", "xbzrle", "compress", "switchover-ack", "postcopy-ram",
+                               "postcopy-preempt"})
 
 
 def capabilities() -> Cap:
@@ -48,7 +53,7 @@ class ProxyError(FerryError):
 
 @dataclass
 class ProxyStats:
-    """What one proxied migration carried."""
+    """What one proxied migration carried: the main channel's totals, and every channel's own."""
 
     input_format: str = ""
     bytes_in: int = 0
@@ -56,15 +61,19 @@ class ProxyStats:
     bytes_spliced: int = 0  # of bytes_out, page runs spliced from socket to socket
     error: str | None = None
     done: bool = False
+    phase: str = "waiting"  # waiting, precopy, postcopy, completed, failed
+    destination_status: int | None = None  # SHUT's value on the return path (0: loaded; None: none came)
+    channels: list[ChannelStats] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
         return {"input_format": self.input_format, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
-                "bytes_spliced": self.bytes_spliced, "error": self.error, "done": self.done}
+                "bytes_spliced": self.bytes_spliced, "error": self.error, "done": self.done, "phase": self.phase,
+                "destination_status": self.destination_status,
+                "channels": [c.as_dict() for c in self.channels]}
 
 
-def _sniff(stream: ByteStream) -> tuple[str, bytes]:
-    """The stream's format (``legacy`` or ``ferry``) and the 8 bytes read to tell."""
-    head = b""
+def _sniff(stream: ByteStream, head: bytes) -> tuple[str, bytes]:
+    """The main channel's format (``legacy`` or ``ferry``) and its first 8 bytes (``head`` read already)."""
     while len(head) < 8:
         data = stream.read(8 - len(head))
         if not data:
@@ -87,6 +96,8 @@ def _ferry_chunks(stream: ByteStream, head: bytes, size: int) -> Iterator[bytes 
     frame_head: bytes | memoryview = first[-ferry.FRAME_HEADER_LEN:]
     while (extent := ferry.frame_extent(frame_head)) is not None:
         body, last = extent
+        if not stream.ready():
+            yield b""  # nothing more now: the writers flush (a postcopy page must not wait in a batch)
         buf = bytearray(body if last else body + ferry.FRAME_HEADER_LEN)
         stream.read_into_exact(memoryview(buf), "a ferry frame")
         chunk = memoryview(buf).toreadonly()  # read-only: the decoder keeps views instead of copying
@@ -94,7 +105,7 @@ def _ferry_chunks(stream: ByteStream, head: bytes, size: int) -> Iterator[bytes 
         if last:
             return
         frame_head = chunk[-ferry.FRAME_HEADER_LEN:]
-    yield from stream.chunks(size)
+    yield from stream.chunks(size, idle_markers=True)
 
 
 def _ferry_events(chunks: Iterable[bytes | memoryview], options: ferry.DecodeOptions) -> Iterator[Event]:
@@ -103,6 +114,9 @@ def _ferry_events(chunks: Iterable[bytes | memoryview], options: ferry.DecodeOpt
     dec = ferry.FerryDecoder(options)
     try:
         for chunk in chunks:
+            if not chunk:
+                yield Flush()
+                continue
             dec.feed(chunk)
             while True:
                 ev = dec.next_event()
@@ -122,17 +136,24 @@ def _ferry_events(chunks: Iterable[bytes | memoryview], options: ferry.DecodeOpt
 
 def transcode_events(chunks: Iterable[bytes | memoryview], input_format: str, wire: str = "legacy",
                      machine: str | None = None, from_machine: str | None = None, *,
-                     observe: Callable[[Event], None] | None = None) -> Iterator[Event]:
+                     observe: Callable[[Event], None] | None = None,
+                     schema: SchemaSet | None = None) -> Iterator[Event]:
     """The events of the input ``chunks`` of ``input_format``, converted to ``machine`` (to be written as
-    ``wire``); ``observe`` sees every event as it arrives (before the transforms)."""
+    ``wire``); ``observe`` sees every event as it arrives (before the transforms).
+
+    ``schema`` describes the source's devices for a postcopy migration, whose device state comes in a
+    PACKAGED command with no vmdesc to read it by; without it that state travels undecoded (and cannot be
+    converted to another machine type)."""
     if wire not in WIRES:
         raise ProxyError(f"unknown wire format {wire!r} (known: {', '.join(WIRES)})")
     events: Iterable[Event]
     if input_format == "legacy":
-        events = legacy.decode(chunks)
+        events = legacy.decode(chunks, legacy.DecodeOptions(live=True, fallback_schemas=schema))
     else:
         events = _ferry_events(chunks, ferry.DecodeOptions(keep_unknown=wire != "legacy",
                                                            legacy_records=wire == "legacy"))
+        if schema is not None:
+            events = _unpacked(events, schema)
     if observe is not None:
         events = _observed(events, observe)
     if machine:
@@ -155,6 +176,12 @@ def transcode(chunks: Iterable[bytes | memoryview], input_format: str, wire: str
     """
     events = transcode_events(chunks, input_format, wire, machine, from_machine, observe=observe)
     return legacy.encode(events) if wire == "legacy" else ferry.encode(events, compress=compress)
+
+
+def _unpacked(events: Iterable[Event], schema: SchemaSet) -> Iterator[Event]:
+    """``events``, a PACKAGED command that came undecoded decoded with ``schema``."""
+    for ev in events:
+        yield legacy.unpack(ev, schema) if isinstance(ev, Command) and ev.packaged_raw is not None else ev
 
 
 def _observed(events: Iterable[Event], observe: Callable[[Event], None]) -> Iterator[Event]:
@@ -183,6 +210,8 @@ class Proxy:
     compress: str = "none"
     observe: Callable[[Event], None] | None = None
     tls: TlsOptions | None = None
+    schema: SchemaSet | None = None  # the source's devices, for postcopy's device state (see transcode_events)
+    renames: dict[str, str] | None = None  # RAM block renames of an earlier proxy, for a postcopy recovery
     accept_timeout: float | None = None
     connect_timeout: float = 30.0
     chunk_size: int = CHUNK
@@ -194,6 +223,10 @@ class Proxy:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _closed: bool = field(default=False, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
+    _renames: Renames = field(default_factory=lambda: Renames({}), repr=False)
+    _failure: BaseException | None = field(default=None, repr=False)
+    _main_done: threading.Event = field(default_factory=threading.Event, repr=False)
+    _blocks_in: list[str] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if self.wire not in WIRES:
@@ -233,11 +266,12 @@ class Proxy:
         try:
             self._run()
         except (FerryError, OSError) as e:
-            self.stats.error = str(e)
+            first = self._failure or e  # a channel's failure, not what closing the others then caused
+            self.stats.error = str(first)
             self.abort()
-            if isinstance(e, ProxyError):
-                raise
-            raise ProxyError(f"proxy {self.listen_uri} -> {self.forward_uri}: {e}") from None
+            if isinstance(first, ProxyError):
+                raise first from None
+            raise ProxyError(f"proxy {self.listen_uri} -> {self.forward_uri}: {first}") from None
         except BaseException as e:
             self.stats.error = f"{type(e).__name__}: {e}"
             self.abort()
@@ -291,49 +325,171 @@ class Proxy:
             self._streams.append(stream)
         return stream
 
-    # ------------------------------------------------------------------ the pump
+    # ------------------------------------------------------------------ the channels
 
     def _run(self) -> None:
+        """Accept the main channel, then every further channel until the main one is done; carry each in a
+        thread of its own, its destination connection opened at once, in the order the source's arrive."""
         assert self._listener is not None
-        source = self._track(self._listener.accept(self.accept_timeout, cancelled=lambda: self._closed))
+        if self.renames is not None:
+            self._renames = Renames(self.renames)
+        elif self.machine:
+            self._renames = Renames()  # known once the main channel has seen the RAM blocks
+        threads = [self._open_channel(self._listener.accept(self.accept_timeout, cancelled=lambda: self._closed))]
+        while not self._main_done.is_set() and not self._closed:
+            try:
+                source = self._listener.accept(0.2, cancelled=lambda: self._closed or self._main_done.is_set())
+            except TransportError:
+                continue  # nobody yet: look again, until the main channel is done
+            threads.append(self._open_channel(source))
         self._close_listener()
-        fmt, head = _sniff(source)
-        self.stats.input_format = fmt
-        dest = self._track(connect(parse_uri(self.forward_uri, self.tls), timeout=self.connect_timeout))
-        if fmt == "legacy" and self.wire == "legacy" and can_splice(source, dest):
-            self._splice_through(source, head, dest)  # type: ignore[arg-type]
-        else:
-            chunks = itertools.chain([head], source.chunks(self.chunk_size)) if fmt == "legacy" else \
-                _ferry_chunks(source, head, self.chunk_size)
-            dest.write_chunks(transcode(chunks, fmt, self.wire, self.machine, self.from_machine,
-                                        compress=self.compress, observe=self.observe))
-        dest.close_write()
-        self.stats.bytes_in = source.bytes_read
-        self.stats.bytes_out = dest.bytes_written
-        with self._lock:
-            streams, self._streams = self._streams, []
-        # Let the destination read everything before the socket goes: it closes its end once loaded.
-        dest.set_timeout(self.drain_timeout)
-        try:
-            while dest.read(4096):
-                pass
-        except TransportError:
-            pass
-        for s in streams:
-            s.close()
+        for thread in threads:
+            while thread.is_alive() and self._failure is None:
+                thread.join(0.2)
+        if self._failure is not None:
+            raise self._failure
+        main = self.stats.channels[0]
+        self.stats.bytes_in, self.stats.bytes_out = main.bytes_in, main.bytes_out
+        self.stats.phase = "completed"
         self.stats.done = True
 
-    def _splice_through(self, source: SocketStream, head: bytes, dest: SocketStream) -> None:
-        """QEMU's format in and out between plain sockets: page runs are spliced (see :mod:`vmferry.live.splice`)."""
-        piped = PipedInput(source, dest, len(head), self.chunk_size)
+    def _open_channel(self, source: ByteStream) -> threading.Thread:
+        self._track(source)
+        number = len(self.stats.channels)
+        stats = ChannelStats(number, source=source)
+        self.stats.channels.append(stats)
+        dest = self._track(connect(parse_uri(self.forward_uri, self.tls), timeout=self.connect_timeout))
+        thread = threading.Thread(target=self._carry, args=(number, source, dest, stats),
+                                  name=f"vmferry-proxy channel {number}", daemon=True)
+        thread.start()
+        return thread
+
+    def _alive(self) -> bool:
+        return not self._closed
+
+    def _carry(self, number: int, source: ByteStream, dest: ByteStream, stats: ChannelStats) -> None:
         try:
-            events = transcode_events(itertools.chain([head], piped.chunks()), "legacy", "legacy", self.machine,
-                                      self.from_machine, observe=self.observe)
-            write_legacy(events, piped)
+            first = b""
+            while len(first) < 4:
+                data = source.read(4 - len(first))
+                if not data:
+                    break
+                first += data
+            if first and number and classify(first, number) == "unknown":
+                first += source.read_exact(8 - len(first), "the first bytes of a channel")
+            stats.kind = classify(first, number) if first else "empty"
+            if stats.kind == "unknown" or (number == 0 and not stats.kind.startswith("main")):
+                what = "the main channel" if number == 0 else "a multifd channel (11223344) or postcopy pages"
+                raise DecodeError(f"the channel starts with {first.hex()}: not {what}", 0, f"$.channel[{number}]")
+            if stats.kind.startswith("main"):
+                self._carry_main(first, source, dest, stats)
+            else:
+                if stats.kind == "multifd":
+                    relay_multifd(first, source, dest, stats, self._renames, self._alive)
+                elif stats.kind == "preempt":
+                    relay_ram_records(first, source, dest, stats, self._renames, self._alive, resumed=False)
+                dest.close_write()  # "empty": a channel closed before its first byte (an idle preempt channel)
+            stats.done = True
+            for s in (source, dest):
+                s.close()
+        except BaseException as e:  # noqa: BLE001 - any failure closes every channel
+            self._fail(stats, e)
         finally:
-            piped.close()
-            self.stats.bytes_spliced = piped.spliced
+            if number == 0:
+                self._main_done.set()
+                self._renames.release()
+
+    def _fail(self, stats: ChannelStats, e: BaseException) -> None:
+        with self._lock:
+            first = self._failure is None and not self._closed
+            if first:
+                text = str(e) if isinstance(e, (FerryError, OSError)) else f"{type(e).__name__}: {e}"
+                self._failure = ProxyError(f"channel {stats.number} ({stats.kind}): {text}")
+        stats.error = str(e)
+        if first:
+            self.stats.phase = "failed"
+            self.abort()
+
+    def _carry_main(self, first: bytes, source: ByteStream, dest: ByteStream, stats: ChannelStats) -> None:
+        """The main channel: transcoded forward, the return path relayed back beside it."""
+        back = threading.Thread(target=self._return_path, args=(dest, source, stats),
+                                name="vmferry-proxy return path", daemon=True)
+        back.start()
+        if stats.kind == "main (resumed)":
+            # A postcopy recovery through this (fresh) proxy: no RAM section says which blocks a transform
+            # renames, so the names are the ones given (``renames``), else kept.
+            self.stats.phase = "postcopy"
+            if not self._renames.known:
+                self._renames.release()
+            relay_ram_records(first, source, dest, stats, self._renames, self._alive, resumed=True)
+        else:
+            self._transcode_main(first, source, dest, stats)
+        dest.close_write()
+        # The destination closes its end once it has loaded the stream (after SHUT, with a return path).
+        back.join(self.drain_timeout)
+        if back.is_alive():
+            raise ProxyError(f"{dest.name}: the destination did not finish within {self.drain_timeout:.0f} s "
+                             "of the end of the stream")
+
+    def _return_path(self, dest: ByteStream, source: ByteStream, stats: ChannelStats) -> None:
+        try:
+            relay_return_path(dest, source, stats, self._renames, self._on_return_message)
+            source.close_write()
+        except BaseException as e:  # noqa: BLE001 - any failure closes every channel
+            if not self._closed:
+                self._fail(stats, e)
+
+    def _on_return_message(self, msg: rp.RpMessage) -> None:
+        if msg.type == rp.SHUT:
+            self.stats.destination_status = msg.value
+        elif msg.type in (rp.REQ_PAGES, rp.REQ_PAGES_ID):
+            self.stats.phase = "postcopy"
+
+    def _transcode_main(self, first: bytes, source: ByteStream, dest: ByteStream, stats: ChannelStats) -> None:
+        fmt, head = _sniff(source, first)
+        self.stats.input_format = fmt
+        self.stats.phase = "precopy"
+        observe = self._observer()
+        if fmt == "legacy" and self.wire == "legacy" and can_splice(source, dest):
+            piped = PipedInput(source, dest, len(head), self.chunk_size)  # type: ignore[arg-type]
+            try:
+                events = transcode_events(itertools.chain([head], piped.chunks(idle_markers=True)), "legacy",
+                                          "legacy", self.machine, self.from_machine, observe=observe,
+                                          schema=self.schema)
+                write_legacy(self._learning(events), piped)
+            finally:
+                piped.close()
+                self.stats.bytes_spliced = stats.spliced = piped.spliced
+        else:
+            chunks = itertools.chain([head], source.chunks(self.chunk_size, idle_markers=True)) \
+                if fmt == "legacy" else _ferry_chunks(source, head, self.chunk_size)
+            events = self._learning(transcode_events(chunks, fmt, self.wire, self.machine, self.from_machine,
+                                                     observe=observe, schema=self.schema))
+            out = legacy.encode(events) if self.wire == "legacy" else ferry.encode(events, compress=self.compress)
+            dest.write_chunks(out)
+        stats.bytes_in, stats.bytes_out = source.bytes_read, dest.bytes_written
+
+    def _observer(self) -> Callable[[Event], None]:
+        """Sees every event as the source sent it: the user's ``observe``, and the blocks before any rename."""
+        user = self.observe
+
+        def observe(ev: Event) -> None:
+            if isinstance(ev, RamMemSize):
+                self._blocks_in = [b.name for b in ev.blocks]
+            elif isinstance(ev, Command) and ev.cmd == CMD_PACKAGED:
+                self.stats.phase = "postcopy"
+            if user is not None:
+                user(ev)
+
+        return observe
+
+    def _learning(self, events: Iterable[Event]) -> Iterator[Event]:
+        """``events`` (after the transforms), learning the block renames from the first RAM section."""
+        for ev in events:
+            if isinstance(ev, RamMemSize) and not self._renames.known:
+                self._renames.learn(dict(zip(self._blocks_in, (b.name for b in ev.blocks))))
+            yield ev
 
 
-__all__ = ["QEMU_CAPABILITIES", "Proxy", "ProxyError", "ProxyStats", "WIRES", "capabilities", "transcode",
+__all__ = ["ChannelStats", "QEMU_CAPABILITIES", "Proxy", "ProxyError", "ProxyStats", "WIRES", "capabilities", "transcode",
            "transcode_events"]

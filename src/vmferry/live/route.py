@@ -26,6 +26,7 @@ from typing import Any, Callable
 from .. import caps
 from ..caps import Cap
 from ..events import Event
+from ..serialize.schema import SchemaSet
 from . import proxy
 from .proxy import Proxy, ProxyError, ProxyStats
 
@@ -63,6 +64,7 @@ class ProxyRoute:
     requested: int | None = None  # vmferry bits asked for on the ferry wire (None: plain ferry)
     observe: Callable[[Event], None] | None = None
     accept_timeout: float = 120.0
+    schema: SchemaSet | None = None  # the source's devices, for a postcopy package (see vmferry.live.proxy)
     mask: Cap = Cap(0)
     proxies: list[Proxy] = field(default_factory=list)
 
@@ -72,7 +74,8 @@ class ProxyRoute:
         self.dest_uri = f"unix:{os.path.join(self.workdir, 'dest.sock')}"
         self.source_uri = f"unix:{os.path.join(self.workdir, 'proxy.sock')}"
         near_dest = Proxy("tcp:127.0.0.1:0" if self.wire == "ferry" else self.source_uri, self.dest_uri,
-                          machine=self.machine, from_machine=self.from_machine, accept_timeout=self.accept_timeout)
+                          machine=self.machine, from_machine=self.from_machine, accept_timeout=self.accept_timeout,
+                          schema=self.schema)
         if self.wire == "legacy":
             near_dest.observe = self.observe
             self.proxies = [near_dest]
@@ -80,7 +83,7 @@ class ProxyRoute:
         self.mask = link_mask(proxy.capabilities(), proxy.capabilities(), self.requested)
         near_dest.bind()
         near_source = Proxy(self.source_uri, near_dest.uri, wire="ferry", compress=_compression(self.mask),
-                            observe=self.observe, accept_timeout=self.accept_timeout)
+                            observe=self.observe, accept_timeout=self.accept_timeout, schema=self.schema)
         self.proxies = [near_source, near_dest]
 
     def start(self) -> None:

@@ -79,7 +79,8 @@ class PipedInput:
         # Equal sizes, so that whatever the first pipe holds, tee finds room for it in the empty second one.
         self.size = _resize(self._held[1], _resize(self._copy[1], _resize(self._held[1], size)))
 
-    def chunks(self) -> Iterator[bytes]:
+    def chunks(self, idle_markers: bool = False) -> Iterator[bytes]:
+        """The input for the decoder; with ``idle_markers`` an empty chunk before a read that would wait."""
         sock_fd = self.source.sock.fileno()
         held_r, held_w = self._held
         copy_r, copy_w = self._copy
@@ -93,6 +94,8 @@ class PipedInput:
                 # No free slot (a pipe of a page, or kept bytes in many small buffers): a splice would wait for
                 # room only this process can make, so keep nothing.
                 self._drop_to(self.seen)
+            if idle_markers and not self.source.ready():
+                yield b""
             try:
                 n = os.splice(sock_fd, held_w, self.size - (self.seen - self.consumed))
             except OSError as e:
@@ -173,6 +176,12 @@ def write_legacy(events: Iterable[Event], source: PipedInput) -> None:
     parts: list[bytes | memoryview] = []
     size = 0
     for piece in legacy.encode_pieces(events):
+        if not isinstance(piece, RamPages) and not piece:  # the input paused: write out what is held
+            source.flush()
+            if parts:
+                dest.writev(parts)
+                parts, size = [], 0
+            continue
         if isinstance(piece, RamPages):
             assert piece.legacy is not None
             if piece.at is not None:

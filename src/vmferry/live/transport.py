@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 import ssl
 import stat
@@ -45,6 +46,8 @@ SOCKET_SCHEMES = ("unix", "tcp", "tls")
 LOOPBACK = "127.0.0.1"
 CHUNK = 1 << 20
 SEND_BATCH = 1 << 20
+#: Connections a listener queues: a migration opens one per multifd channel at once.
+BACKLOG = 16
 
 
 @dataclass(frozen=True)
@@ -230,11 +233,17 @@ class ByteStream:
         self.bytes_written += sum(len(p) for p in parts)
 
     def write_chunks(self, chunks: Iterable[bytes | bytearray | memoryview], batch: int = SEND_BATCH) -> None:
-        """Write an iterable of chunks, gathering small ones into batches of about ``batch`` bytes."""
+        """Write an iterable of chunks, gathering small ones into batches of about ``batch`` bytes.
+
+        An empty chunk writes what is gathered at once (the encoders' sign that their input paused).
+        """
         parts: list[Any] = []
         size = 0
         for chunk in chunks:
             if not chunk:
+                if parts:
+                    self.writev(parts)
+                    parts, size = [], 0
                 continue
             parts.append(chunk)
             size += len(chunk)
@@ -277,13 +286,23 @@ class ByteStream:
             got += n
         self.bytes_read += got
 
-    def chunks(self, size: int = CHUNK) -> Iterator[bytes]:
-        """The rest of the stream in chunks of at most ``size`` bytes."""
+    def chunks(self, size: int = CHUNK, idle_markers: bool = False) -> Iterator[bytes]:
+        """The rest of the stream in chunks of at most ``size`` bytes.
+
+        With ``idle_markers``, an empty chunk comes before each read that would wait for the peer: the sign
+        for a decoder (and the writers after it) that nothing more is ready now (see vmferry.events.Flush).
+        """
         while True:
+            if idle_markers and not self.ready():
+                yield b""
             data = self.read(size)
             if not data:
                 return
             yield data
+
+    def ready(self) -> bool:
+        """Whether a read would return at once (data or the end); True where that cannot be told."""
+        return True
 
     # -- closing
     def close_write(self) -> None:
@@ -370,12 +389,24 @@ class SocketStream(ByteStream):
     def set_timeout(self, seconds: float | None) -> None:
         self.sock.settimeout(seconds)
 
+    def ready(self) -> bool:
+        if self._tls and self.sock.pending():  # type: ignore[attr-defined]
+            return True
+        poll = select.poll()
+        try:
+            poll.register(self.sock, select.POLLIN)
+            return bool(poll.poll(0))
+        except (OSError, ValueError):
+            return True
+
     def close_write(self) -> None:
         try:
             if self._tls:
                 return  # TLS has no half-close; the return-path protocol says where the stream ends
             self.sock.shutdown(socket.SHUT_WR)
         except OSError as e:
+            if e.errno == errno.ENOTCONN:
+                return  # the peer has gone already: there is nobody left to tell
             raise self.error("close", e) from None
 
     def close(self) -> None:
@@ -642,13 +673,13 @@ def listen(addr: Address | str) -> Listener:
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(sockaddr)
-        sock.listen(1)
+        sock.listen(BACKLOG)
     except OSError as e:
         raise TransportError(f"{name}: cannot listen: {e.strerror or e}") from None
     return Listener(addr, sock)
 
 
-def bind_unix(path: str, backlog: int = 1) -> socket.socket:
+def bind_unix(path: str, backlog: int = BACKLOG) -> socket.socket:
     """A listening unix socket at ``path`` that only its owner can use (0600), replacing a stale socket.
 
     The mode is set between bind and listen, so nobody can connect before it is.

@@ -10,9 +10,13 @@ from .visitor import Describer, Visitor
 
 
 def describe_section(vmsd: Vmsd, state: dict[str, Any], idstr: str, instance_id: int,
-                     version: int | None = None) -> dict[str, Any]:
-    """The vmdesc ``devices`` entry QEMU would write for ``state`` saved with ``vmsd``."""
-    d = Describer()
+                     version: int | None = None, array_index: str = "every") -> dict[str, Any]:
+    """The vmdesc ``devices`` entry QEMU would write for ``state`` saved with ``vmsd``.
+
+    ``array_index`` picks the QEMU whose way of marking array elements to
+    follow (see :data:`~vmferry.serialize.visitor.ARRAY_INDEX_BY_QEMU`).
+    """
+    d = Describer(array_index)
     d._path = [f"$.{idstr}"]
     visit_vmsd(d, vmsd, state, version)
     if vmsd.old_style:  # QEMU writes these by hand, with "size" before "type"
@@ -22,9 +26,9 @@ def describe_section(vmsd: Vmsd, state: dict[str, Any], idstr: str, instance_id:
 
 
 def describe_visit(fn: Callable[[Visitor, Any], Any], state: Any, idstr: str, instance_id: int,
-                   vmsd_name: str, version: int) -> dict[str, Any]:
+                   vmsd_name: str, version: int, array_index: str = "every") -> dict[str, Any]:
     """The vmdesc entry for a device described by a visit function."""
-    d = Describer()
+    d = Describer(array_index)
     d._path = [f"$.{idstr}"]
     fn(d, state)
     return d.device(idstr, instance_id, vmsd_name, version)

@@ -122,36 +122,43 @@ def _element_from_desc(e: Any, path: str, depth: int) -> Field:
 
 
 def _fields_from_desc(entries: list[Any], path: str, depth: int) -> list[Field]:
+    """The fields of a vmdesc ``fields`` list.
+
+    An array that is not compressed (``array_len``) is described element by
+    element, one entry per element with the same name.  QEMU 7.2 gives every
+    element an ``index``, 10.0 every one but the last, 11.1 none: so entries
+    are grouped by name (QEMU makes field names unique within a vmsd), and
+    ``index`` only marks a group of one.
+    """
     fields: list[Field] = []
     group: list[Field] = []
-    group_name: str | None = None
+    indexed = False
 
     def flush() -> None:
-        nonlocal group, group_name
-        if group:
+        nonlocal group, indexed
+        if len(group) > 1 or indexed:
             fields.append(Field(group[0].name, group[0].type, group[0].size, struct=group[0].struct,
                                 elements=tuple(group)))
-        group, group_name = [], None
+        elif group:
+            fields.append(group[0])
+        group, indexed = [], False
 
     for i, e in enumerate(entries):
         p = f"{path}[{i}]"
         f = _element_from_desc(e, p, depth)
-        if "index" in e:
+        has_index = "index" in e
+        if has_index:
             _get(e, "index", int, p)
-            if group_name != f.name:
-                flush()
-                group_name = f.name
-            group.append(f)
-            continue
-        if group_name is not None and group_name == f.name:
-            group.append(f)  # QEMU 10.0 omits "index" on the last element of such arrays
-            flush()
+        if group and group[0].name == f.name and "array_len" not in e:
+            group.append(f)  # one more element of the same array
+            indexed = indexed or has_index
             continue
         flush()
         if "array_len" in e:
             n = _get(e, "array_len", int, p)
-            f = Field(f.name, f.type, f.size, count=n, struct=f.struct, array=True)
-        fields.append(f)
+            fields.append(Field(f.name, f.type, f.size, count=n, struct=f.struct, array=True))
+            continue
+        group, indexed = [f], has_index
     flush()
     seen: set[str] = set()
     for f in fields:

@@ -669,16 +669,27 @@ class TreeReader(_TreeVisitor):
 # ---------------------------------------------------------------------------
 
 
+#: How each QEMU release marks the elements of an array it describes element by
+#: element: ``"every"`` element gets an ``index`` (5.2, 7.2), ``"all-but-last"``
+#: (10.0: only while more than one element remains), ``"none"`` (11.1).
+ARRAY_INDEX_STYLES = ("every", "all-but-last", "none")
+ARRAY_INDEX_BY_QEMU = {"5.2": "every", "7.2": "every", "10.0": "all-but-last", "11.1": "none"}
+
+
 class Describer(Visitor):
     """Saves a description in QEMU's vmdesc JSON form.
 
     Drive it like a writer (it needs the state: sizes, counts and which
     subsections are sent depend on it), then call :meth:`device` or read
-    :attr:`fields` / :attr:`subsections`.
+    :attr:`fields` / :attr:`subsections`.  ``array_index`` (one of
+    :data:`ARRAY_INDEX_STYLES`) says which QEMU's vmdesc to reproduce.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, array_index: str = "every") -> None:
         super().__init__()
+        if array_index not in ARRAY_INDEX_STYLES:
+            raise ValueError(f"array_index must be one of {', '.join(ARRAY_INDEX_STYLES)}, not {array_index!r}")
+        self.array_index = array_index
         self.fields: list[dict[str, Any]] = []
         self.subsections: list[dict[str, Any]] = []
         self._frames: list[tuple[list, list]] = [(self.fields, self.subsections)]
@@ -772,7 +783,11 @@ class Describer(Visitor):
                 compressed.update(first)
                 fields.append(compressed)
             else:
+                last = len(entries) - 1
                 for i, e in enumerate(entries):
+                    if self.array_index == "none" or (self.array_index == "all-but-last" and i == last):
+                        fields.append(e)
+                        continue
                     indexed = {"name": e["name"], "index": i}
                     indexed.update({k: v for k, v in e.items() if k != "name"})
                     fields.append(indexed)

@@ -572,6 +572,13 @@ def _version_step(reg: Registry, old: str, new: str) -> None:
                 name="e1000e pending flags",
                 changes=[Change(k, "e1000e", x) for a, b in pend_changes
                          for k, x in (("field-removed", b), ("field-added", a))])
+    ide = "hw/ide/piix.c: QEMU 7.2 registers the PIIX IDE function's vmsd 'ide' at realize (vmstate_register), " \
+          "10.0 in its device class (dc->vmsd), so only 10.0's -dump-vmstate lists it; both streams carry the " \
+          "section, the same bytes"
+    reg.machine(old, new, None, lossless=True, mirrors=ide, name="ide in -dump-vmstate",
+                changes=[Change("section-added", "ide")])
+    reg.machine(new, old, None, lossless=True, mirrors=ide, name="ide in -dump-vmstate",
+                changes=[Change("section-removed", "ide")])
     desc = "migration/vmstate.c, savevm.c (QEMU 10.0): the vmdesc describes the configuration section first, " \
            "and an array's last element has no index (spec §11.8); loaders ignore the vmdesc"
     reg.stream(old, new, refuse_filled_zero_pages, lossless=True, name="zero-page fill",

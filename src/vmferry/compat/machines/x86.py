@@ -289,6 +289,9 @@ def pckbd_up(sec: DeviceSection, m: Machine) -> DeviceSection:
     kbd = get(n, "kbd")
     if "pckbd/extended_state" in kbd:
         return sec
+    if "pending_tmp" not in kbd:
+        raise CompatError("kbd has no pending_tmp (QEMU 5.2 calls it pending): a stream of QEMU 5.2 read as QEMU "
+                          "7.2's? name its QEMU version (--from-qemu-version 5.2, --from-machine MACHINE@5.2)")
     compat = kbd["pending_tmp"]
     if compat & ~(KBD_PENDING_KBD_COMPAT | KBD_PENDING_AUX_COMPAT):
         raise CompatError(f"pending_tmp={compat:#x}: a machine type without extended i8042 state writes only "

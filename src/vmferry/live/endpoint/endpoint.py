@@ -60,7 +60,7 @@ from ...serialize.devices.base import DeviceModel, load
 from ...serialize.visitor import TreeReader
 from .. import handshake
 from ..qmp.protocol import CommandFailed
-from ..qmp.server import not_found
+from ..qmp.server import current_peer, not_found
 from ..transport import ByteStream, Listener, TlsOptions, connect, listen, parse_uri
 from .machine import (
     DEVICES,
@@ -228,8 +228,10 @@ class Endpoint:
     def __init__(self, machine: Machine, *, incoming: bool = False, paused: bool = False,
                  supported: int | None = None, capability_commands: bool = True,
                  tls: TlsOptions | None = None, emit: Callable[[str, dict[str, Any] | None], None] | None = None,
-                 compress: str = "none") -> None:
+                 compress: str = "none", allow_remote_exec: bool = False) -> None:
         self.machine = machine
+        #: whether a QMP client on another host may name exec:, file: and fd: migration URIs
+        self.allow_remote_exec = allow_remote_exec
         self.supported = Cap(supported_caps() if supported is None else supported & supported_caps())
         self.mask = self.supported
         self.capability_commands = capability_commands
@@ -410,6 +412,18 @@ class Endpoint:
         if self._busy():
             raise CommandFailed(f"{what}: not while a migration is running")
 
+    def _check_local_uri(self, addr: Any) -> None:
+        """Refuse exec:, file: and fd: from a QMP client on another host, unless allowed.
+
+        They run a shell command, write or read a file, or use a descriptor of this process: on this host,
+        on behalf of whoever reached the QMP socket (QMP has no authentication).
+        """
+        peer = current_peer()
+        if addr.scheme in ("exec", "file", "fd") and peer is not None and not peer.local \
+                and not self.allow_remote_exec:
+            raise CommandFailed(f"{addr.scheme}: migration URIs are refused from a remote QMP client ({peer.name}); "
+                                "serve --allow-remote-exec allows them")
+
     # -- outgoing
     def cmd_migrate(self, args: dict[str, Any]) -> Any:
         uri = args.get("uri")
@@ -425,6 +439,7 @@ class Endpoint:
             addr = parse_uri(uri, self.tls)
         except TransportError as e:
             raise CommandFailed(str(e)) from None
+        self._check_local_uri(addr)
         self._cancel.clear()
         self.info = MigrationInfo(status="setup", started=time.monotonic(), uri=uri, total=self.machine.ram_size)
         self.emit("MIGRATION", {"status": "setup"})
@@ -604,7 +619,9 @@ class Endpoint:
             raise CommandFailed(f"the incoming migration failed earlier: {self.info.error}" if self.incoming_failed
                                 else "The incoming migration has already been started")
         try:
-            listener = listen(parse_uri(uri, self.tls))
+            addr = parse_uri(uri, self.tls)
+            self._check_local_uri(addr)
+            listener = listen(addr)
         except TransportError as e:
             raise CommandFailed(str(e)) from None
         self._listener = listener

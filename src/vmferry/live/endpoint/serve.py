@@ -35,6 +35,8 @@ class ServeOptions:
     tls: TlsOptions | None = None
     compress: str = "none"
     quiet: bool = False
+    #: let QMP clients on other hosts use exec:, file: and fd: migration URIs
+    allow_remote_exec: bool = False
 
 
 def serve(opts: ServeOptions, ready: Callable[[str], None] | None = None) -> int:
@@ -45,12 +47,12 @@ def serve(opts: ServeOptions, ready: Callable[[str], None] | None = None) -> int
     endpoint = Endpoint(machine, incoming=opts.incoming, paused=opts.paused, supported=opts.supported,
                         capability_commands=opts.capability_commands, tls=opts.tls,
                         emit=lambda name, data: server.emit(name, data) if server else None,
-                        compress=opts.compress)
+                        compress=opts.compress, allow_remote_exec=opts.allow_remote_exec)
     server = QMPServer(endpoint.handle, version=(7, 2, 0), package=f"vmferry {__version__}")
 
     async def main() -> None:
         assert server is not None
-        await server.start(opts.qmp, allow_remote=opts.allow_remote)
+        await server.start(opts.qmp, allow_remote=opts.allow_remote, tls=opts.tls)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:

@@ -3,8 +3,9 @@
 This is an orchestration-layer module: it starts processes, owns files and
 sockets and sleeps.  It promises:
 
-* :class:`QemuVM` starts one QEMU (TCG, ``-nodefaults -display none``,
-  QMP on a unix socket in its work directory), optionally with the counting
+* :class:`QemuVM` starts one QEMU (TCG unless given another ``accel``,
+  ``-nodefaults -display none``, QMP on a unix socket in its work
+  directory), optionally with the counting
   boot sector of :mod:`vmferry.live.qemu.guest` on a floppy and COM1 logged to a file,
   and offers a small blocking API: QMP commands, migration to and from
   files, the guest's serial counter, and a clean or forced shutdown.
@@ -15,10 +16,11 @@ sockets and sleeps.  It promises:
   from inside other event loops.
 
 The QEMU binary is ``$VMFERRY_QEMU`` or ``qemu-system-x86_64`` on ``PATH``
-(the system's QEMU, 7.2 on Debian bookworm).  ``qemu_version="10.0"`` runs
-QEMU 10.0 instead, as ``chroot ROOT qemu-system-x86_64`` in the Debian trixie
-chroot that ``scripts/ensure-qemu10.sh`` builds (:func:`qemu10_root`).  The
-host directories QEMU must see (``/proc``, ``/dev``, the temporary directory
+(the system's QEMU, 7.2 on Debian bookworm).  ``qemu_version="5.2"``,
+``"10.0"`` or ``"11.1"`` runs that QEMU release instead, as ``chroot ROOT
+qemu-system-x86_64`` in the Debian chroot (bullseye, trixie, forky) that
+``scripts/ensure-qemu-release.sh RELEASE`` builds (:data:`RELEASE_CHROOTS`,
+:func:`release_root`).  The host directories QEMU must see (``/proc``, ``/dev``, the temporary directory
 and every work directory or stream file the harness hands to QEMU) are
 bind-mounted at the same path inside the chroot at first use, so every path
 means the same inside and outside.  ``chroot`` execs QEMU: the process id is
@@ -40,6 +42,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -53,7 +56,11 @@ __all__ = [
     "exec_load_uri",
     "exec_save_uri",
     "find_qemu",
+    "RELEASES",
+    "RELEASE_CHROOTS",
+    "ReleaseChroot",
     "qemu10_root",
+    "release_root",
     "qemu_binary",
     "qemu_command",
     "qemu_version",
@@ -102,39 +109,78 @@ def qemu_version(binary: str | None = None, *, release: str | None = None) -> st
     return out.stdout.splitlines()[0].strip() if out.stdout else ""
 
 
-#: The QEMU releases besides the system's that :func:`qemu_command` can run.
-RELEASES = ("10.0",)
-#: Where ``scripts/ensure-qemu10.sh`` caches the Debian trixie chroot (``$VMFERRY_QEMU10_ROOT`` overrides).
-QEMU10_DEFAULT_ROOT = "/var/cache/vmferry/qemu-10.0-trixie"
-_QEMU10_INSTALL = "run scripts/ensure-qemu10.sh (or `make qemu10`) as root"
+# ---- QEMU releases in Debian chroots (issue 13) ----------------------------
+
+
+@dataclass(frozen=True)
+class ReleaseChroot:
+    """Where QEMU ``release`` lives: a Debian ``suite`` chroot at ``$env`` or ``default_root``."""
+
+    release: str
+    suite: str
+    default_root: str
+    env: str
+
+    @property
+    def install(self) -> str:
+        return f"run scripts/ensure-qemu-release.sh {self.release} (or `make qemu-releases`) as root"
+
+
+#: The QEMU releases besides the system's that :func:`qemu_command` runs, each in
+#: the chroot ``scripts/ensure-qemu-release.sh RELEASE`` builds (same suites, roots
+#: and variables as that script).
+RELEASE_CHROOTS: dict[str, ReleaseChroot] = {c.release: c for c in (
+    ReleaseChroot("5.2", "bullseye", "/var/cache/vmferry/qemu-5.2-bullseye", "VMFERRY_QEMU5_2_ROOT"),
+    ReleaseChroot("10.0", "trixie", "/var/cache/vmferry/qemu-10.0-trixie", "VMFERRY_QEMU10_ROOT"),
+    ReleaseChroot("11.1", "forky", "/var/cache/vmferry/qemu-11.1-forky", "VMFERRY_QEMU11_1_ROOT"),
+)}
+RELEASES = tuple(RELEASE_CHROOTS)
+#: Where the Debian trixie chroot of QEMU 10.0 is cached (``$VMFERRY_QEMU10_ROOT`` overrides).
+QEMU10_DEFAULT_ROOT = RELEASE_CHROOTS["10.0"].default_root
 #: QEMU's path inside the chroot.
 _CHROOT_QEMU = "/usr/bin/qemu-system-x86_64"
 #: Host directories every chroot QEMU needs, bind-mounted at the same path.
 _CHROOT_BINDS = ("/proc", "/dev")
 
 
-def qemu10_root() -> Path:
-    """The Debian trixie chroot holding QEMU 10.0; QemuError (saying how to build it) if missing."""
-    root = Path(os.environ.get("VMFERRY_QEMU10_ROOT") or QEMU10_DEFAULT_ROOT)
+def _release(release: str) -> ReleaseChroot:
+    try:
+        return RELEASE_CHROOTS[release]
+    except KeyError:
+        raise QemuError(f"unknown QEMU release {release!r}: None (the system's QEMU) "
+                        f"or one of {', '.join(RELEASES)}") from None
+
+
+def release_root(release: str) -> Path:
+    """The Debian chroot holding QEMU ``release``; QemuError (saying how to build it) if missing."""
+    chroot = _release(release)
+    root = Path(os.environ.get(chroot.env) or chroot.default_root)
     if not (root / _CHROOT_QEMU.lstrip("/")).is_file():
-        raise QemuError(f"QEMU 10.0 not found: no chroot with {_CHROOT_QEMU} at {root}; {_QEMU10_INSTALL}")
+        raise QemuError(f"QEMU {release} not found: no chroot with {_CHROOT_QEMU} at {root}; {chroot.install}")
     return root
+
+
+def qemu10_root() -> Path:
+    """The Debian trixie chroot holding QEMU 10.0 (:func:`release_root` of ``"10.0"``)."""
+    return release_root("10.0")
+
+
+# ---- end of the QEMU release table ------------------------------------------
 
 
 def qemu_command(release: str | None = None, binary: str | None = None) -> list[str]:
     """The command that runs QEMU ``release`` (None: the system's, see :func:`find_qemu`).
 
-    For ``"10.0"``: ``[chroot, ROOT, "qemu-system-x86_64"]``, after making
-    sure ``/proc``, ``/dev`` and the temporary directory are visible inside
-    (see :func:`expose`).
+    For a release of :data:`RELEASES` (``"5.2"``, ``"10.0"``, ``"11.1"``):
+    ``[chroot, ROOT, "qemu-system-x86_64"]``, after making sure ``/proc``,
+    ``/dev`` and the temporary directory are visible inside (see :func:`expose`).
     """
     if release is None:
         return [find_qemu(binary)]
-    if release not in RELEASES:
-        raise QemuError(f"unknown QEMU release {release!r}: None (the system's QEMU) or one of {', '.join(RELEASES)}")
+    _release(release)
     if binary is not None:
         raise QemuError(f"give either a QEMU binary ({binary!r}) or a QEMU release ({release!r}), not both")
-    root = qemu10_root()
+    root = release_root(release)
     chroot = shutil.which("chroot") or "/usr/sbin/chroot"
     for path in (*_CHROOT_BINDS, tempfile.gettempdir()):
         expose(path, release)
@@ -160,7 +206,7 @@ def expose(path: str | os.PathLike[str], release: str | None = None) -> None:
     """
     if release is None:
         return
-    root = qemu10_root()
+    root = release_root(release)
     host = Path(path).absolute()
     if not host.is_dir():
         host = host.parent
@@ -292,8 +338,10 @@ class QemuVM:
     ``"pc,suppress-vmdesc=on"``) and ``args`` are appended to the command
     line.  ``memory`` is ``-m`` (None: leave it out), ``incoming`` adds
     ``-incoming defer``, ``paused`` adds ``-S``, ``boot_sector`` attaches the
-    counting guest (True) or the given 512-byte sector as a raw floppy,
-    ``serial`` connects COM1 to ``serial.log``.  QMP listens on
+    counting guest (True) or the given 512-byte sector as a raw floppy (as
+    an IDE disk with ``boot_disk``: SeaBIOS polls a disk, while it waits for
+    the floppy's interrupt, which the in-kernel PIC of a nested KVM can
+    lose), ``serial`` connects COM1 to ``serial.log``.  QMP listens on
     ``qmp.sock``; QEMU's stdout and stderr go to ``qemu.log``; all of them in
     ``workdir`` (a fresh temporary directory, deleted on exit, when None).
 
@@ -303,12 +351,15 @@ class QemuVM:
     long-lived thread, or pass False.
 
     ``qemu_version`` picks the QEMU: None for the system's (``binary`` or
-    ``$VMFERRY_QEMU``), ``"10.0"`` for the chroot one (see
-    :func:`qemu_command`); it and ``binary`` exclude each other.  The
-    stream files of :meth:`save` and :meth:`load` are made visible to a
-    chroot QEMU automatically; call :meth:`expose` for any other host path
-    handed to QEMU (e.g. in a raw ``migrate`` URI) outside the temporary
-    directory.
+    ``$VMFERRY_QEMU``), or a release of :data:`RELEASES` (``"5.2"``,
+    ``"10.0"``, ``"11.1"``) for a chroot one (see :func:`qemu_command`); it
+    and ``binary`` exclude each other.  The stream files of :meth:`save` and
+    :meth:`load` are made visible to a chroot QEMU automatically; call
+    :meth:`expose` for any other host path handed to QEMU (e.g. in a raw
+    ``migrate`` URI) outside the temporary directory.
+
+    ``accel`` goes to ``-accel`` (default ``"tcg"``; ``"kvm"`` needs
+    ``/dev/kvm``).
     """
 
     def __init__(
@@ -320,6 +371,7 @@ class QemuVM:
         incoming: bool = False,
         paused: bool = True,
         boot_sector: bool | bytes = False,
+        boot_disk: bool = False,
         serial: bool = True,
         workdir: Path | None = None,
         binary: str | None = None,
@@ -336,6 +388,7 @@ class QemuVM:
         self.incoming = incoming
         self.paused = paused
         self.boot_sector = boot_sector
+        self.boot_disk = boot_disk
         self.serial = serial
         self.accel = accel
         self.name = name
@@ -389,7 +442,8 @@ class QemuVM:
             argv += ["-chardev", f"file,id=serial0,path={escape_option(self.serial_log.absolute())}",
                      "-serial", "chardev:serial0"]
         if self.boot_sector is not False:
-            argv += ["-drive", f"file={escape_option(self.boot_image.absolute())},format=raw,if=floppy"]
+            where = "ide" if self.boot_disk else "floppy"
+            argv += ["-drive", f"file={escape_option(self.boot_image.absolute())},format=raw,if={where}"]
         if self.paused:
             argv.append("-S")
         if self.incoming:

@@ -16,7 +16,7 @@ import threading
 from typing import Any, Coroutine, TypeVar
 
 from ...errors import FerryError, TransportError
-from ..transport import Address
+from ..transport import Address, TlsOptions
 from .server import parse_qmp_address
 
 T = TypeVar("T")
@@ -39,8 +39,9 @@ class QMPCommandError(FerryError):
 class QMPConnection:
     """One QMP connection, blocking API.  Use as a context manager or call :meth:`close`."""
 
-    def __init__(self, address: str | Address, timeout: float = 30.0, name: str = "qmp") -> None:
-        self.address = parse_qmp_address(address) if isinstance(address, str) else address
+    def __init__(self, address: str | Address, timeout: float = 30.0, name: str = "qmp",
+                 tls: TlsOptions | None = None) -> None:
+        self.address = parse_qmp_address(address, tls) if isinstance(address, str) else address
         self.timeout = timeout
         self.name = name
         self._loop = asyncio.new_event_loop()
@@ -86,9 +87,14 @@ class QMPConnection:
         client = QMPClient(self.name)
         target: Any = self.address.path if self.address.scheme == "unix" else (self.address.bind_host,
                                                                                self.address.port)
+        ssl_context = None
+        if self.address.scheme == "tls":
+            # the server's certificate must name the address's host; ``tls`` gives a client certificate
+            ssl_context = (self.address.tls or TlsOptions()).client_context()
+
         async def attempt() -> None:
             try:
-                await asyncio.wait_for(client.connect(target), self.timeout)
+                await asyncio.wait_for(client.connect(target, ssl=ssl_context), self.timeout)
             except BaseException:
                 try:
                     await client.disconnect()

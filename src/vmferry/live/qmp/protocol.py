@@ -16,6 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 MAX_REQUEST = 1 << 20  # bytes of one pending request; QEMU caps its parser similarly
+#: How deep a request may nest objects and arrays.  QEMU allows 1024; Python's parser (and ``json.dumps`` of
+#: an echoed ``id``) would hit the interpreter's recursion limit near 1000, so vmferry stops well before.
+MAX_NESTING = 64
+NESTING_ERROR = "JSON nesting depth limit exceeded"
 
 # QMP error classes (qapi/error.json).
 GENERIC_ERROR = "GenericError"
@@ -107,6 +111,21 @@ class JsonStream:
                 break
             try:
                 value, end = self._decoder.raw_decode(s)
+                if _nested_deeper(value, MAX_NESTING):
+                    out.append(ValueError(NESTING_ERROR))
+                    self._buf = s[end:]
+                    continue
+            except RecursionError:
+                # nested deeper than the parser can follow: skip the value whole, answer an error
+                stop = _value_end(s)
+                if stop is None:
+                    if len(s) > self._limit:
+                        self._buf = ""
+                        raise QMPProtocolError(f"request larger than {self._limit} bytes") from None
+                    break
+                out.append(ValueError(NESTING_ERROR))
+                self._buf = s[stop:]
+                continue
             except ValueError as e:
                 if _incomplete(s):
                     if len(s) > self._limit:
@@ -120,6 +139,40 @@ class JsonStream:
             out.append(value)
             self._buf = s[end:]
         return out
+
+
+def _nested_deeper(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests objects and arrays more than ``limit`` deep (walked without recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((c, depth + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return False
+
+
+def _value_end(s: str) -> int | None:
+    """Where the object or array that starts ``s`` ends (strings respected), None if it has not all arrived."""
+    depth, in_str, esc = 0, False, False
+    for i, ch in enumerate(s):
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+            if depth <= 0:
+                return i + 1
+    return None
 
 
 def _incomplete(s: str) -> bool:
@@ -195,5 +248,6 @@ class Session:
         return req
 
 
-__all__ = ["COMMAND_NOT_FOUND", "CommandFailed", "GENERIC_ERROR", "JsonStream", "QMPProtocolError", "Request",
+__all__ = ["COMMAND_NOT_FOUND", "CommandFailed", "GENERIC_ERROR", "JsonStream", "MAX_NESTING", "QMPProtocolError",
+           "Request",
            "Session", "dumps", "error", "event", "greeting", "reply"]

@@ -5,31 +5,63 @@ It speaks QEMU's QMP closely enough for the ``qemu.qmp`` client library
 ``execute``/``return``/``error`` with ids, and asynchronous events.  What the
 commands do is up to the ``handler`` it is given.
 
-Security: a unix socket is created with mode 0600; TCP binds to loopback
-unless ``allow_remote`` is set; nothing is ever run through a shell here.
+Security: QMP has no authentication of its own; whoever reaches the socket
+controls the endpoint.  So a unix socket is created with mode 0600; TCP binds
+to loopback unless ``allow_remote`` is set; ``tls:HOST:PORT`` requires a
+client certificate signed by the given CA (it may listen beyond loopback);
+nothing is ever run through a shell here.  While a command runs,
+:func:`current_peer` tells the handler whether its client is on this host.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import socket
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from ...errors import TransportError
-from ..transport import Address, bind_unix, is_loopback, parse_uri
+from ..transport import Address, TlsOptions, bind_unix, is_loopback, parse_uri
 from . import protocol
 from .protocol import COMMAND_NOT_FOUND, CommandFailed, JsonStream, QMPProtocolError, Session
 
 Handler = Callable[[str, dict[str, Any]], Any]
 
 
-def parse_qmp_address(text: str) -> Address:
-    """``unix:PATH`` or ``tcp:HOST:PORT`` (the forms QEMU's ``-qmp`` takes)."""
-    addr = parse_uri(text)
-    if addr.scheme not in ("unix", "tcp"):
-        raise TransportError(f"bad QMP address {text!r}: use unix:PATH or tcp:HOST:PORT")
+def parse_qmp_address(text: str, tls: TlsOptions | None = None) -> Address:
+    """``unix:PATH``, ``tcp:HOST:PORT`` (the forms QEMU's ``-qmp`` takes) or ``tls:HOST:PORT`` (with ``tls``)."""
+    addr = parse_uri(text, tls)
+    if addr.scheme not in ("unix", "tcp", "tls"):
+        raise TransportError(f"bad QMP address {text!r}: use unix:PATH or tcp:HOST:PORT "
+                             "(or tls:HOST:PORT with client certificates)")
     return addr
+
+
+@dataclass(frozen=True)
+class Peer:
+    """The client of the command being run: ``local`` when it is on this host (unix socket, loopback)."""
+
+    local: bool
+    name: str
+
+
+_PEER: contextvars.ContextVar[Peer | None] = contextvars.ContextVar("vmferry_qmp_peer", default=None)
+
+
+def current_peer() -> Peer | None:
+    """The client whose command is running (None outside a QMP command, e.g. a direct call)."""
+    return _PEER.get()
+
+
+def _peer_of(writer: asyncio.StreamWriter) -> Peer:
+    sock = writer.get_extra_info("socket")
+    if sock is not None and sock.family == socket.AF_UNIX:
+        return Peer(True, "unix socket")
+    peer = writer.get_extra_info("peername")
+    host = peer[0] if isinstance(peer, tuple) and peer else ""
+    return Peer(bool(host) and is_loopback(host), f"{host}:{peer[1]}" if host else "unknown")
 
 
 class QMPServer:
@@ -53,9 +85,10 @@ class QMPServer:
         self.address: Address | None = None
         self._unix_path: str | None = None
 
-    async def start(self, addr: Address | str, allow_remote: bool = False) -> None:
+    async def start(self, addr: Address | str, allow_remote: bool = False, tls: TlsOptions | None = None) -> None:
+        """Listen on ``addr``.  ``tls:`` needs ``tls`` with a certificate, its key and a CA for the clients'."""
         if isinstance(addr, str):
-            addr = parse_qmp_address(addr)
+            addr = parse_qmp_address(addr, tls)
         self.loop = asyncio.get_running_loop()
         self._done = asyncio.Event()
         if addr.scheme == "unix":
@@ -73,8 +106,23 @@ class QMPServer:
                 raise TransportError(f"QMP {addr}: cannot listen: {e.strerror or e}") from None
             port = self._server.sockets[0].getsockname()[1]
             addr = Address("tcp", host=host, port=port)
+        elif addr.scheme == "tls":
+            opts = addr.tls if addr.tls is not None else tls
+            if opts is None or not opts.cert or not opts.ca:
+                raise TransportError(f"QMP on {addr} needs a certificate, its key and the CA that signs the "
+                                     "clients' certificates (--tls-cert, --tls-key, --tls-ca): QMP has no other "
+                                     "authentication")
+            host = addr.bind_host
+            try:
+                self._server = await asyncio.start_server(self._client, host, addr.port, reuse_address=True,
+                                                          ssl=opts.server_context())
+            except OSError as e:
+                raise TransportError(f"QMP {addr}: cannot listen: {e.strerror or e}") from None
+            port = self._server.sockets[0].getsockname()[1]
+            addr = Address("tls", host=host, port=port)
         else:
-            raise TransportError(f"bad QMP address {addr}: use unix:PATH or tcp:HOST:PORT")
+            raise TransportError(f"bad QMP address {addr}: use unix:PATH or tcp:HOST:PORT "
+                                 "(or tls:HOST:PORT with client certificates)")
         self.address = addr
 
     async def serve(self) -> None:
@@ -126,6 +174,7 @@ class QMPServer:
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         major, minor, micro = self.version
+        _PEER.set(_peer_of(writer))  # this client's task has its own context
         session = Session()
         parser = JsonStream()
         try:
@@ -185,4 +234,4 @@ def unused_tcp_port() -> int:
         return int(s.getsockname()[1])
 
 
-__all__ = ["QMPServer", "not_found", "parse_qmp_address", "unused_tcp_port"]
+__all__ = ["Peer", "QMPServer", "current_peer", "not_found", "parse_qmp_address", "unused_tcp_port"]
