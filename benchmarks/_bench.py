@@ -33,8 +33,37 @@ class Run:
         return nbytes / self.seconds / 1e6
 
 
+TIME = "/usr/bin/time"  # GNU time (Debian's "time" package), for a peak RSS that is the command's own
+
+
+@dataclass
+class Sample:
+    """One run of a command: wall time, CPU time (user + system, its children included) and peak RSS (MB)."""
+
+    wall: float
+    cpu: float
+    rss_mb: float
+
+
 def run_once(argv: list[str], stdout=subprocess.DEVNULL) -> tuple[float, float]:
-    """Wall time and peak RSS (MB) of one run of ``argv``; raises if it fails."""
+    """Wall time and peak RSS (MB) of one run of ``argv``; raises if it fails (see :func:`run_sample`)."""
+    s = run_sample(argv, stdout)
+    return s.wall, s.rss_mb
+
+
+def run_sample(argv: list[str], stdout=subprocess.DEVNULL) -> Sample:
+    """Wall time, CPU time and peak RSS of one run of ``argv``; raises if it fails.
+
+    The kernel's peak RSS of a process forked from this one starts from this process' own peak (``exec``
+    keeps the larger of the two), which would charge a benchmark's memory to the command it measures.  So the
+    command runs under GNU time, a small process that forks it afresh, and the figure is the one time reports;
+    without GNU time it is wait4's (then at least this process' peak).
+    """
+    report = None
+    if os.access(TIME, os.X_OK):
+        fd, report = tempfile.mkstemp(prefix="vf-rss-")
+        os.close(fd)
+        argv = [TIME, "-q", "-f", "%M", "-o", report, *argv]
     start = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=stdout, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -43,7 +72,34 @@ def run_once(argv: list[str], stdout=subprocess.DEVNULL) -> tuple[float, float]:
     err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
     if proc.returncode != 0:
         raise SystemExit(f"benchmark command failed ({proc.returncode}): {shlex.join(argv)}\n{err[-2000:]}")
-    return elapsed, usage.ru_maxrss / 1024
+    peak_kb = float(usage.ru_maxrss)
+    if report is not None:
+        with open(report) as f:
+            peak_kb = float(f.read().split()[-1])
+        os.unlink(report)
+    return Sample(elapsed, usage.ru_utime + usage.ru_stime, peak_kb / 1024)
+
+
+def interleaved(commands: dict[str, list[str]], repeat: int, before=None) -> dict[str, list[Sample]]:
+    """Run every command in turn, ``repeat`` rounds after one warm-up round; the samples of each, in order.
+
+    ``before(name)``, when given, runs before each command (e.g. to sync the disk or remove an output).
+    """
+    out: dict[str, list[Sample]] = {k: [] for k in commands}
+    for i in range(repeat + 1):
+        for name, argv in commands.items():
+            if before is not None:
+                before(name)
+            s = run_sample(argv)
+            if i:
+                out[name].append(s)
+    return out
+
+
+def median(samples: list[Sample]) -> Sample:
+    """Median wall and CPU time, largest peak RSS."""
+    return Sample(statistics.median(s.wall for s in samples), statistics.median(s.cpu for s in samples),
+                  max(s.rss_mb for s in samples))
 
 
 def measure(label: str, argv: list[str], repeat: int) -> Run:

@@ -674,6 +674,8 @@ def test_corpus_round_trips_through_every_codec(name, qemu_corpus):
         assert build(decode_with(x, out, chunk=1 << 16)) == data, x
     for comp in ("zstd", "lz4"):
         assert build(ferry.decode([encode_with("ferry", events, compress=comp)])) == data
+        grouped = encode_with("ferry", events, compress=comp, groups=True)  # GROUP frames (format.md §2.4)
+        assert build(ferry.decode([grouped], ferry.DecodeOptions(legacy_records=True))) == data
 
 
 @pytest.mark.qemu

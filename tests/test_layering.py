@@ -27,7 +27,8 @@ IO_MODULES = {"os", "sys", "socket", "subprocess", "pathlib", "shutil", "tempfil
               "threading", "asyncio", "select", "signal", "ssl", "selectors", "multiprocessing", "ctypes"}
 PURE = ("vmferry.serialize", "vmferry.compat", "vmferry.encode", "vmferry.events", "vmferry.errors", "vmferry.caps")
 #: Modules of vmferry.cli that are commands (they may import only the shared ones).
-CLI_SHARED = {"vmferry.cli.common", "vmferry.cli.files", "vmferry.cli.images", "vmferry.cli.summary"}
+CLI_SHARED = {"vmferry.cli.common", "vmferry.cli.copyout", "vmferry.cli.files", "vmferry.cli.images",
+              "vmferry.cli.summary"}
 TOP_LEVEL_MODULES = {"__init__.py", "errors.py", "events.py", "caps.py"}
 
 

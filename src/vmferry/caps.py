@@ -35,6 +35,8 @@ class Cap(enum.IntFlag, boundary=enum.KEEP):
     ZSTD = 1 << 2  # zstd-compressed frames
     LZ4 = 1 << 3  # lz4-compressed frames
     SELF_DESCRIBING = 1 << 4  # device sections carry field names; schemas travel once
+    FRAME_GROUPS = 1 << 5  # ferry GROUP frames: runs of frames compressed together (docs/format.md §2.4)
+    X86_FILTER = 1 << 6  # ferry PAGES frames whose data went through xz's x86 branch filter (§2.2)
     # --- codecs (16..31); QEMU's own stream needs no bit
     CODEC_FERRY = 1 << 16
     CODEC_JSON = 1 << 17

@@ -14,7 +14,7 @@ from typing import Any, BinaryIO, Iterator, Sequence
 
 from ..errors import FerryError
 from .files import Input, load_schema_file, open_input, widen_pipe
-from .summary import StreamSummary
+from .summary import StreamSummary, summary_lines
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -388,38 +388,6 @@ def tls_from_args(args: argparse.Namespace) -> Any:
 
 
 def print_summary(s: StreamSummary, heading: str) -> None:
-    """Print what ``vmferry inspect`` shows: ``heading``, then the summary's lines and tables."""
-    from rich.markup import escape
-    from rich.table import Table
-
-    con = stdout_console(highlight=False)
-    con.print(f"[bold]{escape(heading)}[/bold]")
-    con.print(f"machine type: [bold]{s.machine or '(no configuration section)'}[/bold]")
-    con.print(f"capabilities: {', '.join(s.capabilities) or 'none announced'}")
-    if s.uuid:
-        con.print(f"uuid: {s.uuid}")
-    footers = {True: "yes", False: "no", None: "n/a"}[s.footers]
-    vmdesc = f"{s.vmdesc_size:,} bytes" if s.vmdesc_size is not None else "absent"
-    con.print(f"section footers: {footers}   vmdesc: {vmdesc}   EOF: {'yes' if s.has_eof else 'no'}")
-    if s.commands:
-        con.print(f"commands: {', '.join(s.commands)}")
-    con.print(f"written by: {escape(s.writer.text)}")
-
-    t = Table(title=f"{len(s.sections)} sections", title_justify="left")
-    for col, just in (("id", "right"), ("kind", "left"), ("idstr", "left"), ("inst", "right"), ("ver", "right"),
-                      ("size", "right")):
-        t.add_column(col, justify=just)  # type: ignore[arg-type]
-    for row in s.sections:
-        version = str(row.version_id) if row.kind in ("start", "full") else ""
-        inst = str(row.instance_id) if row.kind in ("start", "full") else ""
-        t.add_row(str(row.section_id), row.kind, row.idstr, inst, version, f"{row.size:,}" if row.size else "")
-    con.print(t)
-
-    if s.blocks:
-        b = Table(title=f"RAM: {s.total_pages:,} pages, {s.total_zero_pages:,} zero pages", title_justify="left")
-        for col in ("block", "length", "pages", "zero pages", "other records"):
-            b.add_column(col, justify="left" if col == "block" else "right")
-        for block in s.blocks.values():
-            b.add_row(block.name, f"{block.length:#x}", f"{block.pages:,}", f"{block.zero_pages:,}",
-                      f"{block.other_records:,}")
-        con.print(b)
+    """Print what ``vmferry inspect`` shows: ``heading``, then the summary's lines and tables (plain text: no
+    terminal library to import, which would cost more than reading the RAM headers of a 1 GiB stream)."""
+    sys.stdout.write("\n".join(summary_lines(s, heading)) + "\n")

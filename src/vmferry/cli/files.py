@@ -34,7 +34,7 @@ from ..serialize.qemu_vmdesc import (
 from ..serialize.schema import SchemaSet
 
 CHUNK = 4 << 20
-MAP_WINDOW = 32 << 20
+MAP_WINDOW = 8 << 20  # a multiple of 2 MiB: a file cached in huge folios is then mapped by PMDs
 SNIFF_BYTES = 64
 
 
@@ -54,6 +54,9 @@ class Input:
     image: SaveImage | None = None
     #: called with every chunk of the image's stored (possibly compressed) stream as it is read
     taps: list[Callable[[ls.Chunk], Any]] = field(default_factory=list)
+    #: the opened input when it is a regular file holding just the stream: byte offsets in the stream are
+    #: offsets in it (RamPages.at), so page runs can be copied from it by the kernel (vmferry.cli.copyout)
+    file: BinaryIO | None = None
 
     @property
     def file_format(self) -> str:
@@ -151,7 +154,7 @@ def open_input(path: str, progress: Callable[[int], None] | None = None, fmt: st
         widen_pipe(f)
     else:
         f = open(path, "rb")  # noqa: SIM115 - closed when the generator finishes
-        size = os.fstat(f.fileno()).st_size if Path(path).is_file() else None
+        size = os.fstat(f.fileno()).st_size if os.path.isfile(path) else None
     head = b""
     while len(head) < SNIFF_BYTES:
         more = f.read(SNIFF_BYTES - len(head))
@@ -182,7 +185,7 @@ def open_input(path: str, progress: Callable[[int], None] | None = None, fmt: st
                 f.close()
 
     if not image:
-        return Input(chunks(), fmt, size, path)
+        return Input(chunks(), fmt, size, path, file=f if size else None)
     raw = chunks()
     try:
         head_of, stored = ls.split(raw, allow_partial=True)
@@ -254,7 +257,8 @@ def load_schema_file(path: str) -> SchemaSet:
     size = os.path.getsize(path)
     if size > legacy.MAX_VMDESC:
         raise SchemaError(f"{path}: {size} bytes is too large for a schema file")
-    obj = load_json(Path(path).read_bytes(), path)
+    with open(path, "rb") as f:
+        obj = load_json(f.read(), path)
     if is_vmdesc(obj):
         return schemas_from_vmdesc(obj, f"vmdesc {path}")
     if is_dump_vmstate(obj):

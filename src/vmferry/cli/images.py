@@ -66,7 +66,8 @@ IMAGE_COMPRESSIONS = {"none": Compression.RAW, **{c.label: c for c in Compressio
 #: ``--compress`` of ``convert`` and ``transform``: these for ferry frames, the others for an image's stream.
 FERRY_COMPRESS = ("none", "zstd", "lz4")
 COMPRESS_CHOICES = [*FERRY_COMPRESS, *(name for name in IMAGE_COMPRESSIONS if name not in FERRY_COMPRESS)]
-COMPRESS_HELP = ("--to ferry: compress each frame (none, zstd, lz4; default none). A libvirt save image out: how its "
+COMPRESS_HELP = ("--to ferry: compress the frames (none, zstd, lz4; default none; convert compresses runs of "
+                 "frames together in GROUP frames unless --per-frame). A libvirt save image out: how its "
                  "QEMU stream is stored (raw, gzip, bzip2, xz, lzop, zstd; default: as the input's; libvirt 9.0 "
                  "restores all but zstd)")
 

@@ -74,6 +74,10 @@ def _print_image(inp: Input, summary: StreamSummary) -> None:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     schema = schema_option(args)
+    if args.per_frame and args.compress not in ("zstd", "lz4"):
+        raise UsageError("--per-frame applies to --compress zstd or lz4 only")
+    if args.level is not None and args.compress != "zstd":
+        raise UsageError("--level applies to --compress zstd only")
     size = os.path.getsize(args.input) if args.input != "-" and os.path.isfile(args.input) else None
     with progress_bar(args.input, size, not args.quiet) as advance:
         inp = open_stream(args.input, advance, args.from_format)
@@ -85,10 +89,21 @@ def cmd_convert(args: argparse.Namespace) -> int:
             raise UsageError(f"--compress {'|'.join(FERRY_COMPRESS)} applies to --to ferry, the others to libvirt "
                              "save images")
         events = decode_input(inp, schema, target=fmt)
-        options = {"compress": args.compress} if args.compress is not None else {}
+        options: dict[str, Any] = {"compress": args.compress} if args.compress is not None else {}
+        if args.compress in ("zstd", "lz4"):
+            options["groups"] = not args.per_frame  # GROUP frames (docs/format.md §2.4) unless asked otherwise
+            if args.level is not None:
+                options["level"] = args.level
         try:
             with output_file(args.output, [args.input]) as out:
-                written = write_all(out, target.encode(events, **options))
+                if fmt == "legacy":  # page runs leave as they came: copied by the kernel from a plain file input
+                    from ..encode.legacy import encode_pieces
+                    from .copyout import write_pieces
+
+                    source = inp.file if inp.format == "legacy" and inp.image is None else None
+                    written, _ = write_pieces(encode_pieces(events), out, source)
+                else:
+                    written = write_all(out, target.encode(events, **options))
         except BrokenPipeError:
             raise
         except OSError as e:
@@ -168,6 +183,12 @@ def add_subcommands(sub: Any) -> None:
     from_option(conv)
     conv.add_argument("--schema", metavar="FILE", help=schema_help)
     conv.add_argument("--compress", choices=COMPRESS_CHOICES, metavar="|".join(COMPRESS_CHOICES), help=COMPRESS_HELP)
+    conv.add_argument("--level", type=int, choices=range(1, 23), metavar="1..22",
+                      help="with --compress zstd, zstd's own parameters of that level instead of vmferry's (19: "
+                           "smaller and much slower on a booted guest's RAM)")
+    conv.add_argument("--per-frame", action="store_true",
+                      help="with --compress zstd|lz4 to ferry, compress each frame on its own instead of GROUP "
+                           "frames (larger; readable by ferry readers that predate GROUP frames)")
     conv.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     conv.set_defaults(func=cmd_convert)
 

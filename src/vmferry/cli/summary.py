@@ -302,3 +302,62 @@ class StreamSummary:
             "vmdesc_bytes": self.vmdesc_size,
             "writer": self.writer.as_dict(),
         }
+
+
+# --- the text ``vmferry inspect`` prints ---------------------------------------------------------------------------
+
+
+def text_table(title: str, columns: list[tuple[str, str]], rows: list[list[str]]) -> list[str]:
+    """A table in box-drawing characters (the look of rich's default box), one string per line.
+
+    ``columns`` are (heading, "left" or "right"); plain string formatting, no terminal needed.
+    """
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, (h, _) in enumerate(columns)]
+
+    def line(cells: list[str], sep: str, edge: tuple[str, str]) -> str:
+        parts = [f" {c.rjust(w) if just == 'right' else c.ljust(w)} "
+                 for c, w, (_, just) in zip(cells, widths, columns)]
+        return edge[0] + sep.join(parts) + edge[1]
+
+    def rule(left: str, mid: str, right: str, fill: str) -> str:
+        return left + mid.join(fill * (w + 2) for w in widths) + right
+
+    out = [title, rule("┏", "┳", "┓", "━"), line([h for h, _ in columns], "┃", ("┃", "┃")),
+           rule("┡", "╇", "┩", "━")]
+    out += [line(r, "│", ("│", "│")) for r in rows]
+    out.append(rule("└", "┴", "┘", "─"))
+    return out
+
+
+def _shown(text: str) -> str:
+    """``text`` as printed: names from a stream may hold control characters, which a terminal would obey."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
+def summary_lines(s: StreamSummary, heading: str) -> list[str]:
+    """What ``vmferry inspect`` prints: ``heading``, the stream's lines, its sections and its RAM blocks."""
+    footers = {True: "yes", False: "no", None: "n/a"}[s.footers]
+    vmdesc = f"{s.vmdesc_size:,} bytes" if s.vmdesc_size is not None else "absent"
+    out = [_shown(heading),
+           f"machine type: {_shown(s.machine or '(no configuration section)')}",
+           f"capabilities: {_shown(', '.join(s.capabilities)) or 'none announced'}"]
+    if s.uuid:
+        out.append(f"uuid: {s.uuid}")
+    out.append(f"section footers: {footers}   vmdesc: {vmdesc}   EOF: {'yes' if s.has_eof else 'no'}")
+    if s.commands:
+        out.append(f"commands: {', '.join(s.commands)}")
+    out.append(f"written by: {_shown(s.writer.text)}")
+    rows = []
+    for row in s.sections:
+        started = row.kind in ("start", "full")
+        rows.append([str(row.section_id), row.kind, _shown(row.idstr), str(row.instance_id) if started else "",
+                     str(row.version_id) if started else "", f"{row.size:,}" if row.size else ""])
+    out += text_table(f"{len(s.sections)} sections", [("id", "right"), ("kind", "left"), ("idstr", "left"),
+                                                      ("inst", "right"), ("ver", "right"), ("size", "right")], rows)
+    if s.blocks:
+        rows = [[_shown(b.name), f"{b.length:#x}", f"{b.pages:,}", f"{b.zero_pages:,}", f"{b.other_records:,}"]
+                for b in s.blocks.values()]
+        out += text_table(f"RAM: {s.total_pages:,} pages, {s.total_zero_pages:,} zero pages",
+                          [("block", "left"), ("length", "right"), ("pages", "right"), ("zero pages", "right"),
+                           ("other records", "right")], rows)
+    return out

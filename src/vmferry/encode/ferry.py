@@ -14,6 +14,7 @@ short is reported as truncated.  Whatever the bytes, decoding raises only
 
 from __future__ import annotations
 
+import collections
 import enum
 import struct
 import warnings
@@ -35,12 +36,14 @@ from ..events import (
     RamRecord,
     RamZeros,
 )
+from . import bcj
 from .records import NATIVE, RecordDecoder, RecordEncoder, UnknownFrame
 from .runs import PageGroup, regroup
 
 NAME = "ferry"
 CAP = Cap.CODEC_FERRY
-FEATURES = Cap.FERRY_FRAMING | Cap.FRAME_CRC32C | Cap.ZSTD | Cap.LZ4 | Cap.SELF_DESCRIBING
+FEATURES = (Cap.FERRY_FRAMING | Cap.FRAME_CRC32C | Cap.ZSTD | Cap.LZ4 | Cap.SELF_DESCRIBING | Cap.FRAME_GROUPS
+            | Cap.X86_FILTER)
 REQUIRES = ("msgpack", "crc32c")  # zstandard and lz4 only for --compress
 MAGIC = b"\x89FRY\r\n\x1a\n"
 FORMAT_VERSION = 1
@@ -54,8 +57,10 @@ T_SCHEMA = 0x02
 T_DEVICE = 0x03
 T_PAGES = 0x10
 T_ZEROS = 0x11
+T_GROUP = 0x20
 T_END = 0x7F
 FRAME_NAMES = {T_RECORD: "RECORD", T_SCHEMA: "SCHEMA", T_DEVICE: "DEVICE", T_PAGES: "PAGES", T_ZEROS: "ZEROS",
+               T_GROUP: "GROUP",
                T_END: "END"}
 
 COMP_NONE = 0
@@ -65,7 +70,8 @@ COMP_MASK = 0x03
 COMPRESSIONS = {"none": COMP_NONE, "zstd": COMP_ZSTD, "lz4": COMP_LZ4}
 COMPRESSION_CAPS = {COMP_ZSTD: Cap.ZSTD, COMP_LZ4: Cap.LZ4}
 # Bits a version-1 stream may set in its header.
-STREAM_CAPS = Cap.FERRY_FRAMING | Cap.FRAME_CRC32C | Cap.ZSTD | Cap.LZ4 | Cap.SELF_DESCRIBING
+STREAM_CAPS = (Cap.FERRY_FRAMING | Cap.FRAME_CRC32C | Cap.ZSTD | Cap.LZ4 | Cap.SELF_DESCRIBING | Cap.FRAME_GROUPS
+               | Cap.X86_FILTER)
 
 MAX_BODY = 64 << 20
 PAGES_PER_FRAME = 256
@@ -80,6 +86,12 @@ _BE32 = struct.Struct(">I")
 RUN_NAMED = 0x01
 RUN_FILL = 0x02
 RUN_QEMU_LAYOUT = 0x04  # PAGES: the pages as QEMU's own PAGE records (docs/format.md §2.2)
+RUN_X86 = 0x08  # PAGES, packed: the data went through xz's x86 branch filter, from the run's offset (§2.2)
+
+# GROUP frames (docs/format.md §2.4): frames compressed together, written once their frames reach GROUP_BYTES.
+GROUP_BYTES = 4 << 20
+PROBE_BYTES = 16 << 10  # page data whose first bytes do not shrink by PROBE_GAIN goes in a frame of its own
+PROBE_GAIN = 0.95
 
 
 def sniff(head: bytes) -> bool:
@@ -153,9 +165,64 @@ def _decompressor(kind: int) -> Callable[[bytes, int], bytes]:
     return lambda data, n: lz4.block.decompress(data, uncompressed_size=n)
 
 
+GROUP_WINDOW_LOG = 25  # zstd groups share one context: matches reach back 32 MiB, across groups (§2.4)
+
+
+def _zstd_params(bulk: bool, level: int | None) -> Any:
+    import zstandard
+
+    if level is not None:
+        window = zstandard.ZstdCompressionParameters.from_level(level).window_log
+        return zstandard.ZstdCompressionParameters.from_level(level, window_log=min(window, GROUP_WINDOW_LOG))
+    # Chosen on QEMU streams.  A stream whose first group does not fill (an idle guest: firmware, device state,
+    # schemas; under 4 MiB, all within reach of the window): optimal parsing with a short search and matches from
+    # 3 bytes, which x86 code rewards (5% over zstd's level 19 there).  Bulk RAM (a booted guest's): lazy
+    # matching, 4x faster on a Linux guest's RAM and no larger, and long-distance matching, for pages repeated
+    # far apart.
+    if bulk:
+        return zstandard.ZstdCompressionParameters(
+            window_log=GROUP_WINDOW_LOG, chain_log=18, hash_log=17, search_log=4, min_match=3, target_length=16,
+            strategy=zstandard.STRATEGY_LAZY2, enable_ldm=True, ldm_hash_log=20)
+    return zstandard.ZstdCompressionParameters(
+        window_log=GROUP_WINDOW_LOG, chain_log=18, hash_log=17, search_log=3, min_match=3, target_length=16,
+        strategy=zstandard.STRATEGY_BTOPT)
+
+
+def _group_compressor(kind: int, level: int | None, bulk: bool = False) -> Callable[[Any], bytes]:
+    """The compressor of a stream's GROUP frames.
+
+    zstd: one compression context for the whole stream, flushed at the end of every group, so that a group's
+    bytes decompress (after the groups before it) to exactly its frames and matches reach back 32 MiB whatever
+    the group boundaries; ``bulk`` picks the parameters for a stream of much RAM, ``level`` zstd's own
+    parameters for that level.  lz4: each group on its own.
+    """
+    if kind != COMP_ZSTD:
+        return _compressor(kind, level)
+    try:
+        import zstandard
+    except ImportError:
+        raise EncodeError("--compress zstd needs the zstd extra (pip install 'vmferry[zstd]')") from None
+    context = zstandard.ZstdCompressor(compression_params=_zstd_params(bulk, level)).compressobj()
+    block = zstandard.COMPRESSOBJ_FLUSH_BLOCK
+
+    def compress_group(raw: Any) -> bytes:
+        return context.compress(raw) + context.flush(block)
+
+    return compress_group
+
+
+def _probe() -> Callable[[Any], bytes] | None:
+    """A fast compressor that tells incompressible page data (random, encrypted, already compressed)."""
+    try:
+        import zstandard
+    except ImportError:
+        return None
+    return zstandard.ZstdCompressor(level=1).compress
+
+
 def available_caps() -> Cap:
     """The stream features this installation can read and write."""
-    mask = Cap.FERRY_FRAMING | Cap.FRAME_CRC32C | Cap.SELF_DESCRIBING
+    mask = Cap.FERRY_FRAMING | Cap.FRAME_CRC32C | Cap.SELF_DESCRIBING | Cap.FRAME_GROUPS | Cap.X86_FILTER
     for cap, mod in ((Cap.ZSTD, "zstandard"), (Cap.LZ4, "lz4.block")):
         try:
             __import__(mod)
@@ -242,17 +309,43 @@ def frame_header(ftype: int, flags: int, body_len: int, body_crc: int) -> bytes:
 
 
 class _Writer:
-    def __init__(self, compress: str, level: int | None) -> None:
+    def __init__(self, compress: str, level: int | None, groups: bool = False) -> None:
         if compress not in COMPRESSIONS:
             raise EncodeError(f"unknown compression {compress!r}; choose one of {', '.join(COMPRESSIONS)}")
         self.comp = COMPRESSIONS[compress]
-        self.compressor = _compressor(self.comp, level) if self.comp else None
+        self.groups = groups and self.comp != COMP_NONE
+        self.compressor = None
+        if self.groups:
+            self.level = level
+            self.group_compressor: Callable[[Any], bytes] | None = None  # chosen when the first group is written
+            self.probe = _probe()
+        elif self.comp:
+            self.compressor = _compressor(self.comp, level)
+        self.group = bytearray()  # the frames of the open group, CRCs zero (docs/format.md §2.4)
+        # CRC32C of the pages that went into groups lately (as far back as zstd's window reaches): a page that
+        # repeats one of them compresses to nearly nothing, however random its bytes look to the probe.
+        self.seen: collections.deque[int] = collections.deque()
+        self.seen_count: collections.Counter[int] = collections.Counter()
         self.packb = _msgpack().packb
         self.totals = Totals()
         self.records = RecordEncoder(NATIVE, schema_table=True)
 
+    @property
+    def caps(self) -> Cap:
+        caps = Cap.FERRY_FRAMING | Cap.FRAME_CRC32C | Cap.SELF_DESCRIBING | COMPRESSION_CAPS.get(self.comp, Cap(0))
+        return caps | Cap.FRAME_GROUPS | Cap.X86_FILTER if self.groups else caps
+
     def frame(self, ftype: int, parts: list[Any], size: int, compressible: bool = True) -> Iterator[Any]:
-        """Yield one frame whose body is the concatenation of ``parts`` (``size`` bytes)."""
+        """Yield one frame whose body is the concatenation of ``parts`` (``size`` bytes).
+
+        With groups, a compressible frame joins the open group instead (written by :meth:`flush_group`); any
+        other frame is written after the open group, to keep the order.
+        """
+        if self.groups:
+            if compressible:
+                yield from self._grouped(ftype, parts, size)
+                return
+            yield from self.flush_group()
         flags = 0
         if self.compressor is not None and compressible and size >= COMPRESS_MIN:
             raw = parts[0] if len(parts) == 1 else b"".join(parts)
@@ -272,6 +365,71 @@ class _Writer:
         self.totals.frames += 1
         self.totals.stream_bytes += 16 + size
 
+    def _grouped(self, ftype: int, parts: list[Any], size: int) -> Iterator[Any]:
+        if size > MAX_BODY:
+            raise EncodeError(f"a {FRAME_NAMES.get(ftype & 0x7F, 'frame')} frame of {size} bytes exceeds {MAX_BODY}")
+        self.group += _FRAME.pack(ftype, 0, 0, size, 0)
+        self.group += bytes(4)
+        for p in parts:
+            self.group += p
+        self.totals.frames += 1
+        if len(self.group) >= GROUP_BYTES:
+            yield from self.flush_group()
+
+    def flush_group(self) -> Iterator[Any]:
+        """Write the open group as one GROUP frame: with zstd always compressed (its context goes on from group
+        to group), with lz4 unless that would not make it smaller."""
+        if not self.group:
+            return
+        raw = self.group
+        if self.group_compressor is None:
+            # The first group holds every frame up to here (no probe yet): if it filled, the stream carries much
+            # RAM, and the faster parameters suit it (docs/format.md §2.4).
+            self.group_compressor = _group_compressor(self.comp, self.level, bulk=len(raw) >= GROUP_BYTES)
+        packed = self.group_compressor(raw)
+        flags, parts = 0, [bytes(raw)]
+        if self.comp == COMP_ZSTD or len(packed) + 4 < len(raw):
+            flags, parts = self.comp, [_BE32.pack(len(raw)), packed]
+        self.group = bytearray()
+        size = sum(len(p) for p in parts)
+        c = 0
+        for p in parts:
+            c = crc32c(p, c)
+        yield frame_header(MUST_UNDERSTAND | T_GROUP, flags, size, c)
+        yield from parts
+        self.totals.frames += 1
+        self.totals.stream_bytes += 16 + size
+
+    def _incompressible(self, ev: RamPages, start: int, n: int) -> bool:
+        if self.group_compressor is None:  # the first group takes every page: it decides the parameters
+            return False
+        return self._probed_incompressible(ev, start, n)
+
+    def _remember(self, ev: RamPages, start: int, n: int) -> None:
+        """Note the pages ``ev[start:start + n]`` as gone into a group."""
+        keep = (1 << GROUP_WINDOW_LOG) // ev.page_size
+        crcs = [crc32c(ev.page(i)) for i in range(start, start + n)]
+        self.seen.extend(crcs)
+        self.seen_count.update(crcs)
+        while len(self.seen) > keep:
+            old = self.seen.popleft()
+            self.seen_count[old] -= 1
+            if not self.seen_count[old]:
+                del self.seen_count[old]
+
+    def _probed_incompressible(self, ev: RamPages, start: int, n: int) -> bool:
+        """Whether pages of ``ev[start:start + n]`` taken across the run do not compress (then no group takes
+        them): random or encrypted RAM would only slow the group's compressor down.  A firmware image may begin
+        with compressed code and go on with tables that compress well, hence pages from all over the run."""
+        if self.probe is None:
+            return False
+        k = min(n, max(1, PROBE_BYTES // ev.page_size))
+        picks = sorted({start + (n - 1) * j // max(1, k - 1) for j in range(k)})
+        sample = b"".join([ev.page(i) for i in picks])
+        if len(self.probe(sample)) <= PROBE_GAIN * len(sample):
+            return False
+        return not any(crc32c(ev.page(i)) in self.seen_count for i in picks)
+
     def record_frames(self, ev: Any) -> Iterator[Any]:
         for rec in self.records.records(ev):
             t = rec["t"]
@@ -286,6 +444,19 @@ class _Writer:
         if len(name) > 255:
             raise EncodeError(f"block name {group.block[:40]!r}... is longer than 255 bytes", "$.ram")
         flags = RUN_NAMED if group.named else 0
+        if self.groups:
+            ev = group.as_event()
+            if not self._incompressible(ev, 0, ev.count):
+                self._remember(ev, 0, ev.count)
+                # Packed pages in the group: QEMU's record headers would only cost bytes (the reader rebuilds
+                # them); code goes through the x86 filter, which makes its call targets repeat.
+                packed: Any = ev.contiguous()
+                if bcj.looks_like_x86(packed):
+                    packed = bcj.encode_pages(packed, group.offset)
+                    flags |= RUN_X86
+                head = _RUN.pack(group.offset, group.count, ps, flags, len(name)) + name
+                yield from self._grouped(MUST_UNDERSTAND | T_PAGES, [head, packed], len(head) + len(packed))
+                return
         parts = group.qemu_records()
         if parts is not None:
             # QEMU's records as they came: slices of the input, nothing copied.
@@ -293,7 +464,8 @@ class _Writer:
         else:
             parts = group.data()
         head = _RUN.pack(group.offset, group.count, ps, flags, len(name)) + name
-        yield from self.frame(MUST_UNDERSTAND | T_PAGES, [head, *parts], len(head) + sum(len(p) for p in parts))
+        yield from self.frame(MUST_UNDERSTAND | T_PAGES, [head, *parts], len(head) + sum(len(p) for p in parts),
+                              compressible=not self.groups)
 
     def zeros(self, ev: RamZeros) -> Iterator[Any]:
         name = ev.block.encode("latin-1")
@@ -304,14 +476,17 @@ class _Writer:
         yield from self.frame(MUST_UNDERSTAND | T_ZEROS, [body], len(body))
 
 
-def encode(events: Iterable[Event], compress: str = "none", level: int | None = None) -> Iterator[bytes | memoryview]:
+def encode(events: Iterable[Event], compress: str = "none", level: int | None = None,
+           groups: bool = False) -> Iterator[bytes | memoryview]:
     """Encode events as a ferry stream; ``compress`` is ``none``, ``zstd`` or ``lz4``.
 
-    Yields chunks: frame headers, and page data as views of the events' buffers.
+    ``groups`` (with a compression) compresses runs of frames together in GROUP frames, page data packed and
+    x86 code filtered (docs/format.md §2.4): much smaller, readable by readers that know the ``frame-groups`` and
+    ``x86-filter`` capabilities (older ones refuse the stream, naming them).  Without it every frame is
+    compressed on its own.  Yields chunks: frame headers, and page data as views of the events' buffers.
     """
-    w = _Writer(compress, level)
-    caps = Cap.FERRY_FRAMING | Cap.FRAME_CRC32C | Cap.SELF_DESCRIBING | COMPRESSION_CAPS.get(w.comp, Cap(0))
-    head = header(caps)
+    w = _Writer(compress, level, groups)
+    head = header(w.caps)
     w.totals.stream_bytes = len(head)
     yield head
     def counted(events: Iterable[Event]) -> Iterator[Event]:
@@ -326,8 +501,12 @@ def encode(events: Iterable[Event], compress: str = "none", level: int | None = 
         elif isinstance(ev, RamZeros):
             yield from w.zeros(ev)
         elif isinstance(ev, Flush):
+            if w.groups:
+                yield from w.flush_group()
             yield b""  # nothing on the wire; tells the writer to write what it holds
         elif isinstance(ev, UnknownFrame):
+            if w.groups:
+                yield from w.flush_group()
             c = crc32c(ev.body)
             yield frame_header(ev.type, ev.flags, len(ev.body), c)
             yield ev.body
@@ -335,6 +514,8 @@ def encode(events: Iterable[Event], compress: str = "none", level: int | None = 
             w.totals.stream_bytes += 16 + len(ev.body)
         else:
             yield from w.record_frames(ev)
+    if w.groups:
+        yield from w.flush_group()
     body = w.totals.pack()
     yield frame_header(MUST_UNDERSTAND | T_END, 0, len(body), crc32c(body))
     yield body
@@ -400,6 +581,9 @@ class FerryDecoder:
         self._unpackb: Any = None
         self._decompress: dict[int, Callable[[bytes, int], bytes]] = {}
         self.frames_skipped = 0
+        self._inner = 0  # bytes left of the GROUP being read (its frames are at the head of the buffer)
+        self._group_at = 0  # offset of that GROUP frame in the stream
+        self._groups: _GroupStream | None = None  # the zstd context that runs through the stream's groups
 
     # --- input
     def feed(self, data: bytes | bytearray | memoryview) -> None:
@@ -461,7 +645,10 @@ class FerryDecoder:
 
     def _consume(self, n: int) -> None:
         self._have -= n
-        self._offset += n
+        if self._inner:  # bytes of a GROUP's frames are not stream bytes: the GROUP frame was consumed as a whole
+            self._inner -= n
+        else:
+            self._offset += n
         while n:
             c = self._chunks[0]
             if len(c) <= n:
@@ -552,6 +739,8 @@ class FerryDecoder:
         return True
 
     def _frame(self) -> bool:
+        if self._inner:
+            return self._grouped_frame()
         start = self._offset
         fh = self._peek(16)
         if fh is None:
@@ -580,6 +769,40 @@ class FerryDecoder:
             body = _join_after(parts, _RUN.size + fixed[-1])
         else:
             body = memoryview(b"".join(parts))
+        return self._handle(ftype, flags, reserved, n, body, start)
+
+    def _grouped_frame(self) -> bool:
+        """The next frame inside a GROUP (docs/format.md §2.4): no CRCs of its own, within the group's bytes."""
+        start = self._group_at
+        if self._inner < 16:
+            raise DecodeError("a GROUP frame ends inside the header of a frame it holds", start, "$")
+        fh = self._peek(16)
+        assert fh is not None  # the group's bytes are all buffered
+        ftype, flags, reserved, n, bcrc = _FRAME.unpack_from(fh, 0)
+        (hcrc,) = _BE32.unpack_from(fh, 12)
+        name = FRAME_NAMES.get(ftype & 0x7F, f"type {ftype & 0x7F:#04x}")
+        if bcrc or hcrc:
+            raise DecodeError(f"{name} frame inside a GROUP carries CRCs (they must be zero)", start, "$")
+        if 16 + n > self._inner:
+            raise DecodeError(f"{name} frame of {n} bytes runs past the end of its GROUP", start, "$")
+        if ftype & 0x7F in (T_GROUP, T_END) or flags & COMP_MASK:
+            raise DecodeError(f"a GROUP frame holds a {name} frame (flags {flags:#04x})", start, "$")
+        parts = self._span(16, n)
+        body = parts[0] if len(parts) == 1 else memoryview(b"".join(parts))
+        return self._handle(ftype, flags, reserved, n, body, start)
+
+    def _enter_group(self, body: memoryview, start: int) -> None:
+        """Put a GROUP's frames (decompressed) at the head of the buffer, to be read as frames."""
+        if len(body):
+            self._chunks.insert(0, body)
+            self._have += len(body)
+            self._inner = len(body)
+            self._group_at = start
+
+    def _handle(self, ftype: int, flags: int, reserved: int, n: int, body: Any, start: int) -> bool:
+        """Act on one whole frame (its CRCs checked) and consume it."""
+        kind = ftype & 0x7F
+        name = FRAME_NAMES.get(kind, f"type {kind:#04x}")
         known = kind in FRAME_NAMES and not flags & ~COMP_MASK and flags & COMP_MASK != 3 and not reserved
         if not known:
             if ftype & MUST_UNDERSTAND:
@@ -591,10 +814,19 @@ class FerryDecoder:
                 self._pending.append(UnknownFrame(ftype, flags, bytes(body)))
             self._consume(16 + n)
             return True
-        if flags & COMP_MASK:
+        if kind == T_GROUP and not self.caps & Cap.FRAME_GROUPS:
+            raise DecodeError("GROUP frame in a stream whose header does not announce frame-groups", start, "$")
+        if flags & COMP_MASK == COMP_ZSTD and kind == T_GROUP:
+            body = self._inflate_group(body, start)
+        elif flags & COMP_MASK:
             body = self._inflate(flags & COMP_MASK, body, start, name)
         if kind == T_END:
             self._end(body, start)
+        elif kind == T_GROUP:
+            self._totals.frames += 1
+            self._consume(16 + n)
+            self._enter_group(body, start)
+            return True
         else:
             self._totals.frames += 1
             if kind == T_PAGES or kind == T_ZEROS:
@@ -624,6 +856,25 @@ class FerryDecoder:
             raise DecodeError(f"{name} frame inflates to {len(out)} bytes, its header says {size}", start, "$")
         return memoryview(out)
 
+    def _inflate_group(self, body: memoryview, start: int) -> memoryview:
+        """A zstd GROUP's frames: its bytes go on with the context of the groups before it (§2.4)."""
+        if not self.caps & Cap.ZSTD:
+            raise DecodeError("GROUP frame is compressed with zstd, which the header does not announce", start, "$")
+        if len(body) < 4:
+            raise DecodeError("compressed GROUP frame too short", start, "$")
+        (size,) = _BE32.unpack_from(body, 0)
+        if size > self.opts.max_body:
+            raise DecodeError(f"GROUP frame inflates to {size} bytes, over the limit", start, "$")
+        if self._groups is None:
+            self._groups = _GroupStream()
+        try:
+            out = self._groups.read(body[4:], size)
+        except Exception as e:  # noqa: BLE001 - zstandard raises its own error types
+            raise DecodeError(f"GROUP frame does not decompress ({e})", start, "$") from None
+        if len(out) != size:
+            raise DecodeError(f"GROUP frame inflates to {len(out)} bytes, its header says {size}", start, "$")
+        return memoryview(out)
+
     def _run(self, kind: int, body: Any, start: int) -> RamPages | RamZeros:
         path = "$.ram"
         head = body.head if isinstance(body, _Pieces) else body  # _Pieces: a PAGES body that spanned chunks
@@ -639,9 +890,13 @@ class FerryDecoder:
             raise DecodeError(f"implausible page size {ps}", start, path)
         if count == 0:
             raise DecodeError("RAM frame of no pages", start, path)
-        if flags & ~(RUN_NAMED | RUN_FILL | RUN_QEMU_LAYOUT) or (kind == T_PAGES and flags & RUN_FILL) or (
-                kind == T_ZEROS and flags & RUN_QEMU_LAYOUT):
+        if flags & ~(RUN_NAMED | RUN_FILL | RUN_QEMU_LAYOUT | RUN_X86) or (kind == T_PAGES and flags & RUN_FILL) or (
+                kind == T_ZEROS and flags & (RUN_QEMU_LAYOUT | RUN_X86)) or (
+                flags & RUN_X86 and flags & RUN_QEMU_LAYOUT):
             raise DecodeError(f"unknown RAM frame flags {flags:#04x}", start, path)
+        if flags & RUN_X86 and not self.caps & Cap.X86_FILTER:
+            raise DecodeError("x86-filtered PAGES frame in a stream whose header does not announce x86-filter",
+                              start, path)
         self._records.check_run(block, offset, count, ps, path, start)
         named = bool(flags & RUN_NAMED)
         if kind == T_PAGES and flags & RUN_QEMU_LAYOUT:
@@ -651,7 +906,7 @@ class FerryDecoder:
         if kind == T_PAGES:
             if len(tail) != count * ps:
                 raise DecodeError(f"PAGES frame holds {len(tail)} bytes for {count} pages of {ps}", start, path)
-            data = tail
+            data = memoryview(bcj.decode_pages(tail, offset)) if flags & RUN_X86 else tail
             run = RamPages(block, offset, count, named, ps, data=data)
             if self.opts.legacy_records:
                 run.legacy = legacy_page_records(block, offset, count, named, ps, data)
@@ -682,6 +937,8 @@ class FerryDecoder:
     def _end(self, body: memoryview, start: int) -> None:
         if len(body) < _END.size:
             raise DecodeError("END frame too short", start, "$.end")
+        if self._groups is not None and self._groups.leftover():
+            raise DecodeError("the GROUP frames inflate to more bytes than they announce", start, "$.end")
         theirs = _END.unpack_from(body, 0)
         self._totals.stream_bytes = start
         ours = self._totals.values()  # every event before the END frame has been handed out and counted
@@ -694,6 +951,52 @@ class FerryDecoder:
 
 
 _BE64 = struct.Struct(">Q")
+
+
+class _Feed:
+    """Compressed bytes handed to zstd's stream reader as it asks for them (b"" once used up)."""
+
+    def __init__(self) -> None:
+        self.pending = bytearray()
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = len(self.pending)
+        out = bytes(self.pending[:n])
+        del self.pending[:n]
+        return out
+
+
+class _GroupStream:
+    """The zstd context of a stream's GROUP frames: each group's bytes are fed, and exactly the group's announced
+    size is read back (zstd's stream reader never produces more than asked, so no group, however crafted,
+    inflates beyond its announced size); the window is bounded to 32 MiB."""
+
+    def __init__(self) -> None:
+        import zstandard
+
+        self._feed = _Feed()
+        self._reader = zstandard.ZstdDecompressor(max_window_size=1 << GROUP_WINDOW_LOG).stream_reader(
+            self._feed, read_size=1 << 16, read_across_frames=True, closefd=False)  # type: ignore[arg-type]
+
+    def read(self, data: Any, size: int) -> bytes:
+        """Feed ``data`` (a group's compressed bytes) and return the group's ``size`` bytes (fewer if they end)."""
+        self._feed.pending += data
+        out = bytearray()
+        while len(out) < size:
+            piece = self._reader.read(size - len(out))
+            if not piece:
+                break
+            out += piece
+        return bytes(out)
+
+    def leftover(self) -> bool:
+        """Whether the groups inflate to more than they announced (asked once, after the last group: the bytes
+        a group inflates to beyond its size would otherwise fall into the next group, whose frames then fail)."""
+        try:
+            return bool(self._reader.read(1))
+        except Exception:  # noqa: BLE001 - zstandard's own error types: damaged bytes after the last group
+            return True
 
 
 class _Pieces:

@@ -70,6 +70,7 @@ from ..serialize.qemu_vmdesc import load_json, schemas_from_vmdesc
 from ..serialize.schema import SchemaSet, Vmsd
 from ..serialize.visitor import LegacyReader, LegacyWriter
 from .configuration import CONFIGURATION_VMSD
+from .scan import leading_pages, leading_zeros, zero_records
 from .window import Window
 
 NAME = "legacy"
@@ -516,19 +517,17 @@ def _decode_page_run(w: Window, st: _State, addr: int, ps: int) -> RamPages | Ra
     end = len(buf)
     follow = kind | RAM_CONTINUE
     unpack = BE64.unpack_from
-    # Batches of records at once: one C call reads up to BATCH headers at their fixed stride (as many
-    # whole records as the buffer holds: a socket's chunks are often shorter than BATCH records).
-    while (n := min(BATCH, (end - pos) // step)) > 1:
+    # All the whole records the buffer holds, checked at once (vmferry.encode.scan): the headers are read through
+    # a strided view, so page data is never touched, and a socket's short chunks are handled the same way.
+    if (n := (end - pos) // step) > 0:
         first = expect | follow
-        got = _batch_struct(step, kind, n).unpack_from(buf, pos)
         if kind == RAM_PAGE:
-            if got != tuple(range(first, first + n * ps, ps)):
-                break
-        elif got[0::2] != tuple(range(first, first + n * ps, ps)) or any(got[1::2]) or fill_seen(buf, w.pos):
-            break
-        pos += n * step
-        expect += n * ps
-        count += n
+            m = leading_pages(w.view, pos, n, step, first, ps)
+        else:
+            m = 0 if fill_seen(buf, w.pos) else leading_zeros(w.view, pos, n, first, ps)
+        pos += m * step
+        expect += m * ps
+        count += m
     if kind == RAM_PAGE:
         while pos + step <= end and unpack(buf, pos)[0] == expect | follow:
             pos += step
@@ -553,22 +552,6 @@ def _decode_page_run(w: Window, st: _State, addr: int, ps: int) -> RamPages | Ra
         run = RamZeros(block, offset, count, named, ps, bytes(fill) if fill is not None else None)
     w.pos = pos
     return run
-
-
-BATCH = 64
-_BATCH_STRUCTS: dict[tuple[int, int, int], struct.Struct] = {}
-
-
-def _batch_struct(step: int, kind: int, count: int) -> struct.Struct:
-    """``count`` big-endian headers at stride ``step`` (with each ZERO record's fill byte)."""
-    key = (step, kind, count)
-    found = _BATCH_STRUCTS.get(key)
-    if found is None:
-        one = "QB" if kind == RAM_ZERO else "Q"
-        gap = step - struct.calcsize(">" + one)
-        found = struct.Struct(">" + f"{gap}x".join([one] * count) + (f"{gap}x" if gap else ""))
-        _BATCH_STRUCTS[key] = found
-    return found
 
 
 def fill_seen(buf: bytes | memoryview, first_fill_at: int) -> bool:
@@ -773,6 +756,16 @@ def _encode_pages(out: bytearray, ev: RamPages) -> None:
 def _encode_zeros(out: bytearray, ev: RamZeros) -> None:
     ps = ev.page_size
     fill = ev.fill
+    aligned = ps > 0 and not ps & (ps - 1) and not ev.offset % ps and ev.offset + ev.count * ps <= 1 << 64
+    if aligned and ev.count > 1 and (fill is None or len(fill) == ev.count):
+        # The first record (which may name the block) by hand, the others in one go (vmferry.encode.scan).
+        out += BE64.pack(ev.offset | RAM_ZERO | (0 if ev.named else RAM_CONTINUE))
+        if ev.named:
+            _put_cstr(out, ev.block, "$.ram")
+        out.append(fill[0] if fill is not None else 0)
+        out += zero_records((ev.offset + ps) | RAM_ZERO | RAM_CONTINUE, ps, ev.count - 1,
+                            fill[1:] if fill is not None else None)
+        return
     for i in range(ev.count):
         first = i == 0 and ev.named
         out += BE64.pack((ev.offset + i * ps) | RAM_ZERO | (0 if first else RAM_CONTINUE))
