@@ -6,8 +6,12 @@ or ``--qemu 10.0``) with 1 GiB of RAM pre-filled with random bytes
 (through a memory-backend-file), both guests' RAM preallocated,
 ``max-bandwidth`` lifted, all over sockets on this machine.  Each proxy or
 pump is its own process, so its peak RSS and CPU time are the kernel's
-(``wait4``); a stage's CPU is given per GiB of QEMU's stream, and its
-start-up (the same process started and stopped while idle) separately.
+(``wait4``); a stage's CPU is given per GiB of QEMU's stream, gross and net
+of its start-up (the same process started and stopped while idle).  Both
+QEMUs' CPU time while migrating (from /proc) is given per GiB too, and the
+CPU time of all of them per second of migration: how many of this
+machine's 2 CPUs the migration kept busy (other users' work not counted;
+the load average is printed after each round).
 
 Three modes:
 
@@ -45,23 +49,30 @@ pump, proxy peak RSS < 100 MB.
 
 **--postcopy**.  A busy running guest (benchmarks/_guest.py: it reads
 random pages all over its RAM, ``--touch`` pages at ``--hz`` per second) is
-migrated with ``postcopy-ram``: precopy until ``--switch-after`` of the
-stream has gone, then ``migrate-start-postcopy``; the destination runs the
-guest and asks for every page it reads before the background stream
-(``max-postcopy-bandwidth`` = ``--postcopy-bandwidth``, 0 for unlimited)
-brings it.  Routes: direct, one splice pump (which relays the return path
-back as it pumps), one proxy.  Figures: total time from ``migrate`` to
-``completed``, and the page-fault latency at the destination: the
-destination QEMU traces (``-trace``, log backend, ``-msg timestamp=on``)
-each fault its fault thread requests (``postcopy_ram_fault_thread_request``)
-and the moment that page is placed (``postcopy_page_req_del``), so every
-requested page's wait is measured where the guest waits for it; median and
-p99 over all the requests of all the rounds.  QEMU's own
-``postcopy-blocktime`` (ms summed over the vCPU's waits, destination's
-``query-migrate``; 7.2 and 10.0 give totals only, no distribution) divided
-by the source's ``postcopy-requests`` is printed beside it as a check.
-Targets: proxy total time no more than 1/0.9 of the splice pump's, median
-and p99 latency within 1.5x of direct, proxy peak RSS < 100 MB.
+migrated with ``postcopy-ram`` (and ``postcopy-preempt`` with
+``--preempt``): precopy until ``--switch-after`` MiB of the stream have
+gone, then ``migrate-start-postcopy`` (``downtime-limit`` 10 ms, so that
+QEMU does not finish in precopy instead); the destination runs the guest
+and asks for every page it reads before the background stream
+(``max-postcopy-bandwidth`` = ``--postcopy-bandwidth``, default 0:
+unlimited) brings it.  Routes: direct, one splice pump (which relays the
+return path back as it pumps), one proxy, and one splice pump with the
+kernel's default socket buffer and pipe size (a diagnostic: how much of a
+requested page's wait is the queue in front of it).  Figures: total time
+from ``migrate`` to ``completed`` (and from the switch), and the page-fault
+latency at the destination: the destination QEMU traces (``-trace``, log
+backend, ``-msg timestamp=on``) each fault its fault thread requests
+(``postcopy_ram_fault_thread_request``) and the moment that page is placed
+(``postcopy_page_req_del``), so every requested page's wait is measured
+where the guest waits for it; median and p99 over all the requests of all
+the rounds.  QEMU's own ``postcopy-blocktime`` (ms summed over the vCPU's
+waits, the destination's ``query-migrate``; 7.2 and 10.0 give totals only,
+no ``postcopy-latency``) divided by the source's ``postcopy-requests`` is
+printed beside it as a check.  (A low ``--postcopy-bandwidth`` measures
+QEMU 7.2's rate limiter instead: a request that comes while it sleeps waits
+for the rest of its 100 ms window, on every route alike.)  Targets: proxy
+total time no more than 1/0.9 of the splice pump's, median and p99 latency
+within 1.5x of direct, proxy peak RSS < 100 MB.
 
 A throughput figure is MB (10^6 bytes) of QEMU's stream (``ram.transferred``
 of the source, multifd channels included) per second of wall time from
@@ -69,8 +80,9 @@ of the source, multifd channels included) per second of wall time from
 destination must run (or, for a stopped guest, hold the migrated state
 paused).
 
-    .venv/bin/python benchmarks/proxy.py [--workdir DIR] [--repeat N] [--ram 1G] [--qemu 10.0]
-        [--guest stopped|running] [--multifd N | --postcopy [--postcopy-bandwidth MBPS] [--switch-after MIB]]
+    .venv/bin/python benchmarks/proxy.py [--workdir DIR] [--repeat N] [--ram 1G] [--qemu 10.0] [--only ROUTES]
+        [--guest stopped|running] [--multifd N | --postcopy [--preempt] [--postcopy-bandwidth MBPS]
+        [--switch-after MIB] [--hz N] [--touch N]]
 """
 
 from __future__ import annotations
@@ -118,6 +130,7 @@ class Figure:
     seconds: float
     transferred: int
     stages: list[Stage]  # from the source on
+    qemu_cpu_s: tuple[float, float] = (0.0, 0.0)  # the source's and the destination's CPU time while migrating
     latencies_ms: list[float] = field(default_factory=list)  # postcopy: each requested page's wait
     postcopy_s: float = 0.0  # postcopy: from migrate-start-postcopy to completed
     requests: int = 0  # postcopy: the source's postcopy-requests
@@ -126,6 +139,11 @@ class Figure:
     @property
     def mb_per_s(self) -> float:
         return self.transferred / self.seconds / 1e6
+
+    def busy(self, startup: dict[str, float]) -> float:
+        """CPU seconds of both QEMUs and of every stage (without its ``startup``) per second of the migration:
+        how many of the machine's CPUs the migration kept busy (this one has 2)."""
+        return (sum(self.qemu_cpu_s) + sum(s.cpu_s - startup[s.kind] for s in self.stages)) / self.seconds
 
     @property
     def proxy_rss_mb(self) -> float:
@@ -146,6 +164,17 @@ class Route:
     @property
     def key(self) -> str:
         return f"{self.name}/{self.multifd}"
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_s(vm: QemuVM) -> float:
+    """A running QEMU's CPU time so far (user + system, all threads), from /proc."""
+    assert vm.pid is not None
+    with open(f"/proc/{vm.pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime (fields 14 and 15 of stat)
 
 
 def _free_port() -> int:
@@ -292,14 +321,16 @@ def run_precopy(b: Bench, route: Route) -> Figure:
             if b.running:
                 src.wait_for_count(2, timeout=60)
             src.set_params({"max-bandwidth": 1 << 40})
+            cpu0 = (_cpu_s(src), _cpu_s(dst))
             t0 = time.monotonic()
             src.cmd("migrate", uri=src_uri)
             info = _final(src, route)
             elapsed = time.monotonic() - t0
+            qemu_cpu = (_cpu_s(src) - cpu0[0], _cpu_s(dst) - cpu0[1])
             stages = [_reap(kind, p) for kind, p in procs]
             # a never-started source leaves the destination in prelaunch
             _wait_status(dst, ("running",) if b.running else ("paused", "prelaunch"), route.title)
-            return Figure(elapsed, int(info["ram"]["transferred"]), stages)
+            return Figure(elapsed, int(info["ram"]["transferred"]), stages, qemu_cpu)
         finally:
             _kill(procs)
 
@@ -352,6 +383,7 @@ def run_postcopy(b: Bench, route: Route) -> Figure:
             # fits in downtime-limit at the measured bandwidth (300 ms at GB/s would be most of the guest).
             src.set_params({"max-bandwidth": 1 << 40, "max-postcopy-bandwidth": b.postcopy_bandwidth,
                             "downtime-limit": 10})
+            cpu0 = (_cpu_s(src), _cpu_s(dst))
             t0 = time.monotonic()
             src.cmd("migrate", uri=src_uri)
             while (info := src.query_migrate())["status"] in ("setup", "active") and \
@@ -365,14 +397,15 @@ def run_postcopy(b: Bench, route: Route) -> Figure:
             info = _final(src, route)
             elapsed = time.monotonic() - t0
             in_postcopy = time.monotonic() - switched
+            qemu_cpu = (_cpu_s(src) - cpu0[0], _cpu_s(dst) - cpu0[1])
             stages = [_reap(kind, p) for kind, p in procs]
             _wait_status(dst, ("running",), route.title)
             blocktime = int(dst.query_migrate().get("postcopy-blocktime", 0))
         finally:
             _kill(procs)
     # read once QEMU has exited: its log is then complete
-    return Figure(elapsed, int(info["ram"]["transferred"]), stages, fault_latencies(trace_log), in_postcopy,
-                  int(info["ram"].get("postcopy-requests", 0)), blocktime)
+    return Figure(elapsed, int(info["ram"]["transferred"]), stages, qemu_cpu, fault_latencies(trace_log),
+                  in_postcopy, int(info["ram"].get("postcopy-requests", 0)), blocktime)
 
 
 def _wait_touching(vm: QemuVM, pages: int = 1000, timeout: float = 60.0) -> None:
@@ -440,16 +473,19 @@ def _p99(xs: list[float]) -> float:
 
 
 def _stage_cells(runs: list[Figure], startup: dict[str, float]) -> str:
-    """Each stage's median CPU per GiB (and without its start-up) and peak RSS."""
-    if not runs[0].stages:
-        return ""
-    cells = []
+    """Medians of the run's CPU: both QEMUs' per GiB, how many of the machine's CPUs all of it kept busy, then
+    each stage's per GiB (and without its start-up) and its peak RSS."""
+    def per_gib(f: Figure, seconds: float) -> float:
+        return seconds / (f.transferred / GIB)
+
+    cells = [f"QEMU {_med([per_gib(f, f.qemu_cpu_s[0]) for f in runs]):.2f}+"
+             f"{_med([per_gib(f, f.qemu_cpu_s[1]) for f in runs]):.2f} s/GiB, {_med([f.busy(startup) for f in runs]):.2f} CPUs"]
     for i, st in enumerate(runs[0].stages):
-        per_gib = _med([f.stages[i].cpu_s / (f.transferred / GIB) for f in runs])
-        net = _med([(f.stages[i].cpu_s - startup[st.kind]) / (f.transferred / GIB) for f in runs])
+        gross = _med([per_gib(f, f.stages[i].cpu_s) for f in runs])
+        net = _med([per_gib(f, f.stages[i].cpu_s - startup[st.kind]) for f in runs])
         rss = max(f.stages[i].rss_mb for f in runs)
         name = {"legacy": "proxy", "ferry": "proxy(ferry)"}.get(st.kind, st.kind)
-        cells.append(f"{name} {per_gib:.2f} ({net:.2f}) s/GiB {rss:.0f} MB")
+        cells.append(f"{name} {gross:.2f} ({net:.2f}) s/GiB {rss:.0f} MB")
     return "; ".join(cells)
 
 
@@ -509,7 +545,8 @@ def main() -> int:
                              f"{f.requests} requests")
                 cpu = " ".join(f"{s.kind} {s.cpu_s:5.2f} s {s.rss_mb:5.1f} MB" for s in f.stages)
                 print(f"  run {i + 1} {route.key:<16} {f.transferred / 1e6:8.1f} MB {f.seconds:6.3f} s "
-                      f"{f.mb_per_s:7.0f} MB/s  {cpu}{extra}", file=sys.stderr)
+                      f"{f.mb_per_s:7.0f} MB/s  QEMU CPU {f.qemu_cpu_s[0]:4.2f} + {f.qemu_cpu_s[1]:4.2f} s, "
+                      f"{f.busy(startup):4.2f} CPUs busy  {cpu}{extra}", file=sys.stderr)
             loads.append(_load())
 
     qemu = f"QEMU {args.qemu or '7.2'}"
@@ -532,7 +569,7 @@ def report_precopy(args: argparse.Namespace, routes: list[Route], runs: dict[str
     anchor, tcp_anchor = _rate(runs, "direct/0"), _rate(runs, "direct-tcp/0")
     targets = {"proxy": 0.70, "ferry": 0.50}
     print(f"\n{qemu}: migration of a {args.guest} {args.ram} random-RAM guest, medians of {args.repeat}")
-    print(f"{'route':<46} {'MB/s':>7} {'vs unix':>8} {'vs tcp':>7}  stages: CPU per GiB (net), peak RSS")
+    print(f"{'route':<46} {'MB/s':>7} {'vs unix':>8} {'vs tcp':>7}  CPU: src+dst QEMU, CPUs busy; stages per GiB (net), peak RSS")
     for r in routes:
         rate = _rate(runs, r.key)
         target = targets.get(r.name)
@@ -550,7 +587,7 @@ def report_multifd(args: argparse.Namespace, routes: list[Route], runs: dict[str
     pump, proxy = _rate(runs, f"splice-pump/{n}"), _rate(runs, f"proxy/{n}")
     print(f"\n{qemu}: migration of a {args.guest} {args.ram} random-RAM guest, medians of {args.repeat}")
     print(f"{'route':<46} {'channels':>9} {'MB/s':>7} {'vs direct':>10} {'vs pump(s)':>11}  "
-          "stages: CPU per GiB (net), peak RSS")
+          "CPU: src+dst QEMU, CPUs busy; stages per GiB (net), peak RSS")
     for r in routes:
         rate = _rate(runs, r.key)
         direct = _rate(runs, f"direct/{r.multifd}") if f"direct/{r.multifd}" in runs else math.nan
@@ -574,7 +611,7 @@ def report_postcopy(args: argparse.Namespace, routes: list[Route], runs: dict[st
           f"reading {args.touch} random pages {args.hz} times a second; switched after {args.switch_after} MiB, "
           f"{bw}; medians of {args.repeat} (latencies: over every requested page of every run)")
     print(f"{'route':<42} {'total s':>7} {'postcopy s':>10} {'faults':>7} {'median ms':>9} {'p99 ms':>8} "
-          f"{'vs direct':>11} {'QEMU bt/req':>11}  stages: CPU per GiB (net), peak RSS")
+          f"{'vs direct':>11} {'QEMU bt/req':>11}  CPU: src+dst QEMU, CPUs busy; stages per GiB (net), peak RSS")
     figures: dict[str, tuple[float, float, float]] = {}
     for r in routes:
         fs = runs[r.key]
