@@ -251,10 +251,13 @@ def _decode_configuration(w: Window, st: _State) -> Configuration:
 
 
 def _read_vmstate(w: Window, vmsd: Vmsd, version: int, path: str) -> dict[str, Any]:
-    """Decode one VMState body at the window position, pulling more input until it fits."""
-    want = 4096
+    """Decode one VMState body at the window position, pulling more input until it fits.
+
+    It asks for no byte beyond the body's own and the one after it (a subsection marker or not): a live
+    source may send the rest only once the destination has answered (multifd's sync waits for the main
+    channel's records to be loaded), so reading ahead could wait forever."""
+    w.fill(1)
     while True:
-        w.fill(want)
         reader = LegacyReader(w.view, w.pos, len(w.buf), w.base, more_follows=not w.eof)
         reader._path = [path]
         try:
@@ -262,11 +265,7 @@ def _read_vmstate(w: Window, vmsd: Vmsd, version: int, path: str) -> dict[str, A
         except TruncatedError:
             if w.eof or w.available >= MAX_SECTION:
                 raise
-            want = max(want, w.available) * 4
-            continue
-        # A subsection header cut by the window's end would have been missed: look again with more.
-        if not w.eof and len(w.buf) - reader.pos < 2 + 255 + 5 and w.available < MAX_SECTION:
-            want = max(want, w.available) * 4
+            w.grow()  # at the end of the input, the next try knows that nothing follows
             continue
         w.pos = reader.pos
         return state
@@ -304,6 +303,10 @@ def _decode_section(w: Window, st: _State, kind: int, start: int) -> Iterator[Ev
             raise DecodeError(f"ram section version {version_id}, expected {RAM_VERSION}", start, w.path)
         yield IterBegin(kind, section_id, idstr, instance_id, version_id)
         yield from _decode_ram(w, st)
+        if w.idle():
+            # A live source may send the footer only once the destination has loaded the section (multifd's
+            # sync after EOS): the writers must not hold the section back waiting for it.
+            yield Flush()
         footer = _decode_footer(w, section_id, idstr)
         if st.footers and not footer:
             raise DecodeError(f"section {idstr!r} lacks its footer", w.offset, w.path)

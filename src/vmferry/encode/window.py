@@ -79,6 +79,24 @@ class Window:
             self._set(bytes(rest) + bytes(chunk), self.pos)
         return len(self.buf) - self.pos >= n
 
+    def grow(self, at_least: int = 4096) -> bool:
+        """Make more bytes available without waiting for more than one chunk: the unread rest bridged with up to
+        ``max(at_least, its size)`` bytes of the next chunk (so a retrying decoder's window doubles); False at
+        the end of the input.  For a decoder that cannot tell how much more it needs."""
+        chunk = self._next_chunk()
+        if chunk is None:
+            return False
+        rest = self.view[self.pos:]
+        if not len(rest):
+            self._set(chunk, self.pos)
+            return True
+        take = max(at_least, len(rest))
+        if take < len(chunk):
+            self._pending = chunk[take:]
+            chunk = chunk[:take]
+        self._set(bytes(rest) + bytes(chunk), self.pos)
+        return True
+
     def need(self, n: int, what: str = "") -> None:
         if not self.fill(n):
             got = len(self.buf) - self.pos

@@ -89,7 +89,8 @@ def _sniff(stream: ByteStream, head: bytes) -> tuple[str, bytes]:
 
 def _ferry_chunks(stream: ByteStream, head: bytes, size: int) -> Iterator[bytes | memoryview]:
     """A ferry stream read a frame at a time: each chunk is one frame's body and the next frame's header,
-    so no body spans two chunks and the decoder joins nothing (a spanning body would be copied whole).
+    so no body spans two chunks and the decoder joins nothing (a spanning body would be copied whole); when
+    the sender pauses after a frame, the body comes alone, then an empty chunk, then the next header.
     At a header that does not check out, the rest comes in plain chunks and the decoder says what is wrong."""
     first = head + stream.read_exact(ferry.HEADER_LEN - len(head) + ferry.FRAME_HEADER_LEN, "the ferry header")
     yield first
@@ -98,9 +99,18 @@ def _ferry_chunks(stream: ByteStream, head: bytes, size: int) -> Iterator[bytes 
         body, last = extent
         if not stream.ready():
             yield b""  # nothing more now: the writers flush (a postcopy page must not wait in a batch)
-        buf = bytearray(body if last else body + ferry.FRAME_HEADER_LEN)
-        stream.read_into_exact(memoryview(buf), "a ferry frame")
-        chunk = memoryview(buf).toreadonly()  # read-only: the decoder keeps views instead of copying
+        buf = memoryview(bytearray(body if last else body + ferry.FRAME_HEADER_LEN))
+        stream.read_into_exact(buf[:body], "a ferry frame")
+        if not last and not stream.ready():
+            # The sender paused after this frame (QEMU waits for the destination to load it, e.g. multifd's
+            # sync after a RAM section's EOS): hand it on now, not once the next frame's header has come.
+            yield buf[:body].toreadonly()
+            yield b""
+            frame_head = stream.read_exact(ferry.FRAME_HEADER_LEN, "a ferry frame header")
+            yield frame_head
+            continue
+        stream.read_into_exact(buf[body:], "a ferry frame")
+        chunk = buf.toreadonly()  # read-only: the decoder keeps views instead of copying
         yield chunk
         if last:
             return

@@ -392,6 +392,10 @@ class LegacyReader(Visitor):
     def peek_subsection(self) -> str | None:
         """The name of the subsection that starts at the current position, if any."""
         p = self.pos
+        if p >= self.end and self.more_follows:
+            # Whether a subsection follows is in the next byte, which a live input may send only later: ask
+            # for it (reading further ahead could wait for bytes the sender holds back until we answer).
+            raise TruncatedError("the byte after the state is not read yet", self.base + p, self.path)
         if p >= self.end or self.buf[p] != SUBSECTION_MARKER:
             return None
         if p + 2 > self.end or p + 2 + self.buf[p + 1] > self.end:
