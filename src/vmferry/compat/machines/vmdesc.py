@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from ...errors import CompatError
 from ...events import Event, Vmdesc
+from ...serialize.qemu_vmdesc import has_neighbours
 from ...serialize.visitor import ARRAY_INDEX_BY_QEMU
 
 __all__ = ["is_qjson", "restyle_fields", "restyle_text", "restyle_vmsd", "style_of", "styled", "writer_qemu",
@@ -143,24 +144,6 @@ def styled(qemu: str) -> Callable[[Iterator[Event]], Iterator[Event]]:
     return fn
 
 
-def _neighbours(node: Any, test: Any) -> bool:
-    """Whether some ``fields`` list has two neighbours of one name for which ``test`` holds."""
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if isinstance(n, list):
-            stack.extend(n)
-        elif isinstance(n, dict):
-            fields = n.get("fields")
-            if isinstance(fields, list):
-                for a, b in zip(fields, fields[1:]):
-                    if isinstance(a, dict) and isinstance(b, dict) and a.get("name") is not None \
-                            and a.get("name") == b.get("name") and test(a, b):
-                        return True
-            stack.extend(v for v in n.values() if isinstance(v, (list, dict)))
-    return False
-
-
 def writer_qemu(text: bytes) -> list[str]:
     """The QEMU releases of the catalogue whose vmdesc looks like ``text``, most likely first.
 
@@ -186,9 +169,9 @@ def writer_qemu_of(doc: Mapping[str, Any]) -> list[str]:
     element-by-element arrays look the same).  Otherwise 7.2.
     """
     devices = doc.get("devices")
-    if _neighbours(devices, lambda a, b: "index" not in a and "index" not in b):
+    if has_neighbours(devices, lambda a, b: "index" not in a and "index" not in b):
         return ["11.1", "10.0"]
     if isinstance(doc.get("configuration"), dict) or \
-            _neighbours(devices, lambda a, b: "index" in a and "index" not in b):
+            has_neighbours(devices, lambda a, b: "index" in a and "index" not in b):
         return ["10.0", "11.1"]
     return ["7.2"]
