@@ -48,8 +48,9 @@ from ...events import (
     RamZeros,
     Vmdesc,
 )
-from ...serialize.schema import Field, Vmsd
-from ..ops import Machine, Node, add_field, at, drop_field, drop_subsection, node, rename_field, with_node
+from ...serialize.schema import Field
+from ..ops import (Machine, Node, add_field, at, drop_field, drop_subsection, has_field, node, refuse_subsections,
+                   renaming, with_node)
 from ..registry import Change, Registry, Release
 from . import virtio
 from .releases import QEMU_7_2
@@ -258,13 +259,6 @@ def globalstate_down(sec: DeviceSection, m: Machine) -> DeviceSection:
     return with_node(sec, Node(dataclasses.replace(n.vmsd, fields=tuple(fields)), tree))
 
 
-def _rename(old: str, new: str) -> Any:
-    def fn(sec: DeviceSection, m: Machine) -> DeviceSection:
-        n = node(sec)
-        return with_node(sec, rename_field(n, old, new)) if old in n.tree else sec
-    return fn
-
-
 def _retype(path: tuple[str, ...], name: str, old: str, new: str) -> Any:
     def op(m: Node) -> Node:
         fields = tuple(dataclasses.replace(f, type=new) if f.name == name and f.type == old else f
@@ -273,10 +267,7 @@ def _retype(path: tuple[str, ...], name: str, old: str, new: str) -> Any:
 
     def fn(sec: DeviceSection, m: Machine) -> DeviceSection:
         n = node(sec)
-        tree: Any = n.tree
-        for k in path:
-            tree = tree.get(k) if isinstance(tree, Mapping) else None
-        if not isinstance(tree, Mapping) or name not in tree:
+        if not has_field(n, name, path):
             return sec
         out = at(n, path, op)
         return sec if out.vmsd == n.vmsd else with_node(sec, out)
@@ -294,12 +285,8 @@ def i8259_ltim_down(sec: DeviceSection, m: Machine) -> DeviceSection:
 CPU_10_ONLY = ("cpu/fred", "cpu/msr_hwcr", "cpu/xen_vcpu")
 
 
-def cpu_down(sec: DeviceSection, m: Machine) -> DeviceSection:
-    found = [s for s in CPU_10_ONLY if s in sec.state]
-    if found:
-        raise CompatError(f"{', '.join(found)}: the CPU uses a feature QEMU 7.2 cannot migrate "
-                          f"(FRED, the AMD HWCR MSR, Xen emulation); use a CPU model without it")
-    return sec
+cpu_down = refuse_subsections(CPU_10_ONLY, "the CPU uses a feature QEMU 7.2 cannot migrate (FRED, the AMD HWCR "
+                                           "MSR, Xen emulation); use a CPU model without it")
 
 
 #: virtio-net's USO feature bits (include/standard-headers/linux/virtio_net.h).
@@ -494,10 +481,10 @@ def _version_step(reg: Registry, old: str, new: str) -> None:
                          Change("field-removed", "globalstate", "vm_was_suspended"),
                          Change("field-removed", "globalstate", "unused")])
     hpet = "hw/timer/hpet.c: num_timers became num_timers_save (same byte)"
-    reg.section("hpet", old, new, _rename("num_timers", "num_timers_save"), lossless=True, mirrors=hpet,
+    reg.section("hpet", old, new, renaming("num_timers", "num_timers_save"), lossless=True, mirrors=hpet,
                 name="hpet num_timers_save",
                 changes=[Change("field-removed", "hpet", "num_timers"), Change("field-added", "hpet", "num_timers_save")])
-    reg.section("hpet", new, old, _rename("num_timers_save", "num_timers"), lossless=True, mirrors=hpet,
+    reg.section("hpet", new, old, renaming("num_timers_save", "num_timers"), lossless=True, mirrors=hpet,
                 name="hpet num_timers",
                 changes=[Change("field-removed", "hpet", "num_timers_save"), Change("field-added", "hpet", "num_timers")])
     ahci = "hw/ide/ahci.c: ports checked as uint32 equal instead of int32 equal (same bytes)"
