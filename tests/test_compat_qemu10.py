@@ -19,9 +19,9 @@ from vmferry.compat.machines.qemu10 import (
     drop_switchover_start,
     globalstate_down,
     globalstate_up,
-    restyle_fields,
     restyle_vmdesc,
 )
+from vmferry.compat.machines.vmdesc import restyle_fields, style_of
 from vmferry.compat.registry import Registry
 from vmferry.encode import legacy
 from vmferry.errors import CompatError
@@ -138,13 +138,14 @@ def _elements(n: int, last_index: bool) -> list[dict[str, object]]:
 def test_array_indexes_as_each_qemu_writes_them() -> None:
     old = [{"name": "a", "type": "uint8", "size": 1}, *_elements(3, True), {"name": "b", "type": "uint8", "size": 1}]
     new = [{"name": "a", "type": "uint8", "size": 1}, *_elements(3, False), {"name": "b", "type": "uint8", "size": 1}]
-    assert restyle_fields(old, "10.0") == new
-    assert restyle_fields(new, "7.2") == old
-    assert restyle_fields(old, "7.2") == old and restyle_fields(new, "10.0") == new
-    assert list(restyle_fields(new, "7.2")[3]) == ["name", "index", "type", "size"]  # QEMU's key order
+    seven, ten = style_of("7.2"), style_of("10.0")
+    assert restyle_fields(old, ten) == new
+    assert restyle_fields(new, seven) == old
+    assert restyle_fields(old, seven) == old and restyle_fields(new, ten) == new
+    assert list(restyle_fields(new, seven)[3]) == ["name", "index", "type", "size"]  # QEMU's key order
     nested = [{"name": "s", "type": "struct", "size": 16, "struct": {"vmsd_name": "x", "version": 1,
                                                                       "fields": _elements(2, True)}}]
-    assert restyle_fields(nested, "10.0")[0]["struct"]["fields"] == _elements(2, False)
+    assert restyle_fields(nested, ten)[0]["struct"]["fields"] == _elements(2, False)
 
 
 def test_the_configuration_object_comes_and_goes_with_qemu_10() -> None:

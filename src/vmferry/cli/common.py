@@ -353,6 +353,19 @@ def output_file(path: str, inputs: Sequence[str] = (), sync: bool = False,
             raise
 
 
+@contextmanager
+def command_output(path: str, inputs: Sequence[str] = ()) -> Iterator[BinaryIO]:
+    """:func:`output_file` for a command's OUTPUT: an OS error while writing it is one usage error naming
+    ``path`` (a closed stdout stays a BrokenPipeError: exit 141)."""
+    try:
+        with output_file(path, inputs) as out:
+            yield out
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        raise UsageError(f"{path}: {e.strerror or e}") from None
+
+
 def write_all(out: BinaryIO, chunks: Any) -> int:
     """Write every chunk to ``out``; the number of bytes written."""
     n = 0

@@ -22,8 +22,8 @@ import sys
 from typing import TYPE_CHECKING, Any, Iterator
 
 from .. import encode
-from .common import (EXIT_OK, UsageError, from_option, open_stream, output_file, print_json, progress_bar,
-                     stderr_console, stdout_console, write_all)
+from .common import (EXIT_OK, UsageError, command_output, from_option, open_stream, print_json, progress_bar,
+                     schema_option, stderr_console, stdout_console, write_all)
 
 if TYPE_CHECKING:  # the compat package is imported by the commands that use it, not at start-up
     from ..compat.check import Report, Schemas
@@ -32,8 +32,8 @@ from ..encode import libvirt_save as ls
 from ..errors import DecodeError, SchemaError
 from ..events import Command, Configuration, DeviceSection, Event, IterEnd, OpaqueSection, RamMemSize, Vmdesc
 from ..serialize.qemu_vmdesc import is_dump_vmstate, is_vmdesc, load_json
-from .files import Input, decode_input, load_schema_file, read_stream_vmdesc
-from .images import COMPRESS_CHOICES, COMPRESS_HELP, FERRY_COMPRESS
+from .files import Input, decode_input, read_stream_vmdesc
+from .images import COMPRESS_CHOICES, COMPRESS_HELP, ferry_compression
 
 __all__ = ["EXIT_UNCOVERED", "add_subcommands", "cmd_diff", "cmd_plan", "cmd_transform", "load_schemas"]
 
@@ -49,12 +49,7 @@ EXIT_UNCOVERED = 3
 def cmd_transform(args: argparse.Namespace) -> int:
     from ..compat import qemu_registry, transform_events
 
-    schema = None
-    if args.schema:
-        try:
-            schema = load_schema_file(args.schema)
-        except FileNotFoundError:
-            raise UsageError(f"{args.schema}: no such file") from None
+    schema = schema_option(args)
     registry = qemu_registry()
     # an unknown target fails before any output is written
     machine = registry.resolve(args.machine, args.qemu_version)
@@ -71,20 +66,12 @@ def cmd_transform(args: argparse.Namespace) -> int:
                                                      from_qemu))
         fmt = args.to or inp.format
         target = encode.codec(fmt)
-        if args.compress is not None and (fmt != "ferry" or args.compress not in FERRY_COMPRESS):
-            raise UsageError(f"--compress {'|'.join(FERRY_COMPRESS)} applies to --to ferry, the others to libvirt "
-                             "save images")
-        options = {"compress": args.compress} if args.compress is not None else {}
+        options = ferry_compression(args.compress, fmt)
         plans: list[Any] = []
         events = transform_events(decode_input(inp, schema, target=fmt), registry, machine, from_machine, from_qemu,
                                   on_plan=plans.append)
-        try:
-            with output_file(args.output, [args.input]) as out:
-                written = write_all(out, target.encode(events, **options))
-        except BrokenPipeError:
-            raise
-        except OSError as e:
-            raise UsageError(f"{args.output}: {e.strerror or e}") from None
+        with command_output(args.output, [args.input]) as out:
+            written = write_all(out, target.encode(events, **options))
     if args.json:
         print_json({"input": args.input, "input_format": inp.file_format, "output": args.output, "format": fmt,
                     "machine": machine, "source": plans[0].source if plans else None,

@@ -36,11 +36,11 @@ from ..encode import libvirt_save as ls
 from ..encode.libvirt_save import Compression, SaveImage
 from ..errors import DecodeError, FerryError
 from ..events import Event
-from .common import output_file, write_all
+from .common import UsageError, output_file, write_all
 from .files import Input, decode_input, image_offsets, open_input
 
 __all__ = ["COMPRESS_CHOICES", "COMPRESS_HELP", "FERRY_COMPRESS", "IMAGE_COMPRESSIONS", "IMAGE_MODE", "ImageError",
-           "copy_image", "copy_stored", "describe", "image_compression", "persistent_note", "read_image", "retarget",
+           "copy_image", "copy_stored", "describe", "ferry_compression", "image_compression", "persistent_note", "read_image", "retarget",
            "transform_image", "write_image"]
 
 #: The permissions of an image vmferry writes: libvirt's own (the file holds the guest's RAM).
@@ -70,6 +70,17 @@ COMPRESS_HELP = ("--to ferry: compress the frames (none, zstd, lz4; default none
                  "frames together in GROUP frames unless --per-frame). A libvirt save image out: how its "
                  "QEMU stream is stored (raw, gzip, bzip2, xz, lzop, zstd; default: as the input's; libvirt 9.0 "
                  "restores all but zstd)")
+
+
+def ferry_compression(name: str | None, fmt: str) -> dict[str, Any]:
+    """The encoder options ``--compress NAME`` gives a stream written as ``fmt`` (none without it); a usage
+    error unless ``fmt`` is ferry and NAME one of :data:`FERRY_COMPRESS` (the others are an image's)."""
+    if name is None:
+        return {}
+    if fmt != "ferry" or name not in FERRY_COMPRESS:
+        raise UsageError(f"--compress {'|'.join(FERRY_COMPRESS)} applies to --to ferry, the others to libvirt "
+                         "save images")
+    return {"compress": name}
 
 
 def image_compression(name: str | None) -> Compression | None:

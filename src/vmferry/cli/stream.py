@@ -17,10 +17,10 @@ from typing import Any
 from .. import encode
 from ..events import DeviceSection, OpaqueSection
 from ..serialize.schema import SchemaSet
-from .common import (EXIT_OK, UsageError, from_option, open_stream, output_file, print_json, print_summary,
+from .common import (EXIT_OK, UsageError, command_output, from_option, open_stream, print_json, print_summary,
                      progress_bar, schema_option, write_all)
 from .files import Input, decode_input
-from .images import COMPRESS_CHOICES, COMPRESS_HELP, FERRY_COMPRESS
+from .images import COMPRESS_CHOICES, COMPRESS_HELP, ferry_compression
 from .summary import StreamSummary
 
 
@@ -85,29 +85,21 @@ def cmd_convert(args: argparse.Namespace) -> int:
             return _convert_image(args, inp, schema)
         fmt = args.to or inp.format
         target = encode.codec(fmt)
-        if args.compress is not None and (fmt != "ferry" or args.compress not in FERRY_COMPRESS):
-            raise UsageError(f"--compress {'|'.join(FERRY_COMPRESS)} applies to --to ferry, the others to libvirt "
-                             "save images")
+        options = ferry_compression(args.compress, fmt)
         events = decode_input(inp, schema, target=fmt)
-        options: dict[str, Any] = {"compress": args.compress} if args.compress is not None else {}
         if args.compress in ("zstd", "lz4"):
             options["groups"] = not args.per_frame  # GROUP frames (docs/format.md §2.4) unless asked otherwise
             if args.level is not None:
                 options["level"] = args.level
-        try:
-            with output_file(args.output, [args.input]) as out:
-                if fmt == "legacy":  # page runs leave as they came: copied by the kernel from a plain file input
-                    from ..encode.legacy import encode_pieces
-                    from .copyout import write_pieces
+        with command_output(args.output, [args.input]) as out:
+            if fmt == "legacy":  # page runs leave as they came: copied by the kernel from a plain file input
+                from ..encode.legacy import encode_pieces
+                from .copyout import write_pieces
 
-                    source = inp.file if inp.format == "legacy" and inp.image is None else None
-                    written, _ = write_pieces(encode_pieces(events), out, source)
-                else:
-                    written = write_all(out, target.encode(events, **options))
-        except BrokenPipeError:
-            raise
-        except OSError as e:
-            raise UsageError(f"{args.output}: {e.strerror or e}") from None
+                source = inp.file if inp.format == "legacy" and inp.image is None else None
+                written, _ = write_pieces(encode_pieces(events), out, source)
+            else:
+                written = write_all(out, target.encode(events, **options))
     if args.json:
         print_json({"input": args.input, "input_format": inp.file_format, "output": args.output, "format": fmt,
                     "bytes": written})

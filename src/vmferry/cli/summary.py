@@ -39,6 +39,7 @@ from ..events import (
     RamZeros,
     Vmdesc,
 )
+from ..serialize.qemu_vmdesc import has_neighbours
 
 Version = tuple[int, int]
 
@@ -125,47 +126,13 @@ def vmdesc_clues(guess: WriterGuess, text: bytes) -> None:
         return
     if "configuration" in doc:
         guess.note("vmdesc with a configuration object (newer than 7.2)", _AFTER_7_2)
-    if _last_array_element_unindexed(doc.get("devices")):
+    if has_neighbours(doc.get("devices"), lambda a, b: "index" in a and "index" not in b):
         guess.note("vmdesc arrays without the last index (newer than 7.2)", _AFTER_7_2)
     # ---- QEMU 5.2 and 11.1 (issue 13): seen in every real 5.2.0 / 11.1.2 stream, never in 7.2's or 10.0's
     if text.startswith(b"{ "):
         guess.note("vmdesc in QJSON spacing (replaced in 6.0)", None, (5, 2))
-    if _arrays_never_indexed(doc.get("devices")):
+    if has_neighbours(doc.get("devices"), lambda a, b: "index" not in a and "index" not in b):
         guess.note("vmdesc arrays without any index (newer than 10.0)", (10, 1))
-
-
-def _arrays_never_indexed(node: Any) -> bool:
-    """Whether some ``fields`` list has two neighbours of one name, neither with ``index`` (QEMU 11.1)."""
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if isinstance(n, list):
-            stack.extend(n)
-        elif isinstance(n, dict):
-            fields = n.get("fields")
-            if isinstance(fields, list):
-                for a, b in zip(fields, fields[1:]):
-                    if (isinstance(a, dict) and isinstance(b, dict) and "index" not in a and "index" not in b
-                            and a.get("name") is not None and a.get("name") == b.get("name")):
-                        return True
-            stack.extend(v for v in n.values() if isinstance(v, (list, dict)))
-    return False
-
-
-def _last_array_element_unindexed(node: Any) -> bool:
-    """Whether some field list has ``name`` with ``index`` followed by the same name without one."""
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if isinstance(n, list):
-            for a, b in zip(n, n[1:]):
-                if (isinstance(a, dict) and isinstance(b, dict) and "index" in a and "index" not in b
-                        and a.get("name") is not None and a.get("name") == b.get("name")):
-                    return True
-            stack.extend(n)
-        elif isinstance(n, dict):
-            stack.extend(v for v in n.values() if isinstance(v, (list, dict)))
-    return False
 
 
 @dataclass

@@ -41,13 +41,16 @@ __all__ = [
     "drop_sections",
     "drop_subsection",
     "get",
+    "has_field",
     "merge",
     "merge_sections",
     "new_section",
     "node",
     "on_section",
+    "refuse_subsections",
     "rename_field",
     "rename_section",
+    "renaming",
     "set_field",
     "set_version",
     "split",
@@ -125,6 +128,14 @@ def get(n: Node, name: str, path: Sequence[str] = ()) -> Any:
     if name not in target.tree:
         raise CompatError(f"{_where(n, tuple(path))}: no value for {name!r}")
     return target.tree[name]
+
+
+def has_field(n: Node, name: str, path: Sequence[str] = ()) -> bool:
+    """Whether the tree holds field (or subsection) ``name`` at ``path`` (False where ``path`` is missing)."""
+    tree: Any = n.tree
+    for key in path:
+        tree = tree.get(key) if isinstance(tree, Mapping) else None
+    return isinstance(tree, Mapping) and name in tree
 
 
 def _index(vmsd: Vmsd, name: str) -> int:
@@ -379,6 +390,30 @@ def new_section(idstr: str, instance_id: int, n: Node, *, version: int | None = 
     """A FULL section for ``n`` (its section id is assigned by :func:`add_section`)."""
     v = n.vmsd.version_id if version is None else version
     return DeviceSection(-1, idstr, instance_id, v, dict(n.tree), n.vmsd, {}, True, 0)
+
+
+def renaming(old: str, new: str, path: Sequence[str] = ()) -> Callable[[DeviceSection, Machine], DeviceSection]:
+    """A section transform (as ``Registry.section`` takes it): field ``old`` at ``path`` renamed ``new``
+    (:func:`rename_field`); a section without it passes unchanged."""
+
+    def fn(sec: DeviceSection, m: Machine) -> DeviceSection:
+        n = node(sec)
+        return with_node(sec, rename_field(n, old, new, path=path)) if has_field(n, old, path) else sec
+
+    return fn
+
+
+def refuse_subsections(names: Sequence[str], why: str) -> Callable[[DeviceSection, Machine], DeviceSection]:
+    """A section transform that passes a section holding none of the subsections ``names`` and refuses one that
+    holds any: CompatError ``<the ones it holds>: <why>``."""
+
+    def fn(sec: DeviceSection, m: Machine) -> DeviceSection:
+        found = [s for s in names if s in sec.state]
+        if found:
+            raise CompatError(f"{', '.join(found)}: {why}")
+        return sec
+
+    return fn
 
 
 # ---------------------------------------------------------------------------

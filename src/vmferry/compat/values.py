@@ -63,21 +63,13 @@ class StreamValues:
             for b in ev.blocks:
                 if b.name not in self.blocks:
                     self.blocks[b.name] = _Block.new(b.length, b.page_size or PAGE)
-        elif isinstance(ev, RamPages):
+        elif isinstance(ev, (RamPages, RamZeros)):
             block = self.blocks.get(ev.block)
             if block is None:
                 return
             first = ev.offset // ev.page_size
             for i in range(ev.count):
-                self._set(block, ev.block, first + i, _digest(ev.page(i)))
-        elif isinstance(ev, RamZeros):
-            block = self.blocks.get(ev.block)
-            if block is None:
-                return
-            first = ev.offset // ev.page_size
-            for i in range(ev.count):
-                fill = ev.fill[i] if ev.fill is not None else 0
-                self._set(block, ev.block, first + i, _zero_digest(ev.page_size, fill))
+                self._set(block, ev.block, first + i, _page_digest(ev, i))
         elif isinstance(ev, RamRecord) and ev.block:
             pages = self.unknown_pages.setdefault(ev.block, set())
             block = self.blocks.get(ev.block)
@@ -90,6 +82,13 @@ class StreamValues:
             unknown = self.unknown_pages.get(name)
             if unknown:
                 unknown.discard(index)
+
+
+def _page_digest(ev: RamPages | RamZeros, i: int) -> bytes:
+    """The digest of page ``i`` of a run of pages or of zero (fill) pages."""
+    if isinstance(ev, RamPages):
+        return _digest(ev.page(i))
+    return _zero_digest(ev.page_size, ev.fill[i] if ev.fill is not None else 0)
 
 
 _ZERO: dict[tuple[int, int], bytes] = {}

@@ -47,6 +47,7 @@ from ..events import (
     SECTION_FOOTER,
     SECTION_PART,
 )
+from .splice import splice_out
 from .transport import CHUNK, ByteStream, SocketStream
 
 __all__ = ["ChannelStats", "Renames", "relay_multifd", "relay_ram_records", "relay_return_path"]
@@ -165,7 +166,7 @@ class _Splicer:
         self.pipe = os.pipe()
 
     def move(self, n: int) -> None:
-        src_fd, dst_fd = self.source.sock.fileno(), self.dest.sock.fileno()
+        src_fd = self.source.sock.fileno()
         r, w = self.pipe
         while n:
             try:
@@ -175,13 +176,7 @@ class _Splicer:
             if not got:
                 raise self.source.error("read from", ConnectionResetError("the stream ended inside a packet"))
             self.source.bytes_read += got
-            left = got
-            try:
-                while left:
-                    left -= os.splice(r, dst_fd, left)
-            except OSError as e:
-                raise self.dest.error("write to", e) from None
-            self.dest.bytes_written += got
+            splice_out(r, self.dest, got, "write to")
             n -= got
 
     def close(self) -> None:

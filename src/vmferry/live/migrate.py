@@ -217,10 +217,7 @@ def migrate(source: str, dest: str, uri: str | None = None, set_caps: list[str] 
     started = False
     try:
         src = probe(src_conn, "source", source)
-        dst = probe(dst_conn, "destination", dest)
-        if dst.status != "inmigrate":
-            raise MigrationError(f"the destination is {dst.status or 'in an unknown state'}, not waiting for a "
-                                 "migration (start it with 'vmferry serve --incoming' or QEMU's -incoming defer)")
+        dst = _incoming(probe(dst_conn, "destination", dest))
         if src.status in ("inmigrate", "postmigrate", "finish-migrate"):
             raise MigrationError(f"the source is {src.status}: nothing to migrate")
         qemu_wanted = _qemu_wanted(qemu_caps, multifd_channels, multifd_compression, postcopy)
@@ -243,10 +240,7 @@ def migrate(source: str, dest: str, uri: str | None = None, set_caps: list[str] 
             apply_plan(side, plan)
             if both_params.get(side.role):
                 side.conn.cmd("migrate-set-parameters", both_params[side.role])
-        if params:
-            wanted = {k: v for k, v in params.items() if src.kind == "vmferry" or not k.startswith("x-vmferry-")}
-            if wanted:
-                src_conn.cmd("migrate-set-parameters", wanted)
+        _set_params(src, params)
         if uri is None:
             tmpdir = tempfile.mkdtemp(prefix="vmferry-mig-")
             uri = f"unix:{os.path.join(tmpdir, 'stream.sock')}"
@@ -269,7 +263,6 @@ def migrate(source: str, dest: str, uri: str | None = None, set_caps: list[str] 
                       int(plan.mask), plan.qemu_on, vm.get("codec", "legacy" if src.kind == "qemu" else ""),
                       src.describe(), dst.describe(), info, route.describe() if route else None)
     except (FerryError, TimeoutError) as e:
-        message = str(e) if isinstance(e, FerryError) else "timed out"
         if route is not None:
             route.abort()
         if started and src is not None:
@@ -278,7 +271,7 @@ def migrate(source: str, dest: str, uri: str | None = None, set_caps: list[str] 
                 ram = info.get("ram", {})
                 return Result(0.0, int(ram.get("transferred", 0)), int(ram.get("total", 0)), info.get("downtime"),
                               0, [], "", src.describe(), dst.describe() if dst else {}, info)
-        raise MigrationError(message.splitlines()[0] if message else "migration failed") from None
+        raise _one_line(e, "migration failed") from None
     finally:
         if route is not None:
             route.abort()
@@ -398,10 +391,11 @@ def _with_channels(progress: Progress, route: ProxyRoute) -> Progress:
     return update
 
 
-def _follow(src: QMPConnection, dst: QMPConnection, progress: Progress | None, timeout: float,
+def _follow(src: QMPConnection, dst: QMPConnection | None, progress: Progress | None, timeout: float,
             poll: float, postcopy: bool = False) -> dict[str, Any]:
-    """Poll the source until the migration completes; with ``postcopy``, switch to postcopy once the first
-    pass over RAM is done (``dirty-sync-count`` 2: the second dirty-bitmap sync comes after it)."""
+    """Poll the source until the migration completes (MigrationError when it fails or times out), and the
+    destination ``dst`` (None: a socket of our own) for its failures; with ``postcopy``, switch to postcopy once
+    the first pass over RAM is done (``dirty-sync-count`` 2: the second dirty-bitmap sync comes after it)."""
     deadline = time.monotonic() + timeout
     last_dst_check = 0.0
     switched = False
@@ -420,13 +414,15 @@ def _follow(src: QMPConnection, dst: QMPConnection, progress: Progress | None, t
         if status == "completed":
             return dict(info)
         if status in ("failed", "cancelled"):
-            time.sleep(0.1)  # let the destination record why, if it knows
-            theirs, ours = _dest_error(dst), info.get("error-desc")
+            theirs, ours = None, info.get("error-desc")
+            if dst is not None:
+                time.sleep(0.1)  # let the destination record why, if it knows
+                theirs = _dest_error(dst)
             desc = f"{ours} ({theirs})" if theirs == "the destination went away" and ours else \
                 theirs or ours or "no reason given"
             raise MigrationError(f"migration {status}: {desc}")
         now = time.monotonic()
-        if now - last_dst_check > 0.5:
+        if dst is not None and now - last_dst_check > 0.5:
             last_dst_check = now
             try:
                 d = dst.cmd("query-migrate")
@@ -484,6 +480,17 @@ def _safe(conn: QMPConnection, name: str) -> Any:
 
 def _recover(src: QMPConnection, dst: QMPConnection, source_was_running: bool) -> bool:
     """After a failure: cancel, and leave the source running.  True if the destination runs after all."""
+    _cancel(src)
+    dst_state = (_safe(dst, "query-status") or {}).get("status")
+    if dst_state == "running":
+        return True  # the guest lives on at the destination: never run it twice
+    _resume(src, source_was_running)
+    _safe(dst, "migrate_cancel")
+    return False
+
+
+def _cancel(src: QMPConnection) -> None:
+    """Cancel the source's migration and wait (15 s at most) until it has stopped."""
     _safe(src, "migrate_cancel")
     deadline = time.monotonic() + 15.0
     while time.monotonic() < deadline:
@@ -491,17 +498,37 @@ def _recover(src: QMPConnection, dst: QMPConnection, source_was_running: bool) -
         if info.get("status") not in ("active", "setup", "cancelling", "device", "pre-switchover"):
             break
         time.sleep(0.05)
-    dst_state = (_safe(dst, "query-status") or {}).get("status")
-    if dst_state == "running":
-        return True  # the guest lives on at the destination: never run it twice
+
+
+def _resume(src: QMPConnection, was_running: bool) -> None:
+    """Run a source that ran before the migration and is stopped now."""
     st = (_safe(src, "query-status") or {}).get("status")
-    if source_was_running and st in ("paused", "postmigrate", "finish-migrate"):
+    if was_running and st in ("paused", "postmigrate", "finish-migrate"):
         try:
             src.cmd("cont", timeout=10.0)
         except FerryError:
             pass
-    _safe(dst, "migrate_cancel")
-    return False
+
+
+def _incoming(dst: Side) -> Side:
+    """``dst``, if it waits for a migration."""
+    if dst.status != "inmigrate":
+        raise MigrationError(f"the destination is {dst.status or 'in an unknown state'}, not waiting for a "
+                             "migration (start it with 'vmferry serve --incoming' or QEMU's -incoming defer)")
+    return dst
+
+
+def _set_params(src: Side, params: dict[str, Any] | None) -> None:
+    """The caller's ``migrate-set-parameters`` at the source (vmferry's own ``x-vmferry-*`` only at an endpoint)."""
+    wanted = {k: v for k, v in (params or {}).items() if src.kind == "vmferry" or not k.startswith("x-vmferry-")}
+    if wanted:
+        src.conn.cmd("migrate-set-parameters", wanted)
+
+
+def _one_line(e: BaseException, fallback: str) -> MigrationError:
+    """A failure as one line: a FerryError's first line, a timeout as such."""
+    message = str(e) if isinstance(e, FerryError) else "timed out"
+    return MigrationError(message.splitlines()[0] if message else fallback)
 
 
 def qemu_qmp_args(path: str, chardev_id: str = "vmferry-mgmt") -> list[str]:
@@ -549,10 +576,7 @@ def save(source: str, write: Callable[[Any], Any], *, progress: Progress | None 
         if src.status in ("inmigrate", "postmigrate", "finish-migrate", "shutdown"):
             raise MigrationError(f"the source is {src.status}: nothing to save")
         _plain(src)
-        if params:
-            wanted = {k: v for k, v in params.items() if src.kind == "vmferry" or not k.startswith("x-vmferry-")}
-            if wanted:
-                conn.cmd("migrate-set-parameters", wanted)
+        _set_params(src, params)
         uri = f"unix:{os.path.join(tmpdir, 'save.sock')}"
         listener = listen(uri)
 
@@ -572,7 +596,7 @@ def save(source: str, write: Callable[[Any], Any], *, progress: Progress | None 
         t0 = time.monotonic()
         conn.cmd("migrate", {"uri": uri})
         started = True
-        info = _follow_source(conn, progress, timeout, poll)
+        info = _follow(conn, None, progress, timeout, poll)
         reader.join(timeout)
         if got["error"] is not None:
             raise MigrationError(f"writing the file: {got['error']}")
@@ -586,15 +610,14 @@ def save(source: str, write: Callable[[Any], Any], *, progress: Progress | None 
                       {"kind": "file", "bytes": got["bytes"]}, info)
     except BaseException as e:
         if started and src is not None:
-            _safe(conn, "migrate_cancel")
-            _resume_after_cancel(conn, src.status == "running")
+            _cancel(conn)
+            _resume(conn, src.status == "running")
         if listener is not None:
             listener.close()
         if reader is not None:
             reader.join(10)
         if isinstance(e, (FerryError, TimeoutError)):
-            message = str(e) if isinstance(e, FerryError) else "timed out"
-            raise MigrationError(message.splitlines()[0] if message else "save failed") from None
+            raise _one_line(e, "save failed") from None
         raise
     finally:
         if listener is not None:
@@ -617,10 +640,7 @@ def restore(chunks: Iterable[Any], dest: str, *, size: int | None = None, progre
     tmpdir = tempfile.mkdtemp(prefix="vmferry-restore-")
     sent = 0
     try:
-        dst = probe(conn, "destination", dest)
-        if dst.status != "inmigrate":
-            raise MigrationError(f"the destination is {dst.status or 'in an unknown state'}, not waiting for a "
-                                 "migration (start it with 'vmferry serve --incoming' or QEMU's -incoming defer)")
+        dst = _incoming(probe(conn, "destination", dest))
         _plain(dst)
         uri = f"unix:{os.path.join(tmpdir, 'restore.sock')}"
         conn.cmd("migrate-incoming", {"uri": uri})
@@ -648,46 +668,10 @@ def restore(chunks: Iterable[Any], dest: str, *, size: int | None = None, progre
         return Result(elapsed, sent, size or sent, None, 0, [], "legacy", {"kind": "file", "bytes": sent}, side,
                       _safe(conn, "query-migrate") or {})
     except (FerryError, TimeoutError) as e:
-        message = str(e) if isinstance(e, FerryError) else "timed out"
-        raise MigrationError(message.splitlines()[0] if message else "restore failed") from None
+        raise _one_line(e, "restore failed") from None
     finally:
         conn.close()
         shutil.rmtree(tmpdir, ignore_errors=True)
-
-
-def _follow_source(src: QMPConnection, progress: Progress | None, timeout: float, poll: float) -> dict[str, Any]:
-    """Poll ``query-migrate`` of a source until it completes (MigrationError when it fails or times out)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            info = src.cmd("query-migrate")
-        except QMPConnectError as e:
-            raise MigrationError(f"lost the source: {e}") from None
-        if progress is not None:
-            progress(info)
-        status = info.get("status")
-        if status == "completed":
-            return dict(info)
-        if status in ("failed", "cancelled"):
-            raise MigrationError(f"migration {status}: {info.get('error-desc') or 'no reason given'}")
-        if time.monotonic() > deadline:
-            raise MigrationError(f"migration not completed within {timeout:.0f} s (status {status!r})")
-        time.sleep(poll)
-
-
-def _resume_after_cancel(src: QMPConnection, was_running: bool) -> None:
-    deadline = time.monotonic() + 15.0
-    while time.monotonic() < deadline:
-        info = _safe(src, "query-migrate") or {}
-        if info.get("status") not in ("active", "setup", "cancelling", "device", "pre-switchover"):
-            break
-        time.sleep(0.05)
-    st = (_safe(src, "query-status") or {}).get("status")
-    if was_running and st in ("paused", "postmigrate", "finish-migrate"):
-        try:
-            src.cmd("cont", timeout=10.0)
-        except FerryError:
-            pass
 
 
 def capabilities(address: str, timeout: float = 30.0, qmp_tls: TlsOptions | None = None) -> dict[str, Any]:

@@ -136,16 +136,8 @@ class PipedInput:
             return
         self._start = self._end
         self._drop_to(at)
-        held_r = self._held[0]
-        dst_fd = self.dest.sock.fileno()
-        left = n
-        try:
-            while left:
-                left -= os.splice(held_r, dst_fd, left)
-        except OSError as e:
-            raise self.dest.error("forward to", e) from None
+        splice_out(self._held[0], self.dest, n, "forward to")
         self.consumed += n
-        self.dest.bytes_written += n
         self.spliced += n
 
     def close(self) -> None:
@@ -159,6 +151,19 @@ class PipedInput:
                 self.consumed += os.splice(self._held[0], self._null, offset - self.consumed)
         except OSError as e:
             raise TransportError(f"{self.source.name}: cannot drop bytes from the pipe: {e.strerror or e}") from None
+
+
+def splice_out(pipe: int, dest: SocketStream, n: int, verb: str) -> None:
+    """Splice the next ``n`` bytes of the pipe read end ``pipe`` into ``dest``'s socket, all of them; an error
+    is ``dest``'s TransportError (``verb``: what was being done, e.g. ``write to``)."""
+    dst_fd = dest.sock.fileno()
+    left = n
+    try:
+        while left:
+            left -= os.splice(pipe, dst_fd, left)
+    except OSError as e:
+        raise dest.error(verb, e) from None
+    dest.bytes_written += n
 
 
 def _resize(fd: int, size: int) -> int:
@@ -205,4 +210,4 @@ def write_legacy(events: Iterable[Event], source: PipedInput) -> None:
         dest.writev(parts)
 
 
-__all__ = ["PipedInput", "can_splice", "write_legacy"]
+__all__ = ["PipedInput", "can_splice", "splice_out", "write_legacy"]

@@ -13,13 +13,15 @@ stream decoder checks that the result ends exactly at the section's footer
 and reports the section otherwise.
 
 Both raise :class:`~vmferry.errors.SchemaError` naming the JSON path on
-malformed input.
+malformed input.  :func:`has_neighbours` looks for two neighbouring
+entries of one name in a vmdesc's ``fields`` lists (how array elements
+are spelled tells which QEMU wrote it).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import SchemaError
 from .schema import INT_TYPES, STRUCT_TYPES, Field, SchemaSet, Subsection, Vmsd
@@ -46,6 +48,25 @@ def load_json(text: bytes | str, what: str) -> Any:
 
 def is_vmdesc(obj: Any) -> bool:
     return isinstance(obj, dict) and isinstance(obj.get("devices"), list)
+
+
+def has_neighbours(node: Any, test: Callable[[dict[str, Any], dict[str, Any]], bool]) -> bool:
+    """Whether some ``fields`` list below ``node`` has two neighbours of one name for which ``test`` holds
+    (walked without recursion)."""
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, list):
+            stack.extend(n)
+        elif isinstance(n, dict):
+            fields = n.get("fields")
+            if isinstance(fields, list):
+                for a, b in zip(fields, fields[1:]):
+                    if isinstance(a, dict) and isinstance(b, dict) and a.get("name") is not None \
+                            and a.get("name") == b.get("name") and test(a, b):
+                        return True
+            stack.extend(v for v in n.values() if isinstance(v, (list, dict)))
+    return False
 
 
 def is_dump_vmstate(obj: Any) -> bool:

@@ -48,11 +48,13 @@ from ...events import (
     RamZeros,
     Vmdesc,
 )
-from ...serialize.schema import Field, Vmsd
-from ..ops import Machine, Node, add_field, at, drop_field, drop_subsection, node, rename_field, with_node
+from ...serialize.schema import Field
+from ..ops import (Machine, Node, add_field, at, drop_field, drop_subsection, has_field, node, refuse_subsections,
+                   renaming, with_node)
 from ..registry import Change, Registry, Release
 from . import virtio
 from .releases import QEMU_7_2
+from .vmdesc import restyled_object
 
 __all__ = ["PC10", "PC10_LINE", "Q35_10", "Q35_10_LINE", "QEMU_10_0", "register"]
 
@@ -143,46 +145,6 @@ def refuse_new_capabilities(events: Iterator[Event]) -> Iterator[Event]:
 # ---------------------------------------------------------------------------
 
 
-def restyle_fields(fields: list[Any], qemu: str) -> list[Any]:
-    """A vmdesc ``fields`` list with array indexes as QEMU ``qemu`` writes them.
-
-    QEMU 7.2 gives every element of an array described element by element an
-    ``index``; QEMU 10.0 leaves it out on the last element.  Nested structs
-    are restyled too.
-    """
-    out: list[Any] = []
-    for f in fields:
-        if isinstance(f, Mapping):
-            f = dict(f)
-            if isinstance(f.get("struct"), Mapping):
-                f["struct"] = restyle_vmsd(f["struct"], qemu)
-            if isinstance(f.get("fields"), list):
-                f["fields"] = restyle_fields(f["fields"], qemu)
-        out.append(f)
-    for i, f in enumerate(out):
-        if not isinstance(f, dict):
-            continue
-        prev = out[i - 1] if i > 0 and isinstance(out[i - 1], dict) else {}
-        nxt = out[i + 1] if i + 1 < len(out) and isinstance(out[i + 1], dict) else {}
-        if qemu == QEMU_10_0:
-            if "index" in f and nxt.get("name") != f.get("name") and prev.get("name") == f.get("name"):
-                del f["index"]
-        elif "index" not in f and "array_len" not in f and prev.get("name") == f.get("name") \
-                and isinstance(prev.get("index"), int):
-            items = list(f.items())
-            out[i] = dict(items[:1] + [("index", prev["index"] + 1)] + items[1:])
-    return out
-
-
-def restyle_vmsd(desc: Mapping[str, Any], qemu: str) -> dict[str, Any]:
-    out = dict(desc)
-    if isinstance(out.get("fields"), list):
-        out["fields"] = restyle_fields(out["fields"], qemu)
-    if isinstance(out.get("subsections"), list):
-        out["subsections"] = [restyle_vmsd(s, qemu) if isinstance(s, Mapping) else s for s in out["subsections"]]
-    return out
-
-
 def configuration_desc(config: Configuration) -> dict[str, Any]:
     """QEMU 10.0's vmdesc entry for a configuration section (spec §11.8)."""
     name = bytes(config.state.get("name", b""))
@@ -226,20 +188,15 @@ def _vmdesc_for(qemu: str) -> Any:
 
 
 def restyle_vmdesc(ev: Vmdesc, qemu: str, config: Configuration | None) -> Vmdesc:
-    """``ev`` as QEMU ``qemu`` writes it: with (10.0) or without (7.2) the configuration object."""
-    try:
-        obj = json.loads(ev.text)
-    except ValueError:
-        raise CompatError("the vmdesc is not JSON") from None
-    if not isinstance(obj, dict) or not isinstance(obj.get("devices"), list):
-        raise CompatError("the vmdesc has no 'devices' list")
+    """``ev`` as QEMU ``qemu`` writes it: with (10.0) or without (7.2) the configuration object, array
+    indexes as :func:`.vmdesc.restyle_vmsd` writes them for ``qemu``."""
+    obj = restyled_object(ev, qemu)
     out: dict[str, Any] = {}
     if qemu == QEMU_10_0 and config is not None:
         out["configuration"] = obj.get("configuration") or configuration_desc(config)
     for k, v in obj.items():
         if k != "configuration":
             out[k] = v
-    out["devices"] = [restyle_vmsd(d, qemu) if isinstance(d, Mapping) else d for d in obj["devices"]]
     return Vmdesc(json.dumps(out).encode())
 
 
@@ -302,13 +259,6 @@ def globalstate_down(sec: DeviceSection, m: Machine) -> DeviceSection:
     return with_node(sec, Node(dataclasses.replace(n.vmsd, fields=tuple(fields)), tree))
 
 
-def _rename(old: str, new: str) -> Any:
-    def fn(sec: DeviceSection, m: Machine) -> DeviceSection:
-        n = node(sec)
-        return with_node(sec, rename_field(n, old, new)) if old in n.tree else sec
-    return fn
-
-
 def _retype(path: tuple[str, ...], name: str, old: str, new: str) -> Any:
     def op(m: Node) -> Node:
         fields = tuple(dataclasses.replace(f, type=new) if f.name == name and f.type == old else f
@@ -317,10 +267,7 @@ def _retype(path: tuple[str, ...], name: str, old: str, new: str) -> Any:
 
     def fn(sec: DeviceSection, m: Machine) -> DeviceSection:
         n = node(sec)
-        tree: Any = n.tree
-        for k in path:
-            tree = tree.get(k) if isinstance(tree, Mapping) else None
-        if not isinstance(tree, Mapping) or name not in tree:
+        if not has_field(n, name, path):
             return sec
         out = at(n, path, op)
         return sec if out.vmsd == n.vmsd else with_node(sec, out)
@@ -338,12 +285,8 @@ def i8259_ltim_down(sec: DeviceSection, m: Machine) -> DeviceSection:
 CPU_10_ONLY = ("cpu/fred", "cpu/msr_hwcr", "cpu/xen_vcpu")
 
 
-def cpu_down(sec: DeviceSection, m: Machine) -> DeviceSection:
-    found = [s for s in CPU_10_ONLY if s in sec.state]
-    if found:
-        raise CompatError(f"{', '.join(found)}: the CPU uses a feature QEMU 7.2 cannot migrate "
-                          f"(FRED, the AMD HWCR MSR, Xen emulation); use a CPU model without it")
-    return sec
+cpu_down = refuse_subsections(CPU_10_ONLY, "the CPU uses a feature QEMU 7.2 cannot migrate (FRED, the AMD HWCR "
+                                           "MSR, Xen emulation); use a CPU model without it")
 
 
 #: virtio-net's USO feature bits (include/standard-headers/linux/virtio_net.h).
@@ -538,10 +481,10 @@ def _version_step(reg: Registry, old: str, new: str) -> None:
                          Change("field-removed", "globalstate", "vm_was_suspended"),
                          Change("field-removed", "globalstate", "unused")])
     hpet = "hw/timer/hpet.c: num_timers became num_timers_save (same byte)"
-    reg.section("hpet", old, new, _rename("num_timers", "num_timers_save"), lossless=True, mirrors=hpet,
+    reg.section("hpet", old, new, renaming("num_timers", "num_timers_save"), lossless=True, mirrors=hpet,
                 name="hpet num_timers_save",
                 changes=[Change("field-removed", "hpet", "num_timers"), Change("field-added", "hpet", "num_timers_save")])
-    reg.section("hpet", new, old, _rename("num_timers_save", "num_timers"), lossless=True, mirrors=hpet,
+    reg.section("hpet", new, old, renaming("num_timers_save", "num_timers"), lossless=True, mirrors=hpet,
                 name="hpet num_timers",
                 changes=[Change("field-removed", "hpet", "num_timers_save"), Change("field-added", "hpet", "num_timers")])
     ahci = "hw/ide/ahci.c: ports checked as uint32 equal instead of int32 equal (same bytes)"

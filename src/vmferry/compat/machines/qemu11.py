@@ -43,7 +43,7 @@ from typing import Any
 
 from ...errors import CompatError
 from ...events import DeviceSection
-from ..ops import Machine, drop_subsection, node, set_field, with_node
+from ..ops import Machine, drop_subsection, node, refuse_subsections, set_field, with_node
 from ..registry import Change, Registry, Release
 from . import virtio
 from .qemu10 import QEMU_10_0
@@ -98,12 +98,8 @@ def apic_in_id_order(m: Machine) -> Machine:
 CPU_11_ONLY = ("cpu/apx", "cpu/cet", "cpu/cet_shstk", "cpu/error_code", "cpu/msr_pl0_ssp")
 
 
-def cpu_down(sec: DeviceSection, m: Machine) -> DeviceSection:
-    found = [s for s in CPU_11_ONLY if s in sec.state]
-    if found:
-        raise CompatError(f"{', '.join(found)}: state QEMU 10.0 cannot load (APX, CET, or an exception error code "
-                          f"in flight); use a CPU model without those features")
-    return sec
+cpu_down = refuse_subsections(CPU_11_ONLY, "state QEMU 10.0 cannot load (APX, CET, or an exception error code "
+                                           "in flight); use a CPU model without those features")
 
 
 #: The virtio subsection that carries feature bits above 63 (QEMU 10.1+).

@@ -34,11 +34,11 @@ qemu-xhci (set in 5.2), a TCG-internal ``hflags2`` bit of the CPU.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 from ...errors import CompatError
 from ...events import DeviceSection, OpaqueSection
-from ..ops import Machine, node, rename_field, with_node
+from ..ops import Machine, refuse_subsections, renaming
 from ..registry import Change, Registry, Release
 from .releases import QEMU_7_2
 from .vmdesc import styled
@@ -60,29 +60,13 @@ Section = DeviceSection | OpaqueSection
 # ---------------------------------------------------------------------------
 
 
-def _rename(old: str, new: str, path: tuple[str, ...] = ()) -> Any:
-    def fn(sec: DeviceSection, m: Machine) -> DeviceSection:
-        n = node(sec)
-        tree: Any = n.tree
-        for k in path:
-            tree = tree.get(k) if isinstance(tree, Mapping) else None
-        if not isinstance(tree, Mapping) or old not in tree:
-            return sec
-        return with_node(sec, rename_field(n, old, new, path=path))
-    return fn
-
-
 #: cpu subsections QEMU 5.2 does not know (target/i386/machine.c of 7.2 against 5.2's).
 CPU_7_ONLY = ("cpu/amd_tsc_scale_msr", "cpu/arch_lbr", "cpu/intel_amx_xtile", "cpu/intel_sgx", "cpu/msr_xfd",
               "cpu/pdptrs", "cpu/pkrs", "cpu/svm_guest", "cpu/triple_fault")
 
 
-def cpu_down(sec: DeviceSection, m: Machine) -> DeviceSection:
-    found = [s for s in CPU_7_ONLY if s in sec.state]
-    if found:
-        raise CompatError(f"{', '.join(found)}: state QEMU 5.2 cannot load (CPU features or KVM state added in "
-                          f"QEMU 6.0 .. 7.2)")
-    return sec
+cpu_down = refuse_subsections(CPU_7_ONLY, "state QEMU 5.2 cannot load (CPU features or KVM state added in "
+                                          "QEMU 6.0 .. 7.2)")
 
 
 # ---------------------------------------------------------------------------
@@ -172,19 +156,19 @@ def register(reg: Registry) -> None:
 
 def _version_step(reg: Registry, old: str, new: str) -> None:
     for vmsd in ("ps2kbd", "ps2mouse"):
-        reg.section(vmsd, old, new, _rename("common", "parent_obj"), lossless=True, mirrors=PS2,
+        reg.section(vmsd, old, new, renaming("common", "parent_obj"), lossless=True, mirrors=PS2,
                     name=f"{vmsd} parent_obj",
                     changes=[Change("field-removed", vmsd, "common"), Change("field-added", vmsd, "parent_obj"),
                              Change("section-added", vmsd)])
-        reg.section(vmsd, new, old, _rename("parent_obj", "common"), lossless=True, mirrors=PS2,
+        reg.section(vmsd, new, old, renaming("parent_obj", "common"), lossless=True, mirrors=PS2,
                     name=f"{vmsd} common",
                     changes=[Change("field-removed", vmsd, "parent_obj"), Change("field-added", vmsd, "common"),
                              Change("section-removed", vmsd)])
-    reg.section("pckbd", old, new, _rename("pending", "pending_tmp", ("kbd",)), lossless=True, mirrors=PENDING,
+    reg.section("pckbd", old, new, renaming("pending", "pending_tmp", ("kbd",)), lossless=True, mirrors=PENDING,
                 name="pckbd pending_tmp",
                 changes=[Change("field-removed", "pckbd", "kbd/pending"),
                          Change("field-added", "pckbd", "kbd/pending_tmp")])
-    reg.section("pckbd", new, old, _rename("pending_tmp", "pending", ("kbd",)), lossless=True, mirrors=PENDING,
+    reg.section("pckbd", new, old, renaming("pending_tmp", "pending", ("kbd",)), lossless=True, mirrors=PENDING,
                 name="pckbd pending",
                 changes=[Change("field-removed", "pckbd", "kbd/pending_tmp"),
                          Change("field-added", "pckbd", "kbd/pending")])

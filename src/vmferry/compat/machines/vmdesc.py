@@ -11,7 +11,8 @@ real stream of QEMU 5.2.0, 7.2, 10.0.13 and 11.1.2):
 * 10.0 and 11.1 describe the configuration section first (spec §11.8).
 
 :func:`restyle_fields` / :func:`restyle_vmsd` rewrite the array indexes of a
-description from any of the three spellings to any other: an array is a run
+description from any of the three spellings to any other (for every step
+between releases, the 7.2/10.0 one of :mod:`.qemu10` too): an array is a run
 of neighbours of one name whose indexes, where present, count up from 0 (a
 10.0 array ends with the one element without an index; an 11.1 array has
 none at all).  :func:`writer_qemu` reads the clues back.  Pure functions.
@@ -24,10 +25,11 @@ from typing import Any, Callable, Iterator, Mapping
 
 from ...errors import CompatError
 from ...events import Event, Vmdesc
+from ...serialize.qemu_vmdesc import has_neighbours
 from ...serialize.visitor import ARRAY_INDEX_BY_QEMU
 
-__all__ = ["is_qjson", "restyle_fields", "restyle_text", "restyle_vmsd", "style_of", "styled", "writer_qemu",
-           "writer_qemu_of"]
+__all__ = ["is_qjson", "restyle_fields", "restyle_text", "restyle_vmsd", "restyled_object", "style_of", "styled",
+           "writer_qemu", "writer_qemu_of"]
 
 
 def style_of(qemu: str) -> str:
@@ -115,14 +117,11 @@ def is_qjson(text: bytes) -> bool:
     return text.lstrip()[:2] == b"{ "
 
 
-def restyle_text(ev: Vmdesc, qemu: str) -> Vmdesc:
-    """``ev`` with every device's arrays indexed as QEMU ``qemu`` does, in its spacing.
+def restyled_object(ev: Vmdesc, qemu: str) -> dict[str, Any]:
+    """The vmdesc object of ``ev`` with every device's arrays indexed as QEMU ``qemu`` does.
 
-    The configuration object (10.0, 11.1) is neither added nor removed here
-    (the QEMU 10.0 step of :mod:`.qemu10` does that).
+    CompatError when ``ev`` is not a JSON object with a ``devices`` list.
     """
-    from ...encode.legacy import vmdesc_text
-
     try:
         obj = json.loads(ev.text)
     except ValueError:
@@ -131,7 +130,18 @@ def restyle_text(ev: Vmdesc, qemu: str) -> Vmdesc:
         raise CompatError("the vmdesc has no 'devices' list")
     style = style_of(qemu)
     obj["devices"] = [restyle_vmsd(d, style) if isinstance(d, Mapping) else d for d in obj["devices"]]
-    return Vmdesc(vmdesc_text(obj, qjson=qemu == "5.2"))
+    return obj
+
+
+def restyle_text(ev: Vmdesc, qemu: str) -> Vmdesc:
+    """``ev`` with every device's arrays indexed as QEMU ``qemu`` does, in its spacing.
+
+    The configuration object (10.0, 11.1) is neither added nor removed here
+    (the QEMU 10.0 step of :mod:`.qemu10` does that).
+    """
+    from ...encode.legacy import vmdesc_text
+
+    return Vmdesc(vmdesc_text(restyled_object(ev, qemu), qjson=qemu == "5.2"))
 
 
 def styled(qemu: str) -> Callable[[Iterator[Event]], Iterator[Event]]:
@@ -141,24 +151,6 @@ def styled(qemu: str) -> Callable[[Iterator[Event]], Iterator[Event]]:
             yield restyle_text(ev, qemu) if isinstance(ev, Vmdesc) else ev
     fn.__doc__ = f"The vmdesc as QEMU {qemu} writes it."
     return fn
-
-
-def _neighbours(node: Any, test: Any) -> bool:
-    """Whether some ``fields`` list has two neighbours of one name for which ``test`` holds."""
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if isinstance(n, list):
-            stack.extend(n)
-        elif isinstance(n, dict):
-            fields = n.get("fields")
-            if isinstance(fields, list):
-                for a, b in zip(fields, fields[1:]):
-                    if isinstance(a, dict) and isinstance(b, dict) and a.get("name") is not None \
-                            and a.get("name") == b.get("name") and test(a, b):
-                        return True
-            stack.extend(v for v in n.values() if isinstance(v, (list, dict)))
-    return False
 
 
 def writer_qemu(text: bytes) -> list[str]:
@@ -186,9 +178,9 @@ def writer_qemu_of(doc: Mapping[str, Any]) -> list[str]:
     element-by-element arrays look the same).  Otherwise 7.2.
     """
     devices = doc.get("devices")
-    if _neighbours(devices, lambda a, b: "index" not in a and "index" not in b):
+    if has_neighbours(devices, lambda a, b: "index" not in a and "index" not in b):
         return ["11.1", "10.0"]
     if isinstance(doc.get("configuration"), dict) or \
-            _neighbours(devices, lambda a, b: "index" in a and "index" not in b):
+            has_neighbours(devices, lambda a, b: "index" in a and "index" not in b):
         return ["10.0", "11.1"]
     return ["7.2"]

@@ -177,26 +177,7 @@ def _value_end(s: str) -> int | None:
 
 def _incomplete(s: str) -> bool:
     """Whether ``s`` may be the start of a JSON object that has not fully arrived."""
-    if not s.startswith("{"):
-        return False
-    depth, in_str, esc = 0, False, False
-    for ch in s:
-        if in_str:
-            if esc:
-                esc = False
-            elif ch == "\\":
-                esc = True
-            elif ch == '"':
-                in_str = False
-        elif ch == '"':
-            in_str = True
-        elif ch in "{[":
-            depth += 1
-        elif ch in "}]":
-            depth -= 1
-            if depth == 0:
-                return False
-    return True
+    return s.startswith("{") and _value_end(s) is None
 
 
 class State(enum.Enum):
