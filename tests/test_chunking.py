@@ -7,7 +7,6 @@ windows) and a pipe (read as it comes) give the same output.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 

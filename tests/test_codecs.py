@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import random
 import struct
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings

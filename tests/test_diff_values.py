@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from live_helpers import EndpointProcess, short_dir
 
 from vmferry.compat.values import StreamValues, compare, flatten

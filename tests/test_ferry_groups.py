@@ -13,7 +13,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from test_codecs import _reheader, encode_with, frames, streams
+from test_codecs import encode_with, frames, streams
 from test_legacy_codec import build, full_stream
 from vmferry import caps
 from vmferry.cli import main

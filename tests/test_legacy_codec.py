@@ -29,7 +29,6 @@ from vmferry.events import (
     Header,
     IterBegin,
     IterEnd,
-    OpaqueSection,
     RamBlock,
     RamEos,
     RamMemSize,

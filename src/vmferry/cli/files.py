@@ -15,7 +15,6 @@ import mmap
 import os
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, BinaryIO, Callable, Generator, Iterable, Iterator
 
 from .. import encode

@@ -39,8 +39,6 @@ from ..errors import DecodeError, FerryError
 from ..events import Event, Vmdesc
 from .records import (
     JSON_TEXT,
-    PAGES_PER_RECORD,
-    SECTIONS_PLACEHOLDER,
     RecordDecoder,
     RecordEncoder,
     pieces,

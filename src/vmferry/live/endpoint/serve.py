@@ -76,6 +76,4 @@ def serve(opts: ServeOptions, ready: Callable[[str], None] | None = None) -> int
     return 0
 
 
-__all__ = ["COUNTER_OFFSET", "DEVICES", "ENDPOINT_CAPS", "MACHINE_TYPE", "PAGE_SIZE", "RAM_BLOCK", "CounterState",
-           "Endpoint", "GlobalState", "Machine", "MigrationInfo", "ServeOptions", "device_section", "dirty_runs",
-           "page_events", "parse_size", "serve", "supported_caps"]
+__all__ = ["Endpoint", "Machine", "ServeOptions", "serve"]
