@@ -237,7 +237,8 @@ class _Runner:
         yield from out
 
     def _vmdesc(self, ev: Vmdesc | None) -> Vmdesc:
-        assert self.result is not None
+        if self.result is None:
+            raise CompatError("a vmdesc before the stream's EOF")
         try:
             obj: dict[str, Any] = json.loads(ev.text) if ev is not None else {"page_size": DEFAULT_PAGE_SIZE}
         except ValueError:

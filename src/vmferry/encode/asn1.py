@@ -29,6 +29,7 @@ from .records import NATIVE_BYTES, RecordStreamDecoder, encode_records, pieces
 
 MODULE_NAME = "VmFerry"
 MAX_RECORD = 64 << 20
+MAX_STRUCTURED = 1 << 20  # records other than pages (see _Codec._check_size)
 MAX_VALUE_DEPTH = 64
 _F64 = struct.Struct(">d")
 
@@ -66,6 +67,7 @@ _ASN1_KIND = {"int": "INTEGER (0..MAX)", "str": "UTF8String", "latin1": "OCTET S
               "bytes": "OCTET STRING", "value": "Value", "blocks": "SEQUENCE OF Block",
               "records": "SEQUENCE OF Record"}
 _BY_T = {t: (alt, fields) for t, alt, fields in RECORDS}
+_PAGES_INDEX = [t for t, _, _ in RECORDS].index("pages")  # its automatic tag [7], its PER CHOICE index
 _BY_ALT = {alt: (t, fields) for t, alt, fields in RECORDS}
 
 
@@ -427,7 +429,11 @@ class _Codec:
                     pos += len(opener)
                     started = True
                     continue
-                got = self._next(buf, pos)
+                try:
+                    got = self._next(buf, pos)
+                except DecodeError as e:  # _next names offsets in ``buf``
+                    e.offset = base + (pos if e.offset is None else e.offset)
+                    raise
                 if got is None:
                     break
                 if got == "end":
@@ -438,6 +444,7 @@ class _Codec:
                     pos += 1
                     continue
                 start, end, blob = got
+                self._check_size(blob, base + pos)
                 yield base + pos, blob
                 pos = end
             if len(buf) - pos > MAX_RECORD + 64:
@@ -449,6 +456,22 @@ class _Codec:
         if self.rules in ("ber", "xer") and not ended:
             raise TruncatedError(f"the stream ends before the end of its {'Stream value' if self.rules == 'ber' else '</Stream>'}",
                                  base + pos, "$")
+
+    def _check_size(self, blob: bytes, offset: int) -> None:
+        """Bound what asn1tools builds for one record before it builds it: up to ~94 bytes of Python objects
+        per byte of a generic ``Value`` (measured: BER, DER and PER lists of empty lists), so every record
+        but ``pages`` (a SEQUENCE of fixed members, nothing nested: its page data is one OCTET STRING) is at
+        most MAX_STRUCTURED bytes.  XER's XML elements are built before asn1tools sees them, so its
+        ``pages`` records are bounded by their element count too."""
+        if self.rules == "xer":
+            pages = blob.startswith(b"<Record><pages>") and blob.count(b"<") <= 32
+        elif self.rules == "per":
+            pages = len(blob) > 0 and blob[0] >> 3 == _PAGES_INDEX
+        else:
+            pages = blob[:1] == bytes([0xA0 | _PAGES_INDEX])
+        if not pages and len(blob) > MAX_STRUCTURED:
+            raise DecodeError(f"a {len(blob)}-byte record other than pages (at most {MAX_STRUCTURED}: asn1tools "
+                              "builds up to ~94 bytes of objects per byte)", offset, "$")
 
     def _next(self, buf: bytes, pos: int) -> Any:
         """The record at ``pos``: (start, end, bytes), "end", "skip", or None for more input."""

@@ -591,7 +591,9 @@ class FerryDecoder:
         else:
             self._totals.frames += 1
             if kind == T_PAGES or kind == T_ZEROS:
-                self._pending.append(self._run(kind, body, start))
+                run = self._run(kind, body, start)
+                self._records.sequence(run, "$.ram", start)  # RAM frames only inside a RAM section
+                self._pending.append(run)
             else:
                 self._record(kind, body, start)
         self._consume(16 + n)
@@ -682,7 +684,7 @@ class FerryDecoder:
         if diff:
             raise DecodeError("the END frame's totals do not match the stream (data was lost or added): "
                               + "; ".join(diff), start, "$.end")
-        self._records.finish()
+        self._records.finish(start)
         self.state = State.DONE
 
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
+from array import array
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
@@ -69,6 +71,7 @@ from ..serialize.qemu_vmdesc import load_json, schemas_from_vmdesc
 from ..serialize.schema import SchemaSet, Vmsd
 from ..serialize.visitor import LegacyReader, LegacyWriter
 from .configuration import CONFIGURATION_VMSD
+from .limits import MAX_GUEST_RAM, check_event, check_page_size
 from .window import Window
 
 NAME = "legacy"
@@ -235,7 +238,9 @@ def _decode_stream(w: Window, st: _State) -> Iterator[Event]:
 
 
 def _decode_configuration(w: Window, st: _State) -> Configuration:
+    start = w.offset
     state = _read_vmstate(w, CONFIGURATION_VMSD, 1, "$.configuration")
+    _checked(Configuration(state), start, "$.configuration")
     caps = [bytes(c) for c in state.get("configuration/capabilities", {}).get("capabilities", [])]
     st.ram.ignore_shared = b"x-ignore-shared" in caps
     st.ram.mapped_ram = b"mapped-ram" in caps
@@ -400,6 +405,7 @@ def _decode_trailer(w: Window, st: _State) -> Iterator[Event]:
 
 def _decode_ram(w: Window, st: _State) -> Iterator[Event]:
     ps = st.page_size
+    _checked_page_size(ps, w)
     mask = ps - 1
     ram = st.ram
     while True:
@@ -533,7 +539,29 @@ def fill_seen(buf: bytes | memoryview, first_fill_at: int) -> bool:
     return buf[first_fill_at] != 0
 
 
+def _checked_page_size(ps: int, w: Window) -> None:
+    try:
+        check_page_size(ps, "$.vmdesc.page_size")
+    except DecodeError as e:
+        e.message += " (the page size the vmdesc or the options give)"
+        e.offset = w.offset
+        raise
+
+
+def _checked(ev: Event, offset: int, path: str) -> None:
+    """The value checks every decoder applies (:func:`vmferry.encode.limits.check_event`), at ``offset``."""
+    try:
+        check_event(ev, path)
+    except DecodeError as e:
+        e.offset = offset
+        raise
+
+
 def _decode_mem_size(w: Window, ram: _RamState, total: int) -> RamMemSize:
+    start = w.offset - 8
+    if total > MAX_GUEST_RAM:
+        raise DecodeError(f"MEM_SIZE announces {total:#x} bytes of RAM, over {MAX_GUEST_RAM:#x} (64 TiB), the "
+                          "largest guest vmferry accepts", start, w.path)
     blocks: list[RamBlock] = []
     remaining = total
     psize_field = ram.postcopy_psize is not None and ram.postcopy_psize != 4096
@@ -558,7 +586,9 @@ def _decode_mem_size(w: Window, ram: _RamState, total: int) -> RamMemSize:
                               "fixed file offsets, not as stream records; vmferry does not read that layout",
                               w.offset, w.path)
         blocks.append(RamBlock(name, length, page_size, gpa))
-    return RamMemSize(total, blocks)
+    ev = RamMemSize(total, blocks)
+    _checked(ev, start, w.path)
+    return ev
 
 
 # ---------------------------------------------------------------------------
@@ -576,22 +606,36 @@ def encode(events: Iterable[Event]) -> Iterator[bytes | memoryview]:
 
 def encode_pieces(events: Iterable[Event]) -> Iterator[bytes | RamPages]:
     """Like :func:`encode`, but a page run that carries its QEMU records comes out as the event itself, for a
-    writer that can forward those bytes another way (the proxy splices them)."""
+    writer that can forward those bytes another way (the proxy splices them).
+
+    Memory stays bounded whatever the events say: a run of zero pages comes out in pieces of about
+    :data:`FLUSH_AT` bytes, however many pages it counts.  A value QEMU's stream cannot hold raises
+    :class:`~vmferry.errors.EncodeError`.
+    """
     out = bytearray()
-    for ev in events:
-        if isinstance(ev, RamPages):
-            if ev.legacy is not None:
-                if out:
-                    yield bytes(out)
-                    out.clear()
-                yield ev
-                continue
-            _encode_pages(out, ev)
-        else:
-            encode_event(out, ev)
-        if len(out) >= FLUSH_AT:
-            yield bytes(out)
-            out.clear()
+    try:
+        for ev in events:
+            if isinstance(ev, RamPages):
+                if ev.legacy is not None:
+                    if out:
+                        yield bytes(out)
+                        out.clear()
+                    yield ev
+                    continue
+                _encode_pages(out, ev)
+            elif isinstance(ev, RamZeros):
+                for piece in _zeros_pieces(ev):
+                    out += piece
+                    if len(out) >= FLUSH_AT:
+                        yield bytes(out)
+                        out.clear()
+            else:
+                encode_event(out, ev)
+            if len(out) >= FLUSH_AT:
+                yield bytes(out)
+                out.clear()
+    except (struct.error, OverflowError, UnicodeEncodeError) as e:
+        raise EncodeError(f"a value QEMU's stream cannot hold ({type(e).__name__}: {e})") from None
     if out:
         yield bytes(out)
 
@@ -717,14 +761,41 @@ def _encode_pages(out: bytearray, ev: RamPages) -> None:
 
 
 def _encode_zeros(out: bytearray, ev: RamZeros) -> None:
+    for piece in _zeros_pieces(ev):
+        out += piece
+
+
+ZERO_RECORDS_PER_PIECE = FLUSH_AT // 9
+
+
+def _zeros_pieces(ev: RamZeros) -> Iterator[bytes]:
+    """The ZERO records of a run (spec §5.1: address word, fill byte), in pieces of at most
+    :data:`ZERO_RECORDS_PER_PIECE` records; all but a named first record are built at their fixed stride
+    by a few C-level slice copies instead of a call per record."""
     ps = ev.page_size
     fill = ev.fill
-    for i in range(ev.count):
-        first = i == 0 and ev.named
-        out += BE64.pack((ev.offset + i * ps) | RAM_ZERO | (0 if first else RAM_CONTINUE))
-        if first:
-            _put_cstr(out, ev.block, "$.ram")
-        out.append(fill[i] if fill is not None else 0)
+    start = 0
+    if ev.named:
+        head = bytearray(BE64.pack(ev.offset | RAM_ZERO))
+        _put_cstr(head, ev.block, "$.ram")
+        head.append(fill[0] if fill is not None else 0)
+        yield bytes(head)
+        start = 1
+    flag = RAM_ZERO | RAM_CONTINUE
+    while start < ev.count:
+        n = min(ZERO_RECORDS_PER_PIECE, ev.count - start)
+        first = ev.offset + start * ps
+        words = array("Q", range(first | flag, first + n * ps, ps))
+        if sys.byteorder == "little":
+            words.byteswap()
+        raw = words.tobytes()
+        piece = bytearray(9 * n)
+        for j in range(8):
+            piece[j::9] = raw[j::8]
+        if fill is not None:
+            piece[8::9] = fill[start:start + n]
+        yield bytes(piece)
+        start += n
 
 
 def vmdesc_text(obj: Any) -> bytes:
