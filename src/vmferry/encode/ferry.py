@@ -34,6 +34,7 @@ from ..events import (
     RamRecord,
     RamZeros,
 )
+from .msgpack import check_cost
 from .records import NATIVE, RecordDecoder, RecordEncoder, UnknownFrame
 
 NAME = "ferry"
@@ -662,6 +663,7 @@ class FerryDecoder:
 
     def _record(self, kind: int, body: memoryview, start: int) -> None:
         path = f"$.frames[{self._totals.frames - 1}]"
+        check_cost(body, start, path)  # bound the objects before msgpack builds them
         try:
             rec = self._unpackb(body, raw=False, strict_map_key=True, use_list=True)
         except Exception as e:  # noqa: BLE001 - msgpack raises several unrelated types
@@ -672,7 +674,7 @@ class FerryDecoder:
         if (expect is not None and t not in expect) or (kind == T_RECORD and t in ("schema", "device", "stream",
                                                                                    "fin", "frame")):
             raise DecodeError(f"{FRAME_NAMES[kind]} frame holds a {t!r} record", start, path)
-        self._pending.extend(self._records.record(rec, start, path))
+        self._pending.extend(self._records.record(rec, start, path, 16 + len(body)))
 
     def _end(self, body: memoryview, start: int) -> None:
         if len(body) < _END.size:

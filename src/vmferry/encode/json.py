@@ -133,11 +133,8 @@ def decode(chunks: Iterable[bytes | bytearray | memoryview], options: Any = None
 
 
 def check_cost(text: bytes, offset: int, path: str) -> None:
-    """Bound what ``json.loads(text)`` may build, before it builds it (vmferry.encode.limits costs), from a
-    count of the characters that open values: every '{' or '[' may be a container, every '"' half a string,
-    every ',' a value.  Strings holding such characters make the estimate high, never low."""
-    cost = (limits.COST_MAP * text.count(b"{") + limits.COST_LIST * text.count(b"[")
-            + (limits.COST_STR // 2) * text.count(b'"') + 2 * limits.COST_SMALL * text.count(b","))
+    """Bound what ``json.loads(text)`` may build, before it builds it (:func:`vmferry.encode.limits.json_cost`)."""
+    cost = limits.json_cost(text)
     if cost > limits.record_budget(len(text)):
         raise DecodeError(f"a record of {len(text)} bytes that may build about {cost} bytes of Python objects "
                           "(what only a hostile input does)", offset, path)

@@ -71,6 +71,7 @@ from ..serialize.qemu_vmdesc import load_json, schemas_from_vmdesc
 from ..serialize.schema import SchemaSet, Vmsd
 from ..serialize.visitor import LegacyReader, LegacyWriter
 from .configuration import CONFIGURATION_VMSD
+from . import limits
 from .limits import MAX_GUEST_RAM, check_event, check_page_size
 from .window import Window
 
@@ -126,6 +127,7 @@ class _State:
     handlers: dict[int, str] = field(default_factory=dict)  # section id -> idstr (START/FULL seen)
     tail_loaded: bool = False
     footers: bool | None = None  # whether this stream's sections end with footers, once known
+    retained: int = 0  # estimated memory of every tree decoded so far (limits.COST_PER_BYTE)
 
 
 def find_vmdesc(tail: bytes | memoryview, tail_offset: int = 0) -> tuple[int, bytes] | None:
@@ -145,6 +147,10 @@ def find_vmdesc(tail: bytes | memoryview, tail_offset: int = 0) -> tuple[int, by
 
 
 def parse_vmdesc(text: bytes, offset: int | None = None) -> SchemaSet:
+    cost = limits.json_cost(text)
+    if cost > limits.VMDESC_COST_PER_BYTE * len(text) + limits.COST_SLACK:
+        raise DecodeError(f"a {len(text)}-byte vmdesc that may build about {cost} bytes of Python objects (QEMU's "
+                          f"take under {limits.VMDESC_COST_PER_BYTE} per byte)", offset, "$.vmdesc")
     try:
         return schemas_from_vmdesc(load_json(text, "vmdesc"), "vmdesc")
     except SchemaError as e:
@@ -239,7 +245,7 @@ def _decode_stream(w: Window, st: _State) -> Iterator[Event]:
 
 def _decode_configuration(w: Window, st: _State) -> Configuration:
     start = w.offset
-    state = _read_vmstate(w, CONFIGURATION_VMSD, 1, "$.configuration")
+    state = _read_vmstate(w, CONFIGURATION_VMSD, 1, "$.configuration", st)
     _checked(Configuration(state), start, "$.configuration")
     caps = [bytes(c) for c in state.get("configuration/capabilities", {}).get("capabilities", [])]
     st.ram.ignore_shared = b"x-ignore-shared" in caps
@@ -247,12 +253,64 @@ def _decode_configuration(w: Window, st: _State) -> Configuration:
     return Configuration(state)
 
 
-def _read_vmstate(w: Window, vmsd: Vmsd, version: int, path: str) -> dict[str, Any]:
-    """Decode one VMState body at the window position, pulling more input until it fits."""
+class _BoundedReader(LegacyReader):
+    """A LegacyReader that counts the objects of the tree it builds (vmferry.encode.limits costs) and stops
+    past ``COST_PER_BYTE`` per byte read (and ``COST_SLACK``): a vmdesc may describe a million one-byte
+    structs, which one megabyte of input then fills with a million dicts."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.start = self.pos
+        self.cost = 0
+
+    def _spend(self, n: int) -> None:
+        self.cost += n
+        if self.cost > limits.COST_PER_BYTE * (self.pos - self.start) + limits.COST_SLACK:
+            raise DecodeError(f"the section's tree would take over {self.cost} bytes of memory for its "
+                              f"{self.pos - self.start} bytes (what only a hostile schema and input do)",
+                              self.base + self.pos, self.path)
+
+    def integer(self, name: str, value: int, type_name: str) -> int:
+        out = super().integer(name, value, type_name)
+        if not -5 <= out <= 256:
+            self._spend(limits.COST_SCALAR)
+        return out
+
+    def buffer(self, name: str, value: bytes | None, size: int, type_name: str = "buffer") -> bytes:
+        out = super().buffer(name, value, size, type_name)
+        self._spend(limits.COST_BYTES + size)
+        return out
+
+    def struct(self, name, value, fn, vmsd_name, version, type_name="struct"):  # type: ignore[no-untyped-def]
+        out = super().struct(name, value, fn, vmsd_name, version, type_name)
+        self._spend(limits.container_cost(True, len(out) if isinstance(out, dict) else 0))
+        return out
+
+    def array(self, name, values, count, fn, compressible=True):  # type: ignore[no-untyped-def]
+        self._spend(limits.COST_LIST)
+
+        def element(v: Any, elem: str, item: Any) -> Any:
+            out = fn(v, elem, item)
+            self._spend(8)  # its slot in the list
+            return out
+
+        return super().array(name, values, count, element, compressible)
+
+    def subsection(self, name, version, needed, fn, value):  # type: ignore[no-untyped-def]
+        out = super().subsection(name, version, needed, fn, value)
+        if out is not None:
+            self._spend(limits.container_cost(True, len(out) if isinstance(out, dict) else 0))
+        return out
+
+
+def _read_vmstate(w: Window, vmsd: Vmsd, version: int, path: str, st: _State | None = None) -> dict[str, Any]:
+    """Decode one VMState body at the window position, pulling more input until it fits.
+
+    The trees a stream holds stay bounded too (``st.retained``): consumers may keep them all."""
     want = 4096
     while True:
         w.fill(want)
-        reader = LegacyReader(w.view, w.pos, len(w.buf), w.base, more_follows=not w.eof)
+        reader = _BoundedReader(w.view, w.pos, len(w.buf), w.base, more_follows=not w.eof)
         reader._path = [path]
         try:
             state = visit_vmsd(reader, vmsd, None, version)
@@ -266,6 +324,12 @@ def _read_vmstate(w: Window, vmsd: Vmsd, version: int, path: str) -> dict[str, A
             want = max(want, w.available) * 4
             continue
         w.pos = reader.pos
+        if st is not None:
+            st.retained += reader.cost
+            budget = limits.COST_PER_BYTE * w.offset + limits.COST_SLACK
+            if st.retained > budget:
+                raise DecodeError(f"the stream's device trees would take over {budget} bytes of memory for its "
+                                  f"{w.offset} bytes", w.offset, path)
         return state
 
 
@@ -326,7 +390,7 @@ def _decode_section(w: Window, st: _State, kind: int, start: int) -> Iterator[Ev
         raise DecodeError(f"no schema for section {idstr!r} instance {instance_id}: {where}", start, w.path)
     vmsd, desc = found
     body_start = w.offset
-    state = _read_vmstate(w, vmsd, version_id, w.path)
+    state = _read_vmstate(w, vmsd, version_id, w.path, st)
     size = w.offset - body_start
     footer = _decode_footer(w, section_id, idstr)
     if not footer and (st.footers or w.fill(1) and w.buf[w.pos] not in _RECORD_TYPES):

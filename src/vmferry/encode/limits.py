@@ -68,14 +68,17 @@ MAX_U8, MAX_U16, MAX_U32, MAX_U64 = 0xFF, 0xFFFF, 0xFFFF_FFFF, (1 << 64) - 1
 #: QEMU's largest PACKAGED blob (MAX_VM_CMD_PACKAGED_SIZE, migration/savevm.c: 1 << 24 in 7.2; vmferry's
 #: legacy decoder reads up to 256 MiB).  Bounds what the records nested in a PACKAGED command may expand to.
 MAX_PACKAGED = 256 << 20
-#: What a record decoder may build, as estimated bytes of Python objects per byte of input.  Ten covers the
-#: densest trees QEMU's devices have (arrays of small integers: an 8-byte list slot per byte of MessagePack),
-#: and refuses what only a hostile input does (an empty map, one byte of MessagePack, is 72 bytes of Python
-#: objects; ten megabytes of them were 1.45 GB).  Every record may take COST_SLACK besides, and none more than
-#: MAX_RECORD_COST: both the objects of one record (checked before the format's library builds them) and
-#: the device trees a stream holds (checked as they come, against the input read so far) stay bounded.
-COST_PER_BYTE = 10
-COST_SLACK = 4 << 20
+#: What a decoder may build, as estimated bytes of Python objects per byte of input: 4, and COST_SLACK for
+#: every record (a device section, a configuration) besides.  QEMU's real device sections are small (the
+#: largest in the test corpus builds ~1.4 MB), so the slack covers them whatever their density, while a
+#: large hostile input cannot make a consumer hold much more than it: an empty map, one byte of MessagePack,
+#: is 72 bytes of Python objects (ten megabytes of them were 1.45 GB); a one-byte struct of a vmdesc'd
+#: array is a 184-byte dict.  Consumers may copy what they hold once more (``inspect --json``, a JSON
+#: encoder), so a 10 MB input stays well under 200 MB.  Both the objects of one record (checked before the
+#: format's library builds them) and the trees a whole stream holds (checked as they come, against the
+#: input read so far) are bounded; no record builds more than MAX_RECORD_COST.
+COST_PER_BYTE = 4
+COST_SLACK = 8 << 20
 MAX_RECORD_COST = 128 << 20
 # Estimated sizes (CPython 3.11, 64-bit) of what the format libraries build, a slot in the parent included.
 COST_SCALAR = 36  # an int outside the small-int cache, a float (32)
@@ -89,6 +92,20 @@ COST_MAP = 184  # a dict with its first keys (an empty one: 72), plus 40 per ent
 def record_budget(nbytes: int) -> int:
     """The estimated Python objects one record of ``nbytes`` bytes may build."""
     return min(COST_PER_BYTE * nbytes + COST_SLACK, MAX_RECORD_COST)
+
+
+def json_cost(text: bytes | memoryview) -> int:
+    """What ``json.loads(text)`` may build, estimated before it builds it from a count of the characters that
+    open values: every '{' or '[' may be a container, every '"' half a string, every ',' a value.  Strings
+    holding such characters make the estimate high, never low."""
+    data = bytes(text)
+    return (COST_MAP * data.count(b"{") + COST_LIST * data.count(b"[") + (COST_STR // 2) * data.count(b'"')
+            + 2 * COST_SMALL * data.count(b","))
+
+
+#: A vmdesc is JSON dense in small objects: QEMU's estimate 8.7 by json_cost (6 bytes of objects per byte of
+#: text, measured over every stream of the test corpus); a hostile one made of empty objects, 66.
+VMDESC_COST_PER_BYTE = 12
 
 
 def container_cost(is_map: bool, n: int) -> int:

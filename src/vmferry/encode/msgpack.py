@@ -75,7 +75,7 @@ class _Scan:
         self.pending = 1  # values still to walk
         self.cost = 0
 
-    def walk(self, buf: bytearray, base: int) -> int | None:
+    def walk(self, buf: bytearray | memoryview, base: int) -> int | None:
         """The end of the value in ``buf``, or None when ``buf`` ends first.  ``base`` is the input offset of
         ``buf[0]``, for errors."""
         p, pending, cost, n = self.pos, self.pending, self.cost, len(buf)
@@ -123,6 +123,16 @@ class _Scan:
         if pending or p > n:
             return None
         return p
+
+
+def check_cost(body: Any, offset: int, path: str) -> None:
+    """Bound what unpacking the one MessagePack value ``body`` would build, before it is built (ferry's
+    structured frames); a value that does not end where ``body`` does is left to the unpacker to refuse."""
+    scan = _Scan(0)
+    scan.walk(body, offset)
+    if scan.cost > record_budget(len(body)):
+        raise DecodeError(f"a {len(body)}-byte record that would build about {scan.cost} bytes of Python objects "
+                          "(what only a hostile input does)", offset, path)
 
 
 # type byte -> (bytes of length or value that follow, kind)

@@ -406,8 +406,9 @@ class RecordDecoder:
 
     MAX_PAGE_SIZE = limits.MAX_PAGE_SIZE
     #: A vmdesc rebuilt from the device records (``"devices": "@sections"``) repeats a shared schema once per
-    #: device; its text may be at most this many times the input read so far (or VMDESC_FLOOR bytes).
-    VMDESC_EXPANSION = 4
+    #: device; its text may be at most as long as the input read so far, or VMDESC_FLOOR bytes (QEMU's are
+    #: ~100 KB; 255 vCPUs sharing one 15 KB description make 4 MB), since its consumers parse it again.
+    VMDESC_EXPANSION = 1
     VMDESC_FLOOR = 4 << 20
 
     def __init__(self, spelling: Spelling) -> None:
