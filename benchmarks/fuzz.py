@@ -39,7 +39,7 @@ MAX_RSS_MB = 200
 
 
 def _init(limit: int) -> None:
-    os.nice(5)
+    os.nice(10)
     fuzzing.limit_memory(limit)
 
 

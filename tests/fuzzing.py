@@ -14,8 +14,9 @@ Each input goes through what the CLI and the proxy do with a stream (:func:`exer
 contract: only DecodeError, naming an offset inside the input), ``inspect`` (the summary and the
 ``--json`` document), ``convert`` to QEMU's format and to one other format, and the proxy's
 ``transcode`` (ferry or QEMU's format in, both wires out, sometimes converting the machine type; a
-record-format input goes in as the ferry stream it converts to).  Each step decodes afresh, as each
-command would.
+record-format input goes in as the ferry stream it converts to).  Each step decodes QEMU's format and
+ferry afresh, as each command would (their options differ by target); a record format's events are
+decoded once and handed to each step (the same events every decode would give).
 
 Outcomes (:class:`Outcome`): ``ok``; ``refused`` (a DecodeError from the decoder); ``refused-later`` (any
 other FerryError, which the CLI reports with exit 2); and the failures: ``internal`` (any other
@@ -335,6 +336,9 @@ def _json_safe(v: Any) -> Any:
     return json.dumps(v, allow_nan=True)
 
 
+_ASN1_MEMO: dict[str, dict[str, bytes]] = {}
+
+
 def records_to_bytes(records: list[Any], codec: str, rng: random.Random) -> bytes | None:
     """The stream of ``codec`` holding ``records``; None when the format cannot spell one of the values."""
     try:
@@ -363,7 +367,9 @@ def records_to_bytes(records: list[Any], codec: str, rng: random.Random) -> byte
             rules = codec[5:]
             c = asn1.compiled(rules)
             out = [b"\x30\x80" if rules == "ber" else b"<Stream>\n" if rules == "xer" else b""]
-            memo: dict[str, bytes] = {}  # asn1tools is slow: a record repeated is encoded once
+            memo = _ASN1_MEMO.setdefault(rules, {})  # asn1tools is slow: a record seen before is encoded once
+            if len(memo) > 20_000:
+                memo.clear()
             for r in records:
                 key = repr(r) if len(r.get("state", ())) < 64 else ""
                 data = memo.get(key) if key else None
@@ -696,13 +702,15 @@ def _ferry_from_records(records: list[Any]) -> bytes:
     for r in records:
         t = r["t"]
         totals[1] += t in ("device", "opaque", "begin")
+        totals[2] += r["count"] if t == "pages" else 0
         totals[3] += r["count"] if t == "zeros" else 0
+        totals[5] += r["count"] * r.get("page_size", PAGE) if t == "pages" else 0
         totals[4] += t == "record"
     frames.append(Frame(0x80 | ferry.T_END, 0, struct.pack(">7Q", *totals)))
     return ferry_bytes(ferry.header(int(ferry.FEATURES & ferry.available_caps())), frames)
 
 
-def large_inputs(codec: str, size: int | None = None) -> dict[str, bytes]:
+def large_inputs(codec: str, size: int | None = None, only: tuple[str, ...] = ()) -> dict[str, bytes]:
     """Inputs just under ``size`` (10 MB), and the small ones of issue 17, in the shapes that cost the most
     memory per byte, for the RSS check of benchmarks/fuzz.py; a shape a format cannot spell is left out.
     For ASN.1 the shapes of one big record are 2.5 MB: asn1tools takes minutes to write 10 MB of them, and the
@@ -710,7 +718,7 @@ def large_inputs(codec: str, size: int | None = None) -> dict[str, bytes]:
     if size is None:
         size = LARGE
     if codec == "legacy":
-        return _large_legacy(size)
+        return {k: v for k, v in _large_legacy(size).items() if not only or k in only}
     events = seed_events()["devices"]
     spelled = codec if codec != "ferry" else "msgpack"
     base = seed_records(events, spelled)
@@ -757,8 +765,11 @@ def large_inputs(codec: str, size: int | None = None) -> dict[str, bytes]:
         "one schema, many devices (vmdesc rebuilt)": _with_records(codec, base, shared_schema),
     }
     one_record = ("empty maps", "empty lists", "short strings", "nested lists", "a big device (uint32 array)")
+    shapes = {k: b for k, b in shapes.items() if not only or k in only}
     out = {k: v for k, v in ((k, _fit(b, size // 4 if codec.startswith("asn1-") and k in one_record else size))
                              for k, b in shapes.items()) if v is not None}
+    if only:
+        return out
     small = {
         "machine name 1500000000": _with_records(codec, base, lambda n: [],
                                                  lambda n: {"len": 13, "name": 1_500_000_000})(0),
@@ -838,13 +849,25 @@ def _input(data: bytes, codec: str) -> Input:
     return Input(iter([data]), codec, len(data), "<fuzz>")
 
 
-def _inspect(data: bytes, codec: str) -> None:
+def _events(data: bytes, codec: str, target: str | None, decoded: list[Event] | None) -> Iterable[Event]:
+    """What the CLI's ``decode_input`` gives for ``target``; from ``decoded`` (a record format's events, decoded
+    once: decoding is deterministic, and asn1tools is slow) the same way, without decoding again."""
+    if decoded is None:
+        return decode_input(_input(data, codec), None, target=target)
+    if target == "legacy":
+        from vmferry.encode.records import UnknownFrame
+
+        return (ev for ev in decoded if not isinstance(ev, UnknownFrame))
+    return iter(decoded)
+
+
+def _inspect(data: bytes, codec: str, decoded: list[Event] | None = None) -> None:
     """``vmferry inspect --json``: the summary and every device tree as JSON, written out as json.dump does."""
     from vmferry.encode.json import tree_to_json
 
     summary = StreamSummary()
     devices: list[dict[str, Any]] = []
-    for ev in decode_input(_input(data, codec), None):
+    for ev in _events(data, codec, None, decoded):
         summary.add(ev)
         if isinstance(ev, DeviceSection):
             devices.append({"idstr": ev.idstr, "state": tree_to_json(ev.state)})
@@ -856,12 +879,13 @@ def _inspect(data: bytes, codec: str) -> None:
     _drain(c.encode() for c in json.JSONEncoder(indent=1).iterencode(doc))
 
 
-def _convert(data: bytes, codec: str, target: str, keep: bool = False) -> bytes | None:
+def _convert(data: bytes, codec: str, target: str, keep: bool = False,
+             decoded: list[Event] | None = None) -> bytes | None:
     """``vmferry convert --to target``; returns the output when ``keep`` and it is at most a few times the
     input (the proxy step reads it), else None."""
     out: io.BytesIO | None = io.BytesIO() if keep else None
     n = 0
-    for c in encode.codec(target).encode(decode_input(_input(data, codec), None, target=target)):
+    for c in encode.codec(target).encode(_events(data, codec, target, decoded)):
         n += len(c)
         if n > OUTPUT_CAP:
             raise Capped(n)
@@ -892,21 +916,26 @@ def exercise(data: bytes, codec: str, k: int) -> Outcome:
     """Run one input through decode, inspect, convert (to QEMU's format and to ``CODECS[k % 10]``) and the
     proxy.  ``k`` picks the second target, the proxy's wire and whether it converts the machine type."""
     step = "decode"
+    decoded: list[Event] | None = None
     try:
         try:
-            for _ in encode.codec(codec).decode(iter([data])):
-                pass
+            events = encode.codec(codec).decode(iter([data]))
+            if codec in RECORD_CODECS:
+                decoded = list(events)
+            else:
+                for _ in events:
+                    pass
         except DecodeError as e:
             if e.offset is None or not 0 <= e.offset <= len(data) or not e.path.startswith("$"):
                 return Outcome("no-offset", step, f"{type(e).__name__}: {e}")
             return Outcome("refused", step, str(e)[:200])
         step = "inspect"
-        _inspect(data, codec)
+        _inspect(data, codec, decoded)
         step = "convert legacy"
-        _convert(data, codec, "legacy")
+        _convert(data, codec, "legacy", decoded=decoded)
         other = CODECS[k % len(CODECS)]
         step = f"convert {other}"
-        converted = _convert(data, codec, other, keep=other == "ferry")
+        converted = _convert(data, codec, other, keep=other == "ferry", decoded=decoded)
         step = "proxy"
         into: bytes | None
         if codec in ("legacy", "ferry"):
@@ -915,7 +944,7 @@ def exercise(data: bytes, codec: str, k: int) -> Outcome:
             into, fmt = converted, "ferry"
         else:
             step = "convert ferry"
-            into, fmt = _convert(data, codec, "ferry", keep=True), "ferry"
+            into, fmt = _convert(data, codec, "ferry", keep=True, decoded=decoded), "ferry"
             step = "proxy"
         if into is not None:
             family = MACHINES[b"q35" if b"q35" in data else b"i440fx"]

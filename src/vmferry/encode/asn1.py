@@ -391,7 +391,7 @@ class _Codec:
                 except DecodeError as e:
                     e.offset = offset if e.offset is None else e.offset
                     raise
-                yield from stream.record(rec, offset)
+                yield from stream.record(rec, offset, len(blob))
             stream.finish(state["offset"])
         except DecodeError:
             raise

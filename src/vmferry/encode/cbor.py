@@ -17,7 +17,8 @@ from typing import Any, Iterable, Iterator
 from ..caps import Cap
 from ..errors import DecodeError, FerryError, TruncatedError
 from ..events import Event
-from .limits import COST_BYTES, COST_SCALAR, COST_SMALL, COST_STR, MAX_RECORD_COST, container_cost, record_budget
+from .limits import (COST_BYTES, COST_PER_BYTE, COST_SCALAR, COST_SLACK, COST_SMALL, COST_STR, MAX_RECORD_COST,
+                     container_cost, record_budget)
 from .records import PIECE, NATIVE_BYTES, RecordStreamDecoder, encode_records, pieces
 
 NAME = "cbor"
@@ -110,9 +111,9 @@ class _Scan:
             else:
                 cost += COST_SCALAR if ai >= 25 else COST_SMALL
             pending -= 1
-            if cost > MAX_RECORD_COST:
-                raise DecodeError(f"a record that would build over {MAX_RECORD_COST} bytes of Python objects",
-                                  base + self.start, "$")
+            if cost > MAX_RECORD_COST or cost > COST_PER_BYTE * (p - self.start) + COST_SLACK:
+                raise DecodeError(f"a record that would build over {cost} bytes of Python objects from its first "
+                                  f"{p - self.start} bytes (what only a hostile input does)", base + self.start, "$")
         self.pos, self.pending, self.cost = p, pending, cost
         if pending or p > n:
             return None

@@ -14,7 +14,8 @@ from typing import Any, Iterable, Iterator
 from ..caps import Cap
 from ..errors import DecodeError, FerryError, TruncatedError
 from ..events import Event
-from .limits import COST_BYTES, COST_SCALAR, COST_SMALL, COST_STR, MAX_RECORD_COST, container_cost, record_budget
+from .limits import (COST_BYTES, COST_PER_BYTE, COST_SCALAR, COST_SLACK, COST_SMALL, COST_STR, MAX_RECORD_COST,
+                     container_cost, record_budget)
 from .records import NATIVE, RecordStreamDecoder, encode_records, pieces, stream_record
 
 NAME = "msgpack"
@@ -116,9 +117,9 @@ class _Scan:
                     pending += 2 * k if kind == "map" else k
                     cost += container_cost(kind == "map", k)
             pending -= 1
-            if cost > budget:
-                raise DecodeError(f"a record that would build over {budget} bytes of Python objects",
-                                  base + self.start, "$")
+            if cost > budget or cost > COST_PER_BYTE * (p - self.start) + COST_SLACK:
+                raise DecodeError(f"a record that would build over {cost} bytes of Python objects from its first "
+                                  f"{p - self.start} bytes (what only a hostile input does)", base + self.start, "$")
         self.pos, self.pending, self.cost = p, pending, cost
         if pending or p > n:
             return None
