@@ -9,7 +9,8 @@ Targets:
     large hostile shapes of ``fuzzing.large_inputs`` (~10 MB each: the blow-ups of issue 17 and the densest
     structures each format can spell), each in a fresh process.
 
-Inputs run in-process, in worker processes (``--workers``, 2 by default: the machine has two CPUs), in
+The seeds are vmferry's own device models in every format, and with ``--corpus`` real QEMU streams made
+small (their device sections, schemas and a few pages).  Inputs run in-process, in worker processes (``--workers``, 2 by default: the machine has two CPUs), in
 batches of ``--batch`` inputs; each worker's address space is capped (``--memory-limit``) so that a
 blow-up ends as a counted MemoryError instead of taking the host down.  Peak RSS is read per input from
 /proc (VmHWM, reset through /proc/self/clear_refs before each input); it includes the worker's own
@@ -36,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import fuzzing  # noqa: E402
 
 MAX_RSS_MB = 200
+QEMU_SEEDS = ("pc-7.2-paused", "q35-7.2-e1000e", "pc-7.2-postcopy-ram", "pc-10.0-paused")
 
 
 def _init(limit: int) -> None:
@@ -43,9 +45,9 @@ def _init(limit: int) -> None:
     fuzzing.limit_memory(limit)
 
 
-def _batch(task: tuple[str, str, int]) -> fuzzing.Stats:
-    codec, seed, count = task
-    return fuzzing.run_batch(codec, seed, count, keep_failures=10)
+def _batch(task: tuple[str, str, int, tuple[str, ...]]) -> fuzzing.Stats:
+    codec, seed, count, streams = task
+    return fuzzing.run_batch(codec, seed, count, keep_failures=10, qemu_streams=streams)
 
 
 def _large(task: tuple[str, str, str]) -> dict[str, Any]:
@@ -82,6 +84,9 @@ def main() -> int:
     ap.add_argument("--seed", default="issue17")
     ap.add_argument("--memory-limit", type=float, default=2.0, help="GiB of address space per worker")
     ap.add_argument("--no-large", action="store_true", help="skip the large hostile inputs")
+    ap.add_argument("--corpus", default=os.environ.get("VMFERRY_CORPUS_DIR"),
+                    help="a directory of the test corpus (tests/qemu_corpus.py): its real QEMU streams "
+                         f"{', '.join(QEMU_SEEDS)} join the seeds, made small (default: $VMFERRY_CORPUS_DIR)")
     ap.add_argument("--save", help="directory for the inputs that failed (hex in a JSON file per codec)")
     ap.add_argument("--json", help="write every figure to this file")
     args = ap.parse_args()
@@ -90,7 +95,10 @@ def main() -> int:
     fuzzing.limit_memory(limit + (1 << 30))  # this process builds the large inputs
     ctx = multiprocessing.get_context("fork")
     totals = {c: fuzzing.Stats(c) for c in codecs}
-    tasks = [(c, f"{args.seed}/{i}", min(args.batch, args.per_codec - i * args.batch))
+    streams = tuple(str(Path(args.corpus, f"{n}.mig")) for n in QEMU_SEEDS
+                    if args.corpus and Path(args.corpus, f"{n}.mig").is_file())
+    print(f"seeds: vmferry's device models{', and ' + ', '.join(Path(p).stem for p in streams) if streams else ''}")
+    tasks = [(c, f"{args.seed}/{i}", min(args.batch, args.per_codec - i * args.batch), streams)
              for i in range((args.per_codec + args.batch - 1) // args.batch) for c in codecs]
     start = time.monotonic()
     print(f"{len(tasks)} batches of up to {args.batch} inputs, {len(codecs)} codecs, {args.workers} workers",

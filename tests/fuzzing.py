@@ -168,6 +168,42 @@ def record_only_events() -> list[Event]:
             *devices, Eof(), _vmdesc(devices)]
 
 
+def qemu_seed_events(path: str, pages: int = 2) -> list[Event]:
+    """A real QEMU stream made small: its configuration, its RAM section's START with MEM_SIZE and the first
+    ``pages`` page runs cut to one page, every device section and command, EOF and the vmdesc (the part of a
+    stream a fuzzer gets most from: QEMU's own device trees and schemas)."""
+    out: list[Event] = []
+    runs = 0
+    in_ram = skip = False
+    with open(path, "rb") as f:
+        data = f.read()
+    for ev in legacy.decode([data]):
+        if isinstance(ev, IterBegin):
+            skip = ev.kind != SECTION_START or in_ram
+            in_ram = True
+            if skip:
+                continue
+        elif isinstance(ev, IterEnd):
+            if skip:
+                skip = False
+                continue
+        elif skip:
+            continue
+        elif isinstance(ev, (RamPages, RamZeros)):
+            if runs >= pages:
+                continue
+            runs += 1
+            if isinstance(ev, RamPages):
+                ev = RamPages(ev.block, ev.offset, 1, ev.named, ev.page_size, data=bytes(ev.page(0)))
+            else:
+                ev = RamZeros(ev.block, ev.offset, 1, ev.named, ev.page_size,
+                              ev.fill[:1] if ev.fill is not None else None)
+        elif isinstance(ev, RamRecord):
+            continue
+        out.append(ev)
+    return out
+
+
 def encode_all(events: list[Event], codec: str) -> bytes | None:
     out = bytearray()
     try:
@@ -527,20 +563,30 @@ def mutate_bytes(rng: random.Random, data: bytes, others: list[bytes], boundarie
 class Generator:
     """Mutated inputs of one codec, from its seeds, reproducible from ``seed``."""
 
-    def __init__(self, codec: str, seed: int | str, extra: Iterable[list[Event]] = ()) -> None:
+    #: The share of inputs made from the ``heavy`` seeds (real QEMU streams: ~100 KB, ten times slower to run).
+    HEAVY_SHARE = 0.05
+
+    def __init__(self, codec: str, seed: int | str, extra: Iterable[list[Event]] = (),
+                 heavy: Iterable[list[Event]] = ()) -> None:
         self.codec = codec
         self.rng = random.Random(f"{codec}/{seed}")
         lists = list(seed_events().values()) + list(extra)
         if codec != "legacy":
             lists.append(record_only_events())
+        heavy = list(heavy)
+        self.light = len(lists)
+        lists += heavy
         self.seeds: list[bytes] = []
         self.records: list[list[Any]] = []
         self.boundaries: list[list[int]] = []
         self.events: list[list[Event]] = []
-        for events in lists:
+        light = self.light
+        self.light = 0  # light seeds this format can carry
+        for i, events in enumerate(lists):
             data = encode_all(events, codec)
             if data is None:
                 continue
+            self.light += i < light
             self.seeds.append(data)
             self.events.append(events)
             self.records.append(seed_records(events, codec) if codec in RECORD_CODECS else [])
@@ -551,7 +597,11 @@ class Generator:
 
     def __next__(self) -> bytes:
         rng = self.rng
-        k = rng.randrange(len(self.seeds))
+        light = self.light
+        if light < len(self.seeds) and rng.random() < self.HEAVY_SHARE:
+            k = rng.randrange(light, len(self.seeds))
+        else:
+            k = rng.randrange(light)
         data = self.seeds[k]
         r = rng.random()
         if self.codec in RECORD_CODECS and r < 0.7:
@@ -1029,10 +1079,12 @@ class Stats:
 
 
 def run_batch(codec: str, seed: int | str, count: int, *, seconds: float | None = None, keep_failures: int = 20,
-              extra: Iterable[list[Event]] = (), time_limit: float = TIME_LIMIT) -> Stats:
-    """``count`` inputs of ``codec`` (or as many as fit in ``seconds``), run through :func:`exercise`."""
+              extra: Iterable[list[Event]] = (), time_limit: float = TIME_LIMIT,
+              qemu_streams: Iterable[str] = ()) -> Stats:
+    """``count`` inputs of ``codec`` (or as many as fit in ``seconds``), run through :func:`exercise`;
+    ``qemu_streams``: paths of real QEMU streams to add as seeds (:func:`qemu_seed_events`)."""
     stats = Stats(codec)
-    gen = Generator(codec, seed, extra)
+    gen = Generator(codec, seed, extra, [qemu_seed_events(p) for p in qemu_streams])
     per_input = _reset_hwm() and _hwm_kib() is not None
     stats.per_input_rss = per_input
 
