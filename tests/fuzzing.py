@@ -168,10 +168,11 @@ def record_only_events() -> list[Event]:
             *devices, Eof(), _vmdesc(devices)]
 
 
-def qemu_seed_events(path: str, pages: int = 2) -> list[Event]:
+def qemu_seed_events(path: str, pages: int = 2, devices: int = 16) -> list[Event]:
     """A real QEMU stream made small: its configuration, its RAM section's START with MEM_SIZE and the first
-    ``pages`` page runs cut to one page, every device section and command, EOF and the vmdesc (the part of a
-    stream a fuzzer gets most from: QEMU's own device trees and schemas)."""
+    ``pages`` page runs cut to one page, every command, ``devices`` of its device sections (the largest
+    ones, in stream order), EOF and a vmdesc of those (the part of a stream a fuzzer gets most from: QEMU's
+    own device trees and schemas)."""
     out: list[Event] = []
     runs = 0
     in_ram = skip = False
@@ -201,6 +202,14 @@ def qemu_seed_events(path: str, pages: int = 2) -> list[Event]:
         elif isinstance(ev, RamRecord):
             continue
         out.append(ev)
+    sections = [ev for ev in out if isinstance(ev, DeviceSection)]
+    keep = {id(ev) for ev in sorted(sections, key=lambda ev: -ev.size)[:devices]}
+    out = [ev for ev in out if not isinstance(ev, DeviceSection) or id(ev) in keep]
+    for i, ev in enumerate(out):
+        if isinstance(ev, Vmdesc):
+            doc = json.loads(ev.text)
+            doc["devices"] = [ev.desc for ev in out if isinstance(ev, DeviceSection)]
+            out[i] = Vmdesc(legacy.vmdesc_text(doc))
     return out
 
 
@@ -564,7 +573,7 @@ class Generator:
     """Mutated inputs of one codec, from its seeds, reproducible from ``seed``."""
 
     #: The share of inputs made from the ``heavy`` seeds (real QEMU streams: ~100 KB, ten times slower to run).
-    HEAVY_SHARE = 0.05
+    HEAVY_SHARE = 0.03
 
     def __init__(self, codec: str, seed: int | str, extra: Iterable[list[Event]] = (),
                  heavy: Iterable[list[Event]] = ()) -> None:
