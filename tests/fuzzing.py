@@ -46,7 +46,7 @@ from typing import Any, Callable, Iterable, Iterator
 from vmferry import encode
 from vmferry.encode import ferry, legacy
 from vmferry.encode.configuration import configuration_state
-from vmferry.encode.records import JSON_TEXT, NATIVE, NATIVE_BYTES, RecordEncoder, encode_records, stream_record
+from vmferry.encode.records import JSON_TEXT, NATIVE, NATIVE_BYTES, RecordEncoder, encode_records
 from vmferry.errors import DecodeError, FerryError
 from vmferry.events import (
     CMD_PACKAGED,
