@@ -67,7 +67,10 @@ _ASN1_KIND = {"int": "INTEGER (0..MAX)", "str": "UTF8String", "latin1": "OCTET S
               "bytes": "OCTET STRING", "value": "Value", "blocks": "SEQUENCE OF Block",
               "records": "SEQUENCE OF Record"}
 _BY_T = {t: (alt, fields) for t, alt, fields in RECORDS}
-_PAGES_INDEX = [t for t, _, _ in RECORDS].index("pages")  # its automatic tag [7], its PER CHOICE index
+_ALTERNATIVES = [alt.encode() for _, alt, _ in RECORDS]
+# The Record alternatives with no Value inside (their automatic tags, their PER CHOICE indexes).
+_FIXED = {i for i, (_, _, fields) in enumerate(RECORDS) if all(k in ("int", "str", "bool", "bytes")
+                                                                for _, kind in fields for k in [kind.rstrip("?")])}
 _BY_ALT = {alt: (t, fields) for t, alt, fields in RECORDS}
 
 
@@ -459,19 +462,23 @@ class _Codec:
 
     def _check_size(self, blob: bytes, offset: int) -> None:
         """Bound what asn1tools builds for one record before it builds it: up to ~94 bytes of Python objects
-        per byte of a generic ``Value`` (measured: BER, DER and PER lists of empty lists), so every record
-        but ``pages`` (a SEQUENCE of fixed members, nothing nested: its page data is one OCTET STRING) is at
-        most MAX_STRUCTURED bytes.  XER's XML elements are built before asn1tools sees them, so its
-        ``pages`` records are bounded by their element count too."""
+        per byte of a generic ``Value`` (measured: BER, DER and PER lists of empty lists), so a record is at
+        most MAX_STRUCTURED bytes unless it is one of the SEQUENCEs of fixed members (``pages``, ``zeros``,
+        ``record``, ``frame``: nothing nested, their bulk one OCTET STRING).  XER's XML elements are built
+        before asn1tools sees them, so those are bounded by their element count too."""
+        if len(blob) <= MAX_STRUCTURED:
+            return
         if self.rules == "xer":
-            pages = blob.startswith(b"<Record><pages>") and blob.count(b"<") <= 32
+            index = next((i for i, alt in enumerate(_ALTERNATIVES) if blob.startswith(b"<Record><%s>" % alt)), -1)
+            fixed = index in _FIXED and blob.count(b"<") <= 32
         elif self.rules == "per":
-            pages = len(blob) > 0 and blob[0] >> 3 == _PAGES_INDEX
+            fixed = blob[0] >> 3 in _FIXED
         else:
-            pages = blob[:1] == bytes([0xA0 | _PAGES_INDEX])
-        if not pages and len(blob) > MAX_STRUCTURED:
-            raise DecodeError(f"a {len(blob)}-byte record other than pages (at most {MAX_STRUCTURED}: asn1tools "
-                              "builds up to ~94 bytes of objects per byte)", offset, "$")
+            fixed = blob[0] & 0x1F in _FIXED and blob[0] & 0xE0 == 0xA0
+        if not fixed:
+            raise DecodeError(f"a {len(blob)}-byte record other than pages, zeros, ram records and frames (at most "
+                              f"{MAX_STRUCTURED} bytes: asn1tools builds up to ~94 bytes of objects per byte)",
+                              offset, "$")
 
     def _next(self, buf: bytes, pos: int) -> Any:
         """The record at ``pos``: (start, end, bytes), "end", "skip", or None for more input."""
