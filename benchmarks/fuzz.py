@@ -108,6 +108,9 @@ def main() -> int:
         for stats in pool.imap_unordered(_batch, tasks):
             totals[stats.codec].add(stats)
             done += 1
+            for f in stats.failures:
+                print(f"  FAILURE {f['codec']} batch {f['seed']} input {f['index']}: {f['kind']} at {f['step']}: "
+                      f"{f['detail']}", flush=True)
             if done % max(1, len(tasks) // 20) == 0 or done == len(tasks):
                 n = sum(t.inputs for t in totals.values())
                 print(f"  {done}/{len(tasks)} batches, {n} inputs, {n / (time.monotonic() - start):.0f}/s, "

@@ -187,7 +187,8 @@ def tree_in(value: Any, sp: Spelling, path: str = "$", depth: int = 0, in_place:
 
 
 def plain_in(value: Any, path: str, depth: int = 0) -> Any:
-    """Check a JSON-like value (a schema description, a vmdesc object): no bytes, no cycles."""
+    """Check a JSON-like value (a schema description, a vmdesc object): no bytes, no cycles, integers that
+    every format can carry."""
     if depth > MAX_DEPTH:
         raise DecodeError(f"value nested deeper than {MAX_DEPTH}", None, path)
     if isinstance(value, dict):
@@ -200,11 +201,17 @@ def plain_in(value: Any, path: str, depth: int = 0) -> Any:
         for i, v in enumerate(value):
             plain_in(v, f"{path}[{i}]", depth + 1)
         return value
+    if isinstance(value, int) and not isinstance(value, bool) and not _INT_MIN <= value <= _INT_MAX:
+        raise DecodeError(f"integer {value} does not fit 64 bits (MessagePack and ferry could not carry it)", None,
+                          path)
     if value is None or isinstance(value, (str, bool, int)):
         return value
     if isinstance(value, float) and math.isfinite(value):
         return value
     raise DecodeError(f"unexpected value of type {type(value).__name__}", None, path)
+
+
+_INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1  # what every format spells (MessagePack's widest integers)
 
 
 # ---------------------------------------------------------------------------

@@ -289,6 +289,9 @@ class LegacyWriter(Visitor):
             return None
         self._push(name)
         encoded = name.encode()
+        if len(encoded) > 255 or not 0 <= version <= 0xFFFF_FFFF:
+            raise EncodeError(f"subsection {name[:40]!r} version {version}: QEMU writes a name of at most 255 "
+                              "bytes and a u32 version", self.path)
         self.out.append(SUBSECTION_MARKER)
         self.out.append(len(encoded))
         self.out += encoded
