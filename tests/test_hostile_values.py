@@ -319,3 +319,50 @@ def test_inspect_summary_of_a_checked_stream():
     s = StreamSummary().feed(_decode_all(data, "msgpack"))
     assert s.machine == "pc-q35-7.2" and "postcopy-ram" in s.capabilities
     assert any(isinstance(e, DeviceSection) for e in _decode_all(data, "msgpack"))
+
+
+# --- found by benchmarks/fuzz.py, each once in its first 100,000 inputs
+
+
+def _subsections(desc: Any) -> list[Any]:
+    """Every subsection description inside ``desc``."""
+    out: list[Any] = []
+    stack = [desc]
+    while stack:
+        d = stack.pop()
+        if isinstance(d, dict):
+            out += d.get("subsections", []) if isinstance(d.get("subsections"), list) else []
+            stack.extend(d.values())
+        elif isinstance(d, list):
+            stack.extend(d)
+    return out
+
+
+@pytest.mark.parametrize("codec", ("msgpack", "asn1-per", "jsonl"))
+def test_a_schema_subsection_version_over_u32_is_refused_at_decode(codec):
+    """A device tree's subsection is written with the schema's version (u32): 2^46 was a struct.error."""
+    def edit(recs: list[Any]) -> None:
+        for r in recs:
+            if r["t"] == "schema" and _subsections(r["desc"]):
+                for sub in _subsections(r["desc"]):
+                    sub["version"] = 1 << 46
+    data = _stream(codec, edit)
+    assert any(_subsections(r.get("desc")) for r in fuzzing.seed_records(fuzzing.seed_events()["devices"], "json"))
+    _refused(data, codec, "u32 version")
+
+
+@pytest.mark.parametrize("codec", ("json", "asn1-xer"))
+def test_descriptions_hold_only_integers_every_format_carries(codec):
+    """A 2^64 in a description decoded from JSON or XER made the MessagePack and ferry encoders overflow."""
+    data = _stream(codec, lambda recs: next(r for r in recs if r["t"] in ("schema", "device") and "desc" in r)
+                   ["desc"]["fields"][0].update(size=1 << 64))
+    _refused(data, codec, "does not fit 64 bits")
+
+
+def test_the_vmdesc_rewrite_of_a_machine_type_transform_takes_any_json():
+    from vmferry.compat.stream import _configuration_desc
+
+    desc = {"fields": [[1], "x", {"name": "name", "size": 3}, {"name": "len"}]}
+    out = _configuration_desc(desc, "pc-i440fx-2.12")
+    assert out["fields"] == [[1], "x", {"name": "name", "size": 14}, {"name": "len"}]
+    assert _configuration_desc({"fields": 5}, "pc-i440fx-2.12") == {"fields": 5}
