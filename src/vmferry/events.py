@@ -90,12 +90,16 @@ class Configuration:
 
     @property
     def machine(self) -> str:
-        return bytes(self.state.get("name", b"")).decode("ascii", "replace")
+        """The machine type name ("" when the tree holds no byte string there: decoders refuse such trees)."""
+        name = self.state.get("name", b"")
+        return bytes(name).decode("ascii", "replace") if isinstance(name, (bytes, bytearray, memoryview)) else ""
 
     @property
     def capabilities(self) -> list[str]:
         caps = self.state.get("configuration/capabilities", {})
-        return [bytes(c).decode("ascii", "replace") for c in caps.get("capabilities", [])]
+        listed = caps.get("capabilities", []) if isinstance(caps, dict) else []
+        return [bytes(c).decode("ascii", "replace") for c in listed if isinstance(c, (bytes, bytearray))] \
+            if isinstance(listed, list) else []
 
 
 @dataclass(slots=True)

@@ -307,7 +307,8 @@ class _Runner:
         yield from out
 
     def _vmdesc(self, ev: Vmdesc | None) -> Vmdesc:
-        assert self.result is not None
+        if self.result is None:
+            raise CompatError("a vmdesc before the stream's EOF")
         try:
             obj: dict[str, Any] = json.loads(ev.text) if ev is not None else {"page_size": DEFAULT_PAGE_SIZE}
         except ValueError:
@@ -359,10 +360,8 @@ def _desc_size(desc: dict[str, Any]) -> int:
 
 def _configuration_desc(desc: dict[str, Any], machine: str) -> dict[str, Any]:
     out = dict(desc)
-    fields = []
-    for f in desc.get("fields", []):
-        if f.get("name") == "name":
-            f = dict(f, size=len(machine))
-        fields.append(f)
-    out["fields"] = fields
+    fields = desc.get("fields", [])
+    if isinstance(fields, list):  # a vmdesc is the input's JSON: anything may stand anywhere
+        out["fields"] = [dict(f, size=len(machine)) if isinstance(f, dict) and f.get("name") == "name" else f
+                         for f in fields]
     return out

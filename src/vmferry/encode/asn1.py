@@ -29,6 +29,7 @@ from .records import NATIVE_BYTES, RecordStreamDecoder, encode_records, pieces
 
 MODULE_NAME = "VmFerry"
 MAX_RECORD = 64 << 20
+MAX_STRUCTURED = 1 << 20  # records other than pages (see _Codec._check_size)
 MAX_VALUE_DEPTH = 64
 _F64 = struct.Struct(">d")
 
@@ -67,6 +68,10 @@ _ASN1_KIND = {"int": "INTEGER (0..MAX)", "str": "UTF8String", "latin1": "OCTET S
               "bytes": "OCTET STRING", "value": "Value", "blocks": "SEQUENCE OF Block",
               "records": "SEQUENCE OF Record"}
 _BY_T = {t: (alt, fields) for t, alt, fields in RECORDS}
+_ALTERNATIVES = [alt.encode() for _, alt, _ in RECORDS]
+# The Record alternatives with no Value inside (their automatic tags, their PER CHOICE indexes).
+_FIXED = {i for i, (_, _, fields) in enumerate(RECORDS) if all(k in ("int", "str", "bool", "bytes")
+                                                                for _, kind in fields for k in [kind.rstrip("?")])}
 _BY_ALT = {alt: (t, fields) for t, alt, fields in RECORDS}
 
 
@@ -390,7 +395,7 @@ class _Codec:
                 except DecodeError as e:
                     e.offset = offset if e.offset is None else e.offset
                     raise
-                yield from stream.record(rec, offset)
+                yield from stream.record(rec, offset, len(blob))
             stream.finish(state["offset"])
         except DecodeError:
             raise
@@ -428,7 +433,11 @@ class _Codec:
                     pos += len(opener)
                     started = True
                     continue
-                got = self._next(buf, pos)
+                try:
+                    got = self._next(buf, pos)
+                except DecodeError as e:  # _next names offsets in ``buf``
+                    e.offset = base + (pos if e.offset is None else e.offset)
+                    raise
                 if got is None:
                     break
                 if got == "end":
@@ -439,6 +448,7 @@ class _Codec:
                     pos += 1
                     continue
                 start, end, blob = got
+                self._check_size(blob, base + pos)
                 yield base + pos, blob
                 pos = end
             if len(buf) - pos > MAX_RECORD + 64:
@@ -450,6 +460,26 @@ class _Codec:
         if self.rules in ("ber", "xer") and not ended:
             raise TruncatedError(f"the stream ends before the end of its {'Stream value' if self.rules == 'ber' else '</Stream>'}",
                                  base + pos, "$")
+
+    def _check_size(self, blob: bytes, offset: int) -> None:
+        """Bound what asn1tools builds for one record before it builds it: up to ~94 bytes of Python objects
+        per byte of a generic ``Value`` (measured: BER, DER and PER lists of empty lists), so a record is at
+        most MAX_STRUCTURED bytes unless it is one of the SEQUENCEs of fixed members (``pages``, ``zeros``,
+        ``record``, ``frame``: nothing nested, their bulk one OCTET STRING).  XER's XML elements are built
+        before asn1tools sees them, so those are bounded by their element count too."""
+        if len(blob) <= MAX_STRUCTURED:
+            return
+        if self.rules == "xer":
+            index = next((i for i, alt in enumerate(_ALTERNATIVES) if blob.startswith(b"<Record><%s>" % alt)), -1)
+            fixed = index in _FIXED and blob.count(b"<") <= 32
+        elif self.rules == "per":
+            fixed = blob[0] >> 3 in _FIXED
+        else:
+            fixed = blob[0] & 0x1F in _FIXED and blob[0] & 0xE0 == 0xA0
+        if not fixed:
+            raise DecodeError(f"a {len(blob)}-byte record other than pages, zeros, ram records and frames (at most "
+                              f"{MAX_STRUCTURED} bytes: asn1tools builds up to ~94 bytes of objects per byte)",
+                              offset, "$")
 
     def _next(self, buf: bytes, pos: int) -> Any:
         """The record at ``pos``: (start, end, bytes), "end", "skip", or None for more input."""

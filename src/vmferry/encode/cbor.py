@@ -5,7 +5,8 @@ strings and the schema table.  The first record,
 ``{"t": "stream", "format": "vmferry-cbor", "version": 1}``, carries the
 self-described CBOR tag 55799 (``d9 d9 f7``), by which the format is
 sniffed; the last is ``{"t": "fin", "records": N}``.  The decoder reads one
-item at a time from a bounded buffer.
+item at a time from a bounded buffer, each walked and bounded before cbor2
+builds it (definite lengths, no tags).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from typing import Any, Iterable, Iterator
 from ..caps import Cap
 from ..errors import DecodeError, FerryError, TruncatedError
 from ..events import Event
-from .records import NATIVE_BYTES, RecordStreamDecoder, encode_records, pieces
+from .limits import (COST_BYTES, COST_PER_BYTE, COST_SCALAR, COST_SLACK, COST_SMALL, COST_STR, MAX_RECORD_COST,
+                     container_cost, record_budget)
+from .records import PIECE, NATIVE_BYTES, RecordStreamDecoder, encode_records, pieces
 
 NAME = "cbor"
 CAP = Cap.CODEC_CBOR
@@ -60,36 +63,115 @@ def _plain(v: Any) -> Any:
     return v
 
 
+class _Scan:
+    """Walks one CBOR data item without building it (resumable as input arrives): where it ends and an
+    estimate of the Python objects decoding it would build (vmferry.encode.limits costs).  vmferry's records
+    use definite lengths and no tags (the self-described tag before the first record aside): cbor2 would
+    otherwise build any semantic object a tag names, or share one object under many references."""
+
+    __slots__ = ("start", "pos", "pending", "cost")
+
+    def __init__(self, start: int) -> None:
+        self.start = self.pos = start
+        self.pending = 1
+        self.cost = 0
+
+    def walk(self, buf: bytearray, base: int) -> int | None:
+        p, pending, cost, n = self.pos, self.pending, self.cost, len(buf)
+        while pending:
+            if p >= n:
+                break
+            b = buf[p]
+            major, ai = b >> 5, b & 0x1F
+            if ai < 24:
+                k, width = ai, 0
+            elif ai <= 27:
+                width = 1 << (ai - 24)
+                if p + 1 + width > n:
+                    break
+                k = int.from_bytes(buf[p + 1:p + 1 + width], "big")
+            else:
+                what = "indefinite lengths" if ai == 31 else f"additional information {ai}"
+                raise DecodeError(f"CBOR {what} (vmferry's records have definite lengths)", base + p, "$")
+            p += 1 + width
+            if major <= 1:
+                cost += COST_SMALL if k <= 256 else COST_SCALAR
+            elif major == 2 or major == 3:
+                p += k
+                cost += (COST_BYTES if major == 2 else COST_STR) + k
+            elif major == 4:
+                pending += k
+                cost += container_cost(False, k)
+            elif major == 5:
+                pending += 2 * k
+                cost += container_cost(True, k)
+            elif major == 6:
+                raise DecodeError(f"CBOR tag {k} inside a record (vmferry's records use none)", base + p - 1 - width,
+                                  "$")
+            else:
+                cost += COST_SCALAR if ai >= 25 else COST_SMALL
+            pending -= 1
+            if cost > MAX_RECORD_COST or cost > COST_PER_BYTE * (p - self.start) + COST_SLACK:
+                raise DecodeError(f"a record that would build over {cost} bytes of Python objects from its first "
+                                  f"{p - self.start} bytes (what only a hostile input does)", base + self.start, "$")
+        self.pos, self.pending, self.cost = p, pending, cost
+        if pending or p > n:
+            return None
+        return p
+
+
 def decode(chunks: Iterable[bytes | bytearray | memoryview], options: Any = None) -> Iterator[Event]:
-    """Decode a CBOR record stream.  Raises only :class:`DecodeError`."""
+    """Decode a CBOR record stream.  Raises only :class:`DecodeError`.
+
+    Each record is walked first (:class:`_Scan`): its end found and the objects it would build estimated
+    and bounded (:func:`vmferry.encode.limits.record_budget`) before cbor2, which has no limits of its own,
+    builds any.
+    """
     lib = _lib()
     stream = RecordStreamDecoder(NAME, NATIVE_BYTES)
-    buf = b""
+    buf = bytearray()
     base = 0  # absolute offset of buf[0]
-    pos = 0  # position in buf of the next item
+    start = 0  # where the next record starts in buf
+    scan: _Scan | None = None
+    first = True
     try:
         for chunk in pieces(chunks):
-            buf = buf[pos:] + bytes(chunk)
-            base += pos
-            pos = 0
-            fp = io.BytesIO(buf)
-            while pos < len(buf):
-                fp.seek(pos)
-                try:
-                    rec = lib.CBORDecoder(fp, max_depth=100).decode()
-                except lib.CBORDecodeEOF:
+            buf += chunk
+            if first:
+                if len(buf) < len(SELF_DESCRIBED) and SELF_DESCRIBED.startswith(bytes(buf)):
+                    continue
+                if buf.startswith(SELF_DESCRIBED):  # the tag that marks the stream, before its first record
+                    start = len(SELF_DESCRIBED)
+                first = False
+            while start < len(buf):
+                if scan is None:
+                    scan = _Scan(start)
+                end = scan.walk(buf, base)
+                if end is None:
+                    if len(buf) - start > MAX_RECORD:
+                        raise DecodeError(f"a record longer than {MAX_RECORD} bytes", base + start, "$")
                     break
-                yield from stream.record(_plain(rec), base + pos)
-                pos = fp.tell()
-            if len(buf) - pos > MAX_RECORD:
-                raise DecodeError(f"a record longer than {MAX_RECORD} bytes", base + pos, "$")
-        if pos != len(buf):
-            raise TruncatedError(f"the stream ends inside a record ({len(buf) - pos} bytes of it arrived)",
-                                 base + pos, "$")
-        stream.finish(base + pos)
+                if scan.cost > record_budget(end - start):
+                    raise DecodeError(f"a record of {end - start} bytes that would build about {scan.cost} bytes "
+                                      "of Python objects (what only a hostile input does)", base + start, "$")
+                scan = None
+                rec = lib.CBORDecoder(io.BytesIO(memoryview(buf)[start:end]), max_depth=100).decode()
+                yield from stream.record(_plain(rec), base + start, end - start)
+                start = end
+            if start and (start == len(buf) or start > PIECE):
+                del buf[:start]
+                base += start
+                if scan is not None:
+                    scan.start -= start
+                    scan.pos -= start
+                start = 0
+        if start != len(buf):
+            raise TruncatedError(f"the stream ends inside a record ({len(buf) - start} bytes of it arrived)",
+                                 base + start, "$")
+        stream.finish(base + start)
     except DecodeError:
         raise
     except FerryError as e:
-        raise DecodeError(str(e), base + pos, "$") from None
-    except Exception as e:  # noqa: BLE001 - cbor2 and its semantic decoders raise many types
-        raise DecodeError(f"malformed CBOR ({type(e).__name__}: {e})", base + pos, "$") from None
+        raise DecodeError(str(e), base + start, "$") from None
+    except Exception as e:  # noqa: BLE001 - cbor2 raises many types
+        raise DecodeError(f"malformed CBOR ({type(e).__name__}: {e})", base + start, "$") from None

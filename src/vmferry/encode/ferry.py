@@ -37,6 +37,7 @@ from ..events import (
     RamZeros,
 )
 from . import bcj
+from .msgpack import check_cost
 from .records import NATIVE, RecordDecoder, RecordEncoder, UnknownFrame
 from .runs import PageGroup, regroup
 
@@ -830,7 +831,9 @@ class FerryDecoder:
         else:
             self._totals.frames += 1
             if kind == T_PAGES or kind == T_ZEROS:
-                self._pending.append(self._run(kind, body, start))
+                run = self._run(kind, body, start)
+                self._records.sequence(run, "$.ram", start)  # RAM frames only inside a RAM section
+                self._pending.append(run)
             else:
                 self._record(kind, body, start)
         self._consume(16 + n)
@@ -922,6 +925,7 @@ class FerryDecoder:
 
     def _record(self, kind: int, body: memoryview, start: int) -> None:
         path = f"$.frames[{self._totals.frames - 1}]"
+        check_cost(body, start, path)  # bound the objects before msgpack builds them
         try:
             rec = self._unpackb(body, raw=False, strict_map_key=True, use_list=True)
         except Exception as e:  # noqa: BLE001 - msgpack raises several unrelated types
@@ -932,7 +936,7 @@ class FerryDecoder:
         if (expect is not None and t not in expect) or (kind == T_RECORD and t in ("schema", "device", "stream",
                                                                                    "fin", "frame")):
             raise DecodeError(f"{FRAME_NAMES[kind]} frame holds a {t!r} record", start, path)
-        self._pending.extend(self._records.record(rec, start, path))
+        self._pending.extend(self._records.record(rec, start, path, 16 + len(body)))
 
     def _end(self, body: memoryview, start: int) -> None:
         if len(body) < _END.size:
@@ -946,7 +950,7 @@ class FerryDecoder:
         if diff:
             raise DecodeError("the END frame's totals do not match the stream (data was lost or added): "
                               + "; ".join(diff), start, "$.end")
-        self._records.finish()
+        self._records.finish(start)
         self.state = State.DONE
 
 

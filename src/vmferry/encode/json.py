@@ -35,8 +35,9 @@ import json
 from typing import Any, Iterable, Iterator
 
 from ..caps import Cap
-from ..errors import DecodeError, FerryError
+from ..errors import DecodeError, FerryError, TruncatedError
 from ..events import Event, Vmdesc
+from . import limits
 from .records import (
     JSON_TEXT,
     RecordDecoder,
@@ -116,16 +117,26 @@ def encode(events: Iterable[Event]) -> Iterator[bytes]:
 def decode(chunks: Iterable[bytes | bytearray | memoryview], options: Any = None) -> Iterator[Event]:
     """Decode the JSON document.  Raises only :class:`DecodeError`."""
     state = RecordDecoder(JSON_TEXT)
+    where = [0]  # the offset of the record being decoded (errors name it)
     try:
-        for offset, index, rec in _records(chunks):
-            yield from state.record(rec, offset, f"$.records[{index}]")
-        state.finish()
+        for offset, index, rec, size in _records(chunks, where):
+            where[0] = offset
+            yield from state.record(rec, offset, f"$.records[{index}]", size)
+        state.finish(where[0])
     except DecodeError:
         raise
     except FerryError as e:
-        raise DecodeError(str(e), None, "$") from None
+        raise DecodeError(str(e), where[0], "$") from None
     except (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError, IndexError) as e:
-        raise DecodeError(f"malformed JSON stream ({type(e).__name__}: {e})", None, "$") from None
+        raise DecodeError(f"malformed JSON stream ({type(e).__name__}: {e})", where[0], "$") from None
+
+
+def check_cost(text: bytes, offset: int, path: str) -> None:
+    """Bound what ``json.loads(text)`` may build, before it builds it (:func:`vmferry.encode.limits.json_cost`)."""
+    cost = limits.json_cost(text)
+    if cost > limits.record_budget(len(text)):
+        raise DecodeError(f"a record of {len(text)} bytes that may build about {cost} bytes of Python objects "
+                          "(what only a hostile input does)", offset, path)
 
 
 def _lines(chunks: Iterable[bytes | bytearray | memoryview]) -> Iterator[tuple[int, bytes]]:
@@ -148,19 +159,25 @@ def _lines(chunks: Iterable[bytes | bytearray | memoryview]) -> Iterator[tuple[i
         yield offset, buf
 
 
-def _records(chunks: Iterable[bytes | bytearray | memoryview]) -> Iterator[tuple[int | None, int, Any]]:
+def _records(chunks: Iterable[bytes | bytearray | memoryview],
+             where: list[int]) -> Iterator[tuple[int, int, Any, int]]:
+    """(offset, index, record, size) of each record; ``where[0]`` follows the input as it is read."""
     lines = _lines(chunks)
     first = next(lines, None)
     if first is None:
         raise DecodeError("empty input", 0, "$")
     if first[1].strip() != FIRST_LINE:
-        yield from _whole_document(first, lines)
+        yield from _whole_document(first, lines, where)
         return
     index = 0
     for offset, line in lines:
+        where[0] = offset
         text = line.strip()
         if text.startswith(b"]"):
-            tail = json.loads(b"{" + text[1:].lstrip(b", ")) if text[1:].strip(b" ,}") else {}
+            try:
+                tail = json.loads(b"{" + text[1:].lstrip(b", ")) if text[1:].strip(b" ,}") else {}
+            except ValueError as e:
+                raise DecodeError(f"malformed document end: {e}", offset, "$") from None
             if not isinstance(tail, dict):
                 raise DecodeError("malformed document end", offset, "$")
             return
@@ -168,34 +185,142 @@ def _records(chunks: Iterable[bytes | bytearray | memoryview]) -> Iterator[tuple
             text = text[:-1]
         if not text:
             continue
+        check_cost(text, offset, f"$.records[{index}]")
         try:
             rec = json.loads(text)
         except ValueError as e:
             raise DecodeError(f"record is not valid JSON: {e}", offset, f"$.records[{index}]") from None
-        yield offset, index, rec
+        yield offset, index, rec, len(line) + 1
         index += 1
-    raise DecodeError("document ends before its records list is closed (truncated?)", None, "$")
+    raise TruncatedError("document ends before its records list is closed (truncated?)", where[0], "$")
 
 
-def _whole_document(first: tuple[int, bytes], lines: Iterator[tuple[int, bytes]]) -> Iterator[tuple[None, int, Any]]:
+class _Document:
+    """A reformatted document (``jq`` and the like), read value by value with ``raw_decode``: each record is
+    parsed on its own, so only one is held at a time, and each error names its byte offset."""
+
+    def __init__(self, data: bytes) -> None:
+        try:
+            self.text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DecodeError(f"not UTF-8 text: {e.reason}", e.start, "$") from None
+        self.ascii = self.text.isascii()
+        self.dec = json.JSONDecoder()
+        self._at = (0, 0)  # (character, byte) of the last conversion
+
+    def offset(self, i: int) -> int:
+        """The byte offset of character ``i``."""
+        if self.ascii:
+            return i
+        c, b = self._at
+        if i < c:
+            c, b = 0, 0
+        b += len(self.text[c:i].encode("utf-8"))
+        self._at = (i, b)
+        return b
+
+    def ws(self, i: int) -> int:
+        text = self.text
+        while i < len(text) and text[i] in " \t\r\n":
+            i += 1
+        return i
+
+    def expect(self, i: int, chars: str, what: str) -> tuple[str, int]:
+        i = self.ws(i)
+        if i >= len(self.text):
+            raise TruncatedError(f"the document ends where {what} should be (truncated?)", self.offset(i), "$")
+        if self.text[i] not in chars:
+            raise DecodeError(f"expected {what}, found {self.text[i]!r}", self.offset(i), "$")
+        return self.text[i], i + 1
+
+    def value(self, i: int, path: str) -> tuple[Any, int]:
+        i = self.ws(i)
+        try:
+            return self.dec.raw_decode(self.text, i)
+        except ValueError as e:
+            raise DecodeError(f"not valid JSON: {e}", self.offset(i), path) from None
+
+    def members(self, on_records: Any) -> dict[str, Any]:
+        """The top-level members other than ``records``; ``on_records(i)`` reads that array from ``i`` and
+        returns where it ends."""
+        _, i = self.expect(0, "{", "the document's '{'")
+        out: dict[str, Any] = {}
+        c, j = self.expect(i, '"}', "a member name or '}'")
+        if c == "}":
+            self.end(j)
+            return out
+        while True:
+            key, i = self.value(j - 1, "$")
+            _, i = self.expect(i, ":", "':'")
+            if key == "records":
+                i = on_records(self.ws(i))
+                out[key] = True
+            else:
+                out[key], i = self.value(i, f"$.{key}")
+            c, i = self.expect(i, ",}", "',' or '}'")
+            if c == "}":
+                self.end(i)
+                return out
+            _, j = self.expect(i, '"', "a member name")
+
+    def end(self, i: int) -> None:
+        i = self.ws(i)
+        if i != len(self.text):
+            raise DecodeError("data after the document", self.offset(i), "$")
+
+    def records(self, i: int, end: list[int]) -> Iterator[tuple[int, int, Any, int]]:
+        """(offset, index, record, size) of the records array at ``i`` (its '['); ``end[0]`` is set to where
+        the array ends."""
+        _, i = self.expect(i, "[", "the records list")
+        index = 0
+        while True:
+            at = self.ws(i)
+            if index == 0 and self.text[at:at + 1] == "]":
+                end[0] = at + 1
+                return
+            rec, i = self.value(at, f"$.records[{index}]")
+            yield self.offset(at), index, rec, i - at
+            index += 1
+            c, i = self.expect(i, ",]", "',' or ']'")
+            if c == "]":
+                end[0] = i
+                return
+
+
+def _whole_document(first: tuple[int, bytes], lines: Iterator[tuple[int, bytes]],
+                    where: list[int]) -> Iterator[tuple[int, int, Any, int]]:
     parts = [first[1]]
     size = len(first[1])
     for _, line in lines:
         size += len(line) + 1
         if size > MAX_WHOLE_DOCUMENT:
             raise DecodeError(f"reformatted JSON document over {MAX_WHOLE_DOCUMENT} bytes; keep vmferry's "
-                              "one-record-per-line layout to stream it", None, "$")
+                              "one-record-per-line layout to stream it", size, "$")
         parts.append(line)
-    try:
-        doc = json.loads(b"\n".join(parts))
-    except ValueError as e:
-        raise DecodeError(f"not valid JSON: {e}", None, "$") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+    data = b"\n".join(parts)
+    del parts
+    check_cost(data, 0, "$")
+    doc = _Document(data)
+    del data
+    # First pass: the members, the records only checked for syntax (one at a time), and where they start;
+    # a reformatted document may put "format" and "version" after the records (jq -S sorts the keys).
+    found: list[int] = []
+
+    def skip(i: int) -> int:
+        found.append(i)
+        end = [i]
+        for _ in doc.records(i, end):
+            pass
+        return end[0]
+
+    head = doc.members(skip)
+    if head.get("format") != FORMAT:
         raise DecodeError(f"not a {FORMAT} document", 0, "$.format")
-    if doc.get("version") != FORMAT_VERSION:
-        raise DecodeError(f"unsupported {FORMAT} version {doc.get('version')!r}", None, "$.version")
-    records = doc.get("records")
-    if not isinstance(records, list):
-        raise DecodeError("missing records list", None, "$.records")
-    for i, rec in enumerate(records):
-        yield None, i, rec
+    if head.get("version") != FORMAT_VERSION:
+        raise DecodeError(f"unsupported {FORMAT} version {head.get('version')!r}", 0, "$.version")
+    if not found:
+        raise DecodeError("missing records list", 0, "$.records")
+    # Second pass: the records, one at a time.
+    for offset, index, rec, size in doc.records(found[-1], [0]):
+        where[0] = offset
+        yield offset, index, rec, size

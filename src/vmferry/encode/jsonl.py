@@ -17,7 +17,7 @@ from typing import Any, Iterable, Iterator
 from ..caps import Cap
 from ..errors import DecodeError, FerryError
 from ..events import Event
-from .json import _lines
+from .json import _lines, check_cost
 from .records import JSON_TEXT, RecordStreamDecoder, encode_records
 
 NAME = "jsonl"
@@ -61,11 +61,12 @@ def decode(chunks: Iterable[bytes | bytearray | memoryview], options: Any = None
         for offset, line in _lines(chunks):
             if not line.strip():
                 continue
+            check_cost(line, offset, "$")
             try:
                 rec = json.loads(line)
             except ValueError as e:
                 raise DecodeError(f"line is not valid JSON: {e}", offset, "$") from None
-            yield from stream.record(rec, offset)
+            yield from stream.record(rec, offset, len(line) + 1)
         stream.finish(offset)
     except DecodeError:
         raise

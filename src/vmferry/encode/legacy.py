@@ -70,6 +70,8 @@ from ..serialize.qemu_vmdesc import load_json, schemas_from_vmdesc
 from ..serialize.schema import SchemaSet, Vmsd
 from ..serialize.visitor import LegacyReader, LegacyWriter
 from .configuration import CONFIGURATION_VMSD
+from . import limits
+from .limits import MAX_GUEST_RAM, check_event, check_page_size
 from .scan import leading_pages, leading_zeros, zero_records
 from .window import Window
 
@@ -129,6 +131,7 @@ class _State:
     handlers: dict[int, str] = field(default_factory=dict)  # section id -> idstr (START/FULL seen)
     tail_loaded: bool = False
     footers: bool | None = None  # whether this stream's sections end with footers, once known
+    retained: int = 0  # estimated memory of every tree decoded so far (limits.COST_PER_BYTE)
 
 
 def find_vmdesc(tail: bytes | memoryview, tail_offset: int = 0) -> tuple[int, bytes] | None:
@@ -148,6 +151,10 @@ def find_vmdesc(tail: bytes | memoryview, tail_offset: int = 0) -> tuple[int, by
 
 
 def parse_vmdesc(text: bytes, offset: int | None = None) -> SchemaSet:
+    cost = limits.json_cost(text)
+    if cost > limits.VMDESC_COST_PER_BYTE * len(text) + limits.COST_SLACK:
+        raise DecodeError(f"a {len(text)}-byte vmdesc that may build about {cost} bytes of Python objects (QEMU's "
+                          f"take under {limits.VMDESC_COST_PER_BYTE} per byte)", offset, "$.vmdesc")
     try:
         return schemas_from_vmdesc(load_json(text, "vmdesc"), "vmdesc")
     except SchemaError as e:
@@ -243,22 +250,75 @@ def _decode_stream(w: Window, st: _State) -> Iterator[Event]:
 
 
 def _decode_configuration(w: Window, st: _State) -> Configuration:
-    state = _read_vmstate(w, CONFIGURATION_VMSD, 1, "$.configuration")
+    start = w.offset
+    state = _read_vmstate(w, CONFIGURATION_VMSD, 1, "$.configuration", st)
+    _checked(Configuration(state), start, "$.configuration")
     caps = [bytes(c) for c in state.get("configuration/capabilities", {}).get("capabilities", [])]
     st.ram.ignore_shared = b"x-ignore-shared" in caps
     st.ram.mapped_ram = b"mapped-ram" in caps
     return Configuration(state)
 
 
-def _read_vmstate(w: Window, vmsd: Vmsd, version: int, path: str) -> dict[str, Any]:
+class _BoundedReader(LegacyReader):
+    """A LegacyReader that counts the objects of the tree it builds (vmferry.encode.limits costs) and stops
+    past ``COST_PER_BYTE`` per byte read (and ``COST_SLACK``): a vmdesc may describe a million one-byte
+    structs, which one megabyte of input then fills with a million dicts."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.start = self.pos
+        self.cost = 0
+
+    def _spend(self, n: int) -> None:
+        self.cost += n
+        if self.cost > limits.COST_PER_BYTE * (self.pos - self.start) + limits.COST_SLACK:
+            raise DecodeError(f"the section's tree would take over {self.cost} bytes of memory for its "
+                              f"{self.pos - self.start} bytes (what only a hostile schema and input do)",
+                              self.base + self.pos, self.path)
+
+    def integer(self, name: str, value: int, type_name: str) -> int:
+        out = super().integer(name, value, type_name)
+        if not -5 <= out <= 256:
+            self._spend(limits.COST_SCALAR)
+        return out
+
+    def buffer(self, name: str, value: bytes | None, size: int, type_name: str = "buffer") -> bytes:
+        out = super().buffer(name, value, size, type_name)
+        self._spend(limits.COST_BYTES + size)
+        return out
+
+    def struct(self, name, value, fn, vmsd_name, version, type_name="struct"):  # type: ignore[no-untyped-def]
+        out = super().struct(name, value, fn, vmsd_name, version, type_name)
+        self._spend(limits.container_cost(True, len(out) if isinstance(out, dict) else 0))
+        return out
+
+    def array(self, name, values, count, fn, compressible=True):  # type: ignore[no-untyped-def]
+        self._spend(limits.COST_LIST)
+
+        def element(v: Any, elem: str, item: Any) -> Any:
+            out = fn(v, elem, item)
+            self._spend(8)  # its slot in the list
+            return out
+
+        return super().array(name, values, count, element, compressible)
+
+    def subsection(self, name, version, needed, fn, value):  # type: ignore[no-untyped-def]
+        out = super().subsection(name, version, needed, fn, value)
+        if out is not None:
+            self._spend(limits.container_cost(True, len(out) if isinstance(out, dict) else 0))
+        return out
+
+
+def _read_vmstate(w: Window, vmsd: Vmsd, version: int, path: str, st: _State | None = None) -> dict[str, Any]:
     """Decode one VMState body at the window position, pulling more input until it fits.
 
     It asks for no byte beyond the body's own and the one after it (a subsection marker or not): a live
     source may send the rest only once the destination has answered (multifd's sync waits for the main
-    channel's records to be loaded), so reading ahead could wait forever."""
+    channel's records to be loaded), so reading ahead could wait forever.  The trees a stream holds stay
+    bounded too (``st.retained``): consumers may keep them all."""
     w.fill(1)
     while True:
-        reader = LegacyReader(w.view, w.pos, len(w.buf), w.base, more_follows=not w.eof)
+        reader = _BoundedReader(w.view, w.pos, len(w.buf), w.base, more_follows=not w.eof)
         reader._path = [path]
         try:
             state = visit_vmsd(reader, vmsd, None, version)
@@ -268,6 +328,12 @@ def _read_vmstate(w: Window, vmsd: Vmsd, version: int, path: str) -> dict[str, A
             w.grow()  # at the end of the input, the next try knows that nothing follows
             continue
         w.pos = reader.pos
+        if st is not None:
+            st.retained += reader.cost
+            budget = limits.COST_PER_BYTE * w.offset + limits.COST_SLACK
+            if st.retained > budget:
+                raise DecodeError(f"the stream's device trees would take over {budget} bytes of memory for its "
+                                  f"{w.offset} bytes", w.offset, path)
         return state
 
 
@@ -332,7 +398,7 @@ def _decode_section(w: Window, st: _State, kind: int, start: int) -> Iterator[Ev
         raise DecodeError(f"no schema for section {idstr!r} instance {instance_id}: {where}", start, w.path)
     vmsd, desc = found
     body_start = w.offset
-    state = _read_vmstate(w, vmsd, version_id, w.path)
+    state = _read_vmstate(w, vmsd, version_id, w.path, st)
     size = w.offset - body_start
     footer = _decode_footer(w, section_id, idstr)
     if not footer and (st.footers or w.fill(1) and w.buf[w.pos] not in _RECORD_TYPES):
@@ -445,6 +511,7 @@ def _decode_trailer(w: Window, st: _State) -> Iterator[Event]:
 
 def _decode_ram(w: Window, st: _State) -> Iterator[Event]:
     ps = st.page_size
+    _checked_page_size(ps, w)
     mask = ps - 1
     ram = st.ram
     while True:
@@ -562,7 +629,29 @@ def fill_seen(buf: bytes | memoryview, first_fill_at: int) -> bool:
     return buf[first_fill_at] != 0
 
 
+def _checked_page_size(ps: int, w: Window) -> None:
+    try:
+        check_page_size(ps, "$.vmdesc.page_size")
+    except DecodeError as e:
+        e.message += " (the page size the vmdesc or the options give)"
+        e.offset = w.offset
+        raise
+
+
+def _checked(ev: Event, offset: int, path: str) -> None:
+    """The value checks every decoder applies (:func:`vmferry.encode.limits.check_event`), at ``offset``."""
+    try:
+        check_event(ev, path)
+    except DecodeError as e:
+        e.offset = offset
+        raise
+
+
 def _decode_mem_size(w: Window, ram: _RamState, total: int) -> RamMemSize:
+    start = w.offset - 8
+    if total > MAX_GUEST_RAM:
+        raise DecodeError(f"MEM_SIZE announces {total:#x} bytes of RAM, over {MAX_GUEST_RAM:#x} (64 TiB), the "
+                          "largest guest vmferry accepts", start, w.path)
     blocks: list[RamBlock] = []
     remaining = total
     psize_field = ram.postcopy_psize is not None and ram.postcopy_psize != 4096
@@ -587,7 +676,9 @@ def _decode_mem_size(w: Window, ram: _RamState, total: int) -> RamMemSize:
                               "fixed file offsets, not as stream records; vmferry does not read that layout",
                               w.offset, w.path)
         blocks.append(RamBlock(name, length, page_size, gpa))
-    return RamMemSize(total, blocks)
+    ev = RamMemSize(total, blocks)
+    _checked(ev, start, w.path)
+    return ev
 
 
 # ---------------------------------------------------------------------------
@@ -605,28 +696,42 @@ def encode(events: Iterable[Event]) -> Iterator[bytes | memoryview]:
 
 def encode_pieces(events: Iterable[Event]) -> Iterator[bytes | RamPages]:
     """Like :func:`encode`, but a page run that carries its QEMU records comes out as the event itself, for a
-    writer that can forward those bytes another way (the proxy splices them)."""
+    writer that can forward those bytes another way (the proxy splices them).
+
+    Memory stays bounded whatever the events say: a run of zero pages comes out in pieces of about
+    :data:`FLUSH_AT` bytes, however many pages it counts.  A value QEMU's stream cannot hold raises
+    :class:`~vmferry.errors.EncodeError`.
+    """
     out = bytearray()
-    for ev in events:
-        if isinstance(ev, Flush):
-            if out:
-                yield bytes(out)
-                out.clear()
-            yield b""  # tells the writer to write what it holds
-            continue
-        if isinstance(ev, RamPages):
-            if ev.legacy is not None:
+    try:
+        for ev in events:
+            if isinstance(ev, Flush):
                 if out:
                     yield bytes(out)
                     out.clear()
-                yield ev
+                yield b""  # tells the writer to write what it holds
                 continue
-            _encode_pages(out, ev)
-        else:
-            encode_event(out, ev)
-        if len(out) >= FLUSH_AT:
-            yield bytes(out)
-            out.clear()
+            if isinstance(ev, RamPages):
+                if ev.legacy is not None:
+                    if out:
+                        yield bytes(out)
+                        out.clear()
+                    yield ev
+                    continue
+                _encode_pages(out, ev)
+            elif isinstance(ev, RamZeros):
+                for piece in _zeros_pieces(ev):
+                    out += piece
+                    if len(out) >= FLUSH_AT:
+                        yield bytes(out)
+                        out.clear()
+            else:
+                encode_event(out, ev)
+            if len(out) >= FLUSH_AT:
+                yield bytes(out)
+                out.clear()
+    except (struct.error, OverflowError, UnicodeEncodeError) as e:
+        raise EncodeError(f"a value QEMU's stream cannot hold ({type(e).__name__}: {e})") from None
     if out:
         yield bytes(out)
 
@@ -757,24 +862,40 @@ def _encode_pages(out: bytearray, ev: RamPages) -> None:
 
 
 def _encode_zeros(out: bytearray, ev: RamZeros) -> None:
+    for piece in _zeros_pieces(ev):
+        out += piece
+
+
+ZERO_RECORDS_PER_PIECE = FLUSH_AT // 9
+
+
+def _zeros_pieces(ev: RamZeros) -> Iterator[bytes]:
+    """The ZERO records of a run (spec §5.1: address word, fill byte), in pieces of at most
+    :data:`ZERO_RECORDS_PER_PIECE` records; all but a named first record are built at their fixed stride
+    by a few C-level slice copies instead of a call per record."""
     ps = ev.page_size
     fill = ev.fill
     aligned = ps > 0 and not ps & (ps - 1) and not ev.offset % ps and ev.offset + ev.count * ps <= 1 << 64
-    if aligned and ev.count > 1 and (fill is None or len(fill) == ev.count):
-        # The first record (which may name the block) by hand, the others in one go (vmferry.encode.scan).
-        out += BE64.pack(ev.offset | RAM_ZERO | (0 if ev.named else RAM_CONTINUE))
-        if ev.named:
-            _put_cstr(out, ev.block, "$.ram")
-        out.append(fill[0] if fill is not None else 0)
-        out += zero_records((ev.offset + ps) | RAM_ZERO | RAM_CONTINUE, ps, ev.count - 1,
-                            fill[1:] if fill is not None else None)
-        return
-    for i in range(ev.count):
-        first = i == 0 and ev.named
-        out += BE64.pack((ev.offset + i * ps) | RAM_ZERO | (0 if first else RAM_CONTINUE))
-        if first:
-            _put_cstr(out, ev.block, "$.ram")
-        out.append(fill[i] if fill is not None else 0)
+    start = 0
+    if ev.named and ev.count:
+        head = bytearray(BE64.pack(ev.offset | RAM_ZERO))
+        _put_cstr(head, ev.block, "$.ram")
+        head.append(fill[0] if fill is not None else 0)
+        yield bytes(head)
+        start = 1
+    flag = RAM_ZERO | RAM_CONTINUE
+    while start < ev.count:
+        n = min(ZERO_RECORDS_PER_PIECE, ev.count - start)
+        fills = fill[start:start + n] if fill is not None else None
+        if aligned and (fills is None or len(fills) == n):
+            yield zero_records((ev.offset + start * ps) | flag, ps, n, fills)
+        else:
+            piece = bytearray()
+            for i in range(start, start + n):
+                piece += BE64.pack((ev.offset + i * ps) | flag)
+                piece.append(fill[i] if fill is not None else 0)
+            yield bytes(piece)
+        start += n
 
 
 def vmdesc_text(obj: Any, *, qjson: bool = False) -> bytes:

@@ -14,14 +14,16 @@ from typing import Any, Iterable, Iterator
 from ..caps import Cap
 from ..errors import DecodeError, FerryError, TruncatedError
 from ..events import Event
-from .records import NATIVE, RecordStreamDecoder, encode_records, stream_record
+from .limits import (COST_BYTES, COST_PER_BYTE, COST_SCALAR, COST_SLACK, COST_SMALL, COST_STR, MAX_RECORD_COST,
+                     container_cost, record_budget)
+from .records import NATIVE, RecordStreamDecoder, encode_records, pieces, stream_record
 
 NAME = "msgpack"
 CAP = Cap.CODEC_MSGPACK
 FEATURES = Cap.SELF_DESCRIBING
 REQUIRES = ("msgpack",)
 MAX_RECORD = 64 << 20
-FEED = 4 << 20
+FEED = 4 << 20  # consumed input is dropped from the buffer once this much has gathered
 
 
 def _lib() -> Any:
@@ -63,35 +65,132 @@ def encode(events: Iterable[Event]) -> Iterator[bytes]:
         yield packer.pack(rec)
 
 
+class _Scan:
+    """Walks one MessagePack value without building it (resumable as input arrives): where it ends and
+    an estimate of the Python objects unpacking it would build (vmferry.encode.limits costs)."""
+
+    __slots__ = ("start", "pos", "pending", "cost")
+
+    def __init__(self, start: int) -> None:
+        self.start = self.pos = start
+        self.pending = 1  # values still to walk
+        self.cost = 0
+
+    def walk(self, buf: bytearray | memoryview, base: int) -> int | None:
+        """The end of the value in ``buf``, or None when ``buf`` ends first.  ``base`` is the input offset of
+        ``buf[0]``, for errors."""
+        p, pending, cost, n = self.pos, self.pending, self.cost, len(buf)
+        budget = MAX_RECORD_COST
+        while pending:
+            if p >= n:
+                break
+            b = buf[p]
+            if b <= 0x7F or b >= 0xE0 or 0xC0 <= b <= 0xC3:  # fixint, nil, bool
+                p += 1
+                cost += COST_SMALL
+            elif b <= 0x8F or 0x90 <= b <= 0x9F:  # fixmap, fixarray
+                k = b & 0x0F
+                is_map = b <= 0x8F
+                p += 1
+                pending += 2 * k if is_map else k
+                cost += container_cost(is_map, k)
+            elif b <= 0xBF:  # fixstr
+                k = b & 0x1F
+                p += 1 + k
+                cost += COST_STR + k
+            else:
+                head = _HEADS.get(b)
+                if head is None:
+                    raise DecodeError(f"MessagePack type byte {b:#04x} (ext types and 0xc1 are not part of "
+                                      "vmferry records)", base + p, "$")
+                width, kind = head
+                if p + 1 + width > n:
+                    break
+                k = int.from_bytes(buf[p + 1:p + 1 + width], "big") if kind != "num" else 0
+                p += 1 + width
+                if kind == "num":
+                    cost += COST_SCALAR
+                elif kind == "bin" or kind == "str":
+                    p += k
+                    cost += (COST_BYTES if kind == "bin" else COST_STR) + k
+                else:
+                    pending += 2 * k if kind == "map" else k
+                    cost += container_cost(kind == "map", k)
+            pending -= 1
+            if cost > budget or cost > COST_PER_BYTE * (p - self.start) + COST_SLACK:
+                raise DecodeError(f"a record that would build over {cost} bytes of Python objects from its first "
+                                  f"{p - self.start} bytes (what only a hostile input does)", base + self.start, "$")
+        self.pos, self.pending, self.cost = p, pending, cost
+        if pending or p > n:
+            return None
+        return p
+
+
+def check_cost(body: Any, offset: int, path: str) -> None:
+    """Bound what unpacking the one MessagePack value ``body`` would build, before it is built (ferry's
+    structured frames); a value that does not end where ``body`` does is left to the unpacker to refuse."""
+    scan = _Scan(0)
+    scan.walk(body, offset)
+    if scan.cost > record_budget(len(body)):
+        raise DecodeError(f"a {len(body)}-byte record that would build about {scan.cost} bytes of Python objects "
+                          "(what only a hostile input does)", offset, path)
+
+
+# type byte -> (bytes of length or value that follow, kind)
+_HEADS: dict[int, tuple[int, str]] = {
+    0xC4: (1, "bin"), 0xC5: (2, "bin"), 0xC6: (4, "bin"),
+    0xCA: (4, "num"), 0xCB: (8, "num"),
+    0xCC: (1, "num"), 0xCD: (2, "num"), 0xCE: (4, "num"), 0xCF: (8, "num"),
+    0xD0: (1, "num"), 0xD1: (2, "num"), 0xD2: (4, "num"), 0xD3: (8, "num"),
+    0xD9: (1, "str"), 0xDA: (2, "str"), 0xDB: (4, "str"),
+    0xDC: (2, "array"), 0xDD: (4, "array"), 0xDE: (2, "map"), 0xDF: (4, "map"),
+}
+
+
 def decode(chunks: Iterable[bytes | bytearray | memoryview], options: Any = None) -> Iterator[Event]:
-    """Decode a MessagePack record stream.  Raises only :class:`DecodeError`."""
+    """Decode a MessagePack record stream.  Raises only :class:`DecodeError`.
+
+    Each record is walked first (:class:`_Scan`): its end found and the objects it would build estimated
+    and bounded (:func:`vmferry.encode.limits.record_budget`) before the MessagePack library builds any.
+    """
     lib = _lib()
-    unpacker = lib.Unpacker(raw=False, strict_map_key=True, use_list=True, max_buffer_size=MAX_RECORD + FEED)
     stream = RecordStreamDecoder(NAME, NATIVE)
-    fed = 0
-    pos = 0
+    buf = bytearray()
+    base = 0  # absolute offset of buf[0]
+    start = 0  # where the next record starts in buf
+    scan: _Scan | None = None
     try:
-        for chunk in chunks:
-            view = memoryview(chunk)
-            for i in range(0, len(view), FEED):
-                piece = view[i:i + FEED]
-                unpacker.feed(piece)
-                fed += len(piece)
-                while True:
-                    try:
-                        rec = unpacker.unpack()
-                    except lib.OutOfData:
-                        break
-                    yield from stream.record(rec, pos)
-                    pos = unpacker.tell()
-                if fed - pos > MAX_RECORD:
-                    raise DecodeError(f"a record longer than {MAX_RECORD} bytes", pos, "$")
-        if fed != pos:
-            raise TruncatedError(f"the stream ends inside a record ({fed - pos} bytes of it arrived)", pos, "$")
-        stream.finish(pos)
+        for chunk in pieces(chunks):
+            buf += chunk
+            while start < len(buf):
+                if scan is None:
+                    scan = _Scan(start)
+                end = scan.walk(buf, base)
+                if end is None:
+                    if len(buf) - start > MAX_RECORD:
+                        raise DecodeError(f"a record longer than {MAX_RECORD} bytes", base + start, "$")
+                    break
+                if scan.cost > record_budget(end - start):
+                    raise DecodeError(f"a record of {end - start} bytes that would build about {scan.cost} bytes "
+                                      "of Python objects (what only a hostile input does)", base + start, "$")
+                scan = None
+                rec = lib.unpackb(memoryview(buf)[start:end], raw=False, strict_map_key=True, use_list=True)
+                yield from stream.record(rec, base + start, end - start)
+                start = end
+            if start and (start == len(buf) or start > FEED):
+                del buf[:start]
+                base += start
+                if scan is not None:
+                    scan.start -= start
+                    scan.pos -= start
+                start = 0
+        if start != len(buf):
+            raise TruncatedError(f"the stream ends inside a record ({len(buf) - start} bytes of it arrived)",
+                                 base + start, "$")
+        stream.finish(base + start)
     except DecodeError:
         raise
     except FerryError as e:
-        raise DecodeError(str(e), pos, "$") from None
+        raise DecodeError(str(e), base + start, "$") from None
     except Exception as e:  # noqa: BLE001 - msgpack raises ValueError, TypeError, its own errors, ...
-        raise DecodeError(f"malformed MessagePack ({type(e).__name__}: {e})", pos, "$") from None
+        raise DecodeError(f"malformed MessagePack ({type(e).__name__}: {e})", base + start, "$") from None

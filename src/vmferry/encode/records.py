@@ -51,6 +51,8 @@ from ..events import (
     Vmdesc,
 )
 from ..serialize.qemu_vmdesc import vmsd_from_desc
+from . import limits
+from .configuration import CONFIGURATION_VMSD
 from ..serialize.schema import Vmsd
 
 PAGES_PER_RECORD = 256
@@ -145,19 +147,31 @@ def tree_out(value: Any, sp: Spelling) -> Any:
     return value
 
 
-def tree_in(value: Any, sp: Spelling, path: str = "$", depth: int = 0) -> Any:
-    """Inverse of :func:`tree_out`, checking every value; raises DecodeError naming the path."""
+def tree_in(value: Any, sp: Spelling, path: str = "$", depth: int = 0, in_place: bool = False) -> Any:
+    """Inverse of :func:`tree_out`, checking every value; raises DecodeError naming the path.
+
+    ``in_place``: convert the containers of ``value`` themselves instead of copying them (a decoder's own
+    record, which nobody else holds: its objects are not built twice)."""
     if depth > MAX_DEPTH:
         raise DecodeError(f"tree nested deeper than {MAX_DEPTH}", None, path)
     if isinstance(value, dict):
-        out = {}
+        out = value if in_place else {}
         for k, v in value.items():
             if not isinstance(k, str):
                 raise DecodeError(f"field name {k!r} is not a string", None, path)
-            out[k] = tree_in(v, sp, f"{path}.{k}", depth + 1)
+            if v is None or type(v) is int or type(v) is bool:
+                if not in_place:
+                    out[k] = v
+                continue
+            out[k] = tree_in(v, sp, f"{path}.{k}", depth + 1, in_place)
         return out
     if isinstance(value, list):
-        return [tree_in(v, sp, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
+        if not in_place:
+            return [tree_in(v, sp, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
+        for i, v in enumerate(value):
+            if not (v is None or type(v) is int or type(v) is bool):
+                value[i] = tree_in(v, sp, f"{path}[{i}]", depth + 1, True)
+        return value
     if value is None or isinstance(value, (bool, int)):
         return value
     if isinstance(value, float):
@@ -173,7 +187,8 @@ def tree_in(value: Any, sp: Spelling, path: str = "$", depth: int = 0) -> Any:
 
 
 def plain_in(value: Any, path: str, depth: int = 0) -> Any:
-    """Check a JSON-like value (a schema description, a vmdesc object): no bytes, no cycles."""
+    """Check a JSON-like value (a schema description, a vmdesc object): no bytes, no cycles, integers that
+    every format can carry."""
     if depth > MAX_DEPTH:
         raise DecodeError(f"value nested deeper than {MAX_DEPTH}", None, path)
     if isinstance(value, dict):
@@ -186,11 +201,17 @@ def plain_in(value: Any, path: str, depth: int = 0) -> Any:
         for i, v in enumerate(value):
             plain_in(v, f"{path}[{i}]", depth + 1)
         return value
+    if isinstance(value, int) and not isinstance(value, bool) and not _INT_MIN <= value <= _INT_MAX:
+        raise DecodeError(f"integer {value} does not fit 64 bits (MessagePack and ferry could not carry it)", None,
+                          path)
     if value is None or isinstance(value, (str, bool, int)):
         return value
     if isinstance(value, float) and math.isfinite(value):
         return value
     raise DecodeError(f"unexpected value of type {type(value).__name__}", None, path)
+
+
+_INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1  # what every format spells (MessagePack's widest integers)
 
 
 # ---------------------------------------------------------------------------
@@ -385,9 +406,19 @@ def _parse_desc(desc: Any, path: str) -> Vmsd:
 
 
 class RecordDecoder:
-    """Records -> events for one stream."""
+    """Records -> events for one stream.
 
-    MAX_PAGE_SIZE = 1 << 21
+    Every event is checked with :func:`vmferry.encode.limits.check_event` and every tree with
+    :func:`~vmferry.encode.limits.check_state` before it is handed out, so a decoded stream always encodes
+    in any format (QEMU's included) and never makes a consumer allocate for a value the input merely states.
+    """
+
+    MAX_PAGE_SIZE = limits.MAX_PAGE_SIZE
+    #: A vmdesc rebuilt from the device records (``"devices": "@sections"``) repeats a shared schema once per
+    #: device; its text may be at most as long as the input read so far, or VMDESC_FLOOR bytes (QEMU's are
+    #: ~100 KB; 255 vCPUs sharing one 15 KB description make 4 MB), since its consumers parse it again.
+    VMDESC_EXPANSION = 1
+    VMDESC_FLOOR = 4 << 20
 
     def __init__(self, spelling: Spelling) -> None:
         self.sp = spelling
@@ -395,30 +426,61 @@ class RecordDecoder:
         self.schemas: dict[int, tuple[dict[str, Any], Vmsd]] = {}
         self.seen_header = False
         self.block_lengths: dict[str, int] = {}  # from the MEM_SIZE records
+        self._sections_text = 0  # what json.dumps(self.sections) would take, as the records come
+        self._desc_text: dict[int, int] = {}  # id(desc) -> len(json.dumps(desc)), for descs shared by devices
+        self._offset = 0
+        self._end = 0  # where the record being decoded ends in the input (its start when unknown)
+        self.retained = 0  # estimated memory of every tree and description decoded so far
+        self.order = limits.StreamOrder()
 
     def check_run(self, block: str, offset: int, count: int, ps: int, path: str, at: int | None = None) -> None:
         """A run of pages must lie inside a RAM block the stream sized: a count read from the input can then
         never make a consumer (an encoder, a loader) write or allocate more than that block holds.  ``at`` is
         the input offset an error names."""
+        try:
+            limits.check_run(block, offset, count, ps, path)
+        except DecodeError as e:
+            e.offset = at
+            raise
         length = self.block_lengths.get(block)
         if length is None:
             raise DecodeError(f"RAM pages of block {block!r}, which no MEM_SIZE record sized", at, path)
-        if offset % ps or offset + count * ps > length:
+        if offset + count * ps > length:
             raise DecodeError(f"{count} pages at {offset:#x} do not fit block {block!r} ({length:#x} bytes)", at,
                               path)
 
-    def finish(self) -> None:
+    def finish(self, offset: int | None = None) -> None:
         if not self.seen_header:
-            raise DecodeError("no header record", None, "$.records")
+            raise DecodeError("no header record", offset, "$.records")
+        self.order.finish("$", offset)
 
-    def record(self, rec: Any, offset: int | None, path: str) -> Iterator[Event]:
-        """The events of one record; errors carry ``offset`` (the record's place in the input)."""
+    def sequence(self, ev: Event, path: str, at: int | None) -> None:
+        """Check where ``ev`` (made by the caller, e.g. ferry's RAM frames) comes in the stream."""
         try:
-            yield from self._record(rec, path)
+            self.order.step(ev, path)
+        except DecodeError as e:
+            e.offset = at
+            raise
+
+    def record(self, rec: Any, offset: int | None, path: str, size: int = 0) -> Iterator[Event]:
+        """The events of one record; errors carry ``offset`` (the record's place in the input); ``size`` is
+        the record's length in the input, when the codec knows it."""
+        if offset is not None:
+            self._offset = offset
+            self._end = max(self._end, offset + size)
+        try:
+            yield from self._checked(rec, path)
         except DecodeError as e:
             if e.offset is None and offset is not None:
                 e.offset = offset
             raise
+
+    def _checked(self, rec: Any, path: str, order: limits.StreamOrder | None = None) -> Iterator[Event]:
+        order = order or self.order
+        for ev in self._record(rec, path):
+            limits.check_event(ev, path)
+            order.step(ev, path)
+            yield ev
 
     def _blob(self, rec: Any, key: str, path: str, default: Any = ...) -> Any:
         if not isinstance(rec, dict):
@@ -434,8 +496,7 @@ class RecordDecoder:
 
     def _page_size(self, rec: Any, path: str) -> int:
         ps = field(rec, "page_size", int, path, DEFAULT_PAGE_SIZE)
-        if ps < 512 or ps > self.MAX_PAGE_SIZE or ps & (ps - 1):
-            raise DecodeError(f"implausible page size {ps}", None, f"{path}.page_size")
+        limits.check_page_size(ps, f"{path}.page_size")
         return ps
 
     def _desc_of(self, rec: dict[str, Any], path: str, required: bool) -> tuple[dict[str, Any], Vmsd] | None:
@@ -448,6 +509,32 @@ class RecordDecoder:
             desc = field(rec, "desc", dict, path)
             return desc, _parse_desc(desc, f"{path}.desc")
         return None
+
+    def _section_desc(self, desc: dict[str, Any], path: str) -> None:
+        """Keep a device's description for the vmdesc, bounding the text a rebuilt vmdesc would take."""
+        size = self._desc_text.get(id(desc))
+        if size is None:
+            try:
+                size = len(json.dumps(desc)) + 2
+            except (ValueError, TypeError) as e:
+                raise DecodeError(f"schema description: {e}", None, path) from None
+            self._desc_text[id(desc)] = size
+        self._sections_text += size
+        self.sections.append(desc)
+
+    def _retain(self, value: Any, path: str) -> None:
+        """Count a tree or a description against what the input read so far may build (limits.COST_PER_BYTE):
+        consumers may hold every one of them (``inspect --json``, the machine-type transforms)."""
+        budget = limits.COST_PER_BYTE * self._end + limits.COST_SLACK
+        self.retained += limits.value_cost(value, budget - self.retained)
+        if self.retained > budget:
+            raise DecodeError(f"the stream's device trees and descriptions would take over {budget} bytes of "
+                              f"memory for {self._end} bytes of input", None, path)
+
+    def _vmdesc_limit(self) -> int:
+        from .legacy import MAX_VMDESC
+
+        return min(MAX_VMDESC, max(self.VMDESC_FLOOR, self.VMDESC_EXPANSION * self._offset))
 
     def _record(self, rec: Any, path: str) -> Iterator[Event]:
         t = field(rec, "t", str, path)
@@ -468,13 +555,13 @@ class RecordDecoder:
         elif t == "zeros":
             ps = self._page_size(rec, path)
             count = field(rec, "count", int, path)
-            fill = self._blob(rec, "fill", path, None)
-            if fill is not None and len(fill) != count:
-                raise DecodeError(f"{len(fill)} fill bytes for {count} pages", None, f"{path}.fill")
             if count <= 0:
                 raise DecodeError("a run of zero pages", None, f"{path}.count")
             block, offset = field(rec, "block", str, path), field(rec, "offset", int, path)
             self.check_run(block, offset, count, ps, path)
+            fill = self._blob(rec, "fill", path, None)
+            if fill is not None and len(fill) != count:
+                raise DecodeError(f"{len(fill)} fill bytes for {count} pages", None, f"{path}.fill")
             yield RamZeros(block, offset, count, field(rec, "named", bool, path), ps, fill)
         elif t == "record":
             yield RamRecord(field(rec, "flags", int, path), field(rec, "offset", int, path),
@@ -488,8 +575,10 @@ class RecordDecoder:
                 bp = f"{path}.blocks[{i}]"
                 blocks.append(RamBlock(field(b, "name", str, bp), field(b, "length", int, bp),
                                        field(b, "page_size", int, bp, None), field(b, "gpa", int, bp, None)))
+            ev = RamMemSize(field(rec, "total", int, path), blocks)
+            limits.check_mem_size(ev, path)
             self.block_lengths.update((b.name, b.length) for b in blocks)
-            yield RamMemSize(field(rec, "total", int, path), blocks)
+            yield ev
         elif t == "begin":
             kind = _kind(rec, path)
             if kind in (SECTION_START, SECTION_FULL):
@@ -504,22 +593,30 @@ class RecordDecoder:
             if sid in self.schemas:
                 raise DecodeError(f"schema {sid} sent twice", None, f"{path}.id")
             desc = field(rec, "desc", dict, path)
+            self._retain(desc, f"{path}.desc")
             self.schemas[sid] = (desc, _parse_desc(desc, f"{path}.desc"))
         elif t == "device":
             found = self._desc_of(rec, path, True)
             assert found is not None
             desc, schema = found
-            self.sections.append(desc)
-            state = tree_in(field(rec, "state", dict, path), self.sp, f"{path}.state")
+            version = field(rec, "version", int, path)
+            if "desc" in rec:
+                self._retain(desc, f"{path}.desc")
+            state = tree_in(field(rec, "state", dict, path), self.sp, f"{path}.state", in_place=True)
+            self._retain(state, f"{path}.state")
+            limits.check_state(state, schema, version, f"{path}.state")
+            self._section_desc(desc, path)
             yield DeviceSection(field(rec, "id", int, path), field(rec, "idstr", str, path),
-                                field(rec, "instance", int, path), field(rec, "version", int, path), state, schema,
-                                desc, field(rec, "footer", bool, path))
+                                field(rec, "instance", int, path), version, state, schema, desc,
+                                field(rec, "footer", bool, path))
         elif t == "opaque":
             kind = _kind(rec, path)
             found = self._desc_of(rec, path, False)
             desc_or_none = found[0] if found is not None else None
             if desc_or_none is not None:
-                self.sections.append(desc_or_none)
+                if "desc" in rec:
+                    self._retain(desc_or_none, f"{path}.desc")
+                self._section_desc(desc_or_none, path)
             yield OpaqueSection(kind, field(rec, "id", int, path), field(rec, "idstr", str, path, ""),
                                 field(rec, "instance", int, path, 0), field(rec, "version", int, path, 0),
                                 self._blob(rec, "body", path), field(rec, "footer", bool, path), desc_or_none)
@@ -527,16 +624,22 @@ class RecordDecoder:
             self.seen_header = True
             yield Header(field(rec, "version", int, path))
         elif t == "configuration":
-            yield Configuration(tree_in(field(rec, "state", dict, path), self.sp, f"{path}.state"))
+            state = tree_in(field(rec, "state", dict, path), self.sp, f"{path}.state", in_place=True)
+            self._retain(state, f"{path}.state")
+            limits.check_state(state, CONFIGURATION_VMSD, 1, f"{path}.state")
+            yield Configuration(state)
         elif t == "command":
             packaged: list[Event] | None = None
             if "packaged" in rec:
                 packaged = []
+                inner = limits.StreamOrder(nested=True, started=self.order.started)
                 for i, sub in enumerate(field(rec, "packaged", list, path)):
                     sp = f"{path}.packaged[{i}]"
-                    if field(sub, "t", str, sp) in ("stream", "fin", "header", "vmdesc", "eof", "schema"):
+                    if field(sub, "t", str, sp) in ("stream", "fin", "header", "vmdesc", "eof", "schema",
+                                                    "configuration", "frame"):
                         raise DecodeError("record not allowed inside a PACKAGED command", None, sp)
-                    packaged.extend(self._record(sub, sp))
+                    packaged.extend(self._checked(sub, sp, inner))
+                inner.finish(f"{path}.packaged")
             raw = self._blob(rec, "packaged_raw", path) if "packaged_raw" in rec else None
             yield Command(field(rec, "cmd", int, path), self._blob(rec, "payload", path), packaged, raw)
         elif t == "eof":
@@ -549,10 +652,18 @@ class RecordDecoder:
                     raise DecodeError("vmdesc text is not latin-1", None, f"{path}.text") from None
             else:
                 slim = plain_in(field(rec, "object", dict, path), f"{path}.object")
+                self._retain(slim, f"{path}.object")
+                limit = self._vmdesc_limit()
+                if self._sections_text > limit:
+                    raise DecodeError(f"the vmdesc rebuilt from {len(self.sections)} device records would take "
+                                      f"{self._sections_text} bytes, over {limit} (the input read so far: "
+                                      f"{self._offset})", None, f"{path}.object")
                 try:
                     text = rebuild_vmdesc(slim, self.sections)
                 except ValueError as e:
                     raise DecodeError(f"vmdesc object: {e}", None, f"{path}.object") from None
+                if len(text) > limit:
+                    raise DecodeError(f"vmdesc object of {len(text)} bytes, over {limit}", None, f"{path}.object")
                 yield Vmdesc(text)
         elif t == "frame":
             ftype = field(rec, "type", int, path)
@@ -615,7 +726,7 @@ class RecordStreamDecoder:
         self.index = -1  # records seen, the stream record being -1... then 0, 1, ...
         self.done = False
 
-    def record(self, rec: Any, offset: int | None) -> Iterator[Event]:
+    def record(self, rec: Any, offset: int | None, size: int = 0) -> Iterator[Event]:
         if self.done:
             raise DecodeError("data after the fin record", offset, "$")
         if self.index < 0:
@@ -632,13 +743,17 @@ class RecordStreamDecoder:
             return
         path = f"$.records[{self.index}]"
         if isinstance(rec, dict) and rec.get("t") == "fin":
-            n = field(rec, "records", int, path)
+            try:
+                n = field(rec, "records", int, path)
+            except DecodeError as e:
+                e.offset = offset
+                raise
             if n != self.index:
                 raise DecodeError(f"fin record counts {n} records, the stream had {self.index}", offset, path)
             self.done = True
             return
         self.index += 1
-        yield from self.dec.record(rec, offset, path)
+        yield from self.dec.record(rec, offset, path, size)
 
     def finish(self, offset: int | None) -> None:
         if self.index < 0:
@@ -648,4 +763,4 @@ class RecordStreamDecoder:
 
             raise TruncatedError(f"the stream ends after {self.index} records without its fin record (truncated?)",
                                  offset, "$")
-        self.dec.finish()
+        self.dec.finish(offset)

@@ -230,12 +230,21 @@ class LegacyWriter(Visitor):
         return value
 
     def float64(self, name: str, value: float = 0.0) -> float:
-        self.out += _F64.pack(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self._push(name)
+            raise EncodeError(f"expected a number for float64, got {type(value).__name__}", self.path)
+        try:
+            self.out += _F64.pack(value)
+        except OverflowError:
+            self._push(name)
+            raise EncodeError(f"{value} does not fit a float64", self.path) from None
         return value
 
     def buffer(self, name: str, value: bytes | None, size: int, type_name: str = "buffer") -> bytes:
         self._push(name)
-        data = _check_bytes(self, bytes(size) if value is None else value, size)
+        if value is None:  # the tree has no bytes here: never make up ``size`` of them (a count read from input)
+            raise EncodeError(f"expected {size} bytes, got None", self.path)
+        data = _check_bytes(self, value, size)
         self.out += data
         self._pop()
         return data
@@ -262,8 +271,10 @@ class LegacyWriter(Visitor):
 
     def array(self, name, values, count, fn, compressible=True):
         self._push(name)
-        if values is None or len(values) != count:
-            have = "none" if values is None else len(values)
+        if not isinstance(values, (list, tuple)):
+            raise EncodeError(f"expected an array of {count} elements, got {type(values).__name__}", self.path)
+        if len(values) != count:
+            have = len(values)
             raise EncodeError(f"expected {count} elements, got {have}", self.path)
         out = []
         for i, item in enumerate(values):
@@ -278,6 +289,9 @@ class LegacyWriter(Visitor):
             return None
         self._push(name)
         encoded = name.encode()
+        if len(encoded) > 255 or not 0 <= version <= 0xFFFF_FFFF:
+            raise EncodeError(f"subsection {name[:40]!r} version {version}: QEMU writes a name of at most 255 "
+                              "bytes and a u32 version", self.path)
         self.out.append(SUBSECTION_MARKER)
         self.out.append(len(encoded))
         self.out += encoded

@@ -1,0 +1,39 @@
+"""The fuzzer of tests/fuzzing.py, a few seconds per codec (benchmarks/fuzz.py is the full run).
+
+Mutated streams of each format go through decode, inspect, convert (to QEMU's format and to another
+format) and the proxy's transcoder, in a child process whose address space is capped: no input may end in
+anything but a clean vmferry error (the CLI's exit 2), every DecodeError names an offset inside the input,
+and no input takes the process over 200 MB.  The inputs are the same on every run (a fixed seed and
+count: about two seconds per codec here; asn1tools is the slowest).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+
+import pytest
+
+import fuzzing
+
+COUNT = 400
+COUNTS = {"asn1-ber": 120, "asn1-der": 120, "asn1-per": 120, "asn1-xer": 100}
+MAX_RSS_MB = 200
+ADDRESS_SPACE = 2 << 30  # a blow-up fails the child with MemoryError instead of eating the host
+
+
+def _batch(codec: str) -> fuzzing.Stats:
+    return fuzzing.run_batch(codec, "ci", COUNTS.get(codec, COUNT), keep_failures=5)
+
+
+@pytest.mark.parametrize("codec", fuzzing.CODECS)
+def test_fuzz_codec(codec):
+    ctx = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(1, mp_context=ctx, initializer=fuzzing.limit_memory,
+                             initargs=(ADDRESS_SPACE,)) as pool:
+        stats = pool.submit(_batch, codec).result()
+    assert stats.counts.get("ok", 0) > 0, f"no input got through every step: {fuzzing.describe(stats)}"
+    assert stats.failed == 0, "\n".join([fuzzing.describe(stats)] + [
+        f"{f['kind']} at {f['step']}: {f['detail']} (input {f['index']}: {f['input'][:120]}...)"
+        for f in stats.failures])
+    assert stats.max_rss_kib < MAX_RSS_MB * 1024, fuzzing.describe(stats)
