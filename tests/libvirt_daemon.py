@@ -28,6 +28,10 @@ the in-kernel PIC of this host's KVM (kvm-pvm) leaves it pending in IRR,
 so most boots hang at "Booting from Floppy..."; SeaBIOS polls the ATA and
 AHCI controllers instead (docs/libvirt.md).
 
+:meth:`LibvirtDaemon.release_emulator` writes an ``<emulator>`` for another
+QEMU release (11.1 in its Debian chroot): a script that libvirt execs, which
+execs QEMU in the chroot with libvirt's directories visible inside.
+
 The daemons are stopped by pid (SIGTERM, then SIGKILL) when the context
 ends; libvirtd leaves its QEMUs running when it stops, so
 :meth:`LibvirtDaemon.stop` destroys every running domain first.  The
@@ -37,6 +41,7 @@ module-scoped fixture :func:`libvirtd` gives a test module one daemon.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -50,7 +55,7 @@ from xml.sax.saxutils import escape
 import pytest
 
 from vmferry.live.qemu.guest import parse_counts
-from vmferry.live.qemu.process import write_boot_image
+from vmferry.live.qemu.process import release_root, write_boot_image
 
 #: The directories libvirtd and virtlogd use as root, each replaced by one under the daemon's root.
 PRIVATE_DIRS = ("/etc/libvirt", "/run/libvirt", "/var/lib/libvirt", "/var/log/libvirt", "/var/cache/libvirt")
@@ -249,6 +254,36 @@ class LibvirtDaemon:
         if self._own_root:
             shutil.rmtree(self.root, ignore_errors=True)
 
+    def release_emulator(self, release: str) -> Path:
+        """An executable for a domain's ``<emulator>`` that runs QEMU ``release`` (e.g. ``"11.1"``) in its chroot.
+
+        libvirt execs it like a QEMU binary, to probe its capabilities over QMP
+        and to run domains.  It goes into a mount namespace of its own (made
+        from the daemons' one, so libvirt's private directories are the ones
+        bound here), bind-mounts ``/proc``, ``/dev``, libvirt's directories
+        (:data:`PRIVATE_DIRS`: monitor sockets, pid files, the master key) and
+        the daemon's root (disks, serial logs, save images) at the same paths
+        inside the chroot (:func:`vmferry.live.qemu.process.release_root`),
+        and execs ``chroot ROOT qemu-system-x86_64`` with libvirt's arguments.
+        Every step is an ``exec``: the process libvirt started becomes QEMU,
+        keeps the file descriptors libvirt passes, and the mounts end with it.
+        libvirt caches the capabilities per emulator path (under the private
+        ``/var/cache/libvirt``) until the file changes, so the script is written
+        once and the first domain of a daemon pays the probe (about 4 s here).
+        """
+        root = release_root(release)
+        dirs = " ".join(shlex.quote(d) for d in ("/proc", "/dev", *PRIVATE_DIRS, str(self.root)))
+        inner = ('set -e; r=$1; shift; for d in ' + dirs + '; do mkdir -p "$r$d"; mount --rbind "$d" "$r$d"; done; '
+                 'exec chroot "$r" qemu-system-x86_64 "$@"')
+        script = (f"#!/bin/sh\n# QEMU {release} in {root}, for libvirt\n"
+                  f"exec {_which('unshare')} --mount --propagation private sh -c {shlex.quote(inner)} "
+                  f"sh {shlex.quote(str(root))} \"$@\"\n")
+        path = self.root / f"qemu-{release}"
+        if not path.exists() or path.read_text() != script:  # a new ctime would make libvirt probe it again
+            path.write_text(script)
+            path.chmod(0o755)
+        return path
+
     # ------------------------------------------------------------------ virsh
 
     def virsh(self, *args: str, check: bool = True, timeout: float = 120.0) -> str:
@@ -276,17 +311,20 @@ DEVICES = {
 class Domain:
     """A counting guest defined in a :class:`LibvirtDaemon`: the boot sector on a disk, COM1 to a log file.
 
-    ``devices`` names more devices (:data:`DEVICES`).
+    ``devices`` names more devices (:data:`DEVICES`).  ``acpi`` gives the
+    domain ``<features><acpi/></features>``; without it libvirt 9.0 runs QEMU
+    with ``-no-acpi``, an option QEMU 11.1 no longer has.
     """
 
     def __init__(self, daemon: LibvirtDaemon, name: str, machine: str, *, kind: str = "qemu",
-                 memory_mib: int = 64, devices: tuple[str, ...] = ()) -> None:
+                 memory_mib: int = 64, devices: tuple[str, ...] = (), acpi: bool = False) -> None:
         self.daemon = daemon
         self.name = name
         self.machine = machine
         self.kind = kind
         self.memory_mib = memory_mib
         self.devices = devices
+        self.acpi = acpi
         self.dir = daemon.root / "domains" / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.boot_image = self.dir / "boot.img"
@@ -312,6 +350,7 @@ class Domain:
                 <type arch='x86_64' machine='{escape(self.machine)}'>hvm</type>
                 <boot dev='{boot}'/>
               </os>
+              {"<features><acpi/></features>" if self.acpi else ""}
               <on_poweroff>destroy</on_poweroff>
               <on_reboot>restart</on_reboot>
               <on_crash>destroy</on_crash>

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -283,3 +284,64 @@ def test_damaged_images_fail_cleanly_and_write_nothing(libvirtd, tmp_path, capsy
             at = int(err.rsplit("at offset ", 1)[1].rstrip(")\n"), 16)
             assert at == offset if offset is not None else at >= HEADER_SIZE, (what, err)
             assert not dst.exists() and not list(tmp_path.glob(f"{dst.name}.*vmferry-partial")), what
+
+
+@pytest.mark.qemu11
+@pytest.mark.parametrize("source, compress", [("pc-i440fx-7.2", "raw"), ("pc-i440fx-2.12", "gzip")])
+def test_qemu72_image_restores_under_libvirt_on_qemu111(libvirtd, tmp_path, source, compress):
+    """Across releases (issue 14): a ``virsh save`` image of QEMU 7.2 restored by libvirt 9.0 on QEMU 11.1's machine type.
+
+    libvirt 9.0 runs QEMU 11.1 (Debian forky's, in its chroot) through an
+    ``<emulator>`` that execs it there (:meth:`LibvirtDaemon.release_emulator`);
+    it probes it and runs it as it runs its own QEMU.  Two things QEMU 11.1
+    needs from libvirt 9.0 that it does not give by default: the domain has
+    ``<acpi/>`` (else libvirt passes ``-no-acpi``, which QEMU 11.1 no longer
+    has: "-no-acpi: invalid option"), and the restore goes through a pipe
+    (``--bypass-cache``: libvirt's iohelper reads the file): for a raw image
+    libvirt hands QEMU the image file's own descriptor (``migrate-incoming
+    fd:``), which QEMU 11.1 refuses ("fd: migration to a file is not
+    supported. Use file: instead."); a compressed image (here gzip, which
+    ``transform --compress`` writes) goes through the decompressor's pipe and
+    needs no flag.  The image's XML names the
+    emulator, QEMU 7.2, which has no pc-i440fx-11.1: ``virsh restore --xml``
+    gives the image's XML with the 11.1 emulator.
+    """
+    target = "pc-i440fx-11.1"
+    emulator = libvirtd.release_emulator("11.1")
+    dom = Domain(libvirtd, f"to-11.1-{source[10:]}", source, acpi=True).define()
+    try:
+        dom.start()
+        dom.wait_for_count(10)
+        saved, moved = tmp_path / "old.save", tmp_path / "new.save"
+        libvirtd.virsh("save", dom.name, str(saved))
+        before = dom.counts()[-1]
+        t0 = time.monotonic()
+        vmferry("transform", "-q", str(saved), str(moved), "--machine", target, "--qemu-version", "11.1",
+                "--compress", compress)
+        took = time.monotonic() - t0
+        image = ls.parse(moved.read_bytes())
+        assert image.compression == Compression[compress.upper()]
+        assert image.machine == target and image.was_running and f">{shutil.which('qemu-system-x86_64')}</emulator>" in image.xml
+        with pytest.raises(LibvirtError, match=f"does not support machine type '{target}'"):
+            libvirtd.virsh("restore", str(moved))  # the image's emulator: QEMU 7.2
+        xml = tmp_path / "on-11.1.xml"
+        xml.write_text(re.sub(r"<emulator>[^<]*</emulator>", f"<emulator>{emulator}</emulator>",
+                              libvirtd.virsh("save-image-dumpxml", str(moved))))
+        pipe: tuple[str, ...] = ()
+        if compress == "raw":  # QEMU 11.1 refuses the image file's descriptor; libvirt's iohelper gives a pipe
+            with pytest.raises(LibvirtError, match="fd: migration to a file is not supported"):
+                libvirtd.virsh("restore", str(moved), "--xml", str(xml))
+            pipe = ("--bypass-cache",)
+        t0 = time.monotonic()
+        libvirtd.virsh("restore", str(moved), "--xml", str(xml), *pipe)
+        restored = time.monotonic() - t0
+        assert dom.state() == "running"
+        live = libvirtd.virsh("dumpxml", dom.name)
+        assert machine_of(live) == target and f"<emulator>{emulator}</emulator>" in live
+        log = (libvirtd.private("/var/log/libvirt") / "qemu" / f"{dom.name}.log").read_text()
+        assert "qemu version: 11.1" in log.rsplit("starting up", 1)[1]
+        assert_counts_on(dom, before)
+        print(f"{source} (QEMU 7.2) -> {target} (QEMU 11.1), {compress}: transform {took:.2f} s, virsh restore {restored:.2f} s")
+    finally:
+        libvirtd.virsh("destroy", dom.name, check=False)
+        libvirtd.virsh("undefine", dom.name, check=False)
