@@ -205,6 +205,25 @@ def test_json_of_image_outputs(image, tmp_path):
     assert doc["bytes"] == (tmp_path / "s.mig").stat().st_size
 
 
+def test_transform_emulator(image, stream_212, tmp_path):
+    """--emulator names the QEMU binary in the image's XML; an input that is no image, or --to, refuses it
+    in one line before any output exists."""
+    out = tmp_path / "e.save"
+    ok(run("transform", "-q", str(image), str(out), "--machine", "pc-i440fx-11.1", "--emulator", "/opt/qemu-11.1"))
+    moved = ls.parse(out.read_bytes())
+    assert moved.machine == "pc-i440fx-11.1" and "<emulator>/opt/qemu-11.1</emulator>" in moved.xml
+    assert "/usr/bin/qemu-system-x86_64" not in moved.xml and moved.cookie == COOKIE
+    plain = tmp_path / "plain.mig"
+    plain.write_bytes(stream_212)
+    for args, message in (((str(plain), str(tmp_path / "p.mig")), "the input is no image"),
+                          ((str(image), str(tmp_path / "l.mig"), "--to", "legacy"), "which --to leaves out"),
+                          ((str(image), str(tmp_path / "r.save")), "not an absolute path")):
+        err = one_line_error(run("transform", "-q", *args, "--machine", "pc-i440fx-7.2", "--emulator",
+                                 "qemu" if "r.save" in args[1] else "/opt/q"))
+        assert message in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.save", "plain.mig", "t1.save"]
+
+
 # ---------------------------------------------------------------------------
 # ram extract | inject
 # ---------------------------------------------------------------------------

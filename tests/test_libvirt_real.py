@@ -302,9 +302,10 @@ def test_qemu72_image_restores_under_libvirt_on_qemu111(libvirtd, tmp_path, sour
     fd:``), which QEMU 11.1 refuses ("fd: migration to a file is not
     supported. Use file: instead."); a compressed image (here gzip, which
     ``transform --compress`` writes) goes through the decompressor's pipe and
-    needs no flag.  The image's XML names the
-    emulator, QEMU 7.2, which has no pc-i440fx-11.1: ``virsh restore --xml``
-    gives the image's XML with the 11.1 emulator.
+    needs no flag.  The image's XML names the emulator; QEMU 7.2's has no
+    pc-i440fx-11.1.  The raw image keeps it and gets the 11.1 emulator from
+    ``virsh restore --xml``; the gzip one gets it from ``transform
+    --emulator`` and restores with a plain ``virsh restore``.
     """
     target = "pc-i440fx-11.1"
     emulator = libvirtd.release_emulator("11.1")
@@ -316,24 +317,29 @@ def test_qemu72_image_restores_under_libvirt_on_qemu111(libvirtd, tmp_path, sour
         libvirtd.virsh("save", dom.name, str(saved))
         before = dom.counts()[-1]
         t0 = time.monotonic()
+        set_emulator = ("--emulator", str(emulator)) if compress == "gzip" else ()
         vmferry("transform", "-q", str(saved), str(moved), "--machine", target, "--qemu-version", "11.1",
-                "--compress", compress)
+                "--compress", compress, *set_emulator)
         took = time.monotonic() - t0
         image = ls.parse(moved.read_bytes())
         assert image.compression == Compression[compress.upper()]
-        assert image.machine == target and image.was_running and f">{shutil.which('qemu-system-x86_64')}</emulator>" in image.xml
-        with pytest.raises(LibvirtError, match=f"does not support machine type '{target}'"):
-            libvirtd.virsh("restore", str(moved))  # the image's emulator: QEMU 7.2
-        xml = tmp_path / "on-11.1.xml"
-        xml.write_text(re.sub(r"<emulator>[^<]*</emulator>", f"<emulator>{emulator}</emulator>",
-                              libvirtd.virsh("save-image-dumpxml", str(moved))))
-        pipe: tuple[str, ...] = ()
-        if compress == "raw":  # QEMU 11.1 refuses the image file's descriptor; libvirt's iohelper gives a pipe
+        assert image.machine == target and image.was_running
+        restore: tuple[str, ...] = ()
+        if set_emulator:
+            assert image.xml.count("<emulator>") == 1 and f"<emulator>{emulator}</emulator>" in image.xml
+        else:
+            assert f">{shutil.which('qemu-system-x86_64')}</emulator>" in image.xml
+            with pytest.raises(LibvirtError, match=f"does not support machine type '{target}'"):
+                libvirtd.virsh("restore", str(moved))  # the image's emulator: QEMU 7.2
+            xml = tmp_path / "on-11.1.xml"
+            xml.write_text(re.sub(r"<emulator>[^<]*</emulator>", f"<emulator>{emulator}</emulator>",
+                                  libvirtd.virsh("save-image-dumpxml", str(moved))))
+            # QEMU 11.1 refuses the raw image file's descriptor; libvirt's iohelper gives it a pipe
             with pytest.raises(LibvirtError, match="fd: migration to a file is not supported"):
                 libvirtd.virsh("restore", str(moved), "--xml", str(xml))
-            pipe = ("--bypass-cache",)
+            restore = ("--xml", str(xml), "--bypass-cache")
         t0 = time.monotonic()
-        libvirtd.virsh("restore", str(moved), "--xml", str(xml), *pipe)
+        libvirtd.virsh("restore", str(moved), *restore)
         restored = time.monotonic() - t0
         assert dom.state() == "running"
         live = libvirtd.virsh("dumpxml", dom.name)

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from vmferry.encode import legacy
 from vmferry.encode import libvirt_save as ls
 from vmferry.encode.libvirt_save import HEADER_SIZE, MAGIC, PADDING, Compression
-from vmferry.errors import DecodeError, TruncatedError
+from vmferry.errors import DecodeError, EncodeError, TruncatedError
 
 #: The shape of the XML libvirt 9.0 stores (from a real ``virsh save``, paths shortened).
 XML = """<domain type='kvm'>
@@ -162,6 +162,26 @@ def test_with_machine_other_spellings():
     assert image.with_machine("pc-i440fx-7.2").xml.count("pc-i440fx-7.2") == 1
     with pytest.raises(Exception, match="not a machine type name"):
         image.with_machine("pc'><evil/>")
+
+
+def test_with_emulator_sets_the_qemu_binary():
+    image = ls.parse(write_like_libvirt(XML, COOKIE, b""))
+    moved = image.with_emulator("/srv/qemu 11.1/run&exec")
+    assert moved.xml == XML.replace("/usr/bin/qemu-system-x86_64", "/srv/qemu 11.1/run&amp;exec")
+    assert moved.cookie == COOKIE and moved.machine == image.machine and moved.name == "t1"
+    assert moved.with_emulator("/usr/bin/qemu-system-x86_64").head == image.head  # back again: the same bytes
+    none = ls.parse(write_like_libvirt(XML.replace("    <emulator>/usr/bin/qemu-system-x86_64</emulator>\n", ""),
+                                       None, b""))
+    assert "<devices><emulator>/opt/q</emulator>\n" in none.with_emulator("/opt/q").xml
+    for bad, message in (("qemu-system-x86_64", "not an absolute path"), ("/a\nb", "not an absolute path")):
+        with pytest.raises(EncodeError, match=message):
+            image.with_emulator(bad)
+    twice = XML.replace("</devices>", "<emulator>/b</emulator></devices>")
+    with pytest.raises(EncodeError, match="more than one <emulator>"):
+        ls.parse(write_like_libvirt(twice, None, b"")).with_emulator("/c")
+    with pytest.raises(EncodeError, match="no <devices>"):
+        ls.parse(write_like_libvirt(XML.replace("<devices>", "<x>").replace("</devices>", "</x>").replace(
+            "<emulator>/usr/bin/qemu-system-x86_64</emulator>", ""), None, b"")).with_emulator("/c")
 
 
 def test_with_xml_grows_data_len_only_when_it_must():

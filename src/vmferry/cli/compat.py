@@ -60,6 +60,10 @@ def cmd_transform(args: argparse.Namespace) -> int:
     size = os.path.getsize(args.input) if args.input != "-" and os.path.isfile(args.input) else None
     with progress_bar(args.input, size, not args.quiet) as advance:
         inp = open_stream(args.input, advance, args.from_format)
+        if args.emulator is not None and (inp.image is None or args.to is not None):
+            raise UsageError("--emulator sets the QEMU binary of a libvirt save image's XML: the input is no "
+                             "image" if inp.image is None else "--emulator sets the QEMU binary of a libvirt save "
+                             "image's XML, which --to leaves out")
         if inp.image is not None and args.to is None:
             return _transform_image(args, inp, machine, registry.release(machine).machine,
                                     transform_events(decode_input(inp, schema), registry, machine, from_machine,
@@ -87,7 +91,7 @@ def _transform_image(args: argparse.Namespace, inp: Input, release: str, machine
     from .images import image_compression, persistent_note, retarget, write_image
 
     assert inp.image is not None
-    new = retarget(inp.image, machine, image_compression(args.compress))
+    new = retarget(inp.image, machine, image_compression(args.compress), args.emulator)
     written = write_image(new, events, args.output, src=args.input)
     note = persistent_note(inp.image, new)
     if note is not None and not args.quiet:
@@ -425,6 +429,10 @@ def add_subcommands(sub: Any) -> None:
                          "QEMU stream inside comes out, without the libvirt header, XML and cookie)")
     from_option(tr)
     tr.add_argument("--compress", choices=COMPRESS_CHOICES, metavar="|".join(COMPRESS_CHOICES), help=COMPRESS_HELP)
+    tr.add_argument("--emulator", metavar="PATH",
+                    help="for a libvirt save image: the QEMU binary libvirt runs the restored guest with, "
+                         "<emulator> in the image's XML (default: the saving host's); needed when TARGET belongs "
+                         "to another QEMU, whose machine types the saving host's QEMU lacks")
     tr.add_argument("--schema", metavar="FILE", help="schema for a stream without a vmdesc (as for convert)")
     tr.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     tr.set_defaults(func=cmd_transform)

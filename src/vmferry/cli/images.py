@@ -93,13 +93,17 @@ def image_compression(name: str | None) -> Compression | None:
     return IMAGE_COMPRESSIONS[name]
 
 
-def retarget(image: SaveImage, machine: str | None = None, compression: Compression | None = None) -> SaveImage:
-    """The head of ``image`` for machine type ``machine`` and stored with ``compression`` (None: unchanged).
+def retarget(image: SaveImage, machine: str | None = None, compression: Compression | None = None,
+             emulator: str | None = None) -> SaveImage:
+    """The head of ``image`` for machine type ``machine``, stored with ``compression`` and run by the QEMU
+    binary ``emulator`` (None: unchanged).
 
     A version 1 header (no compression field) becomes version 2 when the
     stream is to be compressed.
     """
     new = image.with_machine(machine) if machine is not None and machine != image.machine else image
+    if emulator is not None:
+        new = new.with_emulator(emulator)
     if compression is not None and compression != new.compression:
         header = new.header if new.header.version >= 2 else replace(new.header, version=2)
         new = ls.parse(replace(header, compressed=int(compression)).pack() + new.data, allow_partial=True)
@@ -208,14 +212,16 @@ def copy_image(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Save
 
 def transform_image(src: str | os.PathLike[str], dst: str | os.PathLike[str], machine: str, *,
                     qemu_version: str | None = None, from_machine: str | None = None,
-                    from_qemu_version: str | None = None, compression: Compression | None = None) -> SaveImage:
+                    from_qemu_version: str | None = None, compression: Compression | None = None,
+                    emulator: str | None = None) -> SaveImage:
     """Convert the guest saved in ``src`` to machine type ``machine`` (of QEMU ``qemu_version``) into ``dst``.
 
     What ``vmferry transform SRC DST --machine MACHINE`` does: the stream is
     converted along the registered transforms, the XML's machine type
     becomes ``machine``; ``was_running``, the cookie and the rest of the XML
     stay.  ``compression`` (default: the input's) is how the new stream is
-    stored.  Returns the new image head.
+    stored; ``emulator`` (default: the input's) is the QEMU binary libvirt
+    runs it with.  Returns the new image head.
     """
     from ..compat import qemu_registry, transform_events
 
@@ -224,7 +230,7 @@ def transform_image(src: str | os.PathLike[str], dst: str | os.PathLike[str], ma
     source = registry.resolve(from_machine, from_qemu_version) if from_machine else None
     inp = open_input(os.fspath(src))
     image = _require_image(inp)
-    new = retarget(image, registry.release(target).machine, compression)
+    new = retarget(image, registry.release(target).machine, compression, emulator)
     events = transform_events(decode_input(inp), registry, target, source, from_qemu_version)
     write_image(new, events, dst, src=src)
     return new

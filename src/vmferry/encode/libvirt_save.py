@@ -31,7 +31,8 @@ before Python 3.14), lzop with its framing read here
 and LZO1X blocks by ``lzallright``), in chunks of at most
 :data:`MAX_CHUNK` bytes, and :func:`compress` compresses a stream again.
 :meth:`SaveImage.with_machine` rewrites ``<os><type machine=...>`` and
-leaves every other byte of the XML as it was; :attr:`SaveImage.head` is
+:meth:`SaveImage.with_emulator` ``<devices><emulator>``; both leave every
+other byte of the XML as it was; :attr:`SaveImage.head` is
 the header and data, byte for byte as read when nothing changed.
 
 Errors are :class:`~vmferry.errors.DecodeError` with the offset in the
@@ -50,6 +51,7 @@ from dataclasses import dataclass, replace
 from enum import IntEnum
 from typing import Any, Iterable, Iterator
 from xml.parsers import expat
+from xml.sax.saxutils import escape as xml_escape
 
 from ..errors import DecodeError, EncodeError, TruncatedError
 
@@ -198,6 +200,8 @@ def parse_header(buf: bytes | bytearray | memoryview, offset: int = 0) -> SaveHe
 # ---------------------------------------------------------------------------
 
 _MACHINE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_EMULATOR_RE = re.compile(r"(<emulator\s*>)([^<]*)(</emulator\s*>)")
+_DEVICES_RE = re.compile(r"<devices\s*>")
 _ATTR = r"""\s+([A-Za-z_:][\w:.-]*)\s*=\s*(?:'[^'<]*'|"[^"<]*")"""
 _START_TAG = re.compile(rb"<type((?:" + _ATTR.encode() + rb")*)\s*(/?)>")
 _ATTR_RE = re.compile(rb"""(\s+)([A-Za-z_:][\w:.-]*)(\s*=\s*)(?:'([^'<]*)'|"([^"<]*)")""")
@@ -366,6 +370,23 @@ class SaveImage:
         else:
             tag = b"<type machine='" + machine.encode() + b"'" + tag[len(b"<type"):]
         return self.with_xml((xml[:start] + tag + xml[end:]).decode())
+
+    def with_emulator(self, emulator: str) -> SaveImage:
+        """This image with ``<devices><emulator>`` set to ``emulator`` (an absolute path): the QEMU binary
+        libvirt runs for the restored domain.  Added after ``<devices>`` when the XML has none."""
+        if not emulator.startswith("/") or any(c in emulator for c in "\0\n"):
+            raise EncodeError(f"not an absolute path for <emulator>: {emulator!r}", "$.libvirt.xml.devices.emulator")
+        text = xml_escape(emulator)
+        found = _EMULATOR_RE.findall(self.xml)
+        if len(found) > 1:
+            raise EncodeError("the domain XML has more than one <emulator>", "$.libvirt.xml.devices.emulator")
+        if found:
+            return self.with_xml(_EMULATOR_RE.sub(lambda m: m.group(1) + text + m.group(3), self.xml))
+        devices = _DEVICES_RE.search(self.xml)
+        if devices is None:
+            raise EncodeError("the domain XML has no <devices> to hold an <emulator>", "$.libvirt.xml.devices")
+        at = devices.end()
+        return self.with_xml(f"{self.xml[:at]}<emulator>{text}</emulator>{self.xml[at:]}")
 
 
 def parse(head: bytes | bytearray | memoryview, *, allow_partial: bool = False, offset: int = 0) -> SaveImage:
