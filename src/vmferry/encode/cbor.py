@@ -15,18 +15,17 @@ import io
 from typing import Any, Iterable, Iterator
 
 from ..caps import Cap
-from ..errors import DecodeError, FerryError, TruncatedError
+from ..errors import DecodeError, FerryError
 from ..events import Event
 from .limits import (COST_BYTES, COST_PER_BYTE, COST_SCALAR, COST_SLACK, COST_SMALL, COST_STR, MAX_RECORD_COST,
-                     container_cost, record_budget)
-from .records import PIECE, NATIVE_BYTES, RecordStreamDecoder, encode_records, pieces
+                     container_cost)
+from .records import NATIVE_BYTES, RecordStreamDecoder, encode_records, walked_records
 
 NAME = "cbor"
 CAP = Cap.CODEC_CBOR
 FEATURES = Cap.SELF_DESCRIBING
 REQUIRES = ("cbor2",)
 SELF_DESCRIBED = b"\xd9\xd9\xf7"
-MAX_RECORD = 64 << 20
 
 
 def _lib() -> Any:
@@ -128,50 +127,5 @@ def decode(chunks: Iterable[bytes | bytearray | memoryview], options: Any = None
     builds any.
     """
     lib = _lib()
-    stream = RecordStreamDecoder(NAME, NATIVE_BYTES)
-    buf = bytearray()
-    base = 0  # absolute offset of buf[0]
-    start = 0  # where the next record starts in buf
-    scan: _Scan | None = None
-    first = True
-    try:
-        for chunk in pieces(chunks):
-            buf += chunk
-            if first:
-                if len(buf) < len(SELF_DESCRIBED) and SELF_DESCRIBED.startswith(bytes(buf)):
-                    continue
-                if buf.startswith(SELF_DESCRIBED):  # the tag that marks the stream, before its first record
-                    start = len(SELF_DESCRIBED)
-                first = False
-            while start < len(buf):
-                if scan is None:
-                    scan = _Scan(start)
-                end = scan.walk(buf, base)
-                if end is None:
-                    if len(buf) - start > MAX_RECORD:
-                        raise DecodeError(f"a record longer than {MAX_RECORD} bytes", base + start, "$")
-                    break
-                if scan.cost > record_budget(end - start):
-                    raise DecodeError(f"a record of {end - start} bytes that would build about {scan.cost} bytes "
-                                      "of Python objects (what only a hostile input does)", base + start, "$")
-                scan = None
-                rec = lib.CBORDecoder(io.BytesIO(memoryview(buf)[start:end]), max_depth=100).decode()
-                yield from stream.record(_plain(rec), base + start, end - start)
-                start = end
-            if start and (start == len(buf) or start > PIECE):
-                del buf[:start]
-                base += start
-                if scan is not None:
-                    scan.start -= start
-                    scan.pos -= start
-                start = 0
-        if start != len(buf):
-            raise TruncatedError(f"the stream ends inside a record ({len(buf) - start} bytes of it arrived)",
-                                 base + start, "$")
-        stream.finish(base + start)
-    except DecodeError:
-        raise
-    except FerryError as e:
-        raise DecodeError(str(e), base + start, "$") from None
-    except Exception as e:  # noqa: BLE001 - cbor2 raises many types
-        raise DecodeError(f"malformed CBOR ({type(e).__name__}: {e})", base + start, "$") from None
+    return walked_records(chunks, RecordStreamDecoder(NAME, NATIVE_BYTES), _Scan,
+                          lambda view: _plain(lib.CBORDecoder(io.BytesIO(view), max_depth=100).decode()), "CBOR", prefix=SELF_DESCRIBED)

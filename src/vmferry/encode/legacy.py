@@ -762,39 +762,19 @@ def encode_event(out: bytearray, ev: Event) -> None:
             if b.gpa is not None:
                 out += BE64.pack(b.gpa)
     elif isinstance(ev, IterBegin):
-        out.append(ev.kind)
-        out += BE32.pack(ev.section_id)
-        if ev.kind in (SECTION_START, SECTION_FULL):
-            _put_cstr(out, ev.idstr, "$")
-            out += BE32.pack(ev.instance_id)
-            out += BE32.pack(ev.version_id)
+        _section_head(out, ev.kind, ev.section_id, ev.idstr, ev.instance_id, ev.version_id)
     elif isinstance(ev, IterEnd):
-        if ev.footer:
-            out.append(SECTION_FOOTER)
-            out += BE32.pack(ev.section_id)
+        _section_foot(out, ev.footer, ev.section_id)
     elif isinstance(ev, DeviceSection):
-        out.append(SECTION_FULL)
-        out += BE32.pack(ev.section_id)
-        _put_cstr(out, ev.idstr, "$")
-        out += BE32.pack(ev.instance_id)
-        out += BE32.pack(ev.version_id)
+        _section_head(out, SECTION_FULL, ev.section_id, ev.idstr, ev.instance_id, ev.version_id)
         writer = LegacyWriter(out)
         writer._path = [f"$.{ev.idstr}"]
         visit_vmsd(writer, ev.schema, ev.state, ev.version_id)
-        if ev.footer:
-            out.append(SECTION_FOOTER)
-            out += BE32.pack(ev.section_id)
+        _section_foot(out, ev.footer, ev.section_id)
     elif isinstance(ev, OpaqueSection):
-        out.append(ev.kind)
-        out += BE32.pack(ev.section_id)
-        if ev.kind in (SECTION_START, SECTION_FULL):
-            _put_cstr(out, ev.idstr, "$")
-            out += BE32.pack(ev.instance_id)
-            out += BE32.pack(ev.version_id)
+        _section_head(out, ev.kind, ev.section_id, ev.idstr, ev.instance_id, ev.version_id)
         out += ev.body
-        if ev.footer:
-            out.append(SECTION_FOOTER)
-            out += BE32.pack(ev.section_id)
+        _section_foot(out, ev.footer, ev.section_id)
     elif isinstance(ev, Header):
         out += BE32.pack(QEMU_VM_FILE_MAGIC)
         out += BE32.pack(ev.version)
@@ -859,6 +839,22 @@ def _encode_pages(out: bytearray, ev: RamPages) -> None:
         parts.append(header)
         parts.append(ev.page(i))
     out += b"".join(parts)
+
+
+def _section_head(out: bytearray, kind: int, section_id: int, idstr: str, instance_id: int, version_id: int) -> None:
+    """A section's type byte and id; START and FULL add idstr, instance and version (spec §4)."""
+    out.append(kind)
+    out += BE32.pack(section_id)
+    if kind in (SECTION_START, SECTION_FULL):
+        _put_cstr(out, idstr, "$")
+        out += BE32.pack(instance_id)
+        out += BE32.pack(version_id)
+
+
+def _section_foot(out: bytearray, footer: bool, section_id: int) -> None:
+    if footer:
+        out.append(SECTION_FOOTER)
+        out += BE32.pack(section_id)
 
 
 def _encode_zeros(out: bytearray, ev: RamZeros) -> None:

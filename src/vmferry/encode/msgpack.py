@@ -12,18 +12,16 @@ from __future__ import annotations
 from typing import Any, Iterable, Iterator
 
 from ..caps import Cap
-from ..errors import DecodeError, FerryError, TruncatedError
+from ..errors import DecodeError, FerryError
 from ..events import Event
 from .limits import (COST_BYTES, COST_PER_BYTE, COST_SCALAR, COST_SLACK, COST_SMALL, COST_STR, MAX_RECORD_COST,
                      container_cost, record_budget)
-from .records import NATIVE, RecordStreamDecoder, encode_records, pieces, stream_record
+from .records import NATIVE, RecordStreamDecoder, encode_records, stream_record, walked_records
 
 NAME = "msgpack"
 CAP = Cap.CODEC_MSGPACK
 FEATURES = Cap.SELF_DESCRIBING
 REQUIRES = ("msgpack",)
-MAX_RECORD = 64 << 20
-FEED = 4 << 20  # consumed input is dropped from the buffer once this much has gathered
 
 
 def _lib() -> Any:
@@ -154,43 +152,5 @@ def decode(chunks: Iterable[bytes | bytearray | memoryview], options: Any = None
     and bounded (:func:`vmferry.encode.limits.record_budget`) before the MessagePack library builds any.
     """
     lib = _lib()
-    stream = RecordStreamDecoder(NAME, NATIVE)
-    buf = bytearray()
-    base = 0  # absolute offset of buf[0]
-    start = 0  # where the next record starts in buf
-    scan: _Scan | None = None
-    try:
-        for chunk in pieces(chunks):
-            buf += chunk
-            while start < len(buf):
-                if scan is None:
-                    scan = _Scan(start)
-                end = scan.walk(buf, base)
-                if end is None:
-                    if len(buf) - start > MAX_RECORD:
-                        raise DecodeError(f"a record longer than {MAX_RECORD} bytes", base + start, "$")
-                    break
-                if scan.cost > record_budget(end - start):
-                    raise DecodeError(f"a record of {end - start} bytes that would build about {scan.cost} bytes "
-                                      "of Python objects (what only a hostile input does)", base + start, "$")
-                scan = None
-                rec = lib.unpackb(memoryview(buf)[start:end], raw=False, strict_map_key=True, use_list=True)
-                yield from stream.record(rec, base + start, end - start)
-                start = end
-            if start and (start == len(buf) or start > FEED):
-                del buf[:start]
-                base += start
-                if scan is not None:
-                    scan.start -= start
-                    scan.pos -= start
-                start = 0
-        if start != len(buf):
-            raise TruncatedError(f"the stream ends inside a record ({len(buf) - start} bytes of it arrived)",
-                                 base + start, "$")
-        stream.finish(base + start)
-    except DecodeError:
-        raise
-    except FerryError as e:
-        raise DecodeError(str(e), base + start, "$") from None
-    except Exception as e:  # noqa: BLE001 - msgpack raises ValueError, TypeError, its own errors, ...
-        raise DecodeError(f"malformed MessagePack ({type(e).__name__}: {e})", base + start, "$") from None
+    return walked_records(chunks, RecordStreamDecoder(NAME, NATIVE), _Scan,
+                          lambda view: lib.unpackb(view, raw=False, strict_map_key=True, use_list=True), "MessagePack")

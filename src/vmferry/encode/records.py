@@ -27,7 +27,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
-from ..errors import DecodeError, EncodeError, SchemaError
+from ..errors import DecodeError, EncodeError, FerryError, SchemaError, TruncatedError
 from ..events import (
     SECTION_FULL,
     SECTION_KIND_NAMES,
@@ -692,10 +692,6 @@ def pieces(chunks: Iterable[Any], size: int = PIECE) -> Iterator[memoryview]:
             yield view[i:i + size]
 
 
-# ---------------------------------------------------------------------------
-# ---------------------------------------------------------------------------
-
-
 def regrouped(events: Iterable[Event]) -> Iterator[Event]:
     """``events`` with page runs cut every :data:`PAGES_PER_RECORD` pages however the decoder cut them
     (:mod:`vmferry.encode.runs`), so that a file and a pipe give the same records."""
@@ -759,8 +755,69 @@ class RecordStreamDecoder:
         if self.index < 0:
             raise DecodeError("empty stream", offset, "$")
         if not self.done:
-            from ..errors import TruncatedError
-
             raise TruncatedError(f"the stream ends after {self.index} records without its fin record (truncated?)",
                                  offset, "$")
         self.dec.finish(offset)
+
+
+#: The longest record a binary record stream (CBOR, MessagePack) may hold.
+MAX_RECORD = 64 << 20
+
+
+def walked_records(chunks: Iterable[Any], stream: RecordStreamDecoder, scanner: Callable[[int], Any],
+                   build: Callable[[memoryview], Any], label: str, *, prefix: bytes = b"") -> Iterator[Event]:
+    """The events of a stream of self-delimiting binary records, each walked before it is built.
+
+    ``scanner(start)`` gives an object whose ``walk(buf, base)`` finds the end of the record at ``start``
+    (None: more input needed) and counts in ``cost`` the objects it would build; a record is built by
+    ``build`` (the format library) only when that cost fits :func:`vmferry.encode.limits.record_budget`.
+    ``prefix`` may stand before the first record (CBOR's self-described tag).  Consumed input is dropped
+    every :data:`PIECE` bytes.  Raises only :class:`DecodeError`, naming the record's offset; ``label``
+    names the format in it.
+    """
+    buf = bytearray()
+    base = 0  # absolute offset of buf[0]
+    start = 0  # where the next record starts in buf
+    scan: Any = None
+    look_for_prefix = bool(prefix)
+    try:
+        for chunk in pieces(chunks):
+            buf += chunk
+            if look_for_prefix:
+                if len(buf) < len(prefix) and prefix.startswith(bytes(buf)):
+                    continue
+                if buf.startswith(prefix):
+                    start = len(prefix)
+                look_for_prefix = False
+            while start < len(buf):
+                if scan is None:
+                    scan = scanner(start)
+                end = scan.walk(buf, base)
+                if end is None:
+                    if len(buf) - start > MAX_RECORD:
+                        raise DecodeError(f"a record longer than {MAX_RECORD} bytes", base + start, "$")
+                    break
+                if scan.cost > limits.record_budget(end - start):
+                    raise DecodeError(f"a record of {end - start} bytes that would build about {scan.cost} bytes "
+                                      "of Python objects (what only a hostile input does)", base + start, "$")
+                scan = None
+                rec = build(memoryview(buf)[start:end])
+                yield from stream.record(rec, base + start, end - start)
+                start = end
+            if start and (start == len(buf) or start > PIECE):
+                del buf[:start]
+                base += start
+                if scan is not None:
+                    scan.start -= start
+                    scan.pos -= start
+                start = 0
+        if start != len(buf):
+            raise TruncatedError(f"the stream ends inside a record ({len(buf) - start} bytes of it arrived)",
+                                 base + start, "$")
+        stream.finish(base + start)
+    except DecodeError:
+        raise
+    except FerryError as e:
+        raise DecodeError(str(e), base + start, "$") from None
+    except Exception as e:  # noqa: BLE001 - the format libraries raise many types
+        raise DecodeError(f"malformed {label} ({type(e).__name__}: {e})", base + start, "$") from None
