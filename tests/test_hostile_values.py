@@ -366,3 +366,24 @@ def test_the_vmdesc_rewrite_of_a_machine_type_transform_takes_any_json():
     out = _configuration_desc(desc, "pc-i440fx-2.12")
     assert out["fields"] == [[1], "x", {"name": "name", "size": 14}, {"name": "len"}]
     assert _configuration_desc({"fields": 5}, "pc-i440fx-2.12") == {"fields": 5}
+
+
+def test_undecoded_packaged_records_cross_every_record_format() -> None:
+    """A live postcopy stream read without schemas keeps PACKAGED's records as bytes (``packaged_raw``): the
+    record formats carry them (proxy -> ferry -> proxy), bounded like decoded ones; only PACKAGED has them."""
+    from vmferry.events import CMD_PACKAGED, Command, Eof
+
+    raw = bytearray()  # any legacy records will do: they stay undecoded
+    legacy.encode_event(raw, IterBegin(SECTION_START, 2, "ram", 0, 4))
+    cmd = Command(CMD_PACKAGED, struct.pack(">I", len(raw)), None, bytes(raw))
+    limits.check_event(cmd)
+    for fmt in ("ferry", "msgpack", "cbor", "jsonl"):
+        codec = encode.codec(fmt)
+        events = list(codec.decode(codec.encode([Header(3), cmd, Eof()])))
+        assert [e for e in events if isinstance(e, Command)] == [cmd], fmt
+    with pytest.raises(DecodeError, match="packaged bytes of"):
+        limits.check_event(Command(CMD_PACKAGED, b"", None, bytes(limits.MAX_PACKAGED + 1)))
+    with pytest.raises(DecodeError, match="only PACKAGED"):
+        limits.check_event(Command(CMD_PACKAGED + 1, b"", None, b"\x00"))
+    with pytest.raises(DecodeError, match="without its packaged records"):
+        limits.check_event(Command(CMD_PACKAGED))

@@ -88,5 +88,8 @@ def test_out_of_range_edit_is_refused_with_its_path(qemu_corpus, tmp_path, capsy
     _write(doc, head, records, tail)
     assert main(["convert", "-q", str(doc), str(tmp_path / "bad.mig"), "--to", "legacy"]) == 2
     err = capsys.readouterr().err
-    assert "$.cpu.env.eip" in err and "out of range for uint64" in err
+    # refused as it is read: the record's path and its offset in the document, before anything is written
+    found = re.search(r"\$\.records\[(\d+)\]\.state\.env\.eip: \d+ out of range for uint64 .*at offset (0x[0-9a-f]+)", err)
+    assert found, err
+    assert records[int(found[1])]["idstr"] == "cpu" and 0 < int(found[2], 16) < doc.stat().st_size
     assert not (tmp_path / "bad.mig").exists()

@@ -309,6 +309,19 @@ class Vmdesc:
     text: bytes
 
 
+@dataclass(slots=True)
+class UnknownFrame:
+    """A ferry frame this reader does not know and that may be skipped (docs/format.md §6).
+
+    It travels through the record formats as a ``frame`` record and is
+    written back unchanged by the ferry encoder; QEMU's stream cannot carry it.
+    """
+
+    type: int
+    flags: int
+    body: bytes
+
+
 Event = Union[
     Header,
     Configuration,

@@ -71,7 +71,7 @@ from ..serialize.schema import SchemaSet, Vmsd
 from ..serialize.visitor import LegacyReader, LegacyWriter
 from .configuration import CONFIGURATION_VMSD
 from . import limits
-from .limits import MAX_GUEST_RAM, check_event, check_page_size
+from .limits import MAX_GUEST_RAM, MAX_VMDESC, check_event, check_page_size
 from .scan import leading_pages, leading_zeros, zero_records
 from .window import Window
 
@@ -85,7 +85,6 @@ BE64 = struct.Struct(">Q")
 
 RAM_IDSTR = "ram"
 RAM_VERSION = 4
-MAX_VMDESC = 64 << 20  # QEMU's are ~100 KB; analyze-migration.py reads at most 10 MiB
 MAX_BUFFERED_TAIL = 256 << 20  # device sections + vmdesc held while waiting for the vmdesc
 MAX_SECTION = 64 << 20  # largest VMState body we are willing to buffer
 MAX_PACKAGED = 256 << 20

@@ -45,6 +45,7 @@ from ..events import (
     RamPages,
     RamRecord,
     RamZeros,
+    UnknownFrame,
     Vmdesc,
 )
 from ..serialize.schema import Vmsd
@@ -58,6 +59,8 @@ MAX_GUEST_RAM = 1 << 46
 #: the low 10 bits of an address word (RAM_SAVE_FLAG_*, up to 0x200), so a smaller page would collide with them.
 MIN_PAGE_SIZE = 1 << 10
 MAX_PAGE_SIZE = 1 << 21
+#: The longest vmdesc read (QEMU's are ~100 KB; analyze-migration.py reads at most 10 MiB).
+MAX_VMDESC = 64 << 20
 #: QEMU writes idstrs and RAM block names as one length byte and the bytes (qemu_put_counted_string).
 MAX_NAME = 255
 #: The machine type name of the configuration section: QEMU compares it with its own machine types,
@@ -290,9 +293,16 @@ def check_event(ev: Event, path: str = "$") -> None:
         _check_section_head(ev.kind, ev.section_id, ev.idstr, ev.instance_id, ev.version_id, path)
     elif isinstance(ev, Command):
         _uint(ev.cmd, MAX_U16, "command number", path)
+        if ev.packaged_raw is not None:
+            if ev.cmd != CMD_PACKAGED:
+                _fail(f"command {ev.cmd} carries packaged bytes; only PACKAGED ({CMD_PACKAGED}) does", path)
+            if len(ev.packaged_raw) > MAX_PACKAGED:
+                _fail(f"packaged bytes of {len(ev.packaged_raw)} bytes, more than {MAX_PACKAGED}", path)
         if ev.packaged is None:
-            if ev.cmd == CMD_PACKAGED:
+            if ev.cmd == CMD_PACKAGED and ev.packaged_raw is None:
                 _fail("a PACKAGED command without its packaged records", path)
+            if ev.cmd == CMD_PACKAGED:
+                return  # undecoded records (no schemas for them), handed on byte for byte
             if len(ev.payload) > MAX_U16:
                 _fail(f"command payload of {len(ev.payload)} bytes (QEMU's length is a u16)", path)
             return
@@ -316,8 +326,6 @@ def check_event(ev: Event, path: str = "$") -> None:
     elif isinstance(ev, Vmdesc):
         _uint(len(ev.text), MAX_U32, "vmdesc length", path)
     elif not isinstance(ev, (RamEos, Eof)):
-        from .records import UnknownFrame
-
         if isinstance(ev, UnknownFrame):
             _uint(ev.type, MAX_U8, "frame type", path)
             _uint(ev.flags, MAX_U8, "frame flags", path)
@@ -357,8 +365,6 @@ class StreamOrder:
         self.eos = False
 
     def step(self, ev: Event, path: str) -> None:
-        from .records import UnknownFrame
-
         if isinstance(ev, UnknownFrame):
             return
         state = self.state

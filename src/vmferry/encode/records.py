@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from ..errors import DecodeError, EncodeError, FerryError, SchemaError, TruncatedError
 from ..events import (
+    UnknownFrame,
     SECTION_FULL,
     SECTION_KIND_NAMES,
     SECTION_KINDS,
@@ -60,19 +61,6 @@ DEFAULT_PAGE_SIZE = 4096
 SECTIONS_PLACEHOLDER = "@sections"
 STREAM_VERSION = 1
 MAX_DEPTH = 64  # nesting of trees and schemas; QEMU's deepest is under 10
-
-
-@dataclass(slots=True)
-class UnknownFrame:
-    """A ferry frame this reader does not know and that may be skipped (docs/format.md §6).
-
-    It travels through the record formats as a ``frame`` record and is
-    written back unchanged by the ferry encoder; QEMU's stream cannot carry it.
-    """
-
-    type: int
-    flags: int
-    body: bytes
 
 
 # ---------------------------------------------------------------------------
@@ -532,9 +520,8 @@ class RecordDecoder:
                               f"memory for {self._end} bytes of input", None, path)
 
     def _vmdesc_limit(self) -> int:
-        from .legacy import MAX_VMDESC
 
-        return min(MAX_VMDESC, max(self.VMDESC_FLOOR, self.VMDESC_EXPANSION * self._offset))
+        return min(limits.MAX_VMDESC, max(self.VMDESC_FLOOR, self.VMDESC_EXPANSION * self._offset))
 
     def _record(self, rec: Any, path: str) -> Iterator[Event]:
         t = field(rec, "t", str, path)
