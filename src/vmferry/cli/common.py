@@ -197,17 +197,19 @@ class Terminated(BaseException):
 PARTIAL_SUFFIX = ".vmferry-partial"
 
 
-#: After SIGTERM/SIGHUP, how long the orderly way out (an exception unwinding to main) may take before the
+#: After SIGTERM/SIGHUP/SIGINT, how long the orderly way out (an exception unwinding to main) may take before the
 #: signal is delivered again with its default action, which ends the process.
 TERMINATE_GRACE = 10.0
 
 
 @contextmanager
 def _terminate_raises(partial: list[str]) -> Iterator[None]:
-    """While inside, SIGTERM and SIGHUP raise :class:`Terminated` (as SIGINT raises KeyboardInterrupt).
+    """While inside, SIGTERM and SIGHUP raise :class:`Terminated`, and SIGINT KeyboardInterrupt (unless it is
+    ignored).
 
     The handler first removes the partial files named in ``partial`` itself: an exception raised while
-    Python runs a finaliser is printed and dropped, and the file must go all the same.  It also restores
+    Python runs a finaliser is printed and dropped, and a signal may come between the file's creation and
+    the ``try`` that would remove it; the file must go all the same.  It also restores
     the default actions and, should the exception be lost that way, delivers the signal again after
     :data:`TERMINATE_GRACE` seconds, so a SIGTERM always ends the process.
     """
@@ -229,9 +231,14 @@ def _terminate_raises(partial: list[str]) -> Iterator[None]:
         timer = threading.Timer(TERMINATE_GRACE, os.kill, (os.getpid(), signum))
         timer.daemon = True
         timer.start()
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
         raise Terminated(signum)
 
-    saved = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    caught = [signal.SIGTERM, signal.SIGHUP]
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        caught.append(signal.SIGINT)
+    saved = {sig: signal.signal(sig, handler) for sig in caught}
     try:
         yield
     finally:
