@@ -99,12 +99,18 @@ def test_stdout_appending_to_the_input_is_refused(stream):
     assert stream.read_bytes() == data
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
 def test_a_signal_removes_the_partial_output(stream, tmp_path, sig):
     data = stream.read_bytes()
     out = tmp_path / "out.ferry"
+    # SIGINT as a terminal gives it: a shell that runs the tests in the background has it ignored, and an
+    # ignored SIGINT is inherited (and rightly left alone by vmferry)
     proc = subprocess.Popen([*CLI, "convert", "-q", "-", str(out), "--to", "ferry"], stdin=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, preexec_fn=_default_sigint)
     assert proc.stdin is not None and proc.stderr is not None
     proc.stdin.write(data[:len(data) // 2])  # half a stream, then the writer stalls
     proc.stdin.flush()
