@@ -126,6 +126,27 @@ def test_apply_runs_section_transforms_in_order() -> None:
     assert not reg.plan("dev-3", "dev-1").lossless and reg.plan("dev-1", "dev-3").lossless
 
 
+NO_B = Vmsd("dev", 1, 1, (Field("a", "uint32", 4),))
+B_BUFFER = Vmsd("dev", 1, 1, (Field("a", "uint32", 4), Field("b", "buffer", 1)))
+
+
+@pytest.mark.parametrize(("state", "vmsd", "error"), [({"a": 1}, NO_B, "KeyError: 'b'"),
+                                                       ({"a": 1, "b": b"\x01"}, B_BUFFER, "TypeError: unsupported")])
+def test_a_tree_of_another_shape_is_refused_as_a_compat_error(state: dict[str, Any], vmsd: Vmsd, error: str) -> None:
+    """A transform reads the fields QEMU's VMSD has; a stream whose vmdesc says otherwise (the fuzzer found a
+    pckbd without pending_tmp, and one whose pending_tmp was a buffer) is refused, the transform named."""
+    reg = Registry()
+    reg.line("dev", ["dev-1", "dev-2"])
+
+    def up(sec: DeviceSection, m: Machine) -> DeviceSection:
+        return ops.with_node(sec, ops.set_field(ops.node(sec), "b", sec.state["b"] & 0x7F))
+
+    reg.section("dev", "dev-1", "dev-2", up, lossless=True, mirrors="masks b", name="mask b")
+    with pytest.raises(CompatError, match=rf"mask b \(dev-1 -> dev-2\) on 'dev': the section is not as QEMU "
+                                          rf"writes it for dev-1 \({error}"):
+        apply(reg.plan("dev-1", "dev-2"), Machine("dev-1", (section(state, vmsd),)))
+
+
 def test_transform_errors_name_the_transform_and_section() -> None:
     m = Machine("dev-1", (section({"a": 1, "b": 2}, V1, "0000:00:05.0/dev"),))
 

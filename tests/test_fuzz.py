@@ -10,6 +10,7 @@ count: about two seconds per codec here; asn1tools is the slowest).
 from __future__ import annotations
 
 import multiprocessing
+from pathlib import Path
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
@@ -37,3 +38,15 @@ def test_fuzz_codec(codec):
         f"{f['kind']} at {f['step']}: {f['detail']} (input {f['index']}: {f['input'][:120]}...)"
         for f in stats.failures])
     assert stats.max_rss_kib < MAX_RSS_MB * 1024, fuzzing.describe(stats)
+
+
+REGRESSIONS = sorted((Path(__file__).parent / "fuzz-regressions").glob("*.mig"))
+
+
+@pytest.mark.parametrize("path", REGRESSIONS, ids=[p.stem for p in REGRESSIONS])
+def test_inputs_the_full_run_found(path: Path) -> None:
+    """Inputs benchmarks/fuzz.py found an internal error with, named CODEC-K-WHAT (K: the input's number in its
+    batch, which picks the steps after decoding): each now ends as a vmferry error, or not at all."""
+    codec, k, _ = path.stem.split("-", 2)
+    out = fuzzing.exercise(path.read_bytes(), codec, int(k))
+    assert out.kind not in fuzzing.FAILURES, (out.kind, out.step, out.detail)

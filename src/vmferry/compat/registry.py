@@ -421,6 +421,11 @@ def _version(v: str | None) -> tuple[int, ...]:
     return tuple(int(x) for x in v.split(".")) if v else (0,)
 
 
+#: What a transform raises when a tree lacks a field it reads or holds a value of another type there (a
+#: stream whose vmdesc describes the device otherwise than QEMU's VMSD): refused as a CompatError.
+_SHAPE_ERRORS = (KeyError, TypeError, ValueError, IndexError, AttributeError)
+
+
 def _apply_one(t: Transform, m: Machine) -> Machine:
     if t.stream_fn is not None:
         return m  # runs on the event stream (vmferry.compat.stream)
@@ -429,6 +434,9 @@ def _apply_one(t: Transform, m: Machine) -> Machine:
             out = t.machine_fn(m)
         except CompatError as e:
             raise CompatError(f"{t.name} ({t.source} -> {t.target}): {e}") from None
+        except _SHAPE_ERRORS as e:
+            raise CompatError(f"{t.name} ({t.source} -> {t.target}): the machine's sections are not as QEMU "
+                              f"writes them for {t.source} ({type(e).__name__}: {e})") from e
         if not isinstance(out, Machine):
             raise CompatError(f"transform {t.name!r} returned {type(out).__name__}, not a Machine")
         return out
@@ -438,6 +446,9 @@ def _apply_one(t: Transform, m: Machine) -> Machine:
             new = t.section_fn(sec, m)
         except CompatError as e:
             raise CompatError(f"{t.name} ({t.source} -> {t.target}) on {sec.idstr!r}: {e}") from None
+        except _SHAPE_ERRORS as e:
+            raise CompatError(f"{t.name} ({t.source} -> {t.target}) on {sec.idstr!r}: the section is not as QEMU "
+                              f"writes it for {t.source} ({type(e).__name__}: {e})") from e
         if not isinstance(new, DeviceSection):
             raise CompatError(f"transform {t.name!r} returned {type(new).__name__}, not a DeviceSection")
         if new is not sec:
