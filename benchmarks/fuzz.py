@@ -14,7 +14,10 @@ small (their device sections, schemas and a few pages).  Inputs run in-process, 
 batches of ``--batch`` inputs; each worker's address space is capped (``--memory-limit``) so that a
 blow-up ends as a counted MemoryError instead of taking the host down.  Peak RSS is read per input from
 /proc (VmHWM, reset through /proc/self/clear_refs before each input); it includes the worker's own
-~60 MB (Python, vmferry and every codec's library).  The inputs are the same for the same ``--seed``.
+~60 MB (Python, vmferry and every codec's library) and whatever earlier inputs left its heap at (freed memory
+the allocator keeps), so the table gives beside it the most one input raised the RSS above where it stood,
+and which input (seed, number in its batch, size: rerun it with ``fuzzing.Generator``).  The inputs are the
+same for the same ``--seed``.
 
     .venv/bin/python benchmarks/fuzz.py [--per-codec 100000] [--codecs legacy,json,...] [--workers 2]
                                         [--batch 2000] [--seed S] [--no-large] [--save DIR] [--json FILE]
@@ -133,8 +136,9 @@ def main() -> int:
 
     print(f"\nfuzzed inputs ({wall:.0f} s wall, {args.workers} workers; RSS per input, worker included)\n")
     print("| codec | inputs | through every step | refused by the decoder | refused later (exit 2) | capped output "
-          "| internal | no offset | hang | memory | max RSS | largest input |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| internal | no offset | hang | memory | max RSS | most one input added (seed, number, bytes) "
+          "| largest input |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
     failed = 0
     for c in codecs:
         t = totals[c]
@@ -142,7 +146,8 @@ def main() -> int:
         failed += t.failed
         print(f"| {c} | {t.inputs:,} | {k.get('ok', 0):,} | {k.get('refused', 0):,} | {k.get('refused-later', 0):,} "
               f"| {k.get('capped', 0):,} | {k.get('internal', 0)} | {k.get('no-offset', 0)} | {k.get('hang', 0)} "
-              f"| {k.get('memory', 0)} | {t.max_rss_kib / 1024:.0f} MB | {t.largest_input:,} B |")
+              f"| {k.get('memory', 0)} | {t.max_rss_kib / 1024:.0f} MB | {t.max_growth_kib / 1024:.0f} MB "
+              f"{t.max_growth_at} | {t.largest_input:,} B |")
     print(f"\ntotal: {sum(t.inputs for t in totals.values()):,} inputs, {failed} failures")
     later: dict[str, int] = {}
     for t in totals.values():
@@ -174,6 +179,8 @@ def main() -> int:
         Path(args.json).write_text(json.dumps({
             "wall_seconds": wall, "workers": args.workers, "seed": args.seed,
             "codecs": {c: {"inputs": t.inputs, "counts": t.counts, "max_rss_kib": t.max_rss_kib,
+                           "max_rss_input": t.max_rss_input, "max_growth_kib": t.max_growth_kib,
+                           "max_growth_at": t.max_growth_at,
                            "per_input_rss": t.per_input_rss, "bytes_in": t.bytes_in, "largest_input": t.largest_input,
                            "later": t.steps, "failures": [dict(f, input=None) for f in t.failures]}
                        for c, t in totals.items()},

@@ -1064,6 +1064,10 @@ class Stats:
     steps: dict[str, int] = field(default_factory=dict)  # refused-later / capped, by step
     max_rss_kib: int = 0
     max_rss_input: int = 0  # the size of the input that set max_rss_kib
+    #: The most one input raised the worker's RSS above where it stood before it (what the input itself cost,
+    #: without what earlier inputs left in the worker's heap), and which input: seed, number, size.
+    max_growth_kib: int = 0
+    max_growth_at: tuple[Any, int, int] | None = None
     per_input_rss: bool = True
     seconds: float = 0.0
     failures: list[dict[str, Any]] = field(default_factory=list)
@@ -1078,6 +1082,8 @@ class Stats:
             self.steps[k] = self.steps.get(k, 0) + v
         if other.max_rss_kib > self.max_rss_kib:
             self.max_rss_kib, self.max_rss_input = other.max_rss_kib, other.max_rss_input
+        if other.max_growth_kib > self.max_growth_kib:
+            self.max_growth_kib, self.max_growth_at = other.max_growth_kib, other.max_growth_at
         self.per_input_rss &= other.per_input_rss
         self.seconds += other.seconds
         self.failures += other.failures
@@ -1107,8 +1113,10 @@ def run_batch(codec: str, seed: int | str, count: int, *, seconds: float | None 
             if seconds is not None and time.monotonic() - start > seconds:
                 break
             data = next(gen)
+            before = None
             if per_input:
                 _reset_hwm()
+                before = _hwm_kib()
             signal.setitimer(signal.ITIMER_REAL, time_limit)
             try:
                 out = exercise(data, codec, i)
@@ -1126,6 +1134,8 @@ def run_batch(codec: str, seed: int | str, count: int, *, seconds: float | None 
                 stats.steps[key] = stats.steps.get(key, 0) + 1
             if rss is not None and rss > stats.max_rss_kib:
                 stats.max_rss_kib, stats.max_rss_input = rss, len(data)
+            if rss is not None and before is not None and rss - before > stats.max_growth_kib:
+                stats.max_growth_kib, stats.max_growth_at = rss - before, (seed, i, len(data))
             if out.kind in FAILURES and len(stats.failures) < keep_failures:
                 stats.failures.append({"codec": codec, "seed": seed, "index": i, "kind": out.kind, "step": out.step,
                                        "detail": out.detail, "input": data.hex() if len(data) < 1 << 20 else None})
