@@ -43,6 +43,10 @@ def test_fuzz_codec(codec):
 REGRESSIONS = sorted((Path(__file__).parent / "fuzz-regressions").glob("*.mig"))
 
 
+def test_the_regression_inputs_are_in_the_checkout() -> None:
+    assert len(REGRESSIONS) >= 2, "tests/fuzz-regressions/*.mig missing (.gitignore ignores *.mig elsewhere)"
+
+
 @pytest.mark.parametrize("path", REGRESSIONS, ids=[p.stem for p in REGRESSIONS])
 def test_inputs_the_full_run_found(path: Path) -> None:
     """Inputs benchmarks/fuzz.py found an internal error with, named CODEC-K-WHAT (K: the input's number in its
