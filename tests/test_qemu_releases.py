@@ -8,6 +8,7 @@ loaded back by the same QEMU with the guest counting on.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -65,8 +66,17 @@ def test_guest_counts(tmp_path: Path, release: str, machine: str, accel: str) ->
     assert vm.counts()[:3] == [1, 2, 3]
 
 
-@pytest.mark.parametrize(("release", "machine", "accel"), _params("tcg", "kvm"))
-def test_loads_what_it_saved(tmp_path: Path, release: str, machine: str, accel: str) -> None:
+def _stuck_guest_report(vm: QemuVM) -> str:
+    """What a guest that stopped counting was doing: run state, instruction pointer, interrupt controllers."""
+    regs = vm.hmp("info registers").splitlines()
+    where = " ".join(line.split()[0] for line in regs if line.startswith(("EIP=", "RIP=")))
+    pics = [line for line in vm.hmp("info pic").splitlines() if line.startswith("pic")]  # the two i8259s
+    return f"status {vm.status()}, {where or 'no EIP'}; " + " | ".join(pics)
+
+
+def _save_then_load(tmp_path: Path, release: str, machine: str, accel: str) -> str | None:
+    """Save a counting guest, load it into a fresh QEMU of the same release; None when the loaded guest counts
+    on from where it was saved, else what the stuck guest was doing."""
     stream = tmp_path / "running.mig"
     with QemuVM(machine + MACHINE_OPTIONS[accel], paused=False, boot_sector=True, workdir=tmp_path / "src",
                 qemu_version=release, accel=accel) as src:
@@ -79,9 +89,30 @@ def test_loads_what_it_saved(tmp_path: Path, release: str, machine: str, accel: 
     with QemuVM(machine + MACHINE_OPTIONS[accel], incoming=True, paused=False, boot_sector=True,
                 workdir=tmp_path / "dst", qemu_version=release, accel=accel) as dst:
         assert dst.load(stream) == "running"
-        dst.wait_for_count(before + 3, timeout=BOOT_TIMEOUT)
+        try:
+            dst.wait_for_count(before + 3, timeout=BOOT_TIMEOUT)
+        except QemuError as e:
+            if accel != "kvm" or not dst.is_running():
+                raise
+            return f"{e.args[0].splitlines()[0]}; {_stuck_guest_report(dst)}"
         # the guest goes on from where it was saved, it did not boot again
         assert not dst.serial_text().startswith("1\r\n")
+    return None
+
+
+@pytest.mark.parametrize(("release", "machine", "accel"), _params("tcg", "kvm"))
+def test_loads_what_it_saved(tmp_path: Path, release: str, machine: str, accel: str) -> None:
+    stuck = _save_then_load(tmp_path / "first", release, machine, accel)
+    if stuck is None:
+        return
+    # Under the nested KVM of these hosts a loaded guest has, once in a CI run (11.1, q35, split irqchip),
+    # printed nothing for a minute: the timer tick it busy-waits on never came.  That is the host's interrupt
+    # delivery, not the stream (TCG and every other run load it), so a second save and load decides, and
+    # the first one's state is reported.
+    warnings.warn(f"{release} {machine} under KVM: the loaded guest stopped counting ({stuck}); tried again",
+                  stacklevel=1)
+    again = _save_then_load(tmp_path / "second", release, machine, accel)
+    assert again is None, f"the loaded guest stopped counting twice: {stuck} / {again}"
 
 
 def test_missing_release_chroot_says_how_to_build_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
