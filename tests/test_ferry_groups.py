@@ -66,7 +66,7 @@ def test_groups_round_trip_and_follow_the_spec():
     data = encode_with("ferry", events, **GROUPED)
     mask = struct.unpack_from(">Q", data, 12)[0]
     assert caps.names(mask) == ["ferry-framing", "frame-crc32c", "zstd", "self-describing", "frame-groups",
-                                "x86-filter"]
+                                "x86-filter", "page-copies"]
     top = frames(data)
     assert [t for _, t, _ in top] == [ferry.MUST_UNDERSTAND | ferry.T_GROUP, 0xFF]
     assert build(ferry.decode([data])) == build(events)
@@ -152,6 +152,7 @@ def test_the_filter_is_xz_s_x86_filter():
                                  filters=[{"id": lzma.FILTER_X86, "start_offset": start},
                                           {"id": lzma.FILTER_LZMA2, "preset": 0}])
         assert undone == data, (i, n, start)
+        assert bcj._convert(enc, start, False) == data  # the Python decoder agrees with liblzma's, which decode is
     code = x86_like(3 * bcj.SEGMENT // 2, seed=9)
     for offset in (0, 5 * PS, bcj.SEGMENT - PS):
         assert bcj.decode_pages(bcj.encode_pages(code, offset), offset) == code
@@ -159,6 +160,11 @@ def test_the_filter_is_xz_s_x86_filter():
     assert bcj.encode_pages(code[:PS], 0x2A000) == bcj.encode_pages(code[:PS], 0xEA000)
     assert bcj.looks_like_x86(code) and not bcj.looks_like_x86(os.urandom(1 << 16))
     assert not bcj.looks_like_x86(bytes(1 << 16))
+    # pieces over one stored LZMA2 chunk (64 KiB), and x86-like code at every start
+    for n, start in ((1 << 16, 3), ((1 << 16) + 1, 0), (200000, 0xFFFFFFF0)):
+        piece = x86_like(n, seed=n)
+        enc = bcj.encode(piece, start)
+        assert bcj.decode(enc, start) == bcj._convert(enc, start, False) == piece
 
 
 def test_incompressible_pages_stay_out_of_groups_in_qemu_layout(monkeypatch):
@@ -189,8 +195,9 @@ def test_unknown_frames_stay_in_place_around_groups():
 
 def test_a_reader_without_groups_refuses_naming_them(monkeypatch):
     data = encode_with("ferry", full_stream(), **GROUPED)
-    monkeypatch.setattr(ferry, "STREAM_CAPS", ferry.STREAM_CAPS & ~(caps.Cap.FRAME_GROUPS | caps.Cap.X86_FILTER))
-    with pytest.raises(DecodeError, match="lacks: frame-groups, x86-filter") as e:
+    monkeypatch.setattr(ferry, "STREAM_CAPS", ferry.STREAM_CAPS & ~(caps.Cap.FRAME_GROUPS | caps.Cap.X86_FILTER
+                                                                    | caps.Cap.PAGE_COPIES))
+    with pytest.raises(DecodeError, match="lacks: frame-groups, x86-filter, page-copies") as e:
         list(ferry.decode([data]))
     assert e.value.offset == 12
 
@@ -286,7 +293,8 @@ def test_every_cut_of_a_grouped_stream_is_truncated():
 @given(data=st.data())
 def test_mutated_grouped_streams_raise_only_decode_error(data):
     """Mutations with valid CRCs (recomputed), so that they reach the group's contents."""
-    src = bytearray(encode_with("ferry", ram_stream(x86_like(8 * PS), zeros=3), compress="zstd", groups=True,
+    code = x86_like(8 * PS)  # and two pages again, as copies (format.md §2.5): mutations reach the copy table
+    src = bytearray(encode_with("ferry", ram_stream(code + code[PS:3 * PS], zeros=3), compress="zstd", groups=True,
                                 level=1))
     o, _, n = frames(bytes(src))[0]
     inner = bytearray(zstandard.ZstdDecompressor().decompressobj().decompress(bytes(src[o + 20:o + n])))

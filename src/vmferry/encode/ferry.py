@@ -36,7 +36,7 @@ from ..events import (
     RamRecord,
     RamZeros,
 )
-from . import bcj
+from . import bcj, copies
 from .msgpack import check_cost
 from .records import NATIVE, RecordDecoder, RecordEncoder, UnknownFrame
 from .runs import PageGroup, regroup
@@ -44,7 +44,7 @@ from .runs import PageGroup, regroup
 NAME = "ferry"
 CAP = Cap.CODEC_FERRY
 FEATURES = (Cap.FERRY_FRAMING | Cap.FRAME_CRC32C | Cap.ZSTD | Cap.LZ4 | Cap.SELF_DESCRIBING | Cap.FRAME_GROUPS
-            | Cap.X86_FILTER)
+            | Cap.X86_FILTER | Cap.PAGE_COPIES)
 REQUIRES = ("msgpack", "crc32c")  # zstandard and lz4 only for --compress
 MAGIC = b"\x89FRY\r\n\x1a\n"
 FORMAT_VERSION = 1
@@ -72,7 +72,7 @@ COMPRESSIONS = {"none": COMP_NONE, "zstd": COMP_ZSTD, "lz4": COMP_LZ4}
 COMPRESSION_CAPS = {COMP_ZSTD: Cap.ZSTD, COMP_LZ4: Cap.LZ4}
 # Bits a version-1 stream may set in its header.
 STREAM_CAPS = (Cap.FERRY_FRAMING | Cap.FRAME_CRC32C | Cap.ZSTD | Cap.LZ4 | Cap.SELF_DESCRIBING | Cap.FRAME_GROUPS
-               | Cap.X86_FILTER)
+               | Cap.X86_FILTER | Cap.PAGE_COPIES)
 
 MAX_BODY = 64 << 20
 PAGES_PER_FRAME = 256
@@ -88,9 +88,10 @@ RUN_NAMED = 0x01
 RUN_FILL = 0x02
 RUN_QEMU_LAYOUT = 0x04  # PAGES: the pages as QEMU's own PAGE records (docs/format.md §2.2)
 RUN_X86 = 0x08  # PAGES, packed: the data went through xz's x86 branch filter, from the run's offset (§2.2)
+RUN_COPIES = 0x10  # PAGES, packed, in a GROUP: some pages are copies of earlier pages of the group (§2.5)
 
 # GROUP frames (docs/format.md §2.4): frames compressed together, written once their frames reach GROUP_BYTES.
-GROUP_BYTES = 4 << 20
+GROUP_BYTES = 2 << 20
 PROBE_BYTES = 16 << 10  # page data whose first bytes do not shrink by PROBE_GAIN goes in a frame of its own
 PROBE_GAIN = 0.95
 
@@ -183,7 +184,7 @@ def _zstd_params(bulk: bool, level: int | None) -> Any:
     if bulk:
         return zstandard.ZstdCompressionParameters(
             window_log=GROUP_WINDOW_LOG, chain_log=18, hash_log=17, search_log=4, min_match=3, target_length=16,
-            strategy=zstandard.STRATEGY_LAZY2, enable_ldm=True, ldm_hash_log=20)
+            strategy=zstandard.STRATEGY_LAZY2, enable_ldm=True, ldm_hash_log=18)
     return zstandard.ZstdCompressionParameters(
         window_log=GROUP_WINDOW_LOG, chain_log=18, hash_log=17, search_log=3, min_match=3, target_length=16,
         strategy=zstandard.STRATEGY_BTOPT)
@@ -223,7 +224,8 @@ def _probe() -> Callable[[Any], bytes] | None:
 
 def available_caps() -> Cap:
     """The stream features this installation can read and write."""
-    mask = Cap.FERRY_FRAMING | Cap.FRAME_CRC32C | Cap.SELF_DESCRIBING | Cap.FRAME_GROUPS | Cap.X86_FILTER
+    mask = (Cap.FERRY_FRAMING | Cap.FRAME_CRC32C | Cap.SELF_DESCRIBING | Cap.FRAME_GROUPS | Cap.X86_FILTER
+            | Cap.PAGE_COPIES)
     for cap, mod in ((Cap.ZSTD, "zstandard"), (Cap.LZ4, "lz4.block")):
         try:
             __import__(mod)
@@ -327,6 +329,7 @@ class _Writer:
         # repeats one of them compresses to nearly nothing, however random its bytes look to the probe.
         self.seen: collections.deque[int] = collections.deque()
         self.seen_count: collections.Counter[int] = collections.Counter()
+        self.group_pages = copies.GroupPages()  # the pages of the open group, for copies (§2.5)
         self.packb = _msgpack().packb
         self.totals = Totals()
         self.records = RecordEncoder(NATIVE, schema_table=True)
@@ -334,7 +337,7 @@ class _Writer:
     @property
     def caps(self) -> Cap:
         caps = Cap.FERRY_FRAMING | Cap.FRAME_CRC32C | Cap.SELF_DESCRIBING | COMPRESSION_CAPS.get(self.comp, Cap(0))
-        return caps | Cap.FRAME_GROUPS | Cap.X86_FILTER if self.groups else caps
+        return caps | Cap.FRAME_GROUPS | Cap.X86_FILTER | Cap.PAGE_COPIES if self.groups else caps
 
     def frame(self, ftype: int, parts: list[Any], size: int, compressible: bool = True) -> Iterator[Any]:
         """Yield one frame whose body is the concatenation of ``parts`` (``size`` bytes).
@@ -392,6 +395,7 @@ class _Writer:
         if self.comp == COMP_ZSTD or len(packed) + 4 < len(raw):
             flags, parts = self.comp, [_BE32.pack(len(raw)), packed]
         self.group = bytearray()
+        self.group_pages.reset()
         size = sum(len(p) for p in parts)
         c = 0
         for p in parts:
@@ -401,15 +405,14 @@ class _Writer:
         self.totals.frames += 1
         self.totals.stream_bytes += 16 + size
 
-    def _incompressible(self, ev: RamPages, start: int, n: int) -> bool:
+    def _incompressible(self, ev: RamPages, crcs: list[int]) -> bool:
         if self.group_compressor is None:  # the first group takes every page: it decides the parameters
             return False
-        return self._probed_incompressible(ev, start, n)
+        return self._probed_incompressible(ev, crcs)
 
-    def _remember(self, ev: RamPages, start: int, n: int) -> None:
-        """Note the pages ``ev[start:start + n]`` as gone into a group."""
-        keep = (1 << GROUP_WINDOW_LOG) // ev.page_size
-        crcs = [crc32c(ev.page(i)) for i in range(start, start + n)]
+    def _remember(self, crcs: list[int], page_size: int) -> None:
+        """Note pages (their CRC32C) as gone into a group."""
+        keep = (1 << GROUP_WINDOW_LOG) // page_size
         self.seen.extend(crcs)
         self.seen_count.update(crcs)
         while len(self.seen) > keep:
@@ -418,18 +421,19 @@ class _Writer:
             if not self.seen_count[old]:
                 del self.seen_count[old]
 
-    def _probed_incompressible(self, ev: RamPages, start: int, n: int) -> bool:
-        """Whether pages of ``ev[start:start + n]`` taken across the run do not compress (then no group takes
-        them): random or encrypted RAM would only slow the group's compressor down.  A firmware image may begin
-        with compressed code and go on with tables that compress well, hence pages from all over the run."""
+    def _probed_incompressible(self, ev: RamPages, crcs: list[int]) -> bool:
+        """Whether pages of ``ev`` taken across the run do not compress (then no group takes them): random or
+        encrypted RAM would only slow the group's compressor down.  A firmware image may begin with compressed
+        code and go on with tables that compress well, hence pages from all over the run."""
         if self.probe is None:
             return False
+        n = ev.count
         k = min(n, max(1, PROBE_BYTES // ev.page_size))
-        picks = sorted({start + (n - 1) * j // max(1, k - 1) for j in range(k)})
+        picks = sorted({(n - 1) * j // max(1, k - 1) for j in range(k)})
         sample = b"".join([ev.page(i) for i in picks])
         if len(self.probe(sample)) <= PROBE_GAIN * len(sample):
             return False
-        return not any(crc32c(ev.page(i)) in self.seen_count for i in picks)
+        return not any(crcs[i] in self.seen_count for i in picks)
 
     def record_frames(self, ev: Any) -> Iterator[Any]:
         for rec in self.records.records(ev):
@@ -447,16 +451,10 @@ class _Writer:
         flags = RUN_NAMED if group.named else 0
         if self.groups:
             ev = group.as_event()
-            if not self._incompressible(ev, 0, ev.count):
-                self._remember(ev, 0, ev.count)
-                # Packed pages in the group: QEMU's record headers would only cost bytes (the reader rebuilds
-                # them); code goes through the x86 filter, which makes its call targets repeat.
-                packed: Any = ev.contiguous()
-                if bcj.looks_like_x86(packed):
-                    packed = bcj.encode_pages(packed, group.offset)
-                    flags |= RUN_X86
-                head = _RUN.pack(group.offset, group.count, ps, flags, len(name)) + name
-                yield from self._grouped(MUST_UNDERSTAND | T_PAGES, [head, packed], len(head) + len(packed))
+            crcs = [crc32c(page) for page in ev.pages()]
+            if not self._incompressible(ev, crcs):
+                self._remember(crcs, ps)
+                yield from self._grouped_pages(ev, crcs, flags, name)
                 return
         parts = group.qemu_records()
         if parts is not None:
@@ -467,6 +465,28 @@ class _Writer:
         head = _RUN.pack(group.offset, group.count, ps, flags, len(name)) + name
         yield from self.frame(MUST_UNDERSTAND | T_PAGES, [head, *parts], len(head) + sum(len(p) for p in parts),
                               compressible=not self.groups)
+
+    def _grouped_pages(self, ev: RamPages, crcs: list[int], flags: int, name: bytes) -> Iterator[Any]:
+        """A PAGES frame in the open group: packed (QEMU's record headers would only cost bytes; the reader
+        rebuilds them), pages that repeat a page of the group as copies of it (§2.5), and code through the x86
+        filter, which makes its call targets repeat (each stretch of carried pages on its own)."""
+        ps = ev.page_size
+        found = self.group_pages.split(list(ev.pages()))
+        if not found:
+            carried: list[tuple[int, Any]] = [(0, ev.contiguous())]
+            table = b""
+        else:
+            flags |= RUN_COPIES
+            table = copies.pack_copies(found)
+            data = memoryview(ev.contiguous())
+            carried = [(first, data[first * ps:end * ps])
+                       for first, end in copies.stretches(ev.count, {i for i, _ in found})]
+        if carried and bcj.looks_like_x86(carried[0][1] if len(carried) == 1 else b"".join(p for _, p in carried)):
+            carried = [(first, bcj.encode_pages(p, ev.offset + first * ps)) for first, p in carried]
+            flags |= RUN_X86
+        head = _RUN.pack(ev.offset, ev.count, ps, flags, len(name)) + name + table
+        parts = [head] + [p for _, p in carried]
+        yield from self._grouped(MUST_UNDERSTAND | T_PAGES, parts, sum(len(p) for p in parts))
 
     def zeros(self, ev: RamZeros) -> Iterator[Any]:
         name = ev.block.encode("latin-1")
@@ -585,6 +605,8 @@ class FerryDecoder:
         self._inner = 0  # bytes left of the GROUP being read (its frames are at the head of the buffer)
         self._group_at = 0  # offset of that GROUP frame in the stream
         self._groups: _GroupStream | None = None  # the zstd context that runs through the stream's groups
+        self._group_pages: list[memoryview] = []  # the pages of the GROUP being read, by number (§2.5)
+        self._copy_budget = 0  # bytes of pages its copies may still repeat
 
     # --- input
     def feed(self, data: bytes | bytearray | memoryview) -> None:
@@ -799,6 +821,7 @@ class FerryDecoder:
             self._have += len(body)
             self._inner = len(body)
             self._group_at = start
+            self._copy_budget = copies.MAX_REPEATED
 
     def _handle(self, ftype: int, flags: int, reserved: int, n: int, body: Any, start: int) -> bool:
         """Act on one whole frame (its CRCs checked) and consume it."""
@@ -817,6 +840,8 @@ class FerryDecoder:
             return True
         if kind == T_GROUP and not self.caps & Cap.FRAME_GROUPS:
             raise DecodeError("GROUP frame in a stream whose header does not announce frame-groups", start, "$")
+        if kind == T_GROUP:
+            self._group_pages = []  # the last group's pages go before this one is inflated
         if flags & COMP_MASK == COMP_ZSTD and kind == T_GROUP:
             body = self._inflate_group(body, start)
         elif flags & COMP_MASK:
@@ -876,7 +901,7 @@ class FerryDecoder:
             raise DecodeError(f"GROUP frame does not decompress ({e})", start, "$") from None
         if len(out) != size:
             raise DecodeError(f"GROUP frame inflates to {len(out)} bytes, its header says {size}", start, "$")
-        return memoryview(out)
+        return out
 
     def _run(self, kind: int, body: Any, start: int) -> RamPages | RamZeros:
         path = "$.ram"
@@ -893,23 +918,45 @@ class FerryDecoder:
             raise DecodeError(f"implausible page size {ps}", start, path)
         if count == 0:
             raise DecodeError("RAM frame of no pages", start, path)
-        if flags & ~(RUN_NAMED | RUN_FILL | RUN_QEMU_LAYOUT | RUN_X86) or (kind == T_PAGES and flags & RUN_FILL) or (
-                kind == T_ZEROS and flags & (RUN_QEMU_LAYOUT | RUN_X86)) or (
-                flags & RUN_X86 and flags & RUN_QEMU_LAYOUT):
+        if flags & ~(RUN_NAMED | RUN_FILL | RUN_QEMU_LAYOUT | RUN_X86 | RUN_COPIES) or (
+                kind == T_PAGES and flags & RUN_FILL) or (
+                kind == T_ZEROS and flags & (RUN_QEMU_LAYOUT | RUN_X86 | RUN_COPIES)) or (
+                flags & (RUN_X86 | RUN_COPIES) and flags & RUN_QEMU_LAYOUT):
             raise DecodeError(f"unknown RAM frame flags {flags:#04x}", start, path)
         if flags & RUN_X86 and not self.caps & Cap.X86_FILTER:
             raise DecodeError("x86-filtered PAGES frame in a stream whose header does not announce x86-filter",
                               start, path)
+        if flags & RUN_COPIES and not self.caps & Cap.PAGE_COPIES:
+            raise DecodeError("PAGES frame with copies in a stream whose header does not announce page-copies",
+                              start, path)
+        if flags & RUN_COPIES and not self._inner:
+            raise DecodeError("PAGES frame with copies outside a GROUP", start, path)
         self._records.check_run(block, offset, count, ps, path, start)
         named = bool(flags & RUN_NAMED)
         if kind == T_PAGES and flags & RUN_QEMU_LAYOUT:
             records = tail
             _check_qemu_records(records, block, offset, count, named, ps, start)
-            return RamPages(block, offset, count, named, ps, legacy=records)
+            run = RamPages(block, offset, count, named, ps, legacy=records)
+            if self._inner and self.caps & Cap.PAGE_COPIES:
+                self._group_pages.extend(run.pages())
+            return run
         if kind == T_PAGES:
-            if len(tail) != count * ps:
-                raise DecodeError(f"PAGES frame holds {len(tail)} bytes for {count} pages of {ps}", start, path)
-            data = memoryview(bcj.decode_pages(tail, offset)) if flags & RUN_X86 else tail
+            if flags & RUN_COPIES:
+                if count * ps > self.opts.max_body:
+                    raise DecodeError(f"PAGES frame of {count} pages of {ps} bytes, over the limit", start, path)
+
+                def unfilter(piece: memoryview, first: int) -> bytes:
+                    return bcj.decode_pages(piece, offset + first * ps)
+
+                data, repeated = copies.assemble(tail, count, ps, self._group_pages, self._copy_budget,
+                                                 unfilter if flags & RUN_X86 else None, start, path)
+                self._copy_budget -= repeated
+            else:
+                if len(tail) != count * ps:
+                    raise DecodeError(f"PAGES frame holds {len(tail)} bytes for {count} pages of {ps}", start, path)
+                data = memoryview(bcj.decode_pages(tail, offset)) if flags & RUN_X86 else tail
+                if self._inner and self.caps & Cap.PAGE_COPIES:
+                    self._group_pages.extend(data[i * ps:(i + 1) * ps] for i in range(count))
             run = RamPages(block, offset, count, named, ps, data=data)
             if self.opts.legacy_records:
                 run.legacy = legacy_page_records(block, offset, count, named, ps, data)
@@ -983,8 +1030,9 @@ class _GroupStream:
         self._reader = zstandard.ZstdDecompressor(max_window_size=1 << GROUP_WINDOW_LOG).stream_reader(
             self._feed, read_size=1 << 16, read_across_frames=True, closefd=False)  # type: ignore[arg-type]
 
-    def read(self, data: Any, size: int) -> bytes:
-        """Feed ``data`` (a group's compressed bytes) and return the group's ``size`` bytes (fewer if they end)."""
+    def read(self, data: Any, size: int) -> memoryview:
+        """Feed ``data`` (a group's compressed bytes) and return the group's ``size`` bytes (fewer if they end), as
+        a read-only view (not copied again)."""
         self._feed.pending += data
         out = bytearray()
         while len(out) < size:
@@ -992,7 +1040,7 @@ class _GroupStream:
             if not piece:
                 break
             out += piece
-        return bytes(out)
+        return memoryview(out).toreadonly()
 
     def leftover(self) -> bool:
         """Whether the groups inflate to more than they announced (asked once, after the last group: the bytes
