@@ -33,6 +33,7 @@ from ..events import (
     IterBegin,
     OpaqueSection,
     RamPages,
+    RamMemSize,
     RamRecord,
     RamZeros,
 )
@@ -94,6 +95,8 @@ RUN_COPIES = 0x10  # PAGES, packed, in a GROUP: some pages are copies of earlier
 GROUP_BYTES = 2 << 20
 PROBE_BYTES = 16 << 10  # page data whose first bytes do not shrink by PROBE_GAIN goes in a frame of its own
 PROBE_GAIN = 0.95
+# A first group that carries this much of the main RAM block's pages is a booted guest's: the faster parameters.
+BOOTED_BYTES = 64 << 10
 
 
 def sniff(head: bytes) -> bool:
@@ -330,6 +333,8 @@ class _Writer:
         self.seen: collections.deque[int] = collections.deque()
         self.seen_count: collections.Counter[int] = collections.Counter()
         self.group_pages = copies.GroupPages()  # the pages of the open group, for copies (§2.5)
+        self.main_block: str | None = None  # the largest RAM block (MEM_SIZE): the guest's RAM
+        self.main_bytes = 0  # bytes of its pages in the first group
         self.packb = _msgpack().packb
         self.totals = Totals()
         self.records = RecordEncoder(NATIVE, schema_table=True)
@@ -387,9 +392,10 @@ class _Writer:
             return
         raw = self.group
         if self.group_compressor is None:
-            # The first group holds every frame up to here (no probe yet): if it filled, the stream carries much
-            # RAM, and the faster parameters suit it (docs/format.md §2.4).
-            self.group_compressor = _group_compressor(self.comp, self.level, bulk=len(raw) >= GROUP_BYTES)
+            # The first group holds every frame up to here (no probe yet): if it filled, or holds pages of the
+            # guest's RAM (a guest that ran), the faster parameters suit the stream (docs/format.md §2.4).
+            bulk = len(raw) >= GROUP_BYTES or self.main_bytes >= BOOTED_BYTES
+            self.group_compressor = _group_compressor(self.comp, self.level, bulk=bulk)
         packed = self.group_compressor(raw)
         flags, parts = 0, [bytes(raw)]
         if self.comp == COMP_ZSTD or len(packed) + 4 < len(raw):
@@ -436,6 +442,8 @@ class _Writer:
         return not any(crcs[i] in self.seen_count for i in picks)
 
     def record_frames(self, ev: Any) -> Iterator[Any]:
+        if isinstance(ev, RamMemSize) and ev.blocks and self.main_block is None:
+            self.main_block = max(ev.blocks, key=lambda b: b.length).name
         for rec in self.records.records(ev):
             t = rec["t"]
             ftype = T_SCHEMA if t == "schema" else T_DEVICE if t == "device" else T_RECORD
@@ -471,6 +479,8 @@ class _Writer:
         rebuilds them), pages that repeat a page of the group as copies of it (§2.5), and code through the x86
         filter, which makes its call targets repeat (each stretch of carried pages on its own)."""
         ps = ev.page_size
+        if self.group_compressor is None and ev.block == self.main_block:
+            self.main_bytes += ev.count * ps
         found = self.group_pages.split(list(ev.pages()))
         if not found:
             carried: list[tuple[int, Any]] = [(0, ev.contiguous())]
