@@ -42,8 +42,6 @@ allocated (:data:`MAX_DATA_LEN`, :data:`LZOP_MAX_BLOCK`).
 
 from __future__ import annotations
 
-import bz2
-import lzma
 import re
 import struct
 import zlib
@@ -51,7 +49,6 @@ from dataclasses import dataclass, replace
 from enum import IntEnum
 from typing import Any, Iterable, Iterator
 from xml.parsers import expat
-from xml.sax.saxutils import escape as xml_escape
 
 from ..errors import DecodeError, EncodeError, TruncatedError
 
@@ -199,12 +196,13 @@ def parse_header(buf: bytes | bytearray | memoryview, offset: int = 0) -> SaveHe
 # the image: header, XML, cookie
 # ---------------------------------------------------------------------------
 
-_MACHINE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-_EMULATOR_RE = re.compile(r"(<emulator\s*>)([^<]*)(</emulator\s*>)")
-_DEVICES_RE = re.compile(r"<devices\s*>")
+# Patterns, compiled on first use (``re`` keeps them cached): reading a QEMU stream needs none of them.
+_MACHINE_RE = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+_EMULATOR_RE = r"(<emulator\s*>)([^<]*)(</emulator\s*>)"
+_DEVICES_RE = r"<devices\s*>"
 _ATTR = r"""\s+([A-Za-z_:][\w:.-]*)\s*=\s*(?:'[^'<]*'|"[^"<]*")"""
-_START_TAG = re.compile(rb"<type((?:" + _ATTR.encode() + rb")*)\s*(/?)>")
-_ATTR_RE = re.compile(rb"""(\s+)([A-Za-z_:][\w:.-]*)(\s*=\s*)(?:'([^'<]*)'|"([^"<]*)")""")
+_START_TAG = rb"<type((?:" + _ATTR.encode() + rb")*)\s*(/?)>"
+_ATTR_RE = rb"""(\s+)([A-Za-z_:][\w:.-]*)(\s*=\s*)(?:'([^'<]*)'|"([^"<]*)")"""
 
 
 @dataclass(frozen=True)
@@ -229,7 +227,7 @@ def _xml_facts(xml: bytes, offset: int) -> _XmlFacts:
             found["domain_type"] = attrs.get("type")
         elif stack == ["domain", "os", "type"] and found["span"] is None:
             at = p.CurrentByteIndex
-            m = _START_TAG.match(xml, at)
+            m = re.compile(_START_TAG).match(xml, at)
             if m is None:  # expat accepted it, so only odd spacing or quoting can get here
                 raise DecodeError("cannot locate <os><type> in the domain XML", offset + at, "$.libvirt.xml.os.type")
             found["span"] = (at, m.end())
@@ -356,12 +354,12 @@ class SaveImage:
 
     def with_machine(self, machine: str) -> SaveImage:
         """This image with ``<os><type machine=...>`` set to ``machine``; nothing else in the XML changes."""
-        if not _MACHINE_RE.fullmatch(machine):
+        if not re.compile(_MACHINE_RE).fullmatch(machine):
             raise EncodeError(f"not a machine type name: {machine!r}", "$.libvirt.xml.os.type.machine")
         xml = self.xml.encode()
         start, end = self._type_tag
         tag = xml[start:end]
-        for m in _ATTR_RE.finditer(tag):
+        for m in re.compile(_ATTR_RE).finditer(tag):
             if m.group(2) == b"machine":
                 quote = b"'" if m.group(4) is not None else b'"'
                 new = m.group(1) + m.group(2) + m.group(3) + quote + machine.encode() + quote
@@ -376,13 +374,13 @@ class SaveImage:
         libvirt runs for the restored domain.  Added after ``<devices>`` when the XML has none."""
         if not emulator.startswith("/") or any(c in emulator for c in "\0\n"):
             raise EncodeError(f"not an absolute path for <emulator>: {emulator!r}", "$.libvirt.xml.devices.emulator")
-        text = xml_escape(emulator)
-        found = _EMULATOR_RE.findall(self.xml)
+        text = emulator.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")  # XML text
+        found = re.compile(_EMULATOR_RE).findall(self.xml)
         if len(found) > 1:
             raise EncodeError("the domain XML has more than one <emulator>", "$.libvirt.xml.devices.emulator")
         if found:
-            return self.with_xml(_EMULATOR_RE.sub(lambda m: m.group(1) + text + m.group(3), self.xml))
-        devices = _DEVICES_RE.search(self.xml)
+            return self.with_xml(re.compile(_EMULATOR_RE).sub(lambda m: m.group(1) + text + m.group(3), self.xml))
+        devices = re.compile(_DEVICES_RE).search(self.xml)
         if devices is None:
             raise EncodeError("the domain XML has no <devices> to hold an <emulator>", "$.libvirt.xml.devices")
         at = devices.end()
@@ -487,25 +485,32 @@ def decompress(chunks: Iterable[Chunk], compression: Compression, offset: int = 
     """
     if compression == Compression.RAW:
         return iter(chunks)
+    # each library is imported when an image needs it: reading a raw image (the common case) loads none
     if compression == Compression.GZIP:
-        return _zlib_like(chunks, lambda: zlib.decompressobj(wbits=31), offset, "gzip")
+        return _zlib_like(chunks, lambda: zlib.decompressobj(wbits=31), offset, "gzip", zlib.error)
     if compression == Compression.BZIP2:
-        return _zlib_like(chunks, bz2.BZ2Decompressor, offset, "bzip2")
+        import bz2
+
+        return _zlib_like(chunks, bz2.BZ2Decompressor, offset, "bzip2", OSError)
     if compression == Compression.XZ:
-        return _zlib_like(chunks, lambda: lzma.LZMADecompressor(lzma.FORMAT_XZ), offset, "xz")
+        import lzma
+
+        return _zlib_like(chunks, lambda: lzma.LZMADecompressor(lzma.FORMAT_XZ), offset, "xz", lzma.LZMAError)
     if compression == Compression.ZSTD:
         zstd = _zstd_module()
         if zstd is None:
             raise DecodeError("a zstd-compressed image needs backports.zstd (vmferry[libvirt]) before Python 3.14",
                               offset, "$.libvirt.stream.zstd")
-        return _zlib_like(chunks, zstd.ZstdDecompressor, offset, "zstd")
+        return _zlib_like(chunks, zstd.ZstdDecompressor, offset, "zstd", zstd.ZstdError)
     if compression == Compression.LZOP:
         return _lzop_decode(chunks, offset)
     raise DecodeError(f"cannot decompress {compression.label}", offset, "$.libvirt.stream")
 
 
-def _zlib_like(chunks: Iterable[Chunk], make: Any, offset: int, what: str) -> Iterator[bytes]:
-    """gzip, bzip2, xz: concatenated members (streams) as ``PROG -dc`` reads them, with bounded output."""
+def _zlib_like(chunks: Iterable[Chunk], make: Any, offset: int, what: str,
+               damaged: type[Exception]) -> Iterator[bytes]:
+    """gzip, bzip2, xz, zstd: concatenated members (streams) as ``PROG -dc`` reads them, with bounded output;
+    ``damaged``: the library's own error for bad data."""
     path = f"$.libvirt.stream.{what}"
     d = make()
     is_zlib = isinstance(d, type(zlib.decompressobj()))
@@ -521,7 +526,7 @@ def _zlib_like(chunks: Iterable[Chunk], make: Any, offset: int, what: str) -> It
             fed = True
             try:
                 out = d.decompress(data, MAX_CHUNK)
-            except (zlib.error, OSError, lzma.LZMAError, EOFError, ValueError, _ZstdError) as e:
+            except (damaged, OSError, EOFError, ValueError) as e:
                 raise DecodeError(f"{what} data damaged: {e}", at, path) from None
             if out:
                 yield out
@@ -554,9 +559,6 @@ def _zstd_module() -> Any:
             return None
     return zstd
 
-
-_zstd = _zstd_module()
-_ZstdError: type[Exception] = _zstd.ZstdError if _zstd is not None else OSError
 
 
 # lzop's file format (lzop 1.04, src/lzop.h / src/p_lzo.c)
@@ -723,12 +725,16 @@ def compress(chunks: Iterable[Chunk], compression: Compression) -> Iterator[Chun
     if compression == Compression.GZIP:
         c = zlib.compressobj(6, zlib.DEFLATED, 31)
     elif compression == Compression.BZIP2:
+        import bz2
+
         c = bz2.BZ2Compressor(9)
     elif compression == Compression.XZ:
+        import lzma
+
         c = lzma.LZMACompressor(lzma.FORMAT_XZ, check=lzma.CHECK_CRC64, preset=3)
-    elif compression == Compression.ZSTD and _zstd is not None:
-        c = _zstd.ZstdCompressor(options={_zstd.CompressionParameter.compression_level: 3,
-                                           _zstd.CompressionParameter.checksum_flag: 1})
+    elif compression == Compression.ZSTD and (zstd := _zstd_module()) is not None:
+        c = zstd.ZstdCompressor(options={zstd.CompressionParameter.compression_level: 3,
+                                         zstd.CompressionParameter.checksum_flag: 1})
     else:
         raise EncodeError(f"cannot compress as {compression.label}", "$.libvirt.stream")
     for chunk in chunks:
