@@ -198,10 +198,10 @@ def parse_header(buf: bytes | bytearray | memoryview, offset: int = 0) -> SaveHe
 
 # Patterns, compiled on first use (``re`` keeps them cached): reading a QEMU stream needs none of them.
 _MACHINE_RE = r"[A-Za-z0-9][A-Za-z0-9._-]*"
-_EMULATOR_RE = r"(<emulator\s*>)([^<]*)(</emulator\s*>)"
-_DEVICES_RE = r"<devices\s*>"
 _ATTR = r"""\s+([A-Za-z_:][\w:.-]*)\s*=\s*(?:'[^'<]*'|"[^"<]*")"""
 _START_TAG = rb"<type((?:" + _ATTR.encode() + rb")*)\s*(/?)>"
+_DEVICES_TAG = rb"<devices(?:" + _ATTR.encode() + rb")*\s*>"
+_EMULATOR_TAG = rb"<emulator(?:" + _ATTR.encode() + rb")*\s*(/?)>"
 _ATTR_RE = rb"""(\s+)([A-Za-z_:][\w:.-]*)(\s*=\s*)(?:'([^'<]*)'|"([^"<]*)")"""
 
 
@@ -212,13 +212,26 @@ class _XmlFacts:
     machine: str | None
     arch: str | None
     type_tag: tuple[int, int] | None  # byte span of the <os><type ...> start tag in the XML
+    devices_at: int | None = None  # byte offset just after the <devices> start tag
+    emulators: tuple[tuple[int, int], ...] = ()  # byte spans of the text of each <devices><emulator>
+
+
+def _tag_end(xml: bytes, at: int, pattern: bytes, what: str, offset: int) -> re.Match[bytes]:
+    """The start tag that expat reported at byte ``at``, matched by ``pattern``."""
+    m = re.compile(pattern).match(xml, at)
+    if m is None:  # expat accepted it, so only odd spacing or quoting can get here
+        raise DecodeError(f"cannot locate {what} in the domain XML", offset + at, f"$.libvirt.xml.{what}")
+    return m
 
 
 def _xml_facts(xml: bytes, offset: int) -> _XmlFacts:
-    """Read the domain name, type, and ``<os><type>`` of ``xml`` with expat; no DTDs, no entities."""
+    """Read the domain name, type, ``<os><type>`` and where ``<devices><emulator>`` is in ``xml`` with expat;
+    no DTDs, no entities."""
     p = expat.ParserCreate()
     stack: list[str] = []
-    found: dict[str, Any] = {"name": None, "domain_type": None, "machine": None, "arch": None, "span": None}
+    found: dict[str, Any] = {"name": None, "domain_type": None, "machine": None, "arch": None, "span": None,
+                             "devices": None}
+    emulators: list[tuple[int, int]] = []
     text: list[str] = []
 
     def start(tag: str, attrs: dict[str, str]) -> None:
@@ -227,18 +240,22 @@ def _xml_facts(xml: bytes, offset: int) -> _XmlFacts:
             found["domain_type"] = attrs.get("type")
         elif stack == ["domain", "os", "type"] and found["span"] is None:
             at = p.CurrentByteIndex
-            m = re.compile(_START_TAG).match(xml, at)
-            if m is None:  # expat accepted it, so only odd spacing or quoting can get here
-                raise DecodeError("cannot locate <os><type> in the domain XML", offset + at, "$.libvirt.xml.os.type")
-            found["span"] = (at, m.end())
+            found["span"] = (at, _tag_end(xml, at, _START_TAG, "os.type", offset).end())
             found["machine"] = attrs.get("machine")
             found["arch"] = attrs.get("arch")
+        elif stack == ["domain", "devices"] and found["devices"] is None:
+            found["devices"] = _tag_end(xml, p.CurrentByteIndex, _DEVICES_TAG, "devices", offset).end()
+        elif stack == ["domain", "devices", "emulator"]:
+            m = _tag_end(xml, p.CurrentByteIndex, _EMULATOR_TAG, "devices.emulator", offset)
+            emulators.append((m.end(), m.end()) if m.group(1) else (m.end(), -1))  # an empty element: no text
         elif stack == ["domain", "name"]:
             text.clear()
 
     def end(tag: str) -> None:
         if stack == ["domain", "name"]:
             found["name"] = "".join(text)
+        elif stack == ["domain", "devices", "emulator"] and emulators[-1][1] < 0:
+            emulators[-1] = (emulators[-1][0], p.CurrentByteIndex)  # where </emulator> starts
         stack.pop()
 
     def chars(data: str) -> None:
@@ -262,7 +279,8 @@ def _xml_facts(xml: bytes, offset: int) -> _XmlFacts:
                           "$.libvirt.xml") from None
     if found["span"] is None:
         raise DecodeError("the domain XML has no <os><type> element", offset, "$.libvirt.xml.os.type")
-    return _XmlFacts(found["name"], found["domain_type"], found["machine"], found["arch"], found["span"])
+    return _XmlFacts(found["name"], found["domain_type"], found["machine"], found["arch"], found["span"],
+                     found["devices"], tuple(emulators))
 
 
 def _cstring(data: bytes, start: int, end: int, what: str, path: str) -> bytes:
@@ -296,6 +314,8 @@ class SaveImage:
     machine: str | None
     arch: str | None
     _type_tag: tuple[int, int] = (0, 0)
+    _devices_at: int | None = None
+    _emulators: tuple[tuple[int, int], ...] = ()
 
     @property
     def head(self) -> bytes:
@@ -374,17 +394,20 @@ class SaveImage:
         libvirt runs for the restored domain.  Added after ``<devices>`` when the XML has none."""
         if not emulator.startswith("/") or any(c in emulator for c in "\0\n"):
             raise EncodeError(f"not an absolute path for <emulator>: {emulator!r}", "$.libvirt.xml.devices.emulator")
-        text = emulator.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")  # XML text
-        found = re.compile(_EMULATOR_RE).findall(self.xml)
-        if len(found) > 1:
+        text = emulator.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").encode()  # XML text
+        xml = self.xml.encode()  # the offsets the parse found are the XML's bytes
+        if len(self._emulators) > 1:
             raise EncodeError("the domain XML has more than one <emulator>", "$.libvirt.xml.devices.emulator")
-        if found:
-            return self.with_xml(re.compile(_EMULATOR_RE).sub(lambda m: m.group(1) + text + m.group(3), self.xml))
-        devices = re.compile(_DEVICES_RE).search(self.xml)
-        if devices is None:
+        if self._emulators:
+            start, end = self._emulators[0]
+            if start == end and xml[start - 2:start] == b"/>":  # <emulator/>: no text to replace
+                start -= 2
+                text = b">" + text + b"</emulator>"
+            return self.with_xml((xml[:start] + text + xml[end:]).decode())
+        if self._devices_at is None:
             raise EncodeError("the domain XML has no <devices> to hold an <emulator>", "$.libvirt.xml.devices")
-        at = devices.end()
-        return self.with_xml(f"{self.xml[:at]}<emulator>{text}</emulator>{self.xml[at:]}")
+        at = self._devices_at
+        return self.with_xml((xml[:at] + b"<emulator>" + text + b"</emulator>" + xml[at:]).decode())
 
 
 def parse(head: bytes | bytearray | memoryview, *, allow_partial: bool = False, offset: int = 0) -> SaveImage:
@@ -413,7 +436,7 @@ def parse(head: bytes | bytearray | memoryview, *, allow_partial: bool = False, 
         cookie_text = _utf8(cookie, offset + HEADER_SIZE + header.cookie_offset, "$.libvirt.cookie")
     facts = _xml_facts(xml, offset + HEADER_SIZE)
     return SaveImage(header, data, bytes(head[:HEADER_SIZE]), xml_text, cookie_text, facts.name, facts.domain_type,
-                     facts.machine, facts.arch, facts.type_tag or (0, 0))
+                     facts.machine, facts.arch, facts.type_tag or (0, 0), facts.devices_at, facts.emulators)
 
 
 # ---------------------------------------------------------------------------
