@@ -198,8 +198,9 @@ def pcspk_up(m: Machine) -> Machine:
 
 def pcihost_up(m: Machine) -> Machine:
     # hw_compat_5_0 sets pci-host-bridge x-config-reg-migration-enabled=off (pci_host_needed).
-    # The older destination's CONFIG_ADDRESS register after loading is its reset value, 0.
-    if m.one("PCIHost") is not None or m.one("PCIBUS") is None:
+    # The older destination's CONFIG_ADDRESS register after loading is its reset value, 0.  One host bridge,
+    # one PCIHost, however many buses: a pcie-root-port or pci-bridge adds a PCIBUS section of its own.
+    if m.one("PCIHost") is not None or not m.find("PCIBUS"):
         return m
     return add_section(m, new_section("PCIHost", 0, Node(PCIHOST, {"config_reg": 0})), before="PCIBUS")
 
