@@ -139,9 +139,7 @@ def _gap(reason: str) -> pytest.MarkDecorator:
     pytest.param("pc-i440fx-2.12", "pc-i440fx-7.2", ("rng",),
                  marks=_gap("virtio-rng-pci: QEMU 7.2 refuses the converted stream (get_pci_config_device: Bad "
                             "config data: i=0x34, the capability list starts elsewhere)")),
-    pytest.param("pc-i440fx-2.12", "pc-i440fx-7.2", ("cirrus",),
-                 marks=_gap("cirrus-vga: transform refuses, 'cannot tell which PCI device owns RAM block "
-                            "vga.vram' (cirrus has no vga.rom block)")),
+    ("pc-i440fx-2.12", "pc-i440fx-7.2", ("cirrus",)),
     pytest.param("pc-q35-2.12", "pc-q35-7.2", ("virtio-net",),
                  marks=_gap("q35 with a pcie-root-port (libvirt adds one per PCI device): the root port's link "
                             "speed and width (hw_compat_3_1 x-speed/x-width) and its ACS capability (hw_compat_4_0 "

@@ -462,21 +462,23 @@ def e1000_tso_up(sec: DeviceSection, m: Machine) -> DeviceSection:
 # ---------------------------------------------------------------------------
 
 VRAM = "vga.vram"
-VGA_ROM = "vga.rom"
+#: The option ROM blocks of the devices that hw_compat_2_12 gives global-vmstate (VGA, cirrus-vga, vmware-svga,
+#: qxl-vga): QEMU names a PCI device's ROM block after its vmsd ("<pci path>/<vmsd>.rom").
+VGA_ROMS = ("vga.rom", "cirrus_vga.rom", "vmware_vga.rom", "qxl.rom")
 
 
 def vga_vram_up(blocks: Sequence[RamBlock]) -> dict[str, str]:
     # With global-vmstate the VGA's video RAM is registered without its device path
     # (vmstate_register_ram(..., NULL)), so its RAM block is "vga.vram"; newer machine types
     # name it "<pci path>/vga.vram".  The path is the VGA device's: take it from the
-    # device's option ROM block in the same list ("<pci path>/vga.rom").
+    # device's option ROM block in the same list ("<pci path>/vga.rom", or cirrus-vga's, ...).
     names = [b.name for b in blocks]
     if VRAM not in names:
         return {}
-    roms = [name[: -len(VGA_ROM) - 1] for name in names if name.endswith("/" + VGA_ROM)]
+    roms = [name.rsplit("/", 1)[0] for name in names if "/" in name and name.rsplit("/", 1)[1] in VGA_ROMS]
     if len(roms) != 1:
-        raise CompatError(f"cannot tell which PCI device owns RAM block {VRAM!r}: expected one '<path>/{VGA_ROM}' "
-                          f"block, found {len(roms)}")
+        raise CompatError(f"cannot tell which PCI device owns RAM block {VRAM!r}: expected the option ROM block of "
+                          f"one VGA device ('<path>/{VGA_ROMS[0]}', '<path>/{VGA_ROMS[1]}', ...), found {len(roms)}")
     return {VRAM: f"{roms[0]}/{VRAM}"}
 
 
