@@ -1074,6 +1074,9 @@ class Stats:
     #: without what earlier inputs left in the worker's heap), and which input: seed, number, size.
     max_growth_kib: int = 0
     max_growth_at: tuple[Any, int, int] | None = None
+    #: The most RSS the worker held before an input (what earlier inputs and the generator left): flat over a
+    #: worker's life unless something keeps memory from one input to the next.
+    max_base_kib: int = 0
     per_input_rss: bool = True
     seconds: float = 0.0
     failures: list[dict[str, Any]] = field(default_factory=list)
@@ -1090,6 +1093,7 @@ class Stats:
             self.max_rss_kib, self.max_rss_input = other.max_rss_kib, other.max_rss_input
         if other.max_growth_kib > self.max_growth_kib:
             self.max_growth_kib, self.max_growth_at = other.max_growth_kib, other.max_growth_at
+        self.max_base_kib = max(self.max_base_kib, other.max_base_kib)
         self.per_input_rss &= other.per_input_rss
         self.seconds += other.seconds
         self.failures += other.failures
@@ -1142,6 +1146,8 @@ def run_batch(codec: str, seed: int | str, count: int, *, seconds: float | None 
                 stats.max_rss_kib, stats.max_rss_input = rss, len(data)
             if rss is not None and before is not None and rss - before > stats.max_growth_kib:
                 stats.max_growth_kib, stats.max_growth_at = rss - before, (seed, i, len(data))
+            if before is not None and before > stats.max_base_kib:
+                stats.max_base_kib = before
             if out.kind in FAILURES and len(stats.failures) < keep_failures:
                 stats.failures.append({"codec": codec, "seed": seed, "index": i, "kind": out.kind, "step": out.step,
                                        "detail": out.detail, "input": data.hex() if len(data) < 1 << 20 else None})
