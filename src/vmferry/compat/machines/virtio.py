@@ -1,6 +1,6 @@
-"""virtio-net-pci across machine types: the ``virtio`` field, opened up.
+"""virtio-pci devices (virtio-net-pci, virtio-rng-pci) across machine types: the ``virtio`` field, opened up.
 
-A virtio device's section (vmsd ``virtio-net``, version 11) holds one field
+A virtio device's section (vmsd ``virtio-net``, version 11; ``virtio-rng``, version 1) holds one field
 of type ``virtio`` that QEMU writes with its own code (``virtio_save``), so
 the vmdesc describes it only by its size.  :func:`parse_blob` splits it into
 a tree and :func:`build_blob` writes the tree back, byte for byte:
@@ -11,8 +11,8 @@ a tree and :func:`build_blob` writes the tree back, byte for byte:
 * the virtio core's fields: status, isr, queue_sel, the low 32 bits of the
   guest features, the device config, and per queue its size, descriptor
   table address, last avail index and (with MSI-X) vector;
-* the device's own VMState (``vmstate_virtio_net_device``): kept as bytes,
-  no machine type changes it;
+* the device's own VMState (``vmstate_virtio_net_device``; virtio-rng has
+  none): kept as bytes, no machine type changes it;
 * the subsections of vmsd ``virtio`` (``virtio/64bit_features``,
   ``virtio/virtqueues``, ``virtio/extra_state`` with the virtio-pci proxy's
   ``virtio_pci/modern_state``, ...), decoded with vmferry's own VMState
@@ -28,7 +28,8 @@ virtio-pci devices (``hw_compat_2_4`` .. ``hw_compat_7_1``): whether the
 proxy migrates its extra state, legacy-only versus transitional devices
 (the capability list and BAR 4 of the config space, the modern queue
 state), one page per queue notification area, the ``started`` and
-``disabled`` flags, the number of MSI-X vectors and the ring-reset feature.
+``disabled`` flags, the number of MSI-X vectors (virtio-net-pci's count,
+virtio-rng-pci's MSI-X itself) and the ring-reset feature.
 """
 
 from __future__ import annotations
@@ -258,7 +259,8 @@ BlobFn = Callable[[dict[str, Any], DeviceSection], dict[str, Any]]
 
 
 def on_blob(fn: BlobFn) -> Callable[[DeviceSection, Machine], DeviceSection]:
-    """A section transform for vmsd ``virtio-net`` that works on the parsed ``virtio`` field."""
+    """A section transform for a virtio-pci device (vmsd ``virtio-net``, ``virtio-rng``, ...) that works on the
+    parsed ``virtio`` field."""
 
     def section_fn(sec: DeviceSection, m: Machine) -> DeviceSection:
         n = node(sec)
@@ -594,3 +596,50 @@ def ring_reset_down(t: dict[str, Any], sec: DeviceSection) -> dict[str, Any]:
 
 def ring_reset_up(t: dict[str, Any], sec: DeviceSection) -> dict[str, Any]:
     return t
+
+
+# --- hw_compat_7_1: virtio-rng-pci vectors=0 -------------------------------------
+
+RNG_VECTORS = 2  # virtio_rng_pci_realize: an unspecified vector count becomes 2
+MSIX_BAR = 1  # virtio-pci puts the MSI-X table at offset 0 of BAR 1, the pending bits at 0x800
+MSIX_PBA_OFFSET = 0x800
+PCI_BASE_ADDRESS_1 = 0x14
+PCI_MSIX_FLAGS_ENABLE = 0x8000
+
+
+def msix_added(t: dict[str, Any], sec: DeviceSection) -> dict[str, Any]:
+    # Machine types <= 7.1 give virtio-rng-pci no MSI-X (hw_compat_7_1 vectors=0); newer ones 2
+    # vectors: a capability at the top of the list (QEMU compares the list on load) and BAR 1.
+    # The guest keeps its INTx: MSI-X stays disabled, its vectors masked (msix_reset), and
+    # BAR 1 unassigned (address 0) until the guest places it.
+    cfg = bytearray(t["pci"]["config"])
+    if msix_at(cfg) is not None:
+        return t
+    if not is_modern(bytes(cfg)):
+        raise CompatError("legacy-only virtio-pci device without MSI-X: not covered")
+    at = MODERN_CAPS_AT["msix"]
+    if any(cfg[at:at + 12]):
+        raise CompatError(f"config space bytes at {at:#x} in use: not QEMU's virtio-pci layout")
+    cfg[at:at + 12] = bytes([PCI_CAP_ID_MSIX, cfg[PCI_CAPABILITY_LIST]]) + struct.pack(
+        "<HII", RNG_VECTORS - 1, MSIX_BAR, MSIX_PBA_OFFSET | MSIX_BAR)
+    cfg[PCI_CAPABILITY_LIST] = at
+    return dict(t, pci=dict(t["pci"], config=bytes(cfg)),
+                msix_table=(bytes(12) + struct.pack("<I", 1)) * RNG_VECTORS, msix_pba=bytes((RNG_VECTORS + 7) // 8),
+                config_vector=NO_VECTOR, queues=[dict(q, vector=NO_VECTOR) for q in t["queues"]])
+
+
+def msix_removed(t: dict[str, Any], sec: DeviceSection) -> dict[str, Any]:
+    cfg = bytearray(t["pci"]["config"])
+    p = msix_at(cfg)
+    if p is None:
+        return t
+    (flags,) = struct.unpack_from("<H", cfg, p + 2)
+    if flags & PCI_MSIX_FLAGS_ENABLE:
+        raise CompatError("the guest enabled MSI-X, which the older machine type's device does not have")
+    if p != cfg[PCI_CAPABILITY_LIST] & 0xFC:
+        raise CompatError("MSI-X is not first in the capability list: not QEMU's virtio-pci layout")
+    cfg[PCI_CAPABILITY_LIST] = cfg[p + 1]
+    cfg[p:p + 12] = bytes(12)
+    cfg[PCI_BASE_ADDRESS_1:PCI_BASE_ADDRESS_1 + 4] = bytes(4)  # no BAR 1 there
+    return dict(t, pci=dict(t["pci"], config=bytes(cfg)), msix_table=b"", msix_pba=b"", config_vector=None,
+                queues=[dict(q, vector=None) for q in t["queues"]])

@@ -581,6 +581,33 @@ _QUIET = {
 }
 
 
+def _virtio_pci_steps(c: _Catalogue, vmsd: str) -> None:
+    """The steps every virtio-pci device of vmsd ``vmsd`` takes: the proxy's and the virtio core's compat
+    properties (see :mod:`.virtio`)."""
+    c.section("2.5", vmsd, "virtio/extra_state", up=virtio.on_blob(virtio.extra_state_up),
+              down=virtio.on_blob(virtio.extra_state_down),
+              mirrors="hw_compat_2_4: virtio-pci migrate-extra=off (virtio_pci_has_extra_state)",
+              changes=[Change("field-resized", vmsd, "virtio")])
+    c.section("2.7", vmsd, "virtio-pci modern", up=virtio.on_blob(virtio.modern_up),
+              down=virtio.on_blob(virtio.modern_down),
+              mirrors="hw_compat_2_6: virtio-pci disable-modern=on, disable-legacy=off (legacy-only device: "
+                      "no virtio 1.0 capabilities, no BAR 4, no VERSION_1, no modern queue state)",
+              changes=[Change("field-resized", vmsd, "virtio")])
+    c.section("2.8", vmsd, "virtio-pci page-per-vq", up=virtio.on_blob(virtio.page_per_vq_off),
+              down=virtio.on_blob(virtio.page_per_vq_on), up_lossless=True, down_lossless=True,
+              mirrors="hw_compat_2_7: virtio-pci page-per-vq=on (virtio_pci_queue_mem_mult: notify "
+                      "multiplier and BAR 4 size in the config space)")
+    c.section("4.1", vmsd, "virtio/started", up=virtio.on_blob(virtio.started_up),
+              down=virtio.on_blob(virtio.started_down),
+              mirrors="hw_compat_4_0: virtio-device use-started=false (virtio_set_started, "
+                      "virtio_started_needed)")
+    c.section("5.0", vmsd, "virtio/disabled", up=None, down=virtio.on_blob(virtio.disabled_down),
+              mirrors="hw_compat_4_2: virtio-device use-disabled-flag=false (virtio_set_disabled)")
+    c.section("7.2", vmsd, "virtio ring reset", up=virtio.on_blob(virtio.ring_reset_up),
+              down=virtio.on_blob(virtio.ring_reset_down), up_lossless=True, down_lossless=True,
+              mirrors="hw_compat_7_1: virtio-device queue_reset=false (VIRTIO_F_RING_RESET not offered)")
+
+
 def register(reg: Registry) -> None:
     """Register the x86 machine-type lines and every step between neighbours, both ways."""
     reg.line(PC_LINE, PC)
@@ -677,36 +704,24 @@ def register(reg: Registry) -> None:
                mirrors="hw_compat_6_2: PIIX4_PM x-not-migrate-acpi-index=on (vmstate_test_migrate_acpi_index)",
                changes=[Change("field-added", "piix4_pm", ACPI_INDEX)])
 
-    # virtio-net-pci: the proxy's and the virtio core's compat properties (see .virtio)
+    # virtio-net-pci: the proxy's and the virtio core's compat properties (see .virtio), and its vector count
     vn = "virtio-net"
     for c in both:
-        c.section("2.5", vn, "virtio/extra_state", up=virtio.on_blob(virtio.extra_state_up),
-                  down=virtio.on_blob(virtio.extra_state_down),
-                  mirrors="hw_compat_2_4: virtio-pci migrate-extra=off (virtio_pci_has_extra_state)",
-                  changes=[Change("field-resized", vn, "virtio")])
-        c.section("2.7", vn, "virtio-pci modern", up=virtio.on_blob(virtio.modern_up),
-                  down=virtio.on_blob(virtio.modern_down),
-                  mirrors="hw_compat_2_6: virtio-pci disable-modern=on, disable-legacy=off (legacy-only device: "
-                          "no virtio 1.0 capabilities, no BAR 4, no VERSION_1, no modern queue state)",
-                  changes=[Change("field-resized", vn, "virtio")])
-        c.section("2.8", vn, "virtio-pci page-per-vq", up=virtio.on_blob(virtio.page_per_vq_off),
-                  down=virtio.on_blob(virtio.page_per_vq_on), up_lossless=True, down_lossless=True,
-                  mirrors="hw_compat_2_7: virtio-pci page-per-vq=on (virtio_pci_queue_mem_mult: notify "
-                          "multiplier and BAR 4 size in the config space)")
-        c.section("4.1", vn, "virtio/started", up=virtio.on_blob(virtio.started_up),
-                  down=virtio.on_blob(virtio.started_down),
-                  mirrors="hw_compat_4_0: virtio-device use-started=false (virtio_set_started, "
-                          "virtio_started_needed)")
-        c.section("5.0", vn, "virtio/disabled", up=None, down=virtio.on_blob(virtio.disabled_down),
-                  mirrors="hw_compat_4_2: virtio-device use-disabled-flag=false (virtio_set_disabled)")
+        _virtio_pci_steps(c, vn)
         c.section("6.0", vn, "virtio-net-pci vectors", up=virtio.on_blob(virtio.vectors_up),
                   down=virtio.on_blob(virtio.vectors_down),
                   mirrors="hw_compat_5_2: virtio-net-pci-base vectors=3 (virtio_net_pci_realize's default is "
                           "2 * queue pairs + 2)",
                   changes=[Change("field-resized", vn, "virtio")])
-        c.section("7.2", vn, "virtio ring reset", up=virtio.on_blob(virtio.ring_reset_up),
-                  down=virtio.on_blob(virtio.ring_reset_down), up_lossless=True, down_lossless=True,
-                  mirrors="hw_compat_7_1: virtio-device queue_reset=false (VIRTIO_F_RING_RESET not offered)")
+
+    # virtio-rng-pci: the same virtio-pci and virtio core steps, and its own vector count
+    rng = "virtio-rng"
+    for c in both:
+        _virtio_pci_steps(c, rng)
+        c.section("7.2", rng, "virtio-rng-pci vectors", up=virtio.on_blob(virtio.msix_added),
+                  down=virtio.on_blob(virtio.msix_removed),
+                  mirrors="hw_compat_7_1: virtio-rng-pci vectors=0 (no MSI-X capability, no BAR 1)",
+                  changes=[Change("field-resized", rng, "virtio")])
 
     pc.quiet(_QUIET)
     q35.quiet(_QUIET)
