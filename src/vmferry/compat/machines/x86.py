@@ -48,7 +48,7 @@ from ..ops import (
     with_node,
 )
 from ..registry import Change, Registry
-from . import virtio
+from . import pcie, virtio
 from .releases import PC, PC_LINE, Q35, Q35_LINE
 
 __all__ = ["register"]
@@ -487,6 +487,22 @@ def vga_vram_down(blocks: Sequence[RamBlock]) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------
+# Devices behind PCI Express ports (q35; libvirt puts every PCI device behind a pcie-root-port)
+# ---------------------------------------------------------------------------
+
+
+def _refuse_behind_express_slot(fn: SectionFn, why: str) -> SectionFn:
+    """``fn``, but a CompatError for a device behind a PCI Express root or downstream port."""
+    def wrapped(sec: DeviceSection, m: Machine) -> DeviceSection:
+        if pcie.behind_express_slot(m, sec):
+            raise CompatError(f"{sec.idstr}: {why}")
+        return fn(sec, m)
+
+    wrapped.__name__ = getattr(fn, "__name__", "wrapped")
+    return wrapped
+
+
+# ---------------------------------------------------------------------------
 # The catalogue
 # ---------------------------------------------------------------------------
 
@@ -559,22 +575,23 @@ class _Catalogue:
 _QUIET = {
     "2.6": "hw_compat_2_5/pc_compat_2_5: isa-fdc fallback=144 (drive geometry), pvscsi/vmxnet3 PCI layout, "
            "legacy fw_cfg file order (fw_cfg entries are not migrated), tsc-khz not saved (KVM only)",
-    "2.9": "hw_compat_2_8/pc_compat_2_8: fw_cfg file slots, PCIe extended capability init (no PCIe endpoints "
-           "behind ports here), cirrus vgamem, kvmclock and ICH9 SMI broadcast (negotiated by firmware, not sent "
+    "2.9": "hw_compat_2_8/pc_compat_2_8: fw_cfg file slots, PCIe extended capability init and virtio-pci "
+           "DEVCTL/LNKCTL/PM init (which bytes of a PCI Express device the guest may write, not what they hold), "
+           "cirrus vgamem, kvmclock and ICH9 SMI broadcast (negotiated by firmware, not sent "
            "when unused), tcg-cpuid: no migrated state changes",
     "2.10": "hw_compat_2_9/pc_compat_2_9: pci-bridge shpc, intel-iommu, virtio-net MTU bypass (a feature offered "
-            "only with host_mtu), pcie-root-port msix, mch extended TSEG size (its config register keeps what the "
+            "only with host_mtu), mch extended TSEG size (its config register keeps what the "
             "guest last saw): no change for these devices",
     "2.11": "hw_compat_2_10/pc_compat_2_10: virtio input wheel axis, hv-max-vps, pci-hole64-fix (memory map "
             "only): no migrated state changes",
     "3.1": "hw_compat_3_0 is empty; pc_compat_3_0 changes CPUID bits of some CPU models only",
     "4.0.1": "pc-q35-4.0.1 differs from pc-q35-4.0 only in the default for split irqchip (KVM)",
-    "4.2": "hw_compat_4_1: virtio-pci FLR capability (PCI Express virtio devices only, none here)",
+    "4.2": "hw_compat_4_1: virtio-pci FLR capability (virtio-pci devices behind PCI Express ports only: none on "
+           "the i440FX)",
     "5.2": "hw_compat_5_1/pc_compat_5_1: virtio queue counts of block/SCSI devices, ATS page alignment (PCI "
            "Express only), pvpanic events, kvmclock creation, ICH9 SMI CPU hotplug feature (negotiated by "
            "firmware): no change for these devices",
-    "6.2": "hw_compat_6_1/pc_compat_6_1: vhost-vsock seqpacket, nvme-ns, Hyper-V version ids, ICH9 "
-           "x-keep-pci-slot-hpc (PCIe root ports only)",
+    "6.2": "hw_compat_6_1/pc_compat_6_1: vhost-vsock seqpacket, nvme-ns, Hyper-V version ids",
     "7.0": "hw_compat_6_2: PIIX4_PM x-not-migrate-acpi-index (the i440FX's power management device; q35's "
            "ICH9 always migrates acpi_index)",
     "7.1": "hw_compat_7_0/pc_compat_7_0: GICv3/NVMe only; AMD 1 TB hole (memory map)",
@@ -588,10 +605,12 @@ def _virtio_pci_steps(c: _Catalogue, vmsd: str) -> None:
               down=virtio.on_blob(virtio.extra_state_down),
               mirrors="hw_compat_2_4: virtio-pci migrate-extra=off (virtio_pci_has_extra_state)",
               changes=[Change("field-resized", vmsd, "virtio")])
-    c.section("2.7", vmsd, "virtio-pci modern", up=virtio.on_blob(virtio.modern_up),
-              down=virtio.on_blob(virtio.modern_down),
+    c.section("2.7", vmsd, "virtio-pci modern",
+              up=_refuse_behind_express_slot(virtio.on_blob(virtio.modern_up), virtio.EXPRESS_MODERN),
+              down=_refuse_behind_express_slot(virtio.on_blob(virtio.modern_down), virtio.EXPRESS_MODERN),
               mirrors="hw_compat_2_6: virtio-pci disable-modern=on, disable-legacy=off (legacy-only device: "
-                      "no virtio 1.0 capabilities, no BAR 4, no VERSION_1, no modern queue state)",
+                      "no virtio 1.0 capabilities, no BAR 4, no VERSION_1, no modern queue state); refused "
+                      "for a device behind a PCI Express port (modern-only, PCI Express on newer machine types)",
               changes=[Change("field-resized", vmsd, "virtio")])
     c.section("2.8", vmsd, "virtio-pci page-per-vq", up=virtio.on_blob(virtio.page_per_vq_off),
               down=virtio.on_blob(virtio.page_per_vq_on), up_lossless=True, down_lossless=True,
@@ -722,6 +741,42 @@ def register(reg: Registry) -> None:
                   down=virtio.on_blob(virtio.msix_removed),
                   mirrors="hw_compat_7_1: virtio-rng-pci vectors=0 (no MSI-X capability, no BAR 1)",
                   changes=[Change("field-resized", rng, "virtio")])
+
+    q35.section("4.2", vn, "virtio-pci FLR", up=virtio.on_blob(virtio.flr_up), down=virtio.on_blob(virtio.flr_down),
+                up_lossless=True, down_lossless=True,
+                mirrors="hw_compat_4_1: virtio-pci x-pcie-flr-init=off (pcie_cap_flr_init: Device Capabilities' "
+                        "Function Level Reset bit, read-only and compared on load; a virtio-pci device behind a PCI "
+                        "Express port only)")
+
+    # PCI Express root ports (q35 only)
+    rp = pcie.ROOT_PORT
+    q35.section("2.10", rp, "pcie-root-port msix", up=pcie.root_port_msix_up, down=pcie.root_port_msix_down,
+                mirrors="hw_compat_2_9: pcie-root-port x-migrate-msix=false (gen_rp_test_migrate_msix); the older "
+                        "machine type's destination keeps the MSI-X table it reset",
+                changes=[Change("field-added", rp, pcie.MSIX_FIELD)])
+    q35.section("4.0", rp, "pcie-root-port link", up=pcie.on_config(pcie.link_speed(True)),
+                down=pcie.on_config(pcie.link_speed(False)), up_lossless=True, down_lossless=True,
+                mirrors="hw_compat_3_1: pcie-root-port x-speed=2_5, x-width=1 (pcie_cap_fill_slot_lnk: Link "
+                        "Capabilities, Link Capabilities 2 and Link Control 2's target speed, read-only and compared "
+                        "on load)")
+    q35.section("4.0", rp, "pcie-root-port ACS", up=pcie.on_config(pcie.acs(True)), down=pcie.on_config(pcie.acs(False)),
+                mirrors="hw_compat_3_1: pcie-root-port-base disable-acs=true (pcie_acs_init: the ACS extended "
+                        "capability at 0x148, chained after AER; going down whatever the guest enabled is lost)")
+    presence = ("pc_compat_6_0: ICH9-LPC acpi-pci-hotplug-with-bridge-support=off (acpi_pcihp_device_plug_cb: "
+                "from 6.1 on ACPI hot-plug handles the buses of cold-plugged bridges, so a PCI Express slot no longer "
+                "sets Slot Status' presence detect, read-only and compared on load)")
+    hpc = ("pc_compat_6_1: ICH9-LPC x-keep-pci-slot-hpc=false, which with ACPI hot-plug of bridges gives "
+           "pc-q35-6.1 alone x-native-hotplug=false on every PCI Express slot (pc_q35_init): Slot Capabilities' "
+           "hot-plug bits and pcie-root-port's resource reserve capability, read-only and compared on load")
+    for slot in pcie.PCIE_SLOTS:
+        q35.section("6.1", slot, f"{slot} presence", up=pcie.on_config(pcie.slot_presence(True)),
+                    down=pcie.on_config(pcie.slot_presence(False)), up_lossless=True, down_lossless=True,
+                    mirrors=presence)
+        q35.section("6.1", slot, f"{slot} hot-plug", up=pcie.on_config(pcie.native_hotplug(False)),
+                    down=pcie.on_config(pcie.native_hotplug(True)), up_lossless=True, down_lossless=True, mirrors=hpc)
+        q35.section("6.2", slot, f"{slot} hot-plug", up=pcie.on_config(pcie.native_hotplug(True)),
+                    down=pcie.on_config(pcie.native_hotplug(False)), up_lossless=True, down_lossless=True,
+                    mirrors=hpc)
 
     pc.quiet(_QUIET)
     q35.quiet(_QUIET)
