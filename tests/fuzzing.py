@@ -381,11 +381,16 @@ def _json_safe(v: Any) -> Any:
     return json.dumps(v, allow_nan=True)
 
 
-_ASN1_MEMO: dict[str, dict[str, bytes]] = {}
+#: The most ASN.1 encodings a generator's memo keeps (about 1 KB each); it is emptied when full.
+ASN1_MEMO_SIZE = 4096
 
 
-def records_to_bytes(records: list[Any], codec: str, rng: random.Random) -> bytes | None:
-    """The stream of ``codec`` holding ``records``; None when the format cannot spell one of the values."""
+def records_to_bytes(records: list[Any], codec: str, rng: random.Random,
+                     memo: dict[str, bytes] | None = None) -> bytes | None:
+    """The stream of ``codec`` holding ``records``; None when the format cannot spell one of the values.
+    ``memo``: ASN.1 encodings of records seen before, by their repr (asn1tools is slow), filled here; it is
+    the caller's (a :class:`Generator`'s), so that it lives no longer than the inputs it serves: a memo
+    kept by the module grew for as long as a fuzz worker lived, and every input after counted it."""
     try:
         if codec == "jsonl":
             return b"".join(_json_safe(r).encode() + b"\n" for r in records)
@@ -412,15 +417,14 @@ def records_to_bytes(records: list[Any], codec: str, rng: random.Random) -> byte
             rules = codec[5:]
             c = asn1.compiled(rules)
             out = [b"\x30\x80" if rules == "ber" else b"<Stream>\n" if rules == "xer" else b""]
-            memo = _ASN1_MEMO.setdefault(rules, {})  # asn1tools is slow: a record seen before is encoded once
-            if len(memo) > 20_000:
+            if memo is not None and len(memo) > ASN1_MEMO_SIZE:
                 memo.clear()
             for r in records:
-                key = repr(r) if len(r.get("state", ())) < 64 else ""
-                data = memo.get(key) if key else None
+                key = repr(r) if memo is not None and len(r.get("state", ())) < 64 else ""
+                data = memo.get(key) if memo is not None and key else None
                 if data is None:
                     data = c.encode("Record", asn1.record_to_asn1(r))
-                    if key:
+                    if memo is not None and key:
                         memo[key] = data
                 if rules == "per":
                     pos = 0
@@ -589,6 +593,7 @@ class Generator:
         self.records: list[list[Any]] = []
         self.boundaries: list[list[int]] = []
         self.events: list[list[Event]] = []
+        self.asn1_memo: dict[str, bytes] = {}  # records_to_bytes: this generator's ASN.1 encodings
         light = self.light
         self.light = 0  # light seeds this format can carry
         for i, events in enumerate(lists):
@@ -615,7 +620,7 @@ class Generator:
         r = rng.random()
         if self.codec in RECORD_CODECS and r < 0.7:
             out = records_to_bytes(mutate_records(rng, self.records[k], self.codec not in ("json", "jsonl")),
-                                   self.codec, rng)
+                                   self.codec, rng, self.asn1_memo)
             if out is not None:
                 return out if rng.random() < 0.9 else mutate_bytes(rng, out, self.seeds)
         elif self.codec == "ferry" and r < 0.65:
@@ -716,6 +721,7 @@ def _with_records(codec: str, base: list[Any], extra: Callable[[int], list[Any]]
                   config_state: Callable[[int], dict[str, Any]] | None = None) -> Callable[[int], bytes | None]:
     """A builder: the records of ``base`` with ``extra(n)`` before its EOF (and the configuration's state
     replaced), as a stream of ``codec``."""
+    memo: dict[str, bytes] = {}  # the ASN.1 encodings of this shape's records (its devices repeat)
 
     def build(n: int) -> bytes | None:
         recs = [dict(r) for r in base]
@@ -732,7 +738,7 @@ def _with_records(codec: str, base: list[Any], extra: Callable[[int], list[Any]]
                 return _ferry_from_records(recs)
             except Exception:  # noqa: BLE001 - msgpack cannot write it
                 return None
-        return records_to_bytes(recs, codec, _NoReformat(0))
+        return records_to_bytes(recs, codec, _NoReformat(0), memo)
     return build
 
 
@@ -1068,6 +1074,9 @@ class Stats:
     #: without what earlier inputs left in the worker's heap), and which input: seed, number, size.
     max_growth_kib: int = 0
     max_growth_at: tuple[Any, int, int] | None = None
+    #: The most RSS the worker held before an input (what earlier inputs and the generator left): flat over a
+    #: worker's life unless something keeps memory from one input to the next.
+    max_base_kib: int = 0
     per_input_rss: bool = True
     seconds: float = 0.0
     failures: list[dict[str, Any]] = field(default_factory=list)
@@ -1084,6 +1093,7 @@ class Stats:
             self.max_rss_kib, self.max_rss_input = other.max_rss_kib, other.max_rss_input
         if other.max_growth_kib > self.max_growth_kib:
             self.max_growth_kib, self.max_growth_at = other.max_growth_kib, other.max_growth_at
+        self.max_base_kib = max(self.max_base_kib, other.max_base_kib)
         self.per_input_rss &= other.per_input_rss
         self.seconds += other.seconds
         self.failures += other.failures
@@ -1136,6 +1146,8 @@ def run_batch(codec: str, seed: int | str, count: int, *, seconds: float | None 
                 stats.max_rss_kib, stats.max_rss_input = rss, len(data)
             if rss is not None and before is not None and rss - before > stats.max_growth_kib:
                 stats.max_growth_kib, stats.max_growth_at = rss - before, (seed, i, len(data))
+            if before is not None and before > stats.max_base_kib:
+                stats.max_base_kib = before
             if out.kind in FAILURES and len(stats.failures) < keep_failures:
                 stats.failures.append({"codec": codec, "seed": seed, "index": i, "kind": out.kind, "step": out.step,
                                        "detail": out.detail, "input": data.hex() if len(data) < 1 << 20 else None})

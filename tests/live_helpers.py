@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from vmferry.live.endpoint.serve import ServeOptions, serve
+from vmferry.live.qemu.process import QemuVM
 from vmferry.live.qmp import QMPConnection
 
 
@@ -119,3 +120,34 @@ def wait_for(predicate: Any, timeout: float = 20.0, what: str = "condition") -> 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+def release_vm(machine: str, qemu: str, args: tuple[str, ...], **kw: Any) -> QemuVM:
+    """The counting guest under ``machine`` in QEMU release ``qemu`` (7.2: the host's; others: their chroot)."""
+    return QemuVM(machine, args, boot_sector=True, qemu_version=None if qemu == "7.2" else qemu, **kw)
+
+
+class SavedStreams:
+    """Streams saved on demand by any QEMU release, cached for the test session (thread-safe)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.lock = threading.Lock()
+        self.done: dict[tuple[str, str, tuple[str, ...], bool], tuple[Path, str]] = {}
+
+    def get(self, machine: str, qemu: str, args: tuple[str, ...], running: bool) -> tuple[Path, str]:
+        """The stream of ``machine`` in ``qemu`` with ``args`` (paused, or saved while it counts) and what the
+        guest had printed on its serial port."""
+        key = (machine, qemu, args, running)
+        with self.lock:
+            if key in self.done:
+                return self.done[key]
+            name = f"{machine}@{qemu}-{len(self.done)}"
+            path = self.dir / f"{name}.mig"
+            with release_vm(machine, qemu, args, paused=not running, name=name, workdir=self.dir / name) as vm:
+                if running:
+                    vm.wait_for_count(5, timeout=60)
+                vm.save(path)
+                text = vm.serial_text()
+            self.done[key] = (path, text)
+            return path, text

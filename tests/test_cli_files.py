@@ -7,28 +7,15 @@ import os
 import signal
 import stat
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+from cli_helpers import CLI, one_line_error, partials, signal_while_writing
 
-CLI = [sys.executable, "-m", "vmferry.cli"]
 
 
 def run(*args: str, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], capture_output=True, timeout=120, **kw)
-
-
-def one_line_error(out: subprocess.CompletedProcess, code: int = 2) -> str:
-    err = out.stderr.decode()
-    assert out.returncode == code, (out.returncode, err)
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    return err
-
-
-def partials(folder: Path) -> list[Path]:
-    return list(folder.glob("*vmferry-partial*"))
 
 
 @pytest.fixture
@@ -99,29 +86,11 @@ def test_stdout_appending_to_the_input_is_refused(stream):
     assert stream.read_bytes() == data
 
 
-def _default_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
 def test_a_signal_removes_the_partial_output(stream, tmp_path, sig):
-    data = stream.read_bytes()
     out = tmp_path / "out.ferry"
-    # SIGINT as a terminal gives it: a shell that runs the tests in the background has it ignored, and an
-    # ignored SIGINT is inherited (and rightly left alone by vmferry)
-    proc = subprocess.Popen([*CLI, "convert", "-q", "-", str(out), "--to", "ferry"], stdin=subprocess.PIPE,
-                            stderr=subprocess.PIPE, preexec_fn=_default_sigint)
-    assert proc.stdin is not None and proc.stderr is not None
-    proc.stdin.write(data[:len(data) // 2])  # half a stream, then the writer stalls
-    proc.stdin.flush()
-    deadline = time.monotonic() + 60
-    while not partials(tmp_path):
-        assert time.monotonic() < deadline and proc.poll() is None, "no partial output appeared"
-        time.sleep(0.05)
-    proc.send_signal(sig)
-    rc = proc.wait(timeout=60)
-    err = proc.stderr.read().decode()
-    proc.stdin.close()
+    rc, err = signal_while_writing(["convert", "-q", "-", str(out), "--to", "ferry"], stream.read_bytes(),
+                                   tmp_path, sig)
     # the orderly way (one line, exit 128 + N); or, should Python drop the exception in a finaliser, the
     # signal delivered again with its default action (vmferry.cli.common.TERMINATE_GRACE)
     assert rc == 128 + sig or rc == -sig, (rc, err)

@@ -11,17 +11,15 @@ import os
 import signal
 import stat
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+from cli_helpers import CLI, one_line_error, partials, signal_while_writing
 from test_libvirt_save import COOKIE, XML, write_like_libvirt
 
 from vmferry.encode import libvirt_save as ls
 from vmferry.encode.libvirt_save import Compression
 
-CLI = [sys.executable, "-m", "vmferry.cli"]
 
 
 def run(*args: str, **kw) -> subprocess.CompletedProcess:
@@ -31,17 +29,6 @@ def run(*args: str, **kw) -> subprocess.CompletedProcess:
 def ok(out: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert out.returncode == 0, out.stderr.decode()
     return out
-
-
-def one_line_error(out: subprocess.CompletedProcess) -> str:
-    err = out.stderr.decode()
-    assert out.returncode == 2, (out.returncode, err)
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    return err
-
-
-def partials(folder: Path) -> list[Path]:
-    return list(folder.glob("*vmferry-partial*"))
 
 
 @pytest.fixture(scope="module")
@@ -137,19 +124,8 @@ def test_a_signal_removes_a_partial_image(big_image, tmp_path, sig):
     data = big_image
     assert len(data) > 16 << 20
     out = tmp_path / "out.save"
-    proc = subprocess.Popen([*CLI, "transform", "-q", "-", str(out), "--machine", "pc-i440fx-7.2"],
-                            stdin=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdin is not None and proc.stderr is not None
-    proc.stdin.write(data[:len(data) // 2])  # half an image, then the writer stalls
-    proc.stdin.flush()
-    deadline = time.monotonic() + 60
-    while not partials(tmp_path):
-        assert time.monotonic() < deadline and proc.poll() is None, "no partial output appeared"
-        time.sleep(0.05)
-    proc.send_signal(sig)
-    rc = proc.wait(timeout=60)
-    err = proc.stderr.read().decode()
-    proc.stdin.close()
+    rc, err = signal_while_writing(["transform", "-q", "-", str(out), "--machine", "pc-i440fx-7.2"], data,
+                                   tmp_path, sig)
     assert rc == 128 + sig or rc == -sig, (rc, err)
     assert err.count("\n") <= 1 and "Traceback" not in err, err
     assert not partials(tmp_path) and not out.exists()

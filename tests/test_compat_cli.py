@@ -205,3 +205,19 @@ def test_diff_reads_streams_of_any_format(tmp_path: Path, capsys: pytest.Capture
     assert main(["diff", str(src), str(tmp_path / "in.json"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["differences"] == [] and report["b"]["kind"] == "stream" and report["plan"] == ["pc-i440fx-7.2"]
+
+
+def test_pcihost_comes_back_once_whatever_the_buses(tmp_path: Path) -> None:
+    """A root port or bridge has a bus of its own: QEMU sends a PCIBUS section per bus (instance 1, 2, ...), and
+    the host bridge's one PCIHost goes before the first of them."""
+    events = small_stream()
+    at = next(i for i, e in enumerate(events) if isinstance(e, DeviceSection) and e.idstr == "PCIBUS") + 1
+    bus1 = DeviceSection(6, "PCIBUS", 1, 1, {"nirq": 0}, PCIBUS, describe_section(PCIBUS, {"nirq": 0}, "PCIBUS", 1),
+                         True)
+    events.insert(at, bus1)
+    src = write(tmp_path / "in.mig", events)
+    assert main(["transform", str(src), str(tmp_path / "old.mig"), "--machine", "pc-i440fx-2.3", "-q"]) == 0
+    assert main(["transform", str(tmp_path / "old.mig"), str(tmp_path / "new.mig"), "--machine", "pc-i440fx-7.2",
+                 "-q"]) == 0
+    sections = [(e.idstr, e.instance_id) for e in read(tmp_path / "new.mig") if isinstance(e, DeviceSection)]
+    assert sections == [("i8254", 0), ("pcspk", 0), ("PCIHost", 0), ("PCIBUS", 0), ("PCIBUS", 1), ("globalstate", 0)]

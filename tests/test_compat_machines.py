@@ -153,6 +153,15 @@ def test_vga_vram_block_takes_the_devices_path() -> None:
     assert x86.vga_vram_up([RamBlock("pc.ram", 1)]) == {}
     with pytest.raises(CompatError, match="which PCI device owns"):
         x86.vga_vram_up([RamBlock("vga.vram", 2)])
+    # the other devices hw_compat_2_12 gives global-vmstate: their ROM block is named after their vmsd
+    cirrus = [RamBlock("vga.vram", 2), RamBlock("0000:00:03.0/e1000.rom", 3),
+              RamBlock("0000:00:02.0/cirrus_vga.rom", 3)]
+    assert x86.vga_vram_up(cirrus) == {"vga.vram": "0000:00:02.0/vga.vram"}
+    assert x86.vga_vram_up([RamBlock("vga.vram", 2), RamBlock("0000:00:04.0/vmware_vga.rom", 3)]) == \
+        {"vga.vram": "0000:00:04.0/vga.vram"}
+    with pytest.raises(CompatError, match="found 2"):  # two VGA devices: which one registered vga.vram is unknown
+        x86.vga_vram_up([RamBlock("vga.vram", 2), RamBlock("0000:00:02.0/vga.rom", 3),
+                         RamBlock("0000:00:05.0/qxl.rom", 3)])
 
 
 def test_globalstate_follows_store_global_state() -> None:

@@ -184,6 +184,26 @@ def test_with_emulator_sets_the_qemu_binary():
             "<emulator>/usr/bin/qemu-system-x86_64</emulator>", ""), None, b"")).with_emulator("/c")
 
 
+def test_with_emulator_finds_the_element_the_parser_finds():
+    """An <emulator> or <devices> in a comment, in a CDATA section or under another element is not the domain's;
+    an empty <emulator/> gets its text."""
+    decoys = XML.replace("<devices>", "<!-- <devices><emulator>/old</emulator> --><devices>", 1).replace(
+        "</domain>", "<metadata><x:devices xmlns:x='urn:x'><emulator>/meta</emulator></x:devices></metadata>"
+                     "<description><![CDATA[<emulator>/cdata</emulator>]]></description></domain>")
+    moved = ls.parse(write_like_libvirt(decoys, None, b"")).with_emulator("/opt/q")
+    assert moved.xml == decoys.replace("<emulator>/usr/bin/qemu-system-x86_64<", "<emulator>/opt/q<")
+    empty = ls.parse(write_like_libvirt(XML.replace("<emulator>/usr/bin/qemu-system-x86_64</emulator>",
+                                                    "<emulator />"), None, b""))
+    assert "<emulator >/opt/q</emulator>" in empty.with_emulator("/opt/q").xml
+    blank = ls.parse(write_like_libvirt(XML.replace("/usr/bin/qemu-system-x86_64</emulator>", "</emulator>"),
+                                        None, b""))
+    assert "<emulator>/opt/q</emulator>" in blank.with_emulator("/opt/q").xml
+    no_devices = XML.replace("<devices>", "<!-- <devices> --><x>").replace("</devices>", "</x>").replace(
+        "<emulator>/usr/bin/qemu-system-x86_64</emulator>", "")
+    with pytest.raises(EncodeError, match="no <devices>"):
+        ls.parse(write_like_libvirt(no_devices, None, b"")).with_emulator("/c")
+
+
 def test_with_xml_grows_data_len_only_when_it_must():
     image = ls.parse(write_like_libvirt(XML, COOKIE, b""))
     longer = image.with_xml(XML + "<!--" + "x" * (PADDING + 10) + "-->")

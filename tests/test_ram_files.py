@@ -85,7 +85,7 @@ def test_edit_the_counter_in_raw_ram_and_qemu_counts_on_from_it(where: Path) -> 
 
 def test_inject_then_extract_gives_the_same_files(qemu_corpus, tmp_path: Path) -> None:
     src = qemu_corpus["pc-7.2-running"]
-    a, b = tmp_path / "a", tmp_path / "b"
+    a = tmp_path / "a"
     assert vmferry("ram", "extract", "-q", str(src), str(a)).returncode == 0
     for fmt in ("legacy", "ferry"):
         out = tmp_path / f"out.{fmt}"

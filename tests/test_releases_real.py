@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import threading
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from live_helpers import short_dir
+from live_helpers import SavedStreams, release_vm, short_dir
 from test_live_qemu import Managed
 
 from vmferry.cli import main
@@ -62,8 +61,6 @@ def _marks(*qemus: str) -> list[Any]:
     return [MARKS[q] for q in dict.fromkeys(qemus) if q in MARKS]
 
 
-def _vm(machine: str, qemu: str, args: tuple[str, ...], **kw: Any) -> QemuVM:
-    return QemuVM(machine, args, boot_sector=True, qemu_version=None if qemu == "7.2" else qemu, **kw)
 
 
 def _transform(src: Path, out: Path, machine: str, qemu: str, *more: str) -> int:
@@ -74,33 +71,9 @@ def _sections(path: Path) -> list[DeviceSection]:
     return [e for e in decode_input(open_input(str(path))) if isinstance(e, DeviceSection)]
 
 
-class _Saved:
-    """Streams saved on demand by any release, cached for the session (thread-safe)."""
-
-    def __init__(self, directory: Path) -> None:
-        self.dir = directory
-        self.lock = threading.Lock()
-        self.done: dict[tuple[str, str, tuple[str, ...], bool], tuple[Path, str]] = {}
-
-    def get(self, machine: str, qemu: str, args: tuple[str, ...], running: bool) -> tuple[Path, str]:
-        key = (machine, qemu, args, running)
-        with self.lock:
-            if key in self.done:
-                return self.done[key]
-            name = f"{machine}@{qemu}-{len(self.done)}"
-            path = self.dir / f"{name}.mig"
-            with _vm(machine, qemu, args, paused=not running, name=name, workdir=self.dir / name) as vm:
-                if running:
-                    vm.wait_for_count(5, timeout=60)
-                vm.save(path)
-                text = vm.serial_text()
-            self.done[key] = (path, text)
-            return path, text
-
-
 @pytest.fixture(scope="session")
-def saved(tmp_path_factory: pytest.TempPathFactory) -> _Saved:
-    return _Saved(tmp_path_factory.mktemp("releases"))
+def saved(tmp_path_factory: pytest.TempPathFactory) -> SavedStreams:
+    return SavedStreams(tmp_path_factory.mktemp("releases"))
 
 
 def _counts_on(src_text: str, dst: QemuVM) -> tuple[int, int]:
@@ -116,7 +89,7 @@ def _counts_on(src_text: str, dst: QemuVM) -> tuple[int, int]:
 
 
 def _refused(src: Path, machine: str, qemu: str, args: tuple[str, ...], workdir: Path, received: str) -> None:
-    with _vm(machine, qemu, args, incoming=True, name="refuses", workdir=workdir) as dst:
+    with release_vm(machine, qemu, args, incoming=True, name="refuses", workdir=workdir) as dst:
         with pytest.raises(QemuError) as e:
             dst.load(src)
     assert f"Machine type received is '{received}'" in str(e.value), str(e.value)[-400:]
@@ -130,14 +103,14 @@ PAIRS = [pytest.param(chipset, qa, qb, marks=_marks(qa, qb), id=f"{chipset}:{qa}
 
 
 @pytest.mark.parametrize(("chipset", "qa", "qb"), PAIRS)
-def test_a_running_guest_keeps_counting_from_any_release_to_any(saved: _Saved, tmp_path: Path, chipset: str,
+def test_a_running_guest_keeps_counting_from_any_release_to_any(saved: SavedStreams, tmp_path: Path, chipset: str,
                                                                   qa: str, qb: str) -> None:
     a, b = NEWEST[chipset, qa], NEWEST[chipset, qb]
     src, src_text = saved.get(a, qa, (), running=True)
     _refused(src, b, qb, (), tmp_path / "refuses", a)
     out = tmp_path / "out.mig"
     assert _transform(src, out, b, qb) == 0
-    with _vm(b, qb, (), incoming=True, paused=False, name="destination", workdir=tmp_path / "dst") as dst:
+    with release_vm(b, qb, (), incoming=True, paused=False, name="destination", workdir=tmp_path / "dst") as dst:
         assert dst.load(out) == "running"
         stopped, went_on = _counts_on(src_text, dst)
     plan = qemu_registry().plan(qemu_registry().resolve(a, qa), qemu_registry().resolve(b, qb))
@@ -152,7 +125,7 @@ NIC_PAIRS = [pytest.param(chipset, qa, qb, args, marks=_marks(qa, qb), id=f"{chi
 
 
 @pytest.mark.parametrize(("chipset", "qa", "qb", "args"), NIC_PAIRS)
-def test_network_cards_travel_too(saved: _Saved, tmp_path: Path, chipset: str, qa: str, qb: str,
+def test_network_cards_travel_too(saved: SavedStreams, tmp_path: Path, chipset: str, qa: str, qb: str,
                                   args: tuple[str, ...]) -> None:
     """e1000, e1000e (q35) and virtio-net-pci in one guest: each release is a source and a destination."""
     a, b = NEWEST[chipset, qa], NEWEST[chipset, qb]
@@ -161,23 +134,24 @@ def test_network_cards_travel_too(saved: _Saved, tmp_path: Path, chipset: str, q
     assert _transform(src, out, b, qb) == 0
     nics = {s.schema.name for s in _sections(out)} & {"e1000", "e1000e", "virtio-net"}
     assert nics == ({"e1000", "e1000e", "virtio-net"} if chipset == "pc-q35" else {"e1000", "virtio-net"})
-    with _vm(b, qb, args, incoming=True, paused=False, name="destination", workdir=tmp_path / "dst") as dst:
+    with release_vm(b, qb, args, incoming=True, paused=False, name="destination", workdir=tmp_path / "dst") as dst:
         assert dst.load(out) == "running"
         _counts_on(src_text, dst)
 
 
 @pytest.mark.qemu10
 @pytest.mark.qemu11
-def test_qemu_11_1_refuses_qemu_10_0s_virtio_net_of_the_same_machine_type(saved: _Saved, tmp_path: Path) -> None:
+def test_qemu_11_1_refuses_qemu_10_0s_virtio_net_of_the_same_machine_type(saved: SavedStreams, tmp_path: Path) -> None:
     """QEMU 10.0 writes 1024 for the size of a virtqueue no driver set up, above what 11.1 allocates."""
     src, _ = saved.get("pc-i440fx-10.0", "10.0", E1000_VIRTIO, running=False)
-    with _vm("pc-i440fx-10.0", "11.1", E1000_VIRTIO, incoming=True, name="refuses", workdir=tmp_path / "r") as dst:
+    with release_vm("pc-i440fx-10.0", "11.1", E1000_VIRTIO, incoming=True, name="refuses",
+                    workdir=tmp_path / "r") as dst:
         with pytest.raises(QemuError) as e:
             dst.load(src)
     assert "vring.num 1024 exceeds allocated max 256" in str(e.value)
     out = tmp_path / "out.mig"
     assert _transform(src, out, "pc-i440fx-10.0", "11.1") == 0
-    with _vm("pc-i440fx-10.0", "11.1", E1000_VIRTIO, incoming=True, name="loads", workdir=tmp_path / "l") as dst:
+    with release_vm("pc-i440fx-10.0", "11.1", E1000_VIRTIO, incoming=True, name="loads", workdir=tmp_path / "l") as dst:
         assert dst.load(out) in ("prelaunch", "paused")
 
 
@@ -191,7 +165,7 @@ def _machines(qemu: str) -> str:
 
 @pytest.mark.qemu11
 @pytest.mark.parametrize("chipset", ["pc-i440fx", "pc-q35"])
-def test_a_machine_type_the_newest_qemu_no_longer_has_is_rescued(saved: _Saved, tmp_path: Path,
+def test_a_machine_type_the_newest_qemu_no_longer_has_is_rescued(saved: SavedStreams, tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture[str],
                                                                  chipset: str) -> None:
     a, b = f"{chipset}-2.12", NEWEST[chipset, "11.1"]
@@ -203,14 +177,14 @@ def test_a_machine_type_the_newest_qemu_no_longer_has_is_rescued(saved: _Saved, 
     doc = json.loads(capsys.readouterr().out)
     assert doc["source"] == a and doc["path"][-1] == b
     assert f"{chipset}-7.2@10.0" in doc["path"] and f"{chipset}-10.0@11.1" in doc["path"]
-    with _vm(b, "11.1", ("-device", "e1000"), incoming=True, paused=False, name="destination",
+    with release_vm(b, "11.1", ("-device", "e1000"), incoming=True, paused=False, name="destination",
              workdir=tmp_path / "dst") as dst:
         assert dst.load(out) == "running"
         _counts_on(src_text, dst)
 
 
 @pytest.mark.qemu11
-def test_a_stream_without_configuration_needs_no_from_machine(saved: _Saved, tmp_path: Path,
+def test_a_stream_without_configuration_needs_no_from_machine(saved: SavedStreams, tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     """pc-i440fx-2.3 sends no configuration section: the one such machine type of the catalogue is taken."""
     src, src_text = saved.get("pc-i440fx-2.3", "7.2", (), running=True)
@@ -218,7 +192,7 @@ def test_a_stream_without_configuration_needs_no_from_machine(saved: _Saved, tmp
     out = tmp_path / "out.mig"
     assert _transform(src, out, "pc-i440fx-11.1", "11.1", "--json") == 0
     assert json.loads(capsys.readouterr().out)["source"] == "pc-i440fx-2.3"
-    with _vm("pc-i440fx-11.1", "11.1", (), incoming=True, paused=False, name="destination",
+    with release_vm("pc-i440fx-11.1", "11.1", (), incoming=True, paused=False, name="destination",
              workdir=tmp_path / "dst") as dst:
         assert dst.load(out) == "running"
         _counts_on(src_text, dst)
@@ -275,7 +249,7 @@ def _left_alone(kind: str, vmsd: str, key: str) -> bool:
 
 
 @pytest.mark.parametrize(("chipset", "a", "qa", "b", "qb", "kind"), STEPS)
-def test_each_step_gives_what_the_other_qemu_writes(saved: _Saved, tmp_path: Path, chipset: str, a: str, qa: str,
+def test_each_step_gives_what_the_other_qemu_writes(saved: SavedStreams, tmp_path: Path, chipset: str, a: str, qa: str,
                                                    b: str, qb: str, kind: str) -> None:
     args = ALL + (("-device", "e1000e") if chipset == "pc-q35" else ())
     src, _ = saved.get(a, qa, args, running=False)
@@ -303,7 +277,7 @@ def test_each_step_gives_what_the_other_qemu_writes(saved: _Saved, tmp_path: Pat
     assert source_qemu(str(out))[0] == qb  # type: ignore[index]
     cmds = [[e.name for e in decode_input(open_input(str(p))) if isinstance(e, Command)] for p in (out, real)]
     assert cmds[0] == cmds[1]
-    with _vm(b, qb, args, incoming=True, name="destination", workdir=tmp_path / "dst") as dst:
+    with release_vm(b, qb, args, incoming=True, name="destination", workdir=tmp_path / "dst") as dst:
         assert dst.load(out) in ("prelaunch", "paused")
     back = tmp_path / "back.mig"
     assert _transform(out, back, a, qa) == 0

@@ -19,10 +19,36 @@ from .errors import (
     TransportError,
     TruncatedError,
 )
-from .serialize.describe import describe_section, describe_visit
-from .serialize.drive import visit_vmsd
-from .serialize.schema import Field, SchemaSet, Subsection, Vmsd
-from .serialize.visitor import Describer, LegacyReader, LegacyWriter, TreeBuilder, TreeReader, Visitor
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .serialize.describe import describe_section, describe_visit
+    from .serialize.drive import visit_vmsd
+    from .serialize.schema import Field, SchemaSet, Subsection, Vmsd
+    from .serialize.visitor import Describer, LegacyReader, LegacyWriter, TreeBuilder, TreeReader, Visitor
+
+#: The serializer's names, imported on first use (PEP 562): ``import vmferry`` and the command line's start
+#: then load only what they use.
+_LAZY = {
+    "describe_section": "serialize.describe", "describe_visit": "serialize.describe",
+    "visit_vmsd": "serialize.drive",
+    "Field": "serialize.schema", "SchemaSet": "serialize.schema", "Subsection": "serialize.schema",
+    "Vmsd": "serialize.schema",
+    "Describer": "serialize.visitor", "LegacyReader": "serialize.visitor", "LegacyWriter": "serialize.visitor",
+    "TreeBuilder": "serialize.visitor", "TreeReader": "serialize.visitor", "Visitor": "serialize.visitor",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vmferry' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __version__ = "0.1.0"
 

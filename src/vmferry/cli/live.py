@@ -128,17 +128,12 @@ def _split(text: str | None) -> list[str] | None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ..errors import FerryError
     from ..live.allocator import keep_stream_buffers
     from ..live.endpoint.machine import parse_size
     from ..live.endpoint.serve import ServeOptions, serve
     from ..live.transport import TlsOptions
 
     keep_stream_buffers()
-
-    class UsageError(FerryError):
-        pass
-
     try:
         ram = parse_size(args.ram)
     except ValueError as e:

@@ -89,10 +89,10 @@ def _cmd_completion(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    if argv is None:
+    if argv is None and "_ARGCOMPLETE" in os.environ:  # the shell asks for completions (argcomplete's protocol)
         import argcomplete
 
-        argcomplete.autocomplete(parser)  # answers the shell's completion request and exits, if there is one
+        argcomplete.autocomplete(parser)  # answers and exits
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)

@@ -23,7 +23,6 @@ Neither holds a guest's RAM in memory: pages go to and come from the files
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import mmap
 import os
@@ -235,7 +234,6 @@ def inject_events(events: Iterable[Event], directory: str) -> Iterator[Event]:
     files = _read_manifest(directory)
     sizes: list[Any] | None = None
     injected = False
-    maps: list[mmap.mmap] = []
 
     def all_pages() -> Iterator[Event]:
         assert sizes is not None
@@ -251,7 +249,7 @@ def inject_events(events: Iterable[Event], directory: str) -> Iterator[Event]:
                 m = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
             finally:
                 os.close(fd)
-            maps.append(m)
+            # the views handed out keep the mapping alive as long as they are used
             yield from _block_runs(memoryview(m), b.name, b.length, b.page_size or 4096)
 
     for ev in events:
@@ -277,7 +275,6 @@ def inject_events(events: Iterable[Event], directory: str) -> Iterator[Event]:
             yield ev
     if sizes is None:
         raise UsageError("the stream has no MEM_SIZE record: it carries no RAM to replace")
-    del maps  # the views handed out keep their mappings alive as long as they are used
 
 
 # ---------------------------------------------------------------------------
@@ -302,6 +299,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_inject(args: argparse.Namespace) -> int:
+    import hashlib
+
     from .. import encode
 
     schema = schema_option(args)

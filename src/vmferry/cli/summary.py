@@ -45,7 +45,7 @@ Version = tuple[int, int]
 
 #: The release after 7.2 (QEMU numbered 7.2 -> 8.0).
 _AFTER_7_2 = (8, 0)
-_MACHINE_VERSION = re.compile(r"^pc-(?:i440fx|q35)-(\d+)\.(\d+)$")
+_MACHINE_VERSION = r"^pc-(?:i440fx|q35)-(\d+)\.(\d+)$"
 
 
 def _fmt(v: Version) -> str:
@@ -228,7 +228,7 @@ class StreamSummary:
             if uuid is not None:
                 h = bytes(uuid).hex()
                 self.uuid = f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
-            m = _MACHINE_VERSION.match(self.machine)
+            m = re.match(_MACHINE_VERSION, self.machine)
             if m:
                 self.writer.note(f"machine type {self.machine}", (int(m[1]), int(m[2])))
             if "mapped-ram" in self.capabilities:

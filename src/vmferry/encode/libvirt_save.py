@@ -42,8 +42,6 @@ allocated (:data:`MAX_DATA_LEN`, :data:`LZOP_MAX_BLOCK`).
 
 from __future__ import annotations
 
-import bz2
-import lzma
 import re
 import struct
 import zlib
@@ -51,7 +49,6 @@ from dataclasses import dataclass, replace
 from enum import IntEnum
 from typing import Any, Iterable, Iterator
 from xml.parsers import expat
-from xml.sax.saxutils import escape as xml_escape
 
 from ..errors import DecodeError, EncodeError, TruncatedError
 
@@ -199,12 +196,13 @@ def parse_header(buf: bytes | bytearray | memoryview, offset: int = 0) -> SaveHe
 # the image: header, XML, cookie
 # ---------------------------------------------------------------------------
 
-_MACHINE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-_EMULATOR_RE = re.compile(r"(<emulator\s*>)([^<]*)(</emulator\s*>)")
-_DEVICES_RE = re.compile(r"<devices\s*>")
+# Patterns, compiled on first use (``re`` keeps them cached): reading a QEMU stream needs none of them.
+_MACHINE_RE = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 _ATTR = r"""\s+([A-Za-z_:][\w:.-]*)\s*=\s*(?:'[^'<]*'|"[^"<]*")"""
-_START_TAG = re.compile(rb"<type((?:" + _ATTR.encode() + rb")*)\s*(/?)>")
-_ATTR_RE = re.compile(rb"""(\s+)([A-Za-z_:][\w:.-]*)(\s*=\s*)(?:'([^'<]*)'|"([^"<]*)")""")
+_START_TAG = rb"<type((?:" + _ATTR.encode() + rb")*)\s*(/?)>"
+_DEVICES_TAG = rb"<devices(?:" + _ATTR.encode() + rb")*\s*>"
+_EMULATOR_TAG = rb"<emulator(?:" + _ATTR.encode() + rb")*\s*(/?)>"
+_ATTR_RE = rb"""(\s+)([A-Za-z_:][\w:.-]*)(\s*=\s*)(?:'([^'<]*)'|"([^"<]*)")"""
 
 
 @dataclass(frozen=True)
@@ -214,13 +212,26 @@ class _XmlFacts:
     machine: str | None
     arch: str | None
     type_tag: tuple[int, int] | None  # byte span of the <os><type ...> start tag in the XML
+    devices_at: int | None = None  # byte offset just after the <devices> start tag
+    emulators: tuple[tuple[int, int], ...] = ()  # byte spans of the text of each <devices><emulator>
+
+
+def _tag_end(xml: bytes, at: int, pattern: bytes, what: str, offset: int) -> re.Match[bytes]:
+    """The start tag that expat reported at byte ``at``, matched by ``pattern``."""
+    m = re.compile(pattern).match(xml, at)
+    if m is None:  # expat accepted it, so only odd spacing or quoting can get here
+        raise DecodeError(f"cannot locate {what} in the domain XML", offset + at, f"$.libvirt.xml.{what}")
+    return m
 
 
 def _xml_facts(xml: bytes, offset: int) -> _XmlFacts:
-    """Read the domain name, type, and ``<os><type>`` of ``xml`` with expat; no DTDs, no entities."""
+    """Read the domain name, type, ``<os><type>`` and where ``<devices><emulator>`` is in ``xml`` with expat;
+    no DTDs, no entities."""
     p = expat.ParserCreate()
     stack: list[str] = []
-    found: dict[str, Any] = {"name": None, "domain_type": None, "machine": None, "arch": None, "span": None}
+    found: dict[str, Any] = {"name": None, "domain_type": None, "machine": None, "arch": None, "span": None,
+                             "devices": None}
+    emulators: list[tuple[int, int]] = []
     text: list[str] = []
 
     def start(tag: str, attrs: dict[str, str]) -> None:
@@ -229,18 +240,22 @@ def _xml_facts(xml: bytes, offset: int) -> _XmlFacts:
             found["domain_type"] = attrs.get("type")
         elif stack == ["domain", "os", "type"] and found["span"] is None:
             at = p.CurrentByteIndex
-            m = _START_TAG.match(xml, at)
-            if m is None:  # expat accepted it, so only odd spacing or quoting can get here
-                raise DecodeError("cannot locate <os><type> in the domain XML", offset + at, "$.libvirt.xml.os.type")
-            found["span"] = (at, m.end())
+            found["span"] = (at, _tag_end(xml, at, _START_TAG, "os.type", offset).end())
             found["machine"] = attrs.get("machine")
             found["arch"] = attrs.get("arch")
+        elif stack == ["domain", "devices"] and found["devices"] is None:
+            found["devices"] = _tag_end(xml, p.CurrentByteIndex, _DEVICES_TAG, "devices", offset).end()
+        elif stack == ["domain", "devices", "emulator"]:
+            m = _tag_end(xml, p.CurrentByteIndex, _EMULATOR_TAG, "devices.emulator", offset)
+            emulators.append((m.end(), m.end()) if m.group(1) else (m.end(), -1))  # an empty element: no text
         elif stack == ["domain", "name"]:
             text.clear()
 
     def end(tag: str) -> None:
         if stack == ["domain", "name"]:
             found["name"] = "".join(text)
+        elif stack == ["domain", "devices", "emulator"] and emulators[-1][1] < 0:
+            emulators[-1] = (emulators[-1][0], p.CurrentByteIndex)  # where </emulator> starts
         stack.pop()
 
     def chars(data: str) -> None:
@@ -264,7 +279,8 @@ def _xml_facts(xml: bytes, offset: int) -> _XmlFacts:
                           "$.libvirt.xml") from None
     if found["span"] is None:
         raise DecodeError("the domain XML has no <os><type> element", offset, "$.libvirt.xml.os.type")
-    return _XmlFacts(found["name"], found["domain_type"], found["machine"], found["arch"], found["span"])
+    return _XmlFacts(found["name"], found["domain_type"], found["machine"], found["arch"], found["span"],
+                     found["devices"], tuple(emulators))
 
 
 def _cstring(data: bytes, start: int, end: int, what: str, path: str) -> bytes:
@@ -298,6 +314,8 @@ class SaveImage:
     machine: str | None
     arch: str | None
     _type_tag: tuple[int, int] = (0, 0)
+    _devices_at: int | None = None
+    _emulators: tuple[tuple[int, int], ...] = ()
 
     @property
     def head(self) -> bytes:
@@ -356,12 +374,12 @@ class SaveImage:
 
     def with_machine(self, machine: str) -> SaveImage:
         """This image with ``<os><type machine=...>`` set to ``machine``; nothing else in the XML changes."""
-        if not _MACHINE_RE.fullmatch(machine):
+        if not re.compile(_MACHINE_RE).fullmatch(machine):
             raise EncodeError(f"not a machine type name: {machine!r}", "$.libvirt.xml.os.type.machine")
         xml = self.xml.encode()
         start, end = self._type_tag
         tag = xml[start:end]
-        for m in _ATTR_RE.finditer(tag):
+        for m in re.compile(_ATTR_RE).finditer(tag):
             if m.group(2) == b"machine":
                 quote = b"'" if m.group(4) is not None else b'"'
                 new = m.group(1) + m.group(2) + m.group(3) + quote + machine.encode() + quote
@@ -376,17 +394,20 @@ class SaveImage:
         libvirt runs for the restored domain.  Added after ``<devices>`` when the XML has none."""
         if not emulator.startswith("/") or any(c in emulator for c in "\0\n"):
             raise EncodeError(f"not an absolute path for <emulator>: {emulator!r}", "$.libvirt.xml.devices.emulator")
-        text = xml_escape(emulator)
-        found = _EMULATOR_RE.findall(self.xml)
-        if len(found) > 1:
+        text = emulator.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").encode()  # XML text
+        xml = self.xml.encode()  # the offsets the parse found are the XML's bytes
+        if len(self._emulators) > 1:
             raise EncodeError("the domain XML has more than one <emulator>", "$.libvirt.xml.devices.emulator")
-        if found:
-            return self.with_xml(_EMULATOR_RE.sub(lambda m: m.group(1) + text + m.group(3), self.xml))
-        devices = _DEVICES_RE.search(self.xml)
-        if devices is None:
+        if self._emulators:
+            start, end = self._emulators[0]
+            if start == end and xml[start - 2:start] == b"/>":  # <emulator/>: no text to replace
+                start -= 2
+                text = b">" + text + b"</emulator>"
+            return self.with_xml((xml[:start] + text + xml[end:]).decode())
+        if self._devices_at is None:
             raise EncodeError("the domain XML has no <devices> to hold an <emulator>", "$.libvirt.xml.devices")
-        at = devices.end()
-        return self.with_xml(f"{self.xml[:at]}<emulator>{text}</emulator>{self.xml[at:]}")
+        at = self._devices_at
+        return self.with_xml((xml[:at] + b"<emulator>" + text + b"</emulator>" + xml[at:]).decode())
 
 
 def parse(head: bytes | bytearray | memoryview, *, allow_partial: bool = False, offset: int = 0) -> SaveImage:
@@ -415,7 +436,7 @@ def parse(head: bytes | bytearray | memoryview, *, allow_partial: bool = False, 
         cookie_text = _utf8(cookie, offset + HEADER_SIZE + header.cookie_offset, "$.libvirt.cookie")
     facts = _xml_facts(xml, offset + HEADER_SIZE)
     return SaveImage(header, data, bytes(head[:HEADER_SIZE]), xml_text, cookie_text, facts.name, facts.domain_type,
-                     facts.machine, facts.arch, facts.type_tag or (0, 0))
+                     facts.machine, facts.arch, facts.type_tag or (0, 0), facts.devices_at, facts.emulators)
 
 
 # ---------------------------------------------------------------------------
@@ -487,25 +508,32 @@ def decompress(chunks: Iterable[Chunk], compression: Compression, offset: int = 
     """
     if compression == Compression.RAW:
         return iter(chunks)
+    # each library is imported when an image needs it: reading a raw image (the common case) loads none
     if compression == Compression.GZIP:
-        return _zlib_like(chunks, lambda: zlib.decompressobj(wbits=31), offset, "gzip")
+        return _zlib_like(chunks, lambda: zlib.decompressobj(wbits=31), offset, "gzip", zlib.error)
     if compression == Compression.BZIP2:
-        return _zlib_like(chunks, bz2.BZ2Decompressor, offset, "bzip2")
+        import bz2
+
+        return _zlib_like(chunks, bz2.BZ2Decompressor, offset, "bzip2", OSError)
     if compression == Compression.XZ:
-        return _zlib_like(chunks, lambda: lzma.LZMADecompressor(lzma.FORMAT_XZ), offset, "xz")
+        import lzma
+
+        return _zlib_like(chunks, lambda: lzma.LZMADecompressor(lzma.FORMAT_XZ), offset, "xz", lzma.LZMAError)
     if compression == Compression.ZSTD:
         zstd = _zstd_module()
         if zstd is None:
             raise DecodeError("a zstd-compressed image needs backports.zstd (vmferry[libvirt]) before Python 3.14",
                               offset, "$.libvirt.stream.zstd")
-        return _zlib_like(chunks, zstd.ZstdDecompressor, offset, "zstd")
+        return _zlib_like(chunks, zstd.ZstdDecompressor, offset, "zstd", zstd.ZstdError)
     if compression == Compression.LZOP:
         return _lzop_decode(chunks, offset)
     raise DecodeError(f"cannot decompress {compression.label}", offset, "$.libvirt.stream")
 
 
-def _zlib_like(chunks: Iterable[Chunk], make: Any, offset: int, what: str) -> Iterator[bytes]:
-    """gzip, bzip2, xz: concatenated members (streams) as ``PROG -dc`` reads them, with bounded output."""
+def _zlib_like(chunks: Iterable[Chunk], make: Any, offset: int, what: str,
+               damaged: type[Exception]) -> Iterator[bytes]:
+    """gzip, bzip2, xz, zstd: concatenated members (streams) as ``PROG -dc`` reads them, with bounded output;
+    ``damaged``: the library's own error for bad data."""
     path = f"$.libvirt.stream.{what}"
     d = make()
     is_zlib = isinstance(d, type(zlib.decompressobj()))
@@ -521,7 +549,7 @@ def _zlib_like(chunks: Iterable[Chunk], make: Any, offset: int, what: str) -> It
             fed = True
             try:
                 out = d.decompress(data, MAX_CHUNK)
-            except (zlib.error, OSError, lzma.LZMAError, EOFError, ValueError, _ZstdError) as e:
+            except (damaged, OSError, EOFError, ValueError) as e:
                 raise DecodeError(f"{what} data damaged: {e}", at, path) from None
             if out:
                 yield out
@@ -554,9 +582,6 @@ def _zstd_module() -> Any:
             return None
     return zstd
 
-
-_zstd = _zstd_module()
-_ZstdError: type[Exception] = _zstd.ZstdError if _zstd is not None else OSError
 
 
 # lzop's file format (lzop 1.04, src/lzop.h / src/p_lzo.c)
@@ -723,12 +748,16 @@ def compress(chunks: Iterable[Chunk], compression: Compression) -> Iterator[Chun
     if compression == Compression.GZIP:
         c = zlib.compressobj(6, zlib.DEFLATED, 31)
     elif compression == Compression.BZIP2:
+        import bz2
+
         c = bz2.BZ2Compressor(9)
     elif compression == Compression.XZ:
+        import lzma
+
         c = lzma.LZMACompressor(lzma.FORMAT_XZ, check=lzma.CHECK_CRC64, preset=3)
-    elif compression == Compression.ZSTD and _zstd is not None:
-        c = _zstd.ZstdCompressor(options={_zstd.CompressionParameter.compression_level: 3,
-                                           _zstd.CompressionParameter.checksum_flag: 1})
+    elif compression == Compression.ZSTD and (zstd := _zstd_module()) is not None:
+        c = zstd.ZstdCompressor(options={zstd.CompressionParameter.compression_level: 3,
+                                         zstd.CompressionParameter.checksum_flag: 1})
     else:
         raise EncodeError(f"cannot compress as {compression.label}", "$.libvirt.stream")
     for chunk in chunks:

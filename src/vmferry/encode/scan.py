@@ -20,6 +20,11 @@ _MAX_WORD = (1 << 64) - 1
 
 
 _SEGMENT = 1 << 24  # words are built per 16 MiB-aligned segment from a template of one segment's low 3 bytes
+#: The smallest page size a template is made for: a template holds a word per page of a segment, 128 KiB at
+#: this page size (the smallest any decoder accepts: limits.MIN_PAGE_SIZE), 128 MiB at a page size of 1.
+#: Smaller page sizes (only an API caller's events can carry one) get their words built directly.
+_TEMPLATE_MIN_PAGE = 1 << 10
+_TEMPLATES_KEPT = 16  # at most 16 templates of at most 128 KiB: 2 MiB, whatever the inputs
 _TEMPLATES: dict[tuple[int, int], bytes] = {}
 
 
@@ -27,7 +32,7 @@ def _template(ps: int, flags: int) -> bytes:
     """Big-endian words ``t * ps | flags`` for every page ``t`` of one segment."""
     found = _TEMPLATES.get((ps, flags))
     if found is None:
-        if len(_TEMPLATES) >= 16:
+        if len(_TEMPLATES) >= _TEMPLATES_KEPT:
             _TEMPLATES.clear()
         found = _TEMPLATES[(ps, flags)] = _array_words(flags, ps, _SEGMENT // ps)
     return found
@@ -43,12 +48,14 @@ def _array_words(first: int, step: int, n: int) -> bytes:
 def expected_words(first: int, ps: int, n: int) -> bytes:
     """The big-endian 64-bit words ``first, first + ps, ...`` (``n`` of them, all below 2**64).
 
-    For a power-of-two page size up to 16 MiB (``first`` being a page offset plus flags below ``ps``) they are
-    cut from a cached template, one 16 MiB segment at a time, with the segment's high bytes filled in: a few
-    C-level copies instead of one Python integer per page.
+    For a power-of-two page size from 1 KiB up to 16 MiB (``first`` being a page offset plus flags below ``ps``)
+    they are cut from a cached template, one 16 MiB segment at a time, with the segment's high bytes filled in: a
+    few C-level copies instead of one Python integer per page.  Other page sizes get theirs one by one: a
+    template for a page size under 1 KiB would cost 128 KiB * 1024 / ``ps`` (kept for later calls), whatever
+    ``n``.
     """
     flags = first % ps
-    if ps & (ps - 1) or ps > _SEGMENT:
+    if ps & (ps - 1) or ps > _SEGMENT or ps < _TEMPLATE_MIN_PAGE:
         return _array_words(first, ps, n)
     template = _template(ps, flags)
     per = _SEGMENT // ps

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Iterator
 
 from ...errors import CompatError
 from ...events import (
@@ -52,7 +52,7 @@ from ...serialize.schema import Field
 from ..ops import (Machine, Node, add_field, at, drop_field, drop_subsection, has_field, node, refuse_subsections,
                    renaming, with_node)
 from ..registry import Change, Registry, Release
-from . import virtio
+from . import pcie, virtio
 from .releases import QEMU_7_2
 from .vmdesc import restyled_object
 
@@ -312,91 +312,6 @@ def _refuse_early(m: Machine) -> Machine:
     return m
 
 
-# --- PCI Express devices (q35: e1000e, qemu-xhci, ...) ---------------------
-
-PCI_CAPABILITY_LIST, PCI_CAP_ID_EXP = 0x34, 0x10
-PCI_EXP_DEVCAP, PCI_EXP_DEVCAP_EXT_TAG = 4, 0x20
-PCI_CONFIG_SPACE_SIZE, PCI_EXT_CAP_ID_ERR, PCI_ERR_UNCOR_MASK = 0x100, 0x0001, 8
-
-
-def _pcie_cap(cfg: bytes) -> int | None:
-    """The offset of the PCI Express capability in a config space (None if it has none)."""
-    pos, seen = cfg[PCI_CAPABILITY_LIST] & ~3, set()
-    while pos and pos not in seen and pos + 2 <= len(cfg):
-        seen.add(pos)
-        if cfg[pos] == PCI_CAP_ID_EXP:
-            return pos
-        pos = cfg[pos + 1] & ~3
-    return None
-
-
-def _aer_cap(cfg: bytes) -> int | None:
-    """The offset of the AER extended capability (None if it has none)."""
-    pos, seen = PCI_CONFIG_SPACE_SIZE, set()
-    while pos and pos not in seen and pos + 4 <= len(cfg):
-        seen.add(pos)
-        header = int.from_bytes(cfg[pos:pos + 4], "little")
-        if header & 0xFFFF == PCI_EXT_CAP_ID_ERR:
-            return pos
-        pos = (header >> 20) & ~3
-    return None
-
-
-def _express_config(sec: DeviceSection) -> tuple[str, str] | None:
-    """Where a section keeps a PCI Express device's config space: (PCIDevice field, config key)."""
-    for f in sec.schema.fields:
-        pci = sec.state.get(f.name)
-        if f.struct is None or f.struct.name != "PCIDevice" or not isinstance(pci, Mapping):
-            continue
-        for key, value in pci.items():
-            if key.startswith("config") and isinstance(value, (bytes, bytearray)) \
-                    and len(value) > PCI_CONFIG_SPACE_SIZE:
-                return f.name, key
-    return None
-
-
-def _on_express_devices(edit: Callable[[bytearray], bytearray]) -> Callable[[Machine], Machine]:
-    """A machine transform applying ``edit`` to the config space of every PCI Express device."""
-    def fn(m: Machine) -> Machine:
-        for sec in m.sections:
-            if not isinstance(sec, DeviceSection):
-                continue
-            where = _express_config(sec)
-            if where is None:
-                continue
-            field, key = where
-            pci = sec.state[field]
-            cfg = bytes(pci[key])
-            new = bytes(edit(bytearray(cfg)))
-            if new != cfg:
-                state = dict(sec.state, **{field: dict(pci, **{key: new})})
-                m = m.replace(sec, dataclasses.replace(sec, state=state, desc={}))
-        return m
-    return fn
-
-
-def _ext_tag(on: bool) -> Callable[[bytearray], bytearray]:
-    # hw_compat_9_1: PCIDevice x-pcie-ext-tag=off.  The 10.0 machine types set "Extended Tag Field
-    # Supported" in Device Capabilities, a read-only bit QEMU compares on load ("Bad config data").
-    def edit(cfg: bytearray) -> bytearray:
-        cap = _pcie_cap(bytes(cfg))
-        if cap is not None:
-            i = cap + PCI_EXP_DEVCAP
-            cfg[i] = cfg[i] | PCI_EXP_DEVCAP_EXT_TAG if on else cfg[i] & ~PCI_EXP_DEVCAP_EXT_TAG
-        return cfg
-    return edit
-
-
-def _no_unc_mask(cfg: bytearray) -> bytearray:
-    # hw_compat_7_2: PCIDevice x-pcie-err-unc-mask=off.  Older machine types have no AER
-    # Uncorrectable Error Mask register: it reads 0 and QEMU compares it on load.  (Going up it
-    # stays as the guest saw it, 0: the newer machine type lets the guest write it.)
-    cap = _aer_cap(bytes(cfg))
-    if cap is not None:
-        cfg[cap + PCI_ERR_UNCOR_MASK:cap + PCI_ERR_UNCOR_MASK + 4] = bytes(4)
-    return cfg
-
-
 TIMADJ = Field("core.timadj", "int64", 8)
 
 
@@ -554,7 +469,7 @@ def _machine_steps(reg: Registry, at: dict[str, str]) -> None:
     mask = ("hw_compat_7_2: PCIDevice x-pcie-err-unc-mask=off (AER uncorrectable error mask: read-only 0 on "
             "older machine types, compared on load)")
     reg.machine(old, new, None, lossless=True, mirrors=mask + "; the guest saw 0, which loads", name="PCIe AER mask")
-    reg.machine(new, old, _on_express_devices(_no_unc_mask), lossless=False, mirrors=mask + "; cleared",
+    reg.machine(new, old, pcie.on_express_devices(pcie.no_unc_mask), lossless=False, mirrors=mask + "; cleared",
                 name="PCIe AER mask")
 
     # 8.1 -> 8.2: hw_compat_8_1
@@ -570,8 +485,13 @@ def _machine_steps(reg: Registry, at: dict[str, str]) -> None:
     old, new = step("9.1", "9.2")
     ext = ("hw_compat_9_1: PCIDevice x-pcie-ext-tag=off (Device Capabilities 'Extended Tag Field Supported', "
            "a read-only bit QEMU compares on load), on every PCI Express device")
-    reg.machine(old, new, _on_express_devices(_ext_tag(True)), lossless=True, mirrors=ext, name="PCIe ext-tag")
-    reg.machine(new, old, _on_express_devices(_ext_tag(False)), lossless=True, mirrors=ext, name="PCIe ext-tag")
+    reg.machine(old, new, pcie.on_express_devices(pcie.ext_tag(True)), lossless=True, mirrors=ext, name="PCIe ext-tag")
+    reg.machine(new, old, pcie.on_express_devices(pcie.ext_tag(False)), lossless=True, mirrors=ext, name="PCIe ext-tag")
+    vext = ext + " (virtio-net-pci behind a PCI Express port: in its virtio field)"
+    reg.section("virtio-net", old, new, virtio.on_blob(virtio.on_config(pcie.ext_tag(True), "ext_tag_on")),
+                lossless=True, mirrors=vext, name="virtio-pci ext-tag")
+    reg.section("virtio-net", new, old, virtio.on_blob(virtio.on_config(pcie.ext_tag(False), "ext_tag_off")),
+                lossless=True, mirrors=vext, name="virtio-pci ext-tag")
 
     # 9.2 -> 10.0: hw_compat_9_2
     old, new = step("9.2", "10.0")

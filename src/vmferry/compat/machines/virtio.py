@@ -1,18 +1,19 @@
-"""virtio-net-pci across machine types: the ``virtio`` field, opened up.
+"""virtio-pci devices (virtio-net-pci, virtio-rng-pci) across machine types: the ``virtio`` field, opened up.
 
-A virtio device's section (vmsd ``virtio-net``, version 11) holds one field
+A virtio device's section (vmsd ``virtio-net``, version 11; ``virtio-rng``, version 1) holds one field
 of type ``virtio`` that QEMU writes with its own code (``virtio_save``), so
 the vmdesc describes it only by its size.  :func:`parse_blob` splits it into
 a tree and :func:`build_blob` writes the tree back, byte for byte:
 
 * the transport's part (``virtio_pci_save_config``): the PCI device state
-  (vmsd ``PCIDevice``: ``version_id``, the 256-byte config space, the irq
-  state), the MSI-X table and pending-bit array, the config vector;
+  (vmsd ``PCIDevice``: ``version_id``, the config space, 256 bytes or, for
+  a PCI Express device behind a PCI Express port, 4 KiB, the irq state),
+  the MSI-X table and pending-bit array, the config vector;
 * the virtio core's fields: status, isr, queue_sel, the low 32 bits of the
   guest features, the device config, and per queue its size, descriptor
   table address, last avail index and (with MSI-X) vector;
-* the device's own VMState (``vmstate_virtio_net_device``): kept as bytes,
-  no machine type changes it;
+* the device's own VMState (``vmstate_virtio_net_device``; virtio-rng has
+  none): kept as bytes, no machine type changes it;
 * the subsections of vmsd ``virtio`` (``virtio/64bit_features``,
   ``virtio/virtqueues``, ``virtio/extra_state`` with the virtio-pci proxy's
   ``virtio_pci/modern_state``, ...), decoded with vmferry's own VMState
@@ -28,7 +29,8 @@ virtio-pci devices (``hw_compat_2_4`` .. ``hw_compat_7_1``): whether the
 proxy migrates its extra state, legacy-only versus transitional devices
 (the capability list and BAR 4 of the config space, the modern queue
 state), one page per queue notification area, the ``started`` and
-``disabled`` flags, the number of MSI-X vectors and the ring-reset feature.
+``disabled`` flags, the number of MSI-X vectors (virtio-net-pci's count,
+virtio-rng-pci's MSI-X itself) and the ring-reset feature.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from ...serialize.drive import visit_vmsd
 from ...serialize.schema import Field, Subsection, Vmsd
 from ...serialize.visitor import LegacyReader, LegacyWriter
 from ..ops import Machine, Node, node, with_node
+from . import pcie
 
 __all__ = ["build_blob", "guest_features", "parse_blob"]
 
@@ -123,16 +126,7 @@ _SUB_NAMES = {s.vmsd.name.encode() for s in VIRTIO.subsections}
 # ---------------------------------------------------------------------------
 
 
-def _caps(cfg: bytes | bytearray) -> list[tuple[int, int]]:
-    """(offset, capability id) of the config space's capability list, in list order."""
-    out = []
-    p = cfg[PCI_CAPABILITY_LIST] & 0xFC
-    seen = set()
-    while p and p not in seen and p + 2 <= len(cfg):
-        seen.add(p)
-        out.append((p, cfg[p]))
-        p = cfg[p + 1] & 0xFC
-    return out
+_caps = pcie.caps
 
 
 def msix_at(cfg: bytes | bytearray) -> int | None:
@@ -176,6 +170,10 @@ def _parse(b: bytes) -> dict[str, Any]:
 
     (version_id,) = struct.unpack(">i", take(4))
     config = take(PCI_CONFIG_SIZE)
+    if pcie.pcie_cap(config) is not None:
+        # pci_device_save: a PCI Express device (a virtio-pci device behind a PCI Express port) saves
+        # vmstate_pcie_device, with all 4 KiB of its config space
+        config += take(pcie.PCIE_CONFIG_SPACE_SIZE - PCI_CONFIG_SIZE)
     irq_state = take(16)
     vectors = msix_vectors(config)
     t: dict[str, Any] = {"pci": {"version_id": version_id, "config": config, "irq_state": irq_state}}
@@ -258,7 +256,8 @@ BlobFn = Callable[[dict[str, Any], DeviceSection], dict[str, Any]]
 
 
 def on_blob(fn: BlobFn) -> Callable[[DeviceSection, Machine], DeviceSection]:
-    """A section transform for vmsd ``virtio-net`` that works on the parsed ``virtio`` field."""
+    """A section transform for a virtio-pci device (vmsd ``virtio-net``, ``virtio-rng``, ...) that works on the
+    parsed ``virtio`` field."""
 
     def section_fn(sec: DeviceSection, m: Machine) -> DeviceSection:
         n = node(sec)
@@ -266,8 +265,6 @@ def on_blob(fn: BlobFn) -> Callable[[DeviceSection, Machine], DeviceSection]:
         if f is None or not isinstance(sec.state.get("virtio"), (bytes, bytearray)):
             raise CompatError("no opaque 'virtio' field: not QEMU 7.2's virtio device layout")
         tree = parse_blob(sec.state["virtio"])
-        if len(tree["pci"]["config"]) != PCI_CONFIG_SIZE:
-            raise CompatError("virtio device with a PCI Express config space: not covered")
         new_tree = fn(tree, sec)
         if new_tree is tree:
             return sec
@@ -360,8 +357,15 @@ def _bar4_size(page_per_vq: bool) -> int:
     return size
 
 
+def _notify_cap(cfg: bytes | bytearray) -> int:
+    for p, cap in _caps(cfg):
+        if cap == PCI_CAP_ID_VNDR and cfg[p + 3] == CFG_NOTIFY:
+            return p
+    raise CompatError("a modern virtio-pci device without a notify capability")
+
+
 def page_per_vq(cfg: bytes) -> bool:
-    p = MODERN_CAPS_AT["notify"]
+    p = _notify_cap(cfg)
     return struct.unpack_from("<I", cfg, p + 16)[0] == QUEUE_MEM_MULT_PAGE
 
 
@@ -424,6 +428,13 @@ def _modern_queue_reset() -> dict[str, Any]:
     return {"num": 0, "unused": b"\0", "enabled": False, "desc": [0, 0], "avail": [0, 0], "used": [0, 0]}
 
 
+#: Why a virtio-pci device behind a PCI Express port cannot cross hw_compat_2_6.
+EXPRESS_MODERN = ("a virtio-pci device behind a PCI Express port is legacy-only on machine types up to 2.6 "
+                  "(hw_compat_2_6 disable-modern=on, a conventional PCI device) and modern-only on newer ones "
+                  "(disable-legacy=auto: another device ID, no legacy I/O BAR, a PCI Express device): the guest's "
+                  "driver cannot follow, not covered")
+
+
 def modern_up(t: dict[str, Any], sec: DeviceSection) -> dict[str, Any]:
     # hw_compat_2_6 sets virtio-pci disable-modern=on: the device is legacy-only.  The newer
     # machine's device is transitional: the virtio 1.0 capabilities and BAR 4 appear in
@@ -454,6 +465,8 @@ def modern_down(t: dict[str, Any], sec: DeviceSection) -> dict[str, Any]:
     cfg = t["pci"]["config"]
     if not is_modern(cfg):
         return t
+    if len(cfg) != PCI_CONFIG_SIZE:
+        raise CompatError(EXPRESS_MODERN)
     if _guest_features(t) >> VIRTIO_F_VERSION_1 & 1:
         raise CompatError("the guest drives this virtio device through the virtio 1.0 interface, which a "
                           "legacy-only device (disable-modern=on) does not have")
@@ -475,6 +488,21 @@ def modern_down(t: dict[str, Any], sec: DeviceSection) -> dict[str, Any]:
 # --- hw_compat_2_7: virtio-pci page-per-vq=on ---------------------------------
 
 
+def _with_page_per_vq(t: dict[str, Any], page: bool) -> dict[str, Any]:
+    # The notify capability's length (one notification area per queue) and multiplier; BAR 4's size
+    # follows, which the config space holds only as the bits of its address the guest cannot set.
+    cfg = bytearray(t["pci"]["config"])
+    p = _notify_cap(cfg)
+    mult = QUEUE_MEM_MULT_PAGE if page else QUEUE_MEM_MULT
+    struct.pack_into("<I", cfg, p + 12, mult * VIRTIO_QUEUE_MAX)
+    struct.pack_into("<I", cfg, p + 16, mult)
+    bar4 = struct.unpack_from("<Q", cfg, PCI_BASE_ADDRESS_4)[0]
+    size = _bar4_size(page)
+    if bar4 & ~0xF & (size - 1):
+        raise CompatError(f"the guest placed BAR 4 at {bar4 & ~0xF:#x}, which a {size:#x}-byte BAR 4 cannot occupy")
+    return dict(t, pci=dict(t["pci"], config=bytes(cfg)))
+
+
 def page_per_vq_off(t: dict[str, Any], sec: DeviceSection) -> dict[str, Any]:
     # With page-per-vq each queue's notification address is a page apart (notify_off
     # multiplier 0x1000, a 4 MiB notify region, an 8 MiB BAR 4); without it they are 4
@@ -483,7 +511,7 @@ def page_per_vq_off(t: dict[str, Any], sec: DeviceSection) -> dict[str, Any]:
     cfg = t["pci"]["config"]
     if not is_modern(cfg) or not page_per_vq(cfg):
         return t
-    return dict(t, pci=dict(t["pci"], config=convert_config(cfg, modern=True, page=False)))
+    return _with_page_per_vq(t, False)
 
 
 def page_per_vq_on(t: dict[str, Any], sec: DeviceSection) -> dict[str, Any]:
@@ -493,7 +521,26 @@ def page_per_vq_on(t: dict[str, Any], sec: DeviceSection) -> dict[str, Any]:
     if _guest_features(t) >> VIRTIO_F_VERSION_1 & 1:
         raise CompatError("the guest drives this device through the virtio 1.0 interface and has computed its "
                           "notification addresses from the 4-byte multiplier; page-per-vq would move them")
-    return dict(t, pci=dict(t["pci"], config=convert_config(cfg, modern=True, page=True)))
+    return _with_page_per_vq(t, True)
+
+
+# --- hw_compat_4_1: virtio-pci x-pcie-flr-init=off -----------------------------
+
+
+def on_config(edit: pcie.ConfigEdit, name: str) -> BlobFn:
+    """A blob transform applying a config space edit (:mod:`.pcie`) to the proxy's PCI config space."""
+    def fn(t: dict[str, Any], sec: DeviceSection) -> dict[str, Any]:
+        cfg = bytes(t["pci"]["config"])
+        new = bytes(edit(bytearray(cfg)))
+        return t if new == cfg else dict(t, pci=dict(t["pci"], config=new))
+
+    fn.__name__ = name
+    return fn
+
+
+#: A virtio-pci device behind a PCI Express port is a PCI Express device; from pc-*-4.2 on it offers
+#: Function Level Reset (pcie_cap_flr_init).  A conventional PCI device is left alone.
+flr_up, flr_down = on_config(pcie.flr(True), "flr_up"), on_config(pcie.flr(False), "flr_down")
 
 
 # --- hw_compat_4_0: virtio-device use-started=false ----------------------------
@@ -594,3 +641,50 @@ def ring_reset_down(t: dict[str, Any], sec: DeviceSection) -> dict[str, Any]:
 
 def ring_reset_up(t: dict[str, Any], sec: DeviceSection) -> dict[str, Any]:
     return t
+
+
+# --- hw_compat_7_1: virtio-rng-pci vectors=0 -------------------------------------
+
+RNG_VECTORS = 2  # virtio_rng_pci_realize: an unspecified vector count becomes 2
+MSIX_BAR = 1  # virtio-pci puts the MSI-X table at offset 0 of BAR 1, the pending bits at 0x800
+MSIX_PBA_OFFSET = 0x800
+PCI_BASE_ADDRESS_1 = 0x14
+PCI_MSIX_FLAGS_ENABLE = 0x8000
+
+
+def msix_added(t: dict[str, Any], sec: DeviceSection) -> dict[str, Any]:
+    # Machine types <= 7.1 give virtio-rng-pci no MSI-X (hw_compat_7_1 vectors=0); newer ones 2
+    # vectors: a capability at the top of the list (QEMU compares the list on load) and BAR 1.
+    # The guest keeps its INTx: MSI-X stays disabled, its vectors masked (msix_reset), and
+    # BAR 1 unassigned (address 0) until the guest places it.
+    cfg = bytearray(t["pci"]["config"])
+    if msix_at(cfg) is not None:
+        return t
+    if not is_modern(bytes(cfg)):
+        raise CompatError("legacy-only virtio-pci device without MSI-X: not covered")
+    at = MODERN_CAPS_AT["msix"]
+    if any(cfg[at:at + 12]):
+        raise CompatError(f"config space bytes at {at:#x} in use: not QEMU's virtio-pci layout")
+    cfg[at:at + 12] = bytes([PCI_CAP_ID_MSIX, cfg[PCI_CAPABILITY_LIST]]) + struct.pack(
+        "<HII", RNG_VECTORS - 1, MSIX_BAR, MSIX_PBA_OFFSET | MSIX_BAR)
+    cfg[PCI_CAPABILITY_LIST] = at
+    return dict(t, pci=dict(t["pci"], config=bytes(cfg)),
+                msix_table=(bytes(12) + struct.pack("<I", 1)) * RNG_VECTORS, msix_pba=bytes((RNG_VECTORS + 7) // 8),
+                config_vector=NO_VECTOR, queues=[dict(q, vector=NO_VECTOR) for q in t["queues"]])
+
+
+def msix_removed(t: dict[str, Any], sec: DeviceSection) -> dict[str, Any]:
+    cfg = bytearray(t["pci"]["config"])
+    p = msix_at(cfg)
+    if p is None:
+        return t
+    (flags,) = struct.unpack_from("<H", cfg, p + 2)
+    if flags & PCI_MSIX_FLAGS_ENABLE:
+        raise CompatError("the guest enabled MSI-X, which the older machine type's device does not have")
+    if p != cfg[PCI_CAPABILITY_LIST] & 0xFC:
+        raise CompatError("MSI-X is not first in the capability list: not QEMU's virtio-pci layout")
+    cfg[PCI_CAPABILITY_LIST] = cfg[p + 1]
+    cfg[p:p + 12] = bytes(12)
+    cfg[PCI_BASE_ADDRESS_1:PCI_BASE_ADDRESS_1 + 4] = bytes(4)  # no BAR 1 there
+    return dict(t, pci=dict(t["pci"], config=bytes(cfg)), msix_table=b"", msix_pba=b"", config_vector=None,
+                queues=[dict(q, vector=None) for q in t["queues"]])

@@ -48,7 +48,7 @@ from ..ops import (
     with_node,
 )
 from ..registry import Change, Registry
-from . import virtio
+from . import pcie, virtio
 from .releases import PC, PC_LINE, Q35, Q35_LINE
 
 __all__ = ["register"]
@@ -198,8 +198,9 @@ def pcspk_up(m: Machine) -> Machine:
 
 def pcihost_up(m: Machine) -> Machine:
     # hw_compat_5_0 sets pci-host-bridge x-config-reg-migration-enabled=off (pci_host_needed).
-    # The older destination's CONFIG_ADDRESS register after loading is its reset value, 0.
-    if m.one("PCIHost") is not None or m.one("PCIBUS") is None:
+    # The older destination's CONFIG_ADDRESS register after loading is its reset value, 0.  One host bridge,
+    # one PCIHost, however many buses: a pcie-root-port or pci-bridge adds a PCIBUS section of its own.
+    if m.one("PCIHost") is not None or not m.find("PCIBUS"):
         return m
     return add_section(m, new_section("PCIHost", 0, Node(PCIHOST, {"config_reg": 0})), before="PCIBUS")
 
@@ -461,26 +462,44 @@ def e1000_tso_up(sec: DeviceSection, m: Machine) -> DeviceSection:
 # ---------------------------------------------------------------------------
 
 VRAM = "vga.vram"
-VGA_ROM = "vga.rom"
+#: The option ROM blocks of the devices that hw_compat_2_12 gives global-vmstate (VGA, cirrus-vga, vmware-svga,
+#: qxl-vga): QEMU names a PCI device's ROM block after its vmsd ("<pci path>/<vmsd>.rom").
+VGA_ROMS = ("vga.rom", "cirrus_vga.rom", "vmware_vga.rom", "qxl.rom")
 
 
 def vga_vram_up(blocks: Sequence[RamBlock]) -> dict[str, str]:
     # With global-vmstate the VGA's video RAM is registered without its device path
     # (vmstate_register_ram(..., NULL)), so its RAM block is "vga.vram"; newer machine types
     # name it "<pci path>/vga.vram".  The path is the VGA device's: take it from the
-    # device's option ROM block in the same list ("<pci path>/vga.rom").
+    # device's option ROM block in the same list ("<pci path>/vga.rom", or cirrus-vga's, ...).
     names = [b.name for b in blocks]
     if VRAM not in names:
         return {}
-    roms = [name[: -len(VGA_ROM) - 1] for name in names if name.endswith("/" + VGA_ROM)]
+    roms = [name.rsplit("/", 1)[0] for name in names if "/" in name and name.rsplit("/", 1)[1] in VGA_ROMS]
     if len(roms) != 1:
-        raise CompatError(f"cannot tell which PCI device owns RAM block {VRAM!r}: expected one '<path>/{VGA_ROM}' "
-                          f"block, found {len(roms)}")
+        raise CompatError(f"cannot tell which PCI device owns RAM block {VRAM!r}: expected the option ROM block of "
+                          f"one VGA device ('<path>/{VGA_ROMS[0]}', '<path>/{VGA_ROMS[1]}', ...), found {len(roms)}")
     return {VRAM: f"{roms[0]}/{VRAM}"}
 
 
 def vga_vram_down(blocks: Sequence[RamBlock]) -> dict[str, str]:
     return {b.name: VRAM for b in blocks if b.name.endswith("/" + VRAM)}
+
+
+# ---------------------------------------------------------------------------
+# Devices behind PCI Express ports (q35; libvirt puts every PCI device behind a pcie-root-port)
+# ---------------------------------------------------------------------------
+
+
+def _refuse_behind_express_slot(fn: SectionFn, why: str) -> SectionFn:
+    """``fn``, but a CompatError for a device behind a PCI Express root or downstream port."""
+    def wrapped(sec: DeviceSection, m: Machine) -> DeviceSection:
+        if pcie.behind_express_slot(m, sec):
+            raise CompatError(f"{sec.idstr}: {why}")
+        return fn(sec, m)
+
+    wrapped.__name__ = getattr(fn, "__name__", "wrapped")
+    return wrapped
 
 
 # ---------------------------------------------------------------------------
@@ -556,26 +575,56 @@ class _Catalogue:
 _QUIET = {
     "2.6": "hw_compat_2_5/pc_compat_2_5: isa-fdc fallback=144 (drive geometry), pvscsi/vmxnet3 PCI layout, "
            "legacy fw_cfg file order (fw_cfg entries are not migrated), tsc-khz not saved (KVM only)",
-    "2.9": "hw_compat_2_8/pc_compat_2_8: fw_cfg file slots, PCIe extended capability init (no PCIe endpoints "
-           "behind ports here), cirrus vgamem, kvmclock and ICH9 SMI broadcast (negotiated by firmware, not sent "
+    "2.9": "hw_compat_2_8/pc_compat_2_8: fw_cfg file slots, PCIe extended capability init and virtio-pci "
+           "DEVCTL/LNKCTL/PM init (which bytes of a PCI Express device the guest may write, not what they hold), "
+           "cirrus vgamem, kvmclock and ICH9 SMI broadcast (negotiated by firmware, not sent "
            "when unused), tcg-cpuid: no migrated state changes",
     "2.10": "hw_compat_2_9/pc_compat_2_9: pci-bridge shpc, intel-iommu, virtio-net MTU bypass (a feature offered "
-            "only with host_mtu), pcie-root-port msix, mch extended TSEG size (its config register keeps what the "
+            "only with host_mtu), mch extended TSEG size (its config register keeps what the "
             "guest last saw): no change for these devices",
     "2.11": "hw_compat_2_10/pc_compat_2_10: virtio input wheel axis, hv-max-vps, pci-hole64-fix (memory map "
             "only): no migrated state changes",
     "3.1": "hw_compat_3_0 is empty; pc_compat_3_0 changes CPUID bits of some CPU models only",
     "4.0.1": "pc-q35-4.0.1 differs from pc-q35-4.0 only in the default for split irqchip (KVM)",
-    "4.2": "hw_compat_4_1: virtio-pci FLR capability (PCI Express virtio devices only, none here)",
+    "4.2": "hw_compat_4_1: virtio-pci FLR capability (virtio-pci devices behind PCI Express ports only: none on "
+           "the i440FX)",
     "5.2": "hw_compat_5_1/pc_compat_5_1: virtio queue counts of block/SCSI devices, ATS page alignment (PCI "
            "Express only), pvpanic events, kvmclock creation, ICH9 SMI CPU hotplug feature (negotiated by "
            "firmware): no change for these devices",
-    "6.2": "hw_compat_6_1/pc_compat_6_1: vhost-vsock seqpacket, nvme-ns, Hyper-V version ids, ICH9 "
-           "x-keep-pci-slot-hpc (PCIe root ports only)",
+    "6.2": "hw_compat_6_1/pc_compat_6_1: vhost-vsock seqpacket, nvme-ns, Hyper-V version ids",
     "7.0": "hw_compat_6_2: PIIX4_PM x-not-migrate-acpi-index (the i440FX's power management device; q35's "
            "ICH9 always migrates acpi_index)",
     "7.1": "hw_compat_7_0/pc_compat_7_0: GICv3/NVMe only; AMD 1 TB hole (memory map)",
 }
+
+
+def _virtio_pci_steps(c: _Catalogue, vmsd: str) -> None:
+    """The steps every virtio-pci device of vmsd ``vmsd`` takes: the proxy's and the virtio core's compat
+    properties (see :mod:`.virtio`)."""
+    c.section("2.5", vmsd, "virtio/extra_state", up=virtio.on_blob(virtio.extra_state_up),
+              down=virtio.on_blob(virtio.extra_state_down),
+              mirrors="hw_compat_2_4: virtio-pci migrate-extra=off (virtio_pci_has_extra_state)",
+              changes=[Change("field-resized", vmsd, "virtio")])
+    c.section("2.7", vmsd, "virtio-pci modern",
+              up=_refuse_behind_express_slot(virtio.on_blob(virtio.modern_up), virtio.EXPRESS_MODERN),
+              down=_refuse_behind_express_slot(virtio.on_blob(virtio.modern_down), virtio.EXPRESS_MODERN),
+              mirrors="hw_compat_2_6: virtio-pci disable-modern=on, disable-legacy=off (legacy-only device: "
+                      "no virtio 1.0 capabilities, no BAR 4, no VERSION_1, no modern queue state); refused "
+                      "for a device behind a PCI Express port (modern-only, PCI Express on newer machine types)",
+              changes=[Change("field-resized", vmsd, "virtio")])
+    c.section("2.8", vmsd, "virtio-pci page-per-vq", up=virtio.on_blob(virtio.page_per_vq_off),
+              down=virtio.on_blob(virtio.page_per_vq_on), up_lossless=True, down_lossless=True,
+              mirrors="hw_compat_2_7: virtio-pci page-per-vq=on (virtio_pci_queue_mem_mult: notify "
+                      "multiplier and BAR 4 size in the config space)")
+    c.section("4.1", vmsd, "virtio/started", up=virtio.on_blob(virtio.started_up),
+              down=virtio.on_blob(virtio.started_down),
+              mirrors="hw_compat_4_0: virtio-device use-started=false (virtio_set_started, "
+                      "virtio_started_needed)")
+    c.section("5.0", vmsd, "virtio/disabled", up=None, down=virtio.on_blob(virtio.disabled_down),
+              mirrors="hw_compat_4_2: virtio-device use-disabled-flag=false (virtio_set_disabled)")
+    c.section("7.2", vmsd, "virtio ring reset", up=virtio.on_blob(virtio.ring_reset_up),
+              down=virtio.on_blob(virtio.ring_reset_down), up_lossless=True, down_lossless=True,
+              mirrors="hw_compat_7_1: virtio-device queue_reset=false (VIRTIO_F_RING_RESET not offered)")
 
 
 def register(reg: Registry) -> None:
@@ -674,36 +723,60 @@ def register(reg: Registry) -> None:
                mirrors="hw_compat_6_2: PIIX4_PM x-not-migrate-acpi-index=on (vmstate_test_migrate_acpi_index)",
                changes=[Change("field-added", "piix4_pm", ACPI_INDEX)])
 
-    # virtio-net-pci: the proxy's and the virtio core's compat properties (see .virtio)
+    # virtio-net-pci: the proxy's and the virtio core's compat properties (see .virtio), and its vector count
     vn = "virtio-net"
     for c in both:
-        c.section("2.5", vn, "virtio/extra_state", up=virtio.on_blob(virtio.extra_state_up),
-                  down=virtio.on_blob(virtio.extra_state_down),
-                  mirrors="hw_compat_2_4: virtio-pci migrate-extra=off (virtio_pci_has_extra_state)",
-                  changes=[Change("field-resized", vn, "virtio")])
-        c.section("2.7", vn, "virtio-pci modern", up=virtio.on_blob(virtio.modern_up),
-                  down=virtio.on_blob(virtio.modern_down),
-                  mirrors="hw_compat_2_6: virtio-pci disable-modern=on, disable-legacy=off (legacy-only device: "
-                          "no virtio 1.0 capabilities, no BAR 4, no VERSION_1, no modern queue state)",
-                  changes=[Change("field-resized", vn, "virtio")])
-        c.section("2.8", vn, "virtio-pci page-per-vq", up=virtio.on_blob(virtio.page_per_vq_off),
-                  down=virtio.on_blob(virtio.page_per_vq_on), up_lossless=True, down_lossless=True,
-                  mirrors="hw_compat_2_7: virtio-pci page-per-vq=on (virtio_pci_queue_mem_mult: notify "
-                          "multiplier and BAR 4 size in the config space)")
-        c.section("4.1", vn, "virtio/started", up=virtio.on_blob(virtio.started_up),
-                  down=virtio.on_blob(virtio.started_down),
-                  mirrors="hw_compat_4_0: virtio-device use-started=false (virtio_set_started, "
-                          "virtio_started_needed)")
-        c.section("5.0", vn, "virtio/disabled", up=None, down=virtio.on_blob(virtio.disabled_down),
-                  mirrors="hw_compat_4_2: virtio-device use-disabled-flag=false (virtio_set_disabled)")
+        _virtio_pci_steps(c, vn)
         c.section("6.0", vn, "virtio-net-pci vectors", up=virtio.on_blob(virtio.vectors_up),
                   down=virtio.on_blob(virtio.vectors_down),
                   mirrors="hw_compat_5_2: virtio-net-pci-base vectors=3 (virtio_net_pci_realize's default is "
                           "2 * queue pairs + 2)",
                   changes=[Change("field-resized", vn, "virtio")])
-        c.section("7.2", vn, "virtio ring reset", up=virtio.on_blob(virtio.ring_reset_up),
-                  down=virtio.on_blob(virtio.ring_reset_down), up_lossless=True, down_lossless=True,
-                  mirrors="hw_compat_7_1: virtio-device queue_reset=false (VIRTIO_F_RING_RESET not offered)")
+
+    # virtio-rng-pci: the same virtio-pci and virtio core steps, and its own vector count
+    rng = "virtio-rng"
+    for c in both:
+        _virtio_pci_steps(c, rng)
+        c.section("7.2", rng, "virtio-rng-pci vectors", up=virtio.on_blob(virtio.msix_added),
+                  down=virtio.on_blob(virtio.msix_removed),
+                  mirrors="hw_compat_7_1: virtio-rng-pci vectors=0 (no MSI-X capability, no BAR 1)",
+                  changes=[Change("field-resized", rng, "virtio")])
+
+    q35.section("4.2", vn, "virtio-pci FLR", up=virtio.on_blob(virtio.flr_up), down=virtio.on_blob(virtio.flr_down),
+                up_lossless=True, down_lossless=True,
+                mirrors="hw_compat_4_1: virtio-pci x-pcie-flr-init=off (pcie_cap_flr_init: Device Capabilities' "
+                        "Function Level Reset bit, read-only and compared on load; a virtio-pci device behind a PCI "
+                        "Express port only)")
+
+    # PCI Express root ports (q35 only)
+    rp = pcie.ROOT_PORT
+    q35.section("2.10", rp, "pcie-root-port msix", up=pcie.root_port_msix_up, down=pcie.root_port_msix_down,
+                mirrors="hw_compat_2_9: pcie-root-port x-migrate-msix=false (gen_rp_test_migrate_msix); the older "
+                        "machine type's destination keeps the MSI-X table it reset",
+                changes=[Change("field-added", rp, pcie.MSIX_FIELD)])
+    q35.section("4.0", rp, "pcie-root-port link", up=pcie.on_config(pcie.link_speed(True)),
+                down=pcie.on_config(pcie.link_speed(False)), up_lossless=True, down_lossless=True,
+                mirrors="hw_compat_3_1: pcie-root-port x-speed=2_5, x-width=1 (pcie_cap_fill_slot_lnk: Link "
+                        "Capabilities, Link Capabilities 2 and Link Control 2's target speed, read-only and compared "
+                        "on load)")
+    q35.section("4.0", rp, "pcie-root-port ACS", up=pcie.on_config(pcie.acs(True)), down=pcie.on_config(pcie.acs(False)),
+                mirrors="hw_compat_3_1: pcie-root-port-base disable-acs=true (pcie_acs_init: the ACS extended "
+                        "capability at 0x148, chained after AER; going down whatever the guest enabled is lost)")
+    presence = ("pc_compat_6_0: ICH9-LPC acpi-pci-hotplug-with-bridge-support=off (acpi_pcihp_device_plug_cb: "
+                "from 6.1 on ACPI hot-plug handles the buses of cold-plugged bridges, so a PCI Express slot no longer "
+                "sets Slot Status' presence detect, read-only and compared on load)")
+    hpc = ("pc_compat_6_1: ICH9-LPC x-keep-pci-slot-hpc=false, which with ACPI hot-plug of bridges gives "
+           "pc-q35-6.1 alone x-native-hotplug=false on every PCI Express slot (pc_q35_init): Slot Capabilities' "
+           "hot-plug bits and pcie-root-port's resource reserve capability, read-only and compared on load")
+    for slot in pcie.PCIE_SLOTS:
+        q35.section("6.1", slot, f"{slot} presence", up=pcie.on_config(pcie.slot_presence(True)),
+                    down=pcie.on_config(pcie.slot_presence(False)), up_lossless=True, down_lossless=True,
+                    mirrors=presence)
+        q35.section("6.1", slot, f"{slot} hot-plug", up=pcie.on_config(pcie.native_hotplug(False)),
+                    down=pcie.on_config(pcie.native_hotplug(True)), up_lossless=True, down_lossless=True, mirrors=hpc)
+        q35.section("6.2", slot, f"{slot} hot-plug", up=pcie.on_config(pcie.native_hotplug(True)),
+                    down=pcie.on_config(pcie.native_hotplug(False)), up_lossless=True, down_lossless=True,
+                    mirrors=hpc)
 
     pc.quiet(_QUIET)
     q35.quiet(_QUIET)

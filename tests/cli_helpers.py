@@ -1,0 +1,52 @@
+"""Helpers for the tests that run the ``vmferry`` command as a user would: a subprocess, its one-line errors,
+its partial outputs, and a signal sent while it writes."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CLI = [sys.executable, "-m", "vmferry.cli"]
+
+
+def one_line_error(out: subprocess.CompletedProcess, code: int = 2) -> str:
+    """The error of a command that failed with ``code``, checked to be one line and no traceback."""
+    err = out.stderr.decode()
+    assert out.returncode == code, (out.returncode, err)
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def partials(folder: Path) -> list[Path]:
+    """The partial outputs (``OUT.vmferry-partial-*``) in ``folder``."""
+    return list(folder.glob("*vmferry-partial*"))
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def signal_while_writing(args: list[str], data: bytes, folder: Path, sig: int) -> tuple[int, str]:
+    """Run ``vmferry ARGS`` reading half of ``data`` from stdin, wait until its partial output appears in
+    ``folder``, send ``sig``; its exit status and stderr.
+
+    SIGINT arrives as a terminal gives it: a shell that runs the tests in the background has it ignored, and an
+    ignored SIGINT is inherited (and rightly left alone by vmferry).
+    """
+    proc = subprocess.Popen([*CLI, *args], stdin=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=_default_sigint)
+    assert proc.stdin is not None and proc.stderr is not None
+    proc.stdin.write(data[:len(data) // 2])  # half the input, then the writer stalls
+    proc.stdin.flush()
+    deadline = time.monotonic() + 60
+    while not partials(folder):
+        assert time.monotonic() < deadline and proc.poll() is None, "no partial output appeared"
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    rc = proc.wait(timeout=60)
+    err = proc.stderr.read().decode()
+    proc.stdin.close()
+    return rc, err
