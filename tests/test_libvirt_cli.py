@@ -215,6 +215,23 @@ def test_transform_says_the_persistent_definition_is_left(image_212, tmp_path, c
     assert "virsh define" in err
 
 
+def test_transform_keeps_the_balloon_s_page_poison(stream_212, tmp_path, capsys):
+    """libvirt's default memory balloon: 2.12 -> 7.2 crosses hw_compat_5_0 (compat/machines/pinned.py)."""
+    src = tmp_path / "b.save"
+    src.write_bytes(write_like_libvirt(XML.replace("  </devices>", "    <memballoon model='virtio'/>\n  </devices>"),
+                                       COOKIE, stream_212))
+    capsys.readouterr()
+    assert main(["transform", str(src), str(tmp_path / "n.save"), "--machine", "pc-i440fx-7.2"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and "memory balloon (balloon0) keeps page-poison=off" in err and "custom-device" in err
+    new = ls.parse((tmp_path / "n.save").read_bytes())
+    assert "<qemu:device alias='balloon0'>" in new.xml and "value='false'" in new.xml and new.balloon == "balloon0"
+    # within one side of 5.1, or without a balloon, nothing is added
+    assert main(["transform", "-q", str(tmp_path / "n.save"), str(tmp_path / "m.save"), "--machine",
+                 "pc-i440fx-6.2"]) == 0
+    assert ls.parse((tmp_path / "m.save").read_bytes()).xml == new.xml.replace("pc-i440fx-7.2", "pc-i440fx-6.2")
+
+
 def test_transform_with_another_compression(image_212, tmp_path):
     out = tmp_path / "new.save"
     assert main(["transform", "-q", str(image_212), str(out), "--machine", "pc-i440fx-7.2", "--compress", "xz"]) == 0

@@ -204,6 +204,37 @@ def test_with_emulator_finds_the_element_the_parser_finds():
         ls.parse(write_like_libvirt(no_devices, None, b"")).with_emulator("/c")
 
 
+BALLOON = "    <memballoon model='virtio'>\n      <alias name='balloon0'/>\n    </memballoon>\n  </devices>"
+
+
+def test_with_device_properties_adds_a_qemu_override():
+    image = ls.parse(write_like_libvirt(XML.replace("  </devices>", BALLOON), COOKIE, b""))
+    assert image.balloon == "balloon0" and ls.parse(write_like_libvirt(XML, None, b"")).balloon is None
+    pinned = image.with_device_properties("balloon0", {"page-poison": False})
+    override = pinned.xml[pinned.xml.index("  <qemu:override"):pinned.xml.index("</domain>")]
+    assert pinned.xml == image.xml.replace("</domain>", override + "</domain>")  # nothing else changed
+    assert f"xmlns:qemu='{ls.QEMU_NAMESPACE}'" in override and "<qemu:device alias='balloon0'>" in override
+    assert "<qemu:property name='page-poison' type='bool' value='false'/>" in override
+    assert pinned.cookie == COOKIE and pinned.balloon == "balloon0"
+    # an XML with an override already is left to the operator (libvirt would not merge two); another prefix counts
+    other = pinned.xml.replace("qemu:", "q:").replace("xmlns:qemu=", "xmlns:q=")
+    for xml in (pinned.xml, other):
+        with pytest.raises(EncodeError, match="has a <qemu:override> already"):
+            ls.parse(write_like_libvirt(xml, None, b"")).with_device_properties("balloon0", {"page-poison": True})
+    with pytest.raises(EncodeError, match="cannot add"):
+        image.with_device_properties("a'b", {"page-poison": True})
+
+
+def test_the_balloon_alias_is_the_domain_s_virtio_balloon():
+    def balloon(devices: str) -> str | None:
+        return ls.parse(write_like_libvirt(XML.replace("  </devices>", devices + "\n  </devices>"), None, b"")).balloon
+
+    assert balloon("<memballoon model='virtio-transitional'><alias name='ua-b'/></memballoon>") == "ua-b"
+    assert balloon("<memballoon model='virtio'/>") == "balloon0"  # no alias: libvirt's own
+    assert balloon("<memballoon model='none'/>") is None
+    assert balloon("<!-- <memballoon model='virtio'/> -->") is None
+
+
 def test_with_xml_grows_data_len_only_when_it_must():
     image = ls.parse(write_like_libvirt(XML, COOKIE, b""))
     longer = image.with_xml(XML + "<!--" + "x" * (PADDING + 10) + "-->")

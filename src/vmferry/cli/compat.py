@@ -74,8 +74,12 @@ def cmd_transform(args: argparse.Namespace) -> int:
         plans: list[Any] = []
         events = transform_events(decode_input(inp, schema, target=fmt), registry, machine, from_machine, from_qemu,
                                   on_plan=plans.append)
+        balloons: list[str] = []
         with command_output(args.output, [args.input]) as out:
-            written = write_all(out, target.encode(events, **options))
+            written = write_all(out, target.encode(_watch_balloon(events, balloons), **options))
+    note = _pinned_balloon_note(plans[0].source if plans else None, machine, balloons)
+    if note is not None and not args.quiet:
+        print(f"vmferry: {note}", file=sys.stderr)
     if args.json:
         print_json({"input": args.input, "input_format": inp.file_format, "output": args.output, "format": fmt,
                     "machine": machine, "source": plans[0].source if plans else None,
@@ -85,17 +89,36 @@ def cmd_transform(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _watch_balloon(events: Iterator[Event], found: list[str]) -> Iterator[Event]:
+    """``events`` unchanged; the idstr of a virtio-balloon section lands in ``found``."""
+    for ev in events:
+        if isinstance(ev, DeviceSection) and ev.idstr.rsplit("/", 1)[-1] == "virtio-balloon" and not found:
+            found.append(ev.idstr)
+        yield ev
+
+
+def _pinned_balloon_note(source: str | None, target: str, balloons: list[str]) -> str | None:
+    """What the destination QEMU's command line must keep for a balloon (compat/machines/pinned.py)."""
+    from ..compat.machines.pinned import pinned_properties
+
+    pins = [p for p in pinned_properties(source, target) if p.device == "virtio-balloon-device"] if balloons else []
+    if not pins:
+        return None
+    return (f"note: run the destination QEMU with {' '.join(p.qemu_option for p in pins)}: the stream's "
+            f"virtio-balloon keeps the BAR the guest's driver holds ({pins[0].why})")
+
+
 def _transform_image(args: argparse.Namespace, inp: Input, release: str, machine: str, events: Iterator[Event]) -> int:
     """A libvirt save image in, one out: the stream converted to ``release``, the XML's machine type set to
     ``machine`` (its machine type)."""
-    from .images import image_compression, persistent_note, retarget, write_image
+    from .images import image_compression, persistent_note, pinned_note, retarget, write_image
 
     assert inp.image is not None
     new = retarget(inp.image, machine, image_compression(args.compress), args.emulator)
     written = write_image(new, events, args.output, src=args.input)
-    note = persistent_note(inp.image, new)
-    if note is not None and not args.quiet:
-        print(f"vmferry: {note}", file=sys.stderr)
+    for note in (pinned_note(inp.image, machine), persistent_note(inp.image, new)):
+        if note is not None and not args.quiet:
+            print(f"vmferry: {note}", file=sys.stderr)
     if args.json:
         print_json({"input": args.input, "input_format": inp.file_format, "output": args.output,
                     "format": inp.file_format, "machine": release, "bytes": written, "libvirt": new.summary()})

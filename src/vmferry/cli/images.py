@@ -10,7 +10,10 @@ this module writes images:
 * :func:`retarget` gives the head for another machine type and/or
   compression: ``<os><type machine=...>`` set in the XML (``virsh restore``
   refuses an XML whose machine differs from the image's), every other byte
-  of the XML as it was, the cookie and ``was_running`` kept;
+  of the XML as it was, the cookie and ``was_running`` kept; where the two
+  machine types give a device defaults that no stream edit can stand in for
+  (:mod:`vmferry.compat.machines.pinned`: virtio-balloon's ``page-poison``),
+  a ``<qemu:override>`` keeps the source's value;
 * :func:`write_image` writes a head and the events of a QEMU stream,
   compressed as the head says.
 
@@ -40,8 +43,8 @@ from .common import UsageError, output_file, write_all
 from .files import Input, decode_input, image_offsets, open_input
 
 __all__ = ["COMPRESS_CHOICES", "COMPRESS_HELP", "FERRY_COMPRESS", "IMAGE_COMPRESSIONS", "IMAGE_MODE", "ImageError",
-           "copy_image", "copy_stored", "describe", "ferry_compression", "image_compression", "persistent_note", "read_image", "retarget",
-           "transform_image", "write_image"]
+           "copy_image", "copy_stored", "describe", "ferry_compression", "image_compression", "persistent_note",
+           "pinned_note", "read_image", "retarget", "transform_image", "write_image"]
 
 #: The permissions of an image vmferry writes: libvirt's own (the file holds the guest's RAM).
 IMAGE_MODE = 0o600
@@ -102,6 +105,10 @@ def retarget(image: SaveImage, machine: str | None = None, compression: Compress
     stream is to be compressed.
     """
     new = image.with_machine(machine) if machine is not None and machine != image.machine else image
+    pins = _balloon_pins(image, machine)
+    if pins:
+        assert image.balloon is not None
+        new = new.with_device_properties(image.balloon, {p.name: p.value for p in pins})
     if emulator is not None:
         new = new.with_emulator(emulator)
     if compression is not None and compression != new.compression:
@@ -174,6 +181,25 @@ def describe(image: SaveImage, name: str, size: int | None) -> list[str]:
              f"XML {s['xml_bytes']:,} bytes, cookie {s['cookie_bytes'] or 0:,} bytes, data_len {s['data_len']:,}, "
              f"{s['byte_order']}-endian; the QEMU stream starts at {s['stream_offset']:#x}"]
     return lines
+
+
+def _balloon_pins(image: SaveImage, machine: str | None) -> list[Any]:
+    from ..compat.machines.pinned import pinned_properties
+
+    if image.balloon is None or machine is None:
+        return []
+    return [p for p in pinned_properties(image.machine, machine) if p.device == "virtio-balloon-device"]
+
+
+def pinned_note(before: SaveImage, machine: str | None) -> str | None:
+    """What to tell an operator whose image got a ``<qemu:override>`` from :func:`retarget`."""
+    pins = _balloon_pins(before, machine)
+    if not pins:
+        return None
+    props = ", ".join(f"{p.name}={'on' if p.value else 'off'}" for p in pins)
+    return (f"note: the memory balloon ({before.balloon}) keeps {props} as under {before.machine}, through a "
+            f"<qemu:override> in the image's XML ({pins[0].why.split(':')[0]}: the guest's driver holds its BAR, "
+            f"which cannot change under it); libvirt logs the domain as tainted: custom-device")
 
 
 def persistent_note(before: SaveImage, after: SaveImage) -> str | None:

@@ -31,8 +31,9 @@ before Python 3.14), lzop with its framing read here
 and LZO1X blocks by ``lzallright``), in chunks of at most
 :data:`MAX_CHUNK` bytes, and :func:`compress` compresses a stream again.
 :meth:`SaveImage.with_machine` rewrites ``<os><type machine=...>`` and
-:meth:`SaveImage.with_emulator` ``<devices><emulator>``; both leave every
-other byte of the XML as it was; :attr:`SaveImage.head` is
+:meth:`SaveImage.with_emulator` ``<devices><emulator>``, and
+:meth:`SaveImage.with_device_properties` adds a ``<qemu:override>``; each
+leaves every other byte of the XML as it was; :attr:`SaveImage.head` is
 the header and data, byte for byte as read when nothing changed.
 
 Errors are :class:`~vmferry.errors.DecodeError` with the offset in the
@@ -202,6 +203,7 @@ _ATTR = r"""\s+([A-Za-z_:][\w:.-]*)\s*=\s*(?:'[^'<]*'|"[^"<]*")"""
 _START_TAG = rb"<type((?:" + _ATTR.encode() + rb")*)\s*(/?)>"
 _DEVICES_TAG = rb"<devices(?:" + _ATTR.encode() + rb")*\s*>"
 _EMULATOR_TAG = rb"<emulator(?:" + _ATTR.encode() + rb")*\s*(/?)>"
+QEMU_NAMESPACE = "http://libvirt.org/schemas/domain/qemu/1.0"  # libvirt's <qemu:...> elements
 _ATTR_RE = rb"""(\s+)([A-Za-z_:][\w:.-]*)(\s*=\s*)(?:'([^'<]*)'|"([^"<]*)")"""
 
 
@@ -214,6 +216,9 @@ class _XmlFacts:
     type_tag: tuple[int, int] | None  # byte span of the <os><type ...> start tag in the XML
     devices_at: int | None = None  # byte offset just after the <devices> start tag
     emulators: tuple[tuple[int, int], ...] = ()  # byte spans of the text of each <devices><emulator>
+    domain_end: int | None = None  # byte offset of </domain>
+    balloon: str | None = None  # the alias of a virtio <memballoon> (libvirt's own: balloon0)
+    overrides: bool = False  # the XML has a <qemu:override> already
 
 
 def _tag_end(xml: bytes, at: int, pattern: bytes, what: str, offset: int) -> re.Match[bytes]:
@@ -230,12 +235,17 @@ def _xml_facts(xml: bytes, offset: int) -> _XmlFacts:
     p = expat.ParserCreate()
     stack: list[str] = []
     found: dict[str, Any] = {"name": None, "domain_type": None, "machine": None, "arch": None, "span": None,
-                             "devices": None}
+                             "devices": None, "end": None, "balloon": None, "overrides": False}
+    qemu_prefixes: set[str] = set()  # prefixes bound to libvirt's qemu namespace
     emulators: list[tuple[int, int]] = []
     text: list[str] = []
 
     def start(tag: str, attrs: dict[str, str]) -> None:
         stack.append(tag)
+        qemu_prefixes.update(k[6:] for k, v in attrs.items() if k.startswith("xmlns:") and v == QEMU_NAMESPACE)
+        prefix, _, local = tag.rpartition(":")
+        if local == "override" and prefix in qemu_prefixes:
+            found["overrides"] = True
         if stack == ["domain"]:
             found["domain_type"] = attrs.get("type")
         elif stack == ["domain", "os", "type"] and found["span"] is None:
@@ -248,6 +258,10 @@ def _xml_facts(xml: bytes, offset: int) -> _XmlFacts:
         elif stack == ["domain", "devices", "emulator"]:
             m = _tag_end(xml, p.CurrentByteIndex, _EMULATOR_TAG, "devices.emulator", offset)
             emulators.append((m.end(), m.end()) if m.group(1) else (m.end(), -1))  # an empty element: no text
+        elif stack == ["domain", "devices", "memballoon"] and attrs.get("model", "").startswith("virtio"):
+            found["balloon"] = "balloon0"
+        elif stack == ["domain", "devices", "memballoon", "alias"] and found["balloon"] is not None:
+            found["balloon"] = attrs.get("name") or "balloon0"
         elif stack == ["domain", "name"]:
             text.clear()
 
@@ -256,6 +270,8 @@ def _xml_facts(xml: bytes, offset: int) -> _XmlFacts:
             found["name"] = "".join(text)
         elif stack == ["domain", "devices", "emulator"] and emulators[-1][1] < 0:
             emulators[-1] = (emulators[-1][0], p.CurrentByteIndex)  # where </emulator> starts
+        elif stack == ["domain"]:
+            found["end"] = p.CurrentByteIndex
         stack.pop()
 
     def chars(data: str) -> None:
@@ -280,7 +296,7 @@ def _xml_facts(xml: bytes, offset: int) -> _XmlFacts:
     if found["span"] is None:
         raise DecodeError("the domain XML has no <os><type> element", offset, "$.libvirt.xml.os.type")
     return _XmlFacts(found["name"], found["domain_type"], found["machine"], found["arch"], found["span"],
-                     found["devices"], tuple(emulators))
+                     found["devices"], tuple(emulators), found["end"], found["balloon"], found["overrides"])
 
 
 def _cstring(data: bytes, start: int, end: int, what: str, path: str) -> bytes:
@@ -313,9 +329,13 @@ class SaveImage:
     domain_type: str | None
     machine: str | None
     arch: str | None
+    #: the libvirt alias of the domain's virtio memory balloon (virtio-balloon-pci), if it has one
+    balloon: str | None = None
     _type_tag: tuple[int, int] = (0, 0)
     _devices_at: int | None = None
     _emulators: tuple[tuple[int, int], ...] = ()
+    _domain_end: int | None = None
+    _overrides: bool = False
 
     @property
     def head(self) -> bytes:
@@ -409,6 +429,23 @@ class SaveImage:
         at = self._devices_at
         return self.with_xml((xml[:at] + b"<emulator>" + text + b"</emulator>" + xml[at:]).decode())
 
+    def with_device_properties(self, alias: str, properties: dict[str, bool]) -> SaveImage:
+        """This image with ``properties`` set on the QEMU device libvirt calls ``alias``: a ``<qemu:override>``
+        (libvirt 8.2 and later) added before ``</domain>``, its namespace declared on itself.  Refused when the
+        XML has a ``<qemu:override>`` already (the two would have to be merged by hand)."""
+        if self._overrides:
+            raise EncodeError("the domain XML has a <qemu:override> already; add the properties "
+                              f"{', '.join(properties)} of device {alias} to it by hand", "$.libvirt.xml")
+        if self._domain_end is None or not re.compile(r"[\w.-]+").fullmatch(alias):
+            raise EncodeError(f"cannot add a <qemu:override> for device {alias!r}", "$.libvirt.xml")
+        props = "".join(f"<qemu:property name='{name}' type='bool' value='{'true' if value else 'false'}'/>"
+                        for name, value in properties.items())
+        override = (f"  <qemu:override xmlns:qemu='{QEMU_NAMESPACE}'>\n    <qemu:device alias='{alias}'>\n"
+                    f"      <qemu:frontend>{props}</qemu:frontend>\n    </qemu:device>\n  </qemu:override>\n")
+        xml = self.xml.encode()
+        at = self._domain_end
+        return self.with_xml((xml[:at] + override.encode() + xml[at:]).decode())
+
 
 def parse(head: bytes | bytearray | memoryview, *, allow_partial: bool = False, offset: int = 0) -> SaveImage:
     """The image whose first bytes are ``head`` (at least header + data_len of them; more are ignored).
@@ -436,7 +473,8 @@ def parse(head: bytes | bytearray | memoryview, *, allow_partial: bool = False, 
         cookie_text = _utf8(cookie, offset + HEADER_SIZE + header.cookie_offset, "$.libvirt.cookie")
     facts = _xml_facts(xml, offset + HEADER_SIZE)
     return SaveImage(header, data, bytes(head[:HEADER_SIZE]), xml_text, cookie_text, facts.name, facts.domain_type,
-                     facts.machine, facts.arch, facts.type_tag or (0, 0), facts.devices_at, facts.emulators)
+                     facts.machine, facts.arch, facts.balloon, facts.type_tag or (0, 0), facts.devices_at,
+                     facts.emulators, facts.domain_end, facts.overrides)
 
 
 # ---------------------------------------------------------------------------

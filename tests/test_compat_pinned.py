@@ -1,0 +1,58 @@
+"""vmferry.compat.machines.pinned: the device properties a destination must keep (no QEMU needed).
+
+The libvirt side, with a real libvirtd and QEMU, is tests/test_libvirt_real.py::test_domains_with_more_devices
+(the balloon restores on 7.2 from 2.12 and back, counting on)."""
+
+from __future__ import annotations
+
+import pytest
+
+from vmferry.compat.machines.pinned import pinned_properties
+
+
+@pytest.mark.parametrize("source, target, value", [
+    ("pc-i440fx-2.12", "pc-i440fx-7.2", False),
+    ("pc-q35-5.0", "pc-q35-5.1", False),  # the step where hw_compat_5_0 ends
+    ("pc-i440fx-7.2", "pc-i440fx-2.12", True),
+    ("pc-q35-5.1", "pc-q35-5.0", True),
+    ("pc-i440fx-4.2", "pc-i440fx-11.1@11.1", False),
+])
+def test_page_poison_keeps_the_source_machine_type_s_value(source, target, value):
+    (pin,) = pinned_properties(source, target)
+    assert (pin.device, pin.name, pin.value) == ("virtio-balloon-device", "page-poison", value)
+    assert pin.qemu_option == f"-global virtio-balloon-device.page-poison={'on' if value else 'off'}"
+    assert pin.why.startswith("hw_compat_5_0") and source in pin.why
+
+
+@pytest.mark.parametrize("source, target", [
+    ("pc-i440fx-2.12", "pc-i440fx-5.0"),  # both before 5.1
+    ("pc-q35-5.1", "pc-q35-11.1"),  # both from 5.1
+    ("pc-i440fx-7.2", "pc-i440fx-7.2"),
+    (None, "pc-i440fx-7.2"),  # unknown source: nothing to keep
+    ("pc", "pc-i440fx-7.2"),  # an alias names no version
+    ("virt-7.2", "pc-i440fx-2.12"),  # not an x86 line
+    ("pc-i440fx-x.y", "pc-i440fx-7.2"),
+])
+def test_nothing_is_pinned_where_the_defaults_agree_or_cannot_be_known(source, target):
+    assert pinned_properties(source, target) == []
+
+
+def test_transform_of_a_bare_stream_names_the_destination_s_option(tmp_path, capsys):
+    """Real QEMU 7.2: a pc-i440fx-2.12 guest with a virtio-balloon; the 7.2 destination needs page-poison off."""
+    from vmferry.cli import main
+    from vmferry.live.qemu.process import QemuVM
+
+    saved, out = tmp_path / "b212.mig", tmp_path / "b72.mig"
+    with QemuVM("pc-i440fx-2.12", ["-device", "virtio-balloon-pci"], workdir=tmp_path / "src") as src:
+        src.save(saved)
+    capsys.readouterr()
+    assert main(["transform", str(saved), str(out), "--machine", "pc-i440fx-7.2"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "-global virtio-balloon-device.page-poison=off" in err and "hw_compat_5_0" in err
+    with QemuVM("pc-i440fx-7.2", ["-device", "virtio-balloon-pci", "-global", "virtio-balloon-device.page-poison=off"],
+                incoming=True, workdir=tmp_path / "dst") as dst:
+        assert dst.load(out) == "prelaunch"
+    # -q says nothing; a machine type on the same side of 5.1 needs nothing
+    assert main(["transform", "-q", str(saved), str(tmp_path / "q.mig"), "--machine", "pc-i440fx-7.2"]) == 0
+    assert main(["transform", str(saved), str(tmp_path / "b50.mig"), "--machine", "pc-i440fx-5.0"]) == 0
+    assert capsys.readouterr().err == ""
