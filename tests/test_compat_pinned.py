@@ -21,7 +21,18 @@ def test_page_poison_keeps_the_source_machine_type_s_value(source, target, value
     (pin,) = pinned_properties(source, target)
     assert (pin.device, pin.name, pin.value) == ("virtio-balloon-device", "page-poison", value)
     assert pin.qemu_option == f"-global virtio-balloon-device.page-poison={'on' if value else 'off'}"
-    assert pin.why.startswith("hw_compat_5_0") and source in pin.why
+    assert pin.why.startswith("hw_compat_5_0") and source in pin.why and target in pin.why
+
+
+@pytest.mark.parametrize("source, target, pins", [
+    ("pc-i440fx-2.12", "pc-i440fx-4.0", {"qemu-4-0-config-size": False}),  # the BAR grows without page-poison
+    ("pc-q35-4.0.1", "pc-q35-4.1", {"qemu-4-0-config-size": True}),
+    ("pc-q35-4.0.1", "pc-q35-7.2", {"page-poison": False, "qemu-4-0-config-size": True}),
+    ("pc-i440fx-7.2", "pc-i440fx-4.0", {"page-poison": True, "qemu-4-0-config-size": False}),
+    ("pc-i440fx-4.0", "pc-i440fx-4.0", {}),
+])
+def test_the_4_0_config_size_is_kept_too(source, target, pins):
+    assert {p.name: p.value for p in pinned_properties(source, target)} == pins
 
 
 @pytest.mark.parametrize("source, target", [

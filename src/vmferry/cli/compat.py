@@ -105,7 +105,7 @@ def _pinned_balloon_note(source: str | None, target: str, balloons: list[str]) -
     if not pins:
         return None
     return (f"note: run the destination QEMU with {' '.join(p.qemu_option for p in pins)}: the stream's "
-            f"virtio-balloon keeps the BAR the guest's driver holds ({pins[0].why})")
+            f"virtio-balloon keeps the BAR the guest's driver holds ({'; '.join(p.why for p in pins)})")
 
 
 def _transform_image(args: argparse.Namespace, inp: Input, release: str, machine: str, events: Iterator[Event]) -> int:

@@ -197,9 +197,10 @@ def pinned_note(before: SaveImage, machine: str | None) -> str | None:
     if not pins:
         return None
     props = ", ".join(f"{p.name}={'on' if p.value else 'off'}" for p in pins)
+    sets = ", ".join(sorted({p.why.split(":")[0] for p in pins}))
     return (f"note: the memory balloon ({before.balloon}) keeps {props} as under {before.machine}, through a "
-            f"<qemu:override> in the image's XML ({pins[0].why.split(':')[0]}: the guest's driver holds its BAR, "
-            f"which cannot change under it); libvirt logs the domain as tainted: custom-device")
+            f"<qemu:override> in the image's XML ({sets}: they size the BAR the guest's driver holds); libvirt "
+            f"logs the domain as tainted: custom-device")
 
 
 def persistent_note(before: SaveImage, after: SaveImage) -> str | None:

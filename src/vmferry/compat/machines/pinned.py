@@ -13,7 +13,9 @@ i=0x10"), and where it is, the larger BAR would cover the next device's
 ports.  Moving the BAR would leave the guest's driver at the old ports.
 The only faithful answer is a destination that runs the device as the
 source did: :func:`pinned_properties` says which property, with which
-value.  A libvirt save image carries the answer in its domain XML
+value.  The same holds for ``qemu-4-0-config-size`` (on for the 4.0 machine
+types alone, ``hw_compat_4_0`` and ``hw_compat_3_1``), which gives the
+balloon its full config, and so the 64-byte BAR, without page-poison.  A libvirt save image carries the answer in its domain XML
 (``<qemu:override>``, :meth:`vmferry.encode.libvirt_save.SaveImage.with_device_properties`);
 for a plain QEMU the operator sets it on the destination's command line.
 """
@@ -21,6 +23,7 @@ for a plain QEMU the operator sets it on the destination's command line.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from .releases import PC_LINE, Q35_LINE, version_of
 
@@ -42,8 +45,19 @@ class PinnedProperty:
         return f"-global {self.device}.{self.name}={'on' if self.value else 'off'}"
 
 
-#: (device, property, the first machine version with the new default, the default before it, the compat set)
-_PINS = (("virtio-balloon-device", "page-poison", (5, 1), False, "hw_compat_5_0"),)
+def _page_poison(v: tuple[int, ...]) -> bool:
+    return v >= (5, 1)  # hw_compat_5_0: page-poison=false
+
+
+def _config_size_4_0(v: tuple[int, ...]) -> bool:
+    return (4, 0) <= v < (4, 1)  # hw_compat_4_0: qemu-4-0-config-size=true; hw_compat_3_1 sets it back to false
+
+
+#: (device, property, its default for a machine version, the compat sets that say so)
+_DEFAULTS: tuple[tuple[str, str, Callable[[tuple[int, ...]], bool], str], ...] = (
+    ("virtio-balloon-device", "page-poison", _page_poison, "hw_compat_5_0"),
+    ("virtio-balloon-device", "qemu-4-0-config-size", _config_size_4_0, "hw_compat_4_0/hw_compat_3_1"),
+)
 
 
 def _version(machine: str) -> tuple[int, ...] | None:
@@ -62,11 +76,10 @@ def pinned_properties(source: str | None, target: str | None) -> list[PinnedProp
     if old is None or new is None:
         return []
     pins = []
-    for device, name, since, before, compat in _PINS:
-        if (old >= since) != (new >= since):
-            value = before if old < since else not before
-            pins.append(PinnedProperty(device, name, value, f"{compat}: {device} {name} is "
-                                       f"{'on' if not before else 'off'} from machine type "
-                                       f"{'.'.join(map(str, since))}, {'on' if before else 'off'} before; "
-                                       f"{source} had it {'on' if value else 'off'}"))
+    for device, name, default, compat in _DEFAULTS:
+        value = default(old)
+        if value != default(new):
+            shown = "on" if value else "off"
+            pins.append(PinnedProperty(device, name, value, f"{compat}: {device} {name} is {shown} under {source}, "
+                                                              f"{'on' if not value else 'off'} under {target}"))
     return pins
