@@ -15,9 +15,13 @@ The only faithful answer is a destination that runs the device as the
 source did: :func:`pinned_properties` says which property, with which
 value.  The same holds for ``qemu-4-0-config-size`` (on for the 4.0 machine
 types alone, ``hw_compat_4_0`` and ``hw_compat_3_1``), which gives the
-balloon its full config, and so the 64-byte BAR, without page-poison.  A libvirt save image carries the answer in its domain XML
-(``<qemu:override>``, :meth:`vmferry.encode.libvirt_save.SaveImage.with_device_properties`);
-for a plain QEMU the operator sets it on the destination's command line.
+balloon its full config, and so the 64-byte BAR, without page-poison.  A
+libvirt save image carries the answer in its domain XML (a
+``<qemu:override>``: ``SaveImage.with_device_properties`` in
+:mod:`vmferry.encode.libvirt_save`); for a plain QEMU the operator sets it on
+the destination's command line.  The stream itself takes the target's config
+size (``x86``'s balloon steps): a destination that loads more config than it
+has skips the rest, one that loads less keeps its own.
 """
 
 from __future__ import annotations

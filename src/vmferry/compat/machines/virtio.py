@@ -1,6 +1,7 @@
-"""virtio-pci devices (virtio-net-pci, virtio-rng-pci) across machine types: the ``virtio`` field, opened up.
+"""virtio-pci devices (virtio-net-pci, -rng-pci, -balloon-pci) across machine types: the ``virtio`` field, opened up.
 
-A virtio device's section (vmsd ``virtio-net``, version 11; ``virtio-rng``, version 1) holds one field
+A virtio device's section (vmsd ``virtio-net``, version 11; ``virtio-rng``, version 1;
+``virtio-balloon``, version 1) holds one field
 of type ``virtio`` that QEMU writes with its own code (``virtio_save``), so
 the vmdesc describes it only by its size.  :func:`parse_blob` splits it into
 a tree and :func:`build_blob` writes the tree back, byte for byte:
@@ -63,6 +64,7 @@ VIRTIO_F_RING_RESET = 40
 PCI_COMMAND, PCI_STATUS, PCI_CACHE_LINE_SIZE, PCI_LATENCY_TIMER = 0x04, 0x06, 0x0C, 0x0D
 PCI_BASE_ADDRESS_0, PCI_BASE_ADDRESS_4, PCI_CAPABILITY_LIST, PCI_INTERRUPT_LINE = 0x10, 0x20, 0x34, 0x3C
 PCI_CAP_ID_VNDR, PCI_CAP_ID_MSIX = 0x09, 0x11
+PCI_STATUS_CAP_LIST = 0x10
 PCI_MSIX_FLAGS_QSIZE = 0x07FF
 PCI_MSIX_FLAGS_WRITABLE = 0xC000  # MSI-X enable and function mask
 BAR4_TYPE = 0x0C  # 64-bit prefetchable memory (virtio_pci_realize's modern BAR)
@@ -379,16 +381,20 @@ def convert_config(src: bytes, *, modern: bool, page: bool = False, vectors: int
     """
     cfg = bytearray(src[:0x40]) + bytearray(PCI_CONFIG_SIZE - 0x40)
     old_msix = msix_at(src)
-    if old_msix is None:
-        raise CompatError("virtio-pci device without MSI-X: not covered")
-    (old_flags,) = struct.unpack_from("<H", src, old_msix + 2)
-    n = (old_flags & PCI_MSIX_FLAGS_QSIZE) + 1 if vectors is None else vectors
-    msix = bytearray(src[old_msix:old_msix + 12])
-    struct.pack_into("<H", msix, 2, (old_flags & PCI_MSIX_FLAGS_WRITABLE) | (n - 1))
+    msix: bytearray | None = None  # a device without MSI-X (virtio-balloon-pci) has none in either layout
+    if old_msix is not None:
+        (old_flags,) = struct.unpack_from("<H", src, old_msix + 2)
+        n = (old_flags & PCI_MSIX_FLAGS_QSIZE) + 1 if vectors is None else vectors
+        msix = bytearray(src[old_msix:old_msix + 12])
+        struct.pack_into("<H", msix, 2, (old_flags & PCI_MSIX_FLAGS_WRITABLE) | (n - 1))
+    elif vectors:
+        raise CompatError("MSI-X vectors for a virtio-pci device without MSI-X: not covered")
     if modern:
         caps = _modern_caps(page)
-        order = [MODERN_CAPS_AT[k] for k in ("msix", "pci", "notify", "device", "isr", "common")]
-        caps[MODERN_CAPS_AT["msix"]] = bytes(msix)
+        order = [MODERN_CAPS_AT[k] for k in ("msix", "pci", "notify", "device", "isr", "common")
+                 if k != "msix" or msix is not None]
+        if msix is not None:
+            caps[MODERN_CAPS_AT["msix"]] = bytes(msix)
         keep_bar4 = is_modern(src)
         if keep_bar4:
             for p, cap in _caps(src):  # the guest-writable fields of the PCI config access capability
@@ -403,14 +409,16 @@ def convert_config(src: bytes, *, modern: bool, page: bool = False, vectors: int
             bar4 = BAR4_TYPE
         struct.pack_into("<Q", cfg, PCI_BASE_ADDRESS_4, bar4)
     else:
-        caps = {LEGACY_MSIX_AT: bytes(msix)}
-        order = [LEGACY_MSIX_AT]
+        caps = {LEGACY_MSIX_AT: bytes(msix)} if msix is not None else {}
+        order = list(caps)
         struct.pack_into("<Q", cfg, PCI_BASE_ADDRESS_4, 0)
     for i, p in enumerate(order):
         body = bytearray(caps[p])
         body[1] = order[i + 1] if i + 1 < len(order) else 0
         cfg[p:p + len(body)] = body
-    cfg[PCI_CAPABILITY_LIST] = order[0]
+    cfg[PCI_CAPABILITY_LIST] = order[0] if order else 0
+    (status,) = struct.unpack_from("<H", cfg, PCI_STATUS)  # pci_add_capability sets Capabilities List
+    struct.pack_into("<H", cfg, PCI_STATUS, status | PCI_STATUS_CAP_LIST if order else status & ~PCI_STATUS_CAP_LIST)
     return bytes(cfg)
 
 
@@ -554,6 +562,30 @@ def started_up(t: dict[str, Any], sec: DeviceSection) -> dict[str, Any]:
         return t
     subs["virtio/started"] = {"started": True}
     return _with_subs(t, subs)
+
+
+#: virtio-balloon's config (struct virtio_balloon_config): num_pages and actual, then free_page_hint_cmd_id and
+#: poison_val, which QEMU sizes in (virtio_balloon_config_size) with page-poison (from 5.1) or
+#: qemu-4-0-config-size (the 4.0 machine types alone)
+BALLOON_CONFIG_SHORT, BALLOON_CONFIG_FULL = 8, 16
+
+
+def balloon_config(size: int) -> BlobFn:
+    """The balloon's saved config (``vdev->config``, the copy the guest last read) at ``size`` bytes: the fields
+    a larger config adds are 0 (the free page hint command id STOP, no poison value); a shorter one drops them,
+    as a destination that loads more config than it has skips the rest (virtio_load)."""
+
+    def fn(t: dict[str, Any], sec: DeviceSection) -> dict[str, Any]:
+        config = t["config"]
+        if len(config) == size:
+            return t
+        if len(config) not in (BALLOON_CONFIG_SHORT, BALLOON_CONFIG_FULL):
+            raise CompatError(f"{sec.idstr}: a virtio-balloon config of {len(config)} bytes (QEMU's are "
+                              f"{BALLOON_CONFIG_SHORT} or {BALLOON_CONFIG_FULL})")
+        return dict(t, config=config[:size] + bytes(max(0, size - len(config))))
+
+    fn.__name__ = f"balloon_config_{size}"
+    return fn
 
 
 def _drop(name: str) -> BlobFn:

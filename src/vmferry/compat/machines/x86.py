@@ -742,6 +742,29 @@ def register(reg: Registry) -> None:
                   mirrors="hw_compat_7_1: virtio-rng-pci vectors=0 (no MSI-X capability, no BAR 1)",
                   changes=[Change("field-resized", rng, "virtio")])
 
+    # virtio-balloon-pci (libvirt's default memory balloon): the same steps, and the size of its config, which
+    # sizes its legacy I/O BAR too: that the destination keeps as the source had it (see .pinned)
+    balloon = "virtio-balloon"
+    short, full = virtio.BALLOON_CONFIG_SHORT, virtio.BALLOON_CONFIG_FULL
+    for c in both:
+        _virtio_pci_steps(c, balloon)
+        c.section("4.0", balloon, "virtio-balloon config size", up=virtio.on_blob(virtio.balloon_config(full)),
+                  down=virtio.on_blob(virtio.balloon_config(short)),
+                  mirrors="hw_compat_3_1: virtio-balloon-device qemu-4-0-config-size=false (virtio_balloon_config_size:"
+                          " 8 bytes, 16 on the 4.0 machine types); the destination keeps the source's size "
+                          "(compat/machines/pinned.py)",
+                  changes=[Change("field-resized", balloon, "virtio")])
+        c.section("4.1", balloon, "virtio-balloon config size", up=virtio.on_blob(virtio.balloon_config(short)),
+                  down=virtio.on_blob(virtio.balloon_config(full)),
+                  mirrors="hw_compat_4_0: virtio-balloon-device qemu-4-0-config-size=true",
+                  changes=[Change("field-resized", balloon, "virtio")])
+        c.section("5.1", balloon, "virtio-balloon page-poison", up=virtio.on_blob(virtio.balloon_config(full)),
+                  down=virtio.on_blob(virtio.balloon_config(short)),
+                  mirrors="hw_compat_5_0: virtio-balloon-device page-poison=false (VIRTIO_BALLOON_F_PAGE_POISON: "
+                          "16 bytes of config, a 64-byte legacy I/O BAR); the destination keeps the source's "
+                          "page-poison (compat/machines/pinned.py)",
+                  changes=[Change("field-resized", balloon, "virtio")])
+
     q35.section("4.2", vn, "virtio-pci FLR", up=virtio.on_blob(virtio.flr_up), down=virtio.on_blob(virtio.flr_down),
                 up_lossless=True, down_lossless=True,
                 mirrors="hw_compat_4_1: virtio-pci x-pcie-flr-init=off (pcie_cap_flr_init: Device Capabilities' "
