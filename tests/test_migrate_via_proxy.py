@@ -230,3 +230,27 @@ def test_the_progress_bar_names_each_kind_of_channel() -> None:
     assert channel_summary([{"kind": "main (resumed)", "bytes_in": 3 * mib}, {"kind": "preempt", "bytes_in": 0}]) \
         == "main 3M, preempt 0M"
     assert channel_summary([]) == ""
+
+
+@pytest.mark.qemu
+def test_a_balloon_crosses_5_1_only_as_the_source_ran_it(where: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """hw_compat_5_0's page-poison sizes the balloon's BAR, which the guest's driver holds: a destination with the
+    new default is refused before anything moves; one started with the source's value takes the guest."""
+    balloon = ("-device", "virtio-balloon-pci")
+    s = Managed(where, "src", "pc-i440fx-2.12", balloon)
+    refused = Managed(where, "refused", "pc-i440fx-7.2", balloon, incoming=True)
+    with s as src:
+        src.wait_for_count(3, timeout=60)
+        with refused as r:
+            assert cli.main(["migrate", "--source", s.address, "--dest", refused.address, "--via-proxy"]) == 2
+            err = capsys.readouterr().err
+            assert len(err.strip().splitlines()) == 1, err
+            assert "runs with page-poison=on" in err and "-global virtio-balloon-device.page-poison=off" in err
+            assert src.query_migrate().get("status") in (None, "none")
+            assert src.status() == "running" and r.status() == "inmigrate"
+        kept = balloon + ("-global", "virtio-balloon-device.page-poison=off")
+        d = Managed(where, "dst", "pc-i440fx-7.2", kept, incoming=True)
+        with d as dst:
+            assert cli.main(["migrate", "--source", s.address, "--dest", d.address, "--via-proxy",
+                             "--max-bandwidth", str(1 << 30)]) == 0, capsys.readouterr().err
+            _counted_on(src, dst)

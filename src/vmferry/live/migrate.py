@@ -365,6 +365,8 @@ def _route(src: Side, dst: Side, plan: Plan, requested: list[str] | None, machin
     if machine == "auto":
         target = _release(machine_type(dst.conn), dst.release) if dst.kind == "qemu" else None
         machine = target if target != from_machine else None
+    if machine and from_machine and dst.kind == "qemu":
+        _check_pinned(dst, from_machine, machine)
     for name, on in plan.qemu.items():
         if on and name not in proxy.QEMU_CAPABILITIES:
             plan.qemu[name] = False
@@ -374,6 +376,38 @@ def _route(src: Side, dst: Side, plan: Plan, requested: list[str] | None, machin
         return ProxyRoute(workdir, machine, from_machine, wire, link_bits, observe, schema=schema)
     except FerryError as e:
         raise MigrationError(str(e).splitlines()[0]) from None
+
+
+def _balloons(conn: QMPConnection) -> list[str]:
+    """The QOM paths of a QEMU's virtio-balloon-pci devices (and their transitional variants)."""
+    paths = []
+    for parent in ("/machine/peripheral", "/machine/peripheral-anon"):
+        try:
+            children = conn.cmd("qom-list", {"path": parent})
+        except QMPCommandError:
+            continue
+        paths += [f"{parent}/{c['name']}" for c in children
+                  if isinstance(c, dict) and str(c.get("type", "")).startswith("child<virtio-balloon-pci")]
+    return paths
+
+
+def _check_pinned(dst: Side, from_machine: str, machine: str) -> None:
+    """Refuse, before anything moves, a destination whose balloon lacks a property value the source's machine
+    type gave it and no stream edit can stand in for (:mod:`vmferry.compat.machines.pinned`)."""
+    from ..compat.machines.pinned import pinned_properties
+
+    pins = [p for p in pinned_properties(from_machine, machine) if p.device == "virtio-balloon-device"]
+    for path in _balloons(dst.conn) if pins else []:
+        for pin in pins:
+            try:
+                value = bool(dst.conn.cmd("qom-get", {"path": path, "property": pin.name}))
+            except QMPCommandError:
+                continue
+            if value != pin.value:
+                raise MigrationError(f"the destination's virtio-balloon ({path}) runs with {pin.name}="
+                                     f"{'on' if value else 'off'}; the guest's driver holds the BAR that "
+                                     f"{from_machine} sized: start the destination with {pin.qemu_option} "
+                                     f"({pin.why})")
 
 
 def _open(address: str, role: str, timeout: float, tls: TlsOptions | None = None) -> QMPConnection:
