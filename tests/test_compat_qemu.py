@@ -53,12 +53,16 @@ STEP_DEVICES = DEVICES + ("-device", "virtio-balloon-pci", "-device", "virtio-rn
 ROOT_PORTS = ("-device", "pcie-root-port,id=rp1,chassis=1,port=8,addr=0x1,multifunction=on",
               "-device", "pcie-root-port,id=rp2,chassis=2,port=9,addr=0x1.0x1",
               "-device", "virtio-net-pci,bus=rp1")
-#: ... and QEMU's other PCI Express slots: an ioh3420 root port, a switch's downstream ports (one empty).
+#: ... and QEMU's other PCI Express slots: an ioh3420 root port, a switch's downstream ports (one empty); virtio-rng-pci
+#: and virtio-balloon-pci behind root ports too.
 PCIE_PORTS = ROOT_PORTS + ("-device", "ioh3420,id=ioh,chassis=3,addr=0x2", "-device", "virtio-net-pci,bus=ioh",
                            "-device", "pcie-root-port,id=rp3,chassis=4,addr=0x3", "-device", "x3130-upstream,id=up,bus=rp3",
                            "-device", "xio3130-downstream,id=dn1,bus=up,chassis=5",
                            "-device", "xio3130-downstream,id=dn2,bus=up,chassis=6,addr=0x1",
-                           "-device", "virtio-net-pci,bus=dn1")
+                           "-device", "virtio-net-pci,bus=dn1",
+                           "-device", "pcie-root-port,id=rp4,chassis=7,addr=0x4", "-device", "virtio-rng-pci,bus=rp4",
+                           "-device", "pcie-root-port,id=rp5,chassis=8,addr=0x5",
+                           "-device", "virtio-balloon-pci,bus=rp5")
 STEPS = [(a, b) for line in (PC, Q35) for a, b in zip([r.name for r in line], [r.name for r in line][1:])]
 STEPS += [(b, a) for a, b in STEPS]
 
@@ -151,7 +155,8 @@ Q35_STEPS = [(a, b) for a, b in STEPS if a.startswith("pc-q35")]
 @pytest.mark.parametrize(("a", "b"), Q35_STEPS, ids=[f"{a}->{b.rsplit('-', 1)[1]}" for a, b in Q35_STEPS])
 def test_step_with_pcie_ports_gives_what_qemu_writes_and_loads(port_streams: _Streams, tmp_path: Path, a: str,
                                                                b: str) -> None:
-    """Root ports (pcie-root-port, ioh3420), a switch, virtio-net-pci behind them: every q35 step, both ways."""
+    """Root ports (pcie-root-port, ioh3420), a switch, virtio-net, -rng and -balloon behind them: every q35 step, both
+    ways."""
     if {a, b} == {"pc-q35-2.6", "pc-q35-2.7"}:
         with pytest.raises(CompatError, match="behind a PCI Express port is legacy-only on machine types up to 2.6"):
             transform_file(port_streams.paused(a), tmp_path / "out.mig", b)

@@ -694,8 +694,11 @@ def msix_added(t: dict[str, Any], sec: DeviceSection) -> dict[str, Any]:
         return t
     if not is_modern(bytes(cfg)):
         raise CompatError("legacy-only virtio-pci device without MSI-X: not covered")
-    at = MODERN_CAPS_AT["msix"]
-    if any(cfg[at:at + 12]):
+    head = cfg[PCI_CAPABILITY_LIST]  # the last capability added: MSI-X follows it (0x98, or 0xdc behind a PCI
+    if head < 0x40 or cfg[head] != PCI_CAP_ID_VNDR:  # Express port, after the PCI Express and PM capabilities)
+        raise CompatError(f"a capability list headed at {head:#x}: not QEMU's virtio-pci layout")
+    at = head + cfg[head + 2]
+    if at + 12 > PCI_CONFIG_SIZE or any(cfg[at:at + 12]):
         raise CompatError(f"config space bytes at {at:#x} in use: not QEMU's virtio-pci layout")
     cfg[at:at + 12] = bytes([PCI_CAP_ID_MSIX, cfg[PCI_CAPABILITY_LIST]]) + struct.pack(
         "<HII", RNG_VECTORS - 1, MSIX_BAR, MSIX_PBA_OFFSET | MSIX_BAR)

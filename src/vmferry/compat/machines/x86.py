@@ -765,11 +765,12 @@ def register(reg: Registry) -> None:
                           "page-poison (compat/machines/pinned.py)",
                   changes=[Change("field-resized", balloon, "virtio")])
 
-    q35.section("4.2", vn, "virtio-pci FLR", up=virtio.on_blob(virtio.flr_up), down=virtio.on_blob(virtio.flr_down),
-                up_lossless=True, down_lossless=True,
-                mirrors="hw_compat_4_1: virtio-pci x-pcie-flr-init=off (pcie_cap_flr_init: Device Capabilities' "
-                        "Function Level Reset bit, read-only and compared on load; a virtio-pci device behind a PCI "
-                        "Express port only)")
+    for dev in (vn, rng, balloon):
+        q35.section("4.2", dev, "virtio-pci FLR", up=virtio.on_blob(virtio.flr_up),
+                    down=virtio.on_blob(virtio.flr_down), up_lossless=True, down_lossless=True,
+                    mirrors="hw_compat_4_1: virtio-pci x-pcie-flr-init=off (pcie_cap_flr_init: Device Capabilities' "
+                            "Function Level Reset bit, read-only and compared on load; a virtio-pci device behind a "
+                            "PCI Express port only)")
 
     # PCI Express root ports (q35 only)
     rp = pcie.ROOT_PORT
