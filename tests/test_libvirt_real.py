@@ -134,6 +134,7 @@ def test_transform_then_virsh_restore_counts_on(libvirtd, tmp_path, source, targ
     ("pc-i440fx-2.12", "pc-i440fx-7.2", ("usb", "vga", "e1000", "virtio-serial", "balloon")),
     ("pc-i440fx-7.2", "pc-i440fx-2.12", ("balloon",)),  # and back down: page-poison kept on
     ("pc-i440fx-2.12", "pc-i440fx-4.0", ("balloon",)),  # 4.0 alone has qemu-4-0-config-size: kept off
+    ("pc-q35-2.12", "pc-q35-7.2", ("balloon",)),  # behind the pcie-root-port libvirt adds: FLR, page-poison
     ("pc-i440fx-2.12", "pc-i440fx-7.2", ("rng",)),
     ("pc-i440fx-2.12", "pc-i440fx-7.2", ("cirrus",)),
 ], ids=lambda v: "+".join(v) if isinstance(v, tuple) else v)
@@ -154,7 +155,7 @@ def test_domains_with_more_devices(libvirtd, tmp_path, source, target, devices):
             restore = log.rsplit("-machine ", 1)[1].splitlines()  # the last QEMU command line: the restore's
             balloon = [line for line in restore if "virtio-balloon-pci" in line]
             kept = {"pc-i440fx-7.2": '"page-poison":false', "pc-i440fx-2.12": '"page-poison":true',
-                    "pc-i440fx-4.0": '"qemu-4-0-config-size":false'}[target]
+                    "pc-i440fx-4.0": '"qemu-4-0-config-size":false', "pc-q35-7.2": '"page-poison":false'}[target]
             assert balloon and kept in balloon[0], balloon
     finally:
         libvirtd.virsh("destroy", dom.name, check=False)
