@@ -748,22 +748,19 @@ def register(reg: Registry) -> None:
     short, full = virtio.BALLOON_CONFIG_SHORT, virtio.BALLOON_CONFIG_FULL
     for c in both:
         _virtio_pci_steps(c, balloon)
-        c.section("4.0", balloon, "virtio-balloon config size", up=virtio.on_blob(virtio.balloon_config(full)),
-                  down=virtio.on_blob(virtio.balloon_config(short)),
-                  mirrors="hw_compat_3_1: virtio-balloon-device qemu-4-0-config-size=false (virtio_balloon_config_size:"
-                          " 8 bytes, 16 on the 4.0 machine types); the destination keeps the source's size "
-                          "(compat/machines/pinned.py)",
-                  changes=[Change("field-resized", balloon, "virtio")])
-        c.section("4.1", balloon, "virtio-balloon config size", up=virtio.on_blob(virtio.balloon_config(short)),
-                  down=virtio.on_blob(virtio.balloon_config(full)),
-                  mirrors="hw_compat_4_0: virtio-balloon-device qemu-4-0-config-size=true",
-                  changes=[Change("field-resized", balloon, "virtio")])
-        c.section("5.1", balloon, "virtio-balloon page-poison", up=virtio.on_blob(virtio.balloon_config(full)),
-                  down=virtio.on_blob(virtio.balloon_config(short)),
-                  mirrors="hw_compat_5_0: virtio-balloon-device page-poison=false (VIRTIO_BALLOON_F_PAGE_POISON: "
-                          "16 bytes of config, a 64-byte legacy I/O BAR); the destination keeps the source's "
-                          "page-poison (compat/machines/pinned.py)",
-                  changes=[Change("field-resized", balloon, "virtio")])
+        for version, name, up, down, mirrors in (
+                ("4.0", "virtio-balloon config size", full, short,
+                 "hw_compat_3_1: virtio-balloon-device qemu-4-0-config-size=false (virtio_balloon_config_size: 8 "
+                 "bytes, 16 on the 4.0 machine types)"),
+                ("4.1", "virtio-balloon config size", short, full,
+                 "hw_compat_4_0: virtio-balloon-device qemu-4-0-config-size=true"),
+                ("5.1", "virtio-balloon page-poison", full, short,
+                 "hw_compat_5_0: virtio-balloon-device page-poison=false (VIRTIO_BALLOON_F_PAGE_POISON: 16 bytes of "
+                 "config, a 64-byte legacy I/O BAR)")):
+            c.section(version, balloon, name, up=virtio.on_blob(virtio.balloon_config(up)),
+                      down=virtio.on_blob(virtio.balloon_config(down)),
+                      mirrors=mirrors + "; the destination keeps the source's value (compat/machines/pinned.py)",
+                      changes=[Change("field-resized", balloon, "virtio")])
 
     for dev in (vn, rng, balloon):
         q35.section("4.2", dev, "virtio-pci FLR", up=virtio.on_blob(virtio.flr_up),
