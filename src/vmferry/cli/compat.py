@@ -99,9 +99,9 @@ def _watch_balloon(events: Iterator[Event], found: list[str]) -> Iterator[Event]
 
 def _pinned_balloon_note(source: str | None, target: str, balloons: list[str]) -> str | None:
     """What the destination QEMU's command line must keep for a balloon (compat/machines/pinned.py)."""
-    from ..compat.machines.pinned import pinned_properties
+    from ..compat.machines.pinned import balloon_pins
 
-    pins = [p for p in pinned_properties(source, target) if p.device == "virtio-balloon-device"] if balloons else []
+    pins = balloon_pins(source, target) if balloons else []
     if not pins:
         return None
     return (f"note: run the destination QEMU with {' '.join(p.qemu_option for p in pins)}: the stream's "

@@ -184,11 +184,9 @@ def describe(image: SaveImage, name: str, size: int | None) -> list[str]:
 
 
 def _balloon_pins(image: SaveImage, machine: str | None) -> list[Any]:
-    from ..compat.machines.pinned import pinned_properties
+    from ..compat.machines.pinned import balloon_pins
 
-    if image.balloon is None or machine is None:
-        return []
-    return [p for p in pinned_properties(image.machine, machine) if p.device == "virtio-balloon-device"]
+    return balloon_pins(image.machine, machine) if image.balloon is not None else []
 
 
 def pinned_note(before: SaveImage, machine: str | None) -> str | None:

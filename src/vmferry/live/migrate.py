@@ -394,9 +394,9 @@ def _balloons(conn: QMPConnection) -> list[str]:
 def _check_pinned(dst: Side, from_machine: str, machine: str) -> None:
     """Refuse, before anything moves, a destination whose balloon lacks a property value the source's machine
     type gave it and no stream edit can stand in for (:mod:`vmferry.compat.machines.pinned`)."""
-    from ..compat.machines.pinned import pinned_properties
+    from ..compat.machines.pinned import balloon_pins
 
-    pins = [p for p in pinned_properties(from_machine, machine) if p.device == "virtio-balloon-device"]
+    pins = balloon_pins(from_machine, machine)
     for path in _balloons(dst.conn) if pins else []:
         for pin in pins:
             try:

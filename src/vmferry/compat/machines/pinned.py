@@ -31,7 +31,7 @@ from typing import Callable
 
 from .releases import PC_LINE, Q35_LINE, version_of
 
-__all__ = ["PinnedProperty", "pinned_properties"]
+__all__ = ["BALLOON", "PinnedProperty", "balloon_pins", "pinned_properties"]
 
 
 @dataclass(frozen=True)
@@ -57,10 +57,13 @@ def _config_size_4_0(v: tuple[int, ...]) -> bool:
     return (4, 0) <= v < (4, 1)  # hw_compat_4_0: qemu-4-0-config-size=true; hw_compat_3_1 sets it back to false
 
 
+#: QEMU's device type of the memory balloon (virtio-balloon-pci's virtio device)
+BALLOON = "virtio-balloon-device"
+
 #: (device, property, its default for a machine version, the compat sets that say so)
 _DEFAULTS: tuple[tuple[str, str, Callable[[tuple[int, ...]], bool], str], ...] = (
-    ("virtio-balloon-device", "page-poison", _page_poison, "hw_compat_5_0"),
-    ("virtio-balloon-device", "qemu-4-0-config-size", _config_size_4_0, "hw_compat_4_0/hw_compat_3_1"),
+    (BALLOON, "page-poison", _page_poison, "hw_compat_5_0"),
+    (BALLOON, "qemu-4-0-config-size", _config_size_4_0, "hw_compat_4_0/hw_compat_3_1"),
 )
 
 
@@ -87,3 +90,8 @@ def pinned_properties(source: str | None, target: str | None) -> list[PinnedProp
             pins.append(PinnedProperty(device, name, value, f"{compat}: {device} {name} is {shown} under {source}, "
                                                               f"{'on' if not value else 'off'} under {target}"))
     return pins
+
+
+def balloon_pins(source: str | None, target: str | None) -> list[PinnedProperty]:
+    """:func:`pinned_properties` of the memory balloon."""
+    return [p for p in pinned_properties(source, target) if p.device == BALLOON]
