@@ -67,3 +67,45 @@ def test_transform_of_a_bare_stream_names_the_destination_s_option(tmp_path, cap
     assert main(["transform", "-q", str(saved), str(tmp_path / "q.mig"), "--machine", "pc-i440fx-7.2"]) == 0
     assert main(["transform", str(saved), str(tmp_path / "b50.mig"), "--machine", "pc-i440fx-5.0"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_the_proxy_names_the_destination_s_option(tmp_path, capsys):
+    """Real QEMU 7.2: a pc-i440fx-2.12 guest with a virtio-balloon migrated live through ``vmferry proxy
+    --machine pc-i440fx-7.2``.  The proxy cannot see the destination's command line, so it names the -global on
+    stderr, once; with it the destination loads the stream."""
+    import tempfile
+    import threading
+    import time
+    from pathlib import Path
+
+    from vmferry.cli import main
+    from vmferry.live.qemu.process import QemuVM
+
+    balloon = ["-device", "virtio-balloon-pci"]
+    with tempfile.TemporaryDirectory(prefix="vmf-pin-") as short, \
+            QemuVM("pc-i440fx-2.12", balloon, workdir=tmp_path / "src") as src, \
+            QemuVM("pc-i440fx-7.2", [*balloon, "-global", "virtio-balloon-device.page-poison=off"], incoming=True,
+                   workdir=tmp_path / "dst") as dst:
+        sock = Path(short)  # unix socket paths are short; tmp_path may be too long
+        dst.cmd("migrate-incoming", uri=f"unix:{sock / 'dst.sock'}")
+        result: list[int] = []
+        command = threading.Thread(target=lambda: result.append(main(
+            ["proxy", "--listen", f"unix:{sock / 'p.sock'}", "--forward", f"unix:{sock / 'dst.sock'}",
+             "--machine", "pc-i440fx-7.2", "--timeout", "30"])))
+        command.start()
+        deadline = time.monotonic() + 30
+        while not (sock / "p.sock").exists():
+            assert time.monotonic() < deadline, "vmferry proxy did not listen"
+            time.sleep(0.01)
+        src.migrate(f"unix:{sock / 'p.sock'}")
+        src.wait_migration(timeout=60)
+        command.join(60)
+        assert result == [0] and src.status() == "postmigrate"
+        deadline = time.monotonic() + 30
+        while (status := dst.query_migrate().get("status")) != "completed":  # loaded (a never-started guest)
+            assert status in ("setup", "active") and time.monotonic() < deadline, f"the destination: {status}"
+            time.sleep(0.05)
+    notes = [line for line in capsys.readouterr().err.splitlines() if "note:" in line]
+    assert len(notes) == 1, notes
+    assert notes[0].startswith("vmferry proxy: note: run the destination QEMU with "
+                               "-global virtio-balloon-device.page-poison=off") and "hw_compat_5_0" in notes[0]

@@ -77,7 +77,9 @@ def cmd_transform(args: argparse.Namespace) -> int:
         balloons: list[str] = []
         with command_output(args.output, [args.input]) as out:
             written = write_all(out, target.encode(_watch_balloon(events, balloons), **options))
-    note = _pinned_balloon_note(plans[0].source if plans else None, machine, balloons)
+    from ..compat.machines.pinned import balloon_note
+
+    note = balloon_note(plans[0].source if plans else None, machine) if balloons else None
     if note is not None and not args.quiet:
         print(f"vmferry: {note}", file=sys.stderr)
     if args.json:
@@ -91,21 +93,12 @@ def cmd_transform(args: argparse.Namespace) -> int:
 
 def _watch_balloon(events: Iterator[Event], found: list[str]) -> Iterator[Event]:
     """``events`` unchanged; the idstr of a virtio-balloon section lands in ``found``."""
+    from ..compat.machines.pinned import is_balloon_section
+
     for ev in events:
-        if isinstance(ev, DeviceSection) and ev.idstr.rsplit("/", 1)[-1] == "virtio-balloon" and not found:
+        if isinstance(ev, DeviceSection) and not found and is_balloon_section(ev.idstr):
             found.append(ev.idstr)
         yield ev
-
-
-def _pinned_balloon_note(source: str | None, target: str, balloons: list[str]) -> str | None:
-    """What the destination QEMU's command line must keep for a balloon (compat/machines/pinned.py)."""
-    from ..compat.machines.pinned import balloon_pins
-
-    pins = balloon_pins(source, target) if balloons else []
-    if not pins:
-        return None
-    return (f"note: run the destination QEMU with {' '.join(p.qemu_option for p in pins)}: the stream's "
-            f"virtio-balloon keeps the BAR the guest's driver holds ({'; '.join(p.why for p in pins)})")
 
 
 def _transform_image(args: argparse.Namespace, inp: Input, release: str, machine: str, events: Iterator[Event]) -> int:

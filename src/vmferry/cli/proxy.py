@@ -12,7 +12,7 @@ from typing import Any
 
 from .common import UsageError, schema_option, tls_options
 
-__all__ = ["add_subcommands", "cmd_proxy"]
+__all__ = ["BalloonNote", "add_subcommands", "cmd_proxy"]
 
 
 def cmd_proxy(args: argparse.Namespace) -> int:
@@ -26,8 +26,10 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     if args.tls_cert or args.tls_ca or args.tls_key or args.tls_hostname:
         tls = TlsOptions(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca, hostname=args.tls_hostname)
     _check_listen(args.listen, tls, args.allow_remote)
+    note = BalloonNote(args.machine, args.from_machine) if args.machine and not args.quiet else None
     proxy = Proxy(args.listen, args.forward, machine=args.machine, wire=args.wire, from_machine=args.from_machine,
-                  compress=args.compress, tls=tls, accept_timeout=args.timeout, schema=schema_option(args))
+                  compress=args.compress, tls=tls, accept_timeout=args.timeout, schema=schema_option(args),
+                  observe=note)
     proxy.bind()
     if not args.quiet:
         print(f"vmferry proxy: listening on {proxy.uri}, forwarding {args.wire} to {args.forward}"
@@ -44,6 +46,32 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         print(f"vmferry proxy: {stats.input_format} in, {stats.bytes_in} bytes -> {args.wire} out, "
               f"{stats.bytes_out} bytes{spliced}", file=sys.stderr)
     return 0
+
+
+class BalloonNote:
+    """An observer of the proxied stream that says once, on stderr, what the destination QEMU must keep for the
+    stream's memory balloon when the machine type changes (compat/machines/pinned.py): a proxy cannot see the
+    destination's command line, so where `migrate --via-proxy` checks it, the proxy can only name it, before
+    the destination refuses the balloon's BAR."""
+
+    def __init__(self, target: str, source: str | None = None) -> None:
+        self.target, self.source, self.said = target, source, False
+
+    def __call__(self, ev: Any) -> None:
+        from ..events import Configuration, DeviceSection
+
+        if isinstance(ev, Configuration):
+            name = ev.state.get("name")
+            if isinstance(name, (bytes, str)):
+                self.source = name.decode("latin-1") if isinstance(name, bytes) else name
+        elif isinstance(ev, DeviceSection) and not self.said:
+            from ..compat.machines.pinned import balloon_note, is_balloon_section
+
+            if is_balloon_section(ev.idstr):
+                self.said = True
+                note = balloon_note(self.source, self.target)
+                if note is not None:
+                    print(f"vmferry proxy: {note}", file=sys.stderr, flush=True)
 
 
 def _check_listen(uri: str, tls: Any, allow_remote: bool) -> None:

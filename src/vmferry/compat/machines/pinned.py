@@ -31,7 +31,7 @@ from typing import Callable
 
 from .releases import PC_LINE, Q35_LINE, version_of
 
-__all__ = ["BALLOON", "PinnedProperty", "balloon_pins", "pinned_properties"]
+__all__ = ["BALLOON", "PinnedProperty", "balloon_note", "balloon_pins", "is_balloon_section", "pinned_properties"]
 
 
 @dataclass(frozen=True)
@@ -95,3 +95,18 @@ def pinned_properties(source: str | None, target: str | None) -> list[PinnedProp
 def balloon_pins(source: str | None, target: str | None) -> list[PinnedProperty]:
     """:func:`pinned_properties` of the memory balloon."""
     return [p for p in pinned_properties(source, target) if p.device == BALLOON]
+
+
+def is_balloon_section(idstr: str) -> bool:
+    """Whether a device section (its idstr, e.g. ``0000:00:05.0/virtio-balloon``) is the memory balloon's."""
+    return idstr.rsplit("/", 1)[-1] == "virtio-balloon"
+
+
+def balloon_note(source: str | None, target: str | None) -> str | None:
+    """What the destination QEMU's command line must keep for a balloon saved under ``source`` and loaded under
+    ``target``, as one line for the operator; None when nothing."""
+    pins = balloon_pins(source, target)
+    if not pins:
+        return None
+    return (f"note: run the destination QEMU with {' '.join(p.qemu_option for p in pins)}: the stream's "
+            f"virtio-balloon keeps the BAR the guest's driver holds ({'; '.join(p.why for p in pins)})")
