@@ -32,8 +32,11 @@ CPU busy (TCG).  The routes:
   machine before any decoding, so the proxy's own share is the gap between
   its row and the pump's.
 
-Targets: one proxy >= 70% of direct, two proxies with ferry >= 50%, proxy
-peak RSS < 200 MB.
+Targets (issue 15): one proxy >= 90% of the splice pump, two proxies with
+ferry >= 80% of two splice pumps joined by tcp, each proxy's CPU per GiB
+shown beside the pumps', proxy peak RSS < 100 MB.  (The earlier targets
+against direct QEMU, 70% and 50%, are bounded by the CPUs of a 2-vCPU
+machine: the pumps themselves stay under them; the columns still show it.)
 
 **--multifd N**.  The same guest migrated with the ``multifd`` capability
 and N channels (the main channel plus N connections, all to one address):
@@ -567,17 +570,25 @@ def _rate(runs: dict[str, list[Figure]], key: str) -> float:
 def report_precopy(args: argparse.Namespace, routes: list[Route], runs: dict[str, list[Figure]],
                    startup: dict[str, float], qemu: str) -> int:
     anchor, tcp_anchor = _rate(runs, "direct/0"), _rate(runs, "direct-tcp/0")
-    targets = {"proxy": 0.70, "ferry": 0.50}
+    # issue 15: each proxy route against the byte pumps in the same place (what any process there can reach)
+    pumps = {"proxy": ("splice-pump/0", 0.9), "ferry": ("splice-pumps/0", 0.8)}
     print(f"\n{qemu}: migration of a {args.guest} {args.ram} random-RAM guest, medians of {args.repeat}")
-    print(f"{'route':<46} {'MB/s':>7} {'vs unix':>8} {'vs tcp':>7}  CPU: src+dst QEMU, CPUs busy; stages per GiB (net), peak RSS")
+    print(f"{'route':<46} {'MB/s':>7} {'vs unix':>8} {'vs tcp':>7} {'vs pump(s)':>11}  "
+          "CPU: src+dst QEMU, CPUs busy; stages per GiB (net), peak RSS")
     for r in routes:
         rate = _rate(runs, r.key)
-        target = targets.get(r.name)
-        mark = f"  target >= {target:.0%} of unix: {verdict(rate / anchor >= target)}" if target else ""
-        print(f"{r.title:<46} {rate:7.0f} {rate / anchor:8.0%} {rate / tcp_anchor:7.0%}  "
-              f"{_stage_cells(runs[r.key], startup)}{mark}")
+        pump = pumps.get(r.name)
+        vs_pump = f"{rate / _rate(runs, pump[0]):11.0%}" if pump else " " * 11
+        print(f"{r.title:<46} {rate:7.0f} {rate / anchor:8.0%} {rate / tcp_anchor:7.0%} {vs_pump}  "
+              f"{_stage_cells(runs[r.key], startup)}")
+    print()
+    for name, (key, target) in pumps.items():
+        ratio = _rate(runs, f"{name}/0") / _rate(runs, key)
+        what = "one proxy" if name == "proxy" else "two proxies with ferry over tcp"
+        print(f"{what}: {ratio:.0%} of {'one splice pump' if name == 'proxy' else 'two splice pumps joined by tcp'}"
+              f"  target >= {target:.0%}: {verdict(ratio >= target)}")
     rss = max(f.proxy_rss_mb for k in ("proxy/0", "ferry/0") for f in runs[k])
-    print(f"{'proxy peak RSS (max over its runs)':<46} {rss:6.1f} MB  target < 200 MB: {verdict(rss < 200)}")
+    print(f"proxy peak RSS (max over its runs): {rss:.1f} MB  target < 100 MB: {verdict(rss < 100)}")
     return 0
 
 
