@@ -34,9 +34,9 @@ CPU busy (TCG).  The routes:
 
 Targets (issue 15): one proxy >= 90% of the splice pump, two proxies with
 ferry >= 80% of two splice pumps joined by tcp, each proxy's CPU per GiB
-shown beside the pumps', proxy peak RSS < 100 MB.  (The earlier targets
-against direct QEMU, 70% and 50%, are bounded by the CPUs of a 2-vCPU
-machine: the pumps themselves stay under them; the columns still show it.)
+shown beside the pumps', proxy peak RSS < 100 MB.  The columns against
+direct QEMU stay (the earlier targets were 70% and 50% of it; two pumps
+joined by tcp stay under 50% themselves on a 2-vCPU machine).
 
 **--multifd N**.  The same guest migrated with the ``multifd`` capability
 and N channels (the main channel plus N connections, all to one address):
