@@ -10,6 +10,7 @@ import json
 import sys
 from typing import Any
 
+from ..events import Configuration, DeviceSection
 from .common import UsageError, schema_option, tls_options
 
 __all__ = ["BalloonNote", "add_subcommands", "cmd_proxy"]
@@ -58,8 +59,6 @@ class BalloonNote:
         self.target, self.source, self.said = target, source, False
 
     def __call__(self, ev: Any) -> None:
-        from ..events import Configuration, DeviceSection
-
         if isinstance(ev, Configuration):
             name = ev.state.get("name")
             if isinstance(name, (bytes, str)):

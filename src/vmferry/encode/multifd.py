@@ -126,9 +126,10 @@ def _cname(raw: bytes, offset: int, path: str, what: str) -> str:
     return name.decode("ascii")
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=512)
 def _low_bits(page_size: int, n: int) -> int:
-    """``page_size - 1`` in each of ``n`` 64-bit words, as one integer (the bits a page offset must not set)."""
+    """``page_size - 1`` in each of ``n`` 64-bit words, as one integer (the bits a page offset must not set).
+    ``n`` is any count up to a packet's slots (128 for 4 KiB pages), so the cache holds every count of a stream."""
     return int.from_bytes((page_size - 1).to_bytes(8, "big") * n, "big")
 
 
