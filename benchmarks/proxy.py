@@ -571,7 +571,8 @@ def report_precopy(args: argparse.Namespace, routes: list[Route], runs: dict[str
                    startup: dict[str, float], qemu: str) -> int:
     anchor, tcp_anchor = _rate(runs, "direct/0"), _rate(runs, "direct-tcp/0")
     # issue 15: each proxy route against the byte pumps in the same place (what any process there can reach)
-    pumps = {"proxy": ("splice-pump/0", 0.9), "ferry": ("splice-pumps/0", 0.8)}
+    pumps = {"proxy": ("splice-pump/0", 0.9, "one proxy", "one splice pump"),
+             "ferry": ("splice-pumps/0", 0.8, "two proxies with ferry over tcp", "two splice pumps joined by tcp")}
     print(f"\n{qemu}: migration of a {args.guest} {args.ram} random-RAM guest, medians of {args.repeat}")
     print(f"{'route':<46} {'MB/s':>7} {'vs unix':>8} {'vs tcp':>7} {'vs pump(s)':>11}  "
           "CPU: src+dst QEMU, CPUs busy; stages per GiB (net), peak RSS")
@@ -582,11 +583,9 @@ def report_precopy(args: argparse.Namespace, routes: list[Route], runs: dict[str
         print(f"{r.title:<46} {rate:7.0f} {rate / anchor:8.0%} {rate / tcp_anchor:7.0%} {vs_pump}  "
               f"{_stage_cells(runs[r.key], startup)}")
     print()
-    for name, (key, target) in pumps.items():
+    for name, (key, target, what, anchor_name) in pumps.items():
         ratio = _rate(runs, f"{name}/0") / _rate(runs, key)
-        what = "one proxy" if name == "proxy" else "two proxies with ferry over tcp"
-        print(f"{what}: {ratio:.0%} of {'one splice pump' if name == 'proxy' else 'two splice pumps joined by tcp'}"
-              f"  target >= {target:.0%}: {verdict(ratio >= target)}")
+        print(f"{what}: {ratio:.0%} of {anchor_name}  target >= {target:.0%}: {verdict(ratio >= target)}")
     rss = max(f.proxy_rss_mb for k in ("proxy/0", "ferry/0") for f in runs[k])
     print(f"proxy peak RSS (max over its runs): {rss:.1f} MB  target < 100 MB: {verdict(rss < 100)}")
     return 0
