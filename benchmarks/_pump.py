@@ -12,7 +12,12 @@ destination closes.  Two ways to move them:
 * ``copy``: ``recv_into`` one reused 1 MiB buffer, then ``sendall`` (the two
   copies every user-space proxy makes);
 * ``splice``: ``splice(2)`` from the socket into a pipe and from the pipe into
-  the other socket, so the bytes never reach user space (zero copy).
+  the other socket, so the bytes never reach user space (zero copy);
+* ``tee``: the splice pump that also reads every byte, as ``vmferry proxy``
+  must (it reads each page record's header): ``tee(2)`` into a second pipe
+  and ``read`` that copy into a reused buffer, then splice the first pipe
+  out.  Nothing is parsed, so it is the floor of the proxy's own I/O: what
+  a proxy of QEMU's format would reach with no interpreter at all.
 
 Either way it does far less than ``vmferry proxy`` (no decoding), so its
 throughput is what any proxy at that place could hope for on this machine.
@@ -24,12 +29,13 @@ of splice's pipes (default 1 MiB), to see what buffering in the path costs
 every channel's source has closed and the destination has closed the first
 channel (after loading the whole state).
 
-    python benchmarks/_pump.py copy|splice --listen URI --forward URI [--sndbuf BYTES] [--pipe BYTES]
+    python benchmarks/_pump.py copy|splice|tee --listen URI --forward URI [--sndbuf BYTES] [--pipe BYTES]
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import fcntl
 import os
 import socket
@@ -65,6 +71,32 @@ def splice(src: socket.socket, dst: socket.socket, size: int = CHUNK) -> None:
         os.close(write_end)
 
 
+def tee(src: socket.socket, dst: socket.socket, size: int = CHUNK) -> None:
+    libc_tee = ctypes.CDLL(None, use_errno=True).tee
+    libc_tee.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_size_t, ctypes.c_uint]
+    libc_tee.restype = ctypes.c_ssize_t
+    held_r, held_w = os.pipe()
+    copy_r, copy_w = os.pipe()
+    buffer = [bytearray(size)]
+    try:
+        for fd in (held_w, copy_w):
+            try:
+                fcntl.fcntl(fd, F_SETPIPE_SZ, size)
+            except OSError:
+                pass
+        while n := os.splice(src.fileno(), held_w, size):
+            if libc_tee(held_r, copy_w, n, 0) != n:  # the copy pipe is empty and as large: all of it fits
+                raise OSError(ctypes.get_errno(), "tee")
+            left = n
+            while left:
+                left -= os.readv(copy_r, buffer)  # the bytes a decoder would look at
+            while n:
+                n -= os.splice(held_r, dst.fileno(), n)
+    finally:
+        for fd in (held_r, held_w, copy_r, copy_w):
+            os.close(fd)
+
+
 def _direction(move: Callable[[socket.socket, socket.socket, int], None], size: int, src: socket.socket,
                dst: socket.socket, name: str) -> threading.Thread:
     """A thread moving ``src`` to ``dst`` until ``src`` closes, then half-closing ``dst`` (the end passes on)."""
@@ -87,7 +119,7 @@ def _direction(move: Callable[[socket.socket, socket.socket, int], None], size: 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=("copy", "splice"))
+    ap.add_argument("mode", choices=("copy", "splice", "tee"))
     ap.add_argument("--listen", required=True)
     ap.add_argument("--forward", required=True)
     ap.add_argument("--sndbuf", type=int, default=0, metavar="BYTES",
@@ -95,7 +127,7 @@ def main() -> int:
     ap.add_argument("--pipe", type=int, default=CHUNK, metavar="BYTES",
                     help="splice's pipe size, copy's buffer (default 1 MiB)")
     args = ap.parse_args()
-    move = copy if args.mode == "copy" else splice
+    move = {"copy": copy, "splice": splice, "tee": tee}[args.mode]
     listener = listen(args.listen)
     print(f"listening on {listener.uri}", file=sys.stderr, flush=True)
     forwards: list[threading.Thread] = []
