@@ -1,11 +1,12 @@
 """Helpers for the tests that run the ``vmferry`` command as a user would: a subprocess, its one-line errors,
-its partial outputs, and a signal sent while it writes."""
+its partial outputs, a signal sent while it writes, and ``vmferry proxy`` in a thread."""
 
 from __future__ import annotations
 
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -50,3 +51,19 @@ def signal_while_writing(args: list[str], data: bytes, folder: Path, sig: int) -
     err = proc.stderr.read().decode()
     proc.stdin.close()
     return rc, err
+
+
+def proxy_in_thread(args: list[str], listening: Path, timeout: float = 30) -> tuple[threading.Thread, list[int]]:
+    """``vmferry proxy ARGS`` run by ``vmferry.cli.main`` in a thread (so that its stderr is captured), returned
+    once it listens on the unix socket ``listening``, with the list its exit code goes to."""
+    from vmferry.cli import main
+
+    result: list[int] = []
+    command = threading.Thread(target=lambda: result.append(main(["proxy", *args])))
+    command.start()
+    deadline = time.monotonic() + timeout
+    while not listening.exists():
+        assert command.is_alive(), f"vmferry proxy exited with {result}"
+        assert time.monotonic() < deadline, "vmferry proxy did not listen"
+        time.sleep(0.01)
+    return command, result

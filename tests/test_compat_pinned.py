@@ -74,11 +74,11 @@ def test_the_proxy_names_the_destination_s_option(tmp_path, capsys):
     --machine pc-i440fx-7.2``.  The proxy cannot see the destination's command line, so it names the -global on
     stderr, once; with it the destination loads the stream."""
     import tempfile
-    import threading
     import time
     from pathlib import Path
 
-    from vmferry.cli import main
+    from cli_helpers import proxy_in_thread
+
     from vmferry.live.qemu.process import QemuVM
 
     balloon = ["-device", "virtio-balloon-pci"]
@@ -88,15 +88,9 @@ def test_the_proxy_names_the_destination_s_option(tmp_path, capsys):
                    workdir=tmp_path / "dst") as dst:
         sock = Path(short)  # unix socket paths are short; tmp_path may be too long
         dst.cmd("migrate-incoming", uri=f"unix:{sock / 'dst.sock'}")
-        result: list[int] = []
-        command = threading.Thread(target=lambda: result.append(main(
-            ["proxy", "--listen", f"unix:{sock / 'p.sock'}", "--forward", f"unix:{sock / 'dst.sock'}",
-             "--machine", "pc-i440fx-7.2", "--timeout", "30"])))
-        command.start()
-        deadline = time.monotonic() + 30
-        while not (sock / "p.sock").exists():
-            assert time.monotonic() < deadline, "vmferry proxy did not listen"
-            time.sleep(0.01)
+        command, result = proxy_in_thread(["--listen", f"unix:{sock / 'p.sock'}", "--forward",
+                                           f"unix:{sock / 'dst.sock'}", "--machine", "pc-i440fx-7.2", "--timeout",
+                                           "30"], sock / "p.sock")
         src.migrate(f"unix:{sock / 'p.sock'}")
         src.wait_migration(timeout=60)
         command.join(60)

@@ -393,19 +393,14 @@ def test_a_pipe_of_one_page_still_carries_the_stream_unchanged(sockdir: Path) ->
 def test_the_proxy_command_says_how_much_it_spliced(sockdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import threading
 
+    from cli_helpers import proxy_in_thread
+
     from vmferry.live.transport import listen
 
     data = _paged_stream(60)
     sink = listen(f"unix:{sockdir / 'sink.sock'}")
-    result: list[int] = []
-    command = threading.Thread(target=lambda: result.append(main(
-        ["proxy", "--listen", f"unix:{sockdir / 'p.sock'}", "--forward", f"unix:{sockdir / 'sink.sock'}",
-         "--timeout", "30"])))
-    command.start()
-    deadline = time.monotonic() + 30
-    while not (sockdir / "p.sock").exists():
-        assert time.monotonic() < deadline, "vmferry proxy did not listen"
-        time.sleep(0.01)
+    command, result = proxy_in_thread(["--listen", f"unix:{sockdir / 'p.sock'}", "--forward",
+                                       f"unix:{sockdir / 'sink.sock'}", "--timeout", "30"], sockdir / "p.sock")
     sender = threading.Thread(target=_send, args=(f"unix:{sockdir / 'p.sock'}", data))
     sender.start()
     with sink.accept(30) as got:
