@@ -7,7 +7,7 @@ postcopy-preempt channel) until the first is done.  For each it connects to
 the first connection for its main channel), and moves the bytes unchanged,
 without looking at them, both ways: source to destination until the source
 closes, and destination back to source (QEMU's return path) until the
-destination closes.  Two ways to move them:
+destination closes.  Three ways to move them:
 
 * ``copy``: ``recv_into`` one reused 1 MiB buffer, then ``sendall`` (the two
   copies every user-space proxy makes);
@@ -19,7 +19,7 @@ destination closes.  Two ways to move them:
   out.  Nothing is parsed, so it is the floor of the proxy's own I/O: what
   a proxy of QEMU's format would reach with no interpreter at all.
 
-Either way it does far less than ``vmferry proxy`` (no decoding), so its
+Each does far less than ``vmferry proxy`` (no decoding), so its
 throughput is what any proxy at that place could hope for on this machine.
 It uses vmferry's transport to listen and connect, so its sockets are set up
 as the proxy's are (a unix socket to the destination may hold 4 MiB,
