@@ -11,7 +11,9 @@ of its start-up (the same process started and stopped while idle).  Both
 QEMUs' CPU time while migrating (from /proc) is given per GiB too, and the
 CPU time of all of them per second of migration: how many of this
 machine's 2 CPUs the migration kept busy (other users' work not counted;
-the load average is printed after each round).
+the load average is printed after each round), and the machine's steal
+time while migrating (its CPUs waiting for a host that served other
+guests): a slow round with much steal is the host's, not the route's.
 
 Three modes:
 
@@ -142,6 +144,7 @@ class Figure:
     postcopy_s: float = 0.0  # postcopy: from migrate-start-postcopy to completed
     requests: int = 0  # postcopy: the source's postcopy-requests
     blocktime_ms: int = 0  # postcopy: the destination's postcopy-blocktime
+    steal_s: float = 0.0  # CPU time the host gave to others while this machine's CPUs wanted it, while migrating
 
     @property
     def mb_per_s(self) -> float:
@@ -182,6 +185,13 @@ def _cpu_s(vm: QemuVM) -> float:
     with open(f"/proc/{vm.pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime (fields 14 and 15 of stat)
+
+
+def _steal_s() -> float:
+    """The CPU time this virtual machine's CPUs have waited for the host so far (all CPUs; /proc/stat's steal)."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return int(fields[8]) / _TICK if len(fields) > 8 else 0.0
 
 
 def _free_port() -> int:
@@ -328,16 +338,16 @@ def run_precopy(b: Bench, route: Route) -> Figure:
             if b.running:
                 src.wait_for_count(2, timeout=60)
             src.set_params({"max-bandwidth": 1 << 40})
-            cpu0 = (_cpu_s(src), _cpu_s(dst))
+            cpu0, steal0 = (_cpu_s(src), _cpu_s(dst)), _steal_s()
             t0 = time.monotonic()
             src.cmd("migrate", uri=src_uri)
             info = _final(src, route)
             elapsed = time.monotonic() - t0
-            qemu_cpu = (_cpu_s(src) - cpu0[0], _cpu_s(dst) - cpu0[1])
+            qemu_cpu, steal = (_cpu_s(src) - cpu0[0], _cpu_s(dst) - cpu0[1]), _steal_s() - steal0
             stages = [_reap(kind, p) for kind, p in procs]
             # a never-started source leaves the destination in prelaunch
             _wait_status(dst, ("running",) if b.running else ("paused", "prelaunch"), route.title)
-            return Figure(elapsed, int(info["ram"]["transferred"]), stages, qemu_cpu)
+            return Figure(elapsed, int(info["ram"]["transferred"]), stages, qemu_cpu, steal_s=steal)
         finally:
             _kill(procs)
 
@@ -390,7 +400,7 @@ def run_postcopy(b: Bench, route: Route) -> Figure:
             # fits in downtime-limit at the measured bandwidth (300 ms at GB/s would be most of the guest).
             src.set_params({"max-bandwidth": 1 << 40, "max-postcopy-bandwidth": b.postcopy_bandwidth,
                             "downtime-limit": 10})
-            cpu0 = (_cpu_s(src), _cpu_s(dst))
+            cpu0, steal0 = (_cpu_s(src), _cpu_s(dst)), _steal_s()
             t0 = time.monotonic()
             src.cmd("migrate", uri=src_uri)
             while (info := src.query_migrate())["status"] in ("setup", "active") and \
@@ -404,7 +414,7 @@ def run_postcopy(b: Bench, route: Route) -> Figure:
             info = _final(src, route)
             elapsed = time.monotonic() - t0
             in_postcopy = time.monotonic() - switched
-            qemu_cpu = (_cpu_s(src) - cpu0[0], _cpu_s(dst) - cpu0[1])
+            qemu_cpu, steal = (_cpu_s(src) - cpu0[0], _cpu_s(dst) - cpu0[1]), _steal_s() - steal0
             stages = [_reap(kind, p) for kind, p in procs]
             _wait_status(dst, ("running",), route.title)
             blocktime = int(dst.query_migrate().get("postcopy-blocktime", 0))
@@ -412,7 +422,7 @@ def run_postcopy(b: Bench, route: Route) -> Figure:
             _kill(procs)
     # read once QEMU has exited: its log is then complete
     return Figure(elapsed, int(info["ram"]["transferred"]), stages, qemu_cpu, fault_latencies(trace_log),
-                  in_postcopy, int(info["ram"].get("postcopy-requests", 0)), blocktime)
+                  in_postcopy, int(info["ram"].get("postcopy-requests", 0)), blocktime, steal)
 
 
 def _wait_touching(vm: QemuVM, pages: int = 1000, timeout: float = 60.0) -> None:
@@ -556,13 +566,17 @@ def main() -> int:
                 cpu = " ".join(f"{s.kind} {s.cpu_s:5.2f} s {s.rss_mb:5.1f} MB" for s in f.stages)
                 print(f"  run {i + 1} {route.key:<16} {f.transferred / 1e6:8.1f} MB {f.seconds:6.3f} s "
                       f"{f.mb_per_s:7.0f} MB/s  QEMU CPU {f.qemu_cpu_s[0]:4.2f} + {f.qemu_cpu_s[1]:4.2f} s, "
-                      f"{f.busy(startup):4.2f} CPUs busy  {cpu}{extra}", file=sys.stderr)
+                      f"{f.busy(startup):4.2f} CPUs busy, steal {f.steal_s:4.2f} s  {cpu}{extra}", file=sys.stderr)
             loads.append(_load())
 
     qemu = f"QEMU {args.qemu or '7.2'}"
     print(f"\nload average (1, 5, 15 min) at the start and after each round: {' | '.join(loads)}")
     print("stage start-up CPU (idle start and stop, subtracted in parentheses): "
           + ", ".join(f"{k} {v:.2f} s" for k, v in startup.items()))
+    steals = sorted(f.steal_s / f.seconds for fs in runs.values() for f in fs)
+    print(f"steal (CPU time the host gave to other guests while these CPUs wanted it) per second of migration: "
+          f"median {_med(steals):.2f}, max {steals[-1]:.2f} CPUs; rounds with much of it are the host's, not the "
+          "route's")
     if args.postcopy:
         return report_postcopy(args, routes, runs, startup, qemu)
     if args.multifd:
