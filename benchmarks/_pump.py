@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import fcntl
 import os
 import socket
 import sys
@@ -44,9 +43,9 @@ import threading
 from typing import Callable
 
 from vmferry.errors import TransportError
+from vmferry.live.splice import _libc_tee, sized_pipe
 from vmferry.live.transport import SocketStream, connect, listen
 
-F_SETPIPE_SZ = 1031
 CHUNK = 1 << 20
 
 
@@ -57,12 +56,8 @@ def copy(src: socket.socket, dst: socket.socket, size: int = CHUNK) -> None:
 
 
 def splice(src: socket.socket, dst: socket.socket, size: int = CHUNK) -> None:
-    read_end, write_end = os.pipe()
+    read_end, write_end = sized_pipe(size)  # as large as allowed (fs.pipe-max-size), as the proxy's
     try:
-        try:
-            fcntl.fcntl(write_end, F_SETPIPE_SZ, size)
-        except OSError:  # above /proc/sys/fs/pipe-max-size without privileges: keep the default
-            pass
         while n := os.splice(src.fileno(), write_end, size):
             while n:
                 n -= os.splice(read_end, dst.fileno(), n)
@@ -72,18 +67,13 @@ def splice(src: socket.socket, dst: socket.socket, size: int = CHUNK) -> None:
 
 
 def tee(src: socket.socket, dst: socket.socket, size: int = CHUNK) -> None:
-    libc_tee = ctypes.CDLL(None, use_errno=True).tee
-    libc_tee.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_size_t, ctypes.c_uint]
-    libc_tee.restype = ctypes.c_ssize_t
-    held_r, held_w = os.pipe()
-    copy_r, copy_w = os.pipe()
+    libc_tee = _libc_tee()  # the proxy's own binding of tee(2)
+    if libc_tee is None:
+        raise SystemExit("the tee pump needs tee(2) from the C library")
+    held_r, held_w = sized_pipe(size)
+    copy_r, copy_w = sized_pipe(size)
     buffer = [bytearray(size)]
     try:
-        for fd in (held_w, copy_w):
-            try:
-                fcntl.fcntl(fd, F_SETPIPE_SZ, size)
-            except OSError:
-                pass
         while n := os.splice(src.fileno(), held_w, size):
             if libc_tee(held_r, copy_w, n, 0) != n:  # the copy pipe is empty and as large: all of it fits
                 raise OSError(ctypes.get_errno(), "tee")
