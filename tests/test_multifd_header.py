@@ -11,12 +11,14 @@ from vmferry.encode import multifd
 from vmferry.errors import DecodeError
 
 
-def _header(offsets: list[int], normal: int, page_size: int = 4096) -> bytes:
+def ram_header(offsets: list[int], normal: int, page_size: int = 4096, *, number: int = 9, flags: int = 0,
+               block: bytes = b"pc.ram") -> bytes:
+    """A RAM packet header (QEMU 7.2's layout): ``offsets`` lists the normal pages' offsets, then the zero pages'."""
     h = bytearray(multifd._ram_header_size(page_size))
-    struct.pack_into(">III", h, 0, multifd.MAGIC, multifd.VERSION, 0)
-    struct.pack_into(">IIIQI", h, 12, multifd.PACKET_BYTES // page_size, normal, normal * page_size, 9,
+    struct.pack_into(">III", h, 0, multifd.MAGIC, multifd.VERSION, flags)
+    struct.pack_into(">IIIQI", h, 12, multifd.PACKET_BYTES // page_size, normal, normal * page_size, number,
                      len(offsets) - normal)
-    h[64:70] = b"pc.ram"
+    h[64:64 + len(block)] = block
     struct.pack_into(f">{len(offsets)}Q", h, 320, *offsets)
     return bytes(h)
 
@@ -24,7 +26,7 @@ def _header(offsets: list[int], normal: int, page_size: int = 4096) -> bytes:
 @pytest.mark.parametrize("page_size", [4096, 65536])
 def test_aligned_offsets_pass(page_size):
     slots = multifd.PACKET_BYTES // page_size
-    packet = multifd.parse_header(_header([(1 << 40) + i * page_size for i in range(slots)], slots - 2, page_size),
+    packet = multifd.parse_header(ram_header([(1 << 40) + i * page_size for i in range(slots)], slots - 2, page_size),
                                   page_size=page_size)
     assert (packet.normal_pages, packet.zero_pages, packet.size, packet.block) == \
         (slots - 2, 2, (slots - 2) * page_size, "pc.ram")
@@ -38,6 +40,6 @@ def test_a_misaligned_offset_is_named_with_its_place(page_size, bad, low):
     offsets = [i * page_size for i in range(slots)]
     offsets[bad] += low
     with pytest.raises(DecodeError) as e:
-        multifd.parse_header(_header(offsets, slots - 2, page_size), 1000, page_size=page_size)
+        multifd.parse_header(ram_header(offsets, slots - 2, page_size), 1000, page_size=page_size)
     assert e.value.offset == 1000 + 320 + 8 * bad
     assert f"{offsets[bad]:#x} is not page-aligned" in str(e.value)
