@@ -113,11 +113,20 @@ def _forged(edit) -> tuple[bytes, int]:
     GROUP's offset."""
     a, b = random.Random(4).randbytes(PS), random.Random(5).randbytes(PS)
     data = encode_with("ferry", ram_stream(a + b + a), **GROUPED)
+
+    def checked(body: bytearray, at: int) -> bytearray:
+        assert body[16] & ferry.RUN_COPIES
+        return edit(body, at)
+
+    return rewrite_pages(data, checked)
+
+
+def rewrite_pages(data: bytes, edit) -> tuple[bytes, int]:
+    """``data`` (a grouped stream whose first GROUP holds one PAGES frame, of block pc.ram, and is followed by the
+    END frame) with that frame's body rewritten by ``edit(body, offset of its tables)``; and the GROUP's offset."""
     o, n, inner, fs = inner_frames(data)
     (pos, t, f, size), = [x for x in fs if x[1] & 0x7F == ferry.T_PAGES]
-    body = bytearray(inner[pos + 16:pos + 16 + size])
-    assert body[16] & ferry.RUN_COPIES
-    body = edit(body, 18 + len("pc.ram"))
+    body = edit(bytearray(inner[pos + 16:pos + 16 + size]), 18 + len("pc.ram"))
     inner[pos:pos + 16 + size] = _INNER.pack(t, f, 0, len(body), 0, 0) + body
     head = data[:o] + _group(bytes(inner))
     (end, _, _), = [x for x in frames(data) if x[1] & 0x7F == ferry.T_END]
@@ -192,11 +201,15 @@ def test_copies_cannot_repeat_more_than_a_group_may_hold():
     """A group's copies hand out at most 64 MiB of pages: a few bytes of copy table cannot make a reader build much
     more than a group's worth of pages."""
     tail = memoryview(struct.pack(">I", 1) + copies.ENTRY.pack(1, 0) + bytes(PS))
+    k, data_at = copies.table_length(tail, 2, 7, "$.ram")
+    assert (k, data_at) == (1, 12)
+    refs = copies.read_table(tail, k, 2, PS, 0, PS, 7, "$.ram")
+    assert refs == {1: 0}
     table: list[memoryview] = []
-    data, repeated = copies.assemble(tail, 2, PS, table, PS, None, 7, "$.ram")
-    assert bytes(data) == bytes(2 * PS) and repeated == PS and len(table) == 2
+    data = copies.rebuild(tail[data_at:], 2, PS, refs, table, None, 7, "$.ram")
+    assert bytes(data) == bytes(2 * PS) and len(table) == 2
     with pytest.raises(DecodeError, match="repeat more than 4095 bytes") as e:
-        copies.assemble(tail, 2, PS, [], PS - 1, None, 7, "$.ram")
+        copies.read_table(tail, k, 2, PS, 0, PS - 1, 7, "$.ram")
     assert e.value.offset == 7
     data, at = _forged(_entry(2, 0))
     with pytest.MonkeyPatch.context() as mp:

@@ -66,7 +66,7 @@ def test_groups_round_trip_and_follow_the_spec():
     data = encode_with("ferry", events, **GROUPED)
     mask = struct.unpack_from(">Q", data, 12)[0]
     assert caps.names(mask) == ["ferry-framing", "frame-crc32c", "zstd", "self-describing", "frame-groups",
-                                "x86-filter", "page-copies"]
+                                "x86-filter", "page-copies", "page-planes"]
     top = frames(data)
     assert [t for _, t, _ in top] == [ferry.MUST_UNDERSTAND | ferry.T_GROUP, 0xFF]
     assert build(ferry.decode([data])) == build(events)

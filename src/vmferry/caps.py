@@ -38,6 +38,7 @@ class Cap(enum.IntFlag, boundary=enum.KEEP):
     FRAME_GROUPS = 1 << 5  # ferry GROUP frames: runs of frames compressed together (docs/format.md §2.4)
     X86_FILTER = 1 << 6  # ferry PAGES frames whose data went through xz's x86 branch filter (§2.2)
     PAGE_COPIES = 1 << 7  # ferry PAGES frames in a GROUP may name pages as copies of earlier ones (§2.5)
+    PAGE_PLANES = 1 << 8  # ferry PAGES frames in a GROUP may carry pages as their byte planes (§2.6)
     # --- codecs (16..31); QEMU's own stream needs no bit
     CODEC_FERRY = 1 << 16
     CODEC_JSON = 1 << 17

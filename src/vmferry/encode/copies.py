@@ -7,9 +7,9 @@ carries only the data of the others.  The reader needs nothing beyond the
 group it holds anyway: references never leave the group.
 
 :class:`GroupPages` is the writer's side (which pages of a run repeat a page
-of the open group, found by their BLAKE2b digests);
-:func:`assemble` is the reader's (the run's page data rebuilt, every number
-and length checked before anything is allocated).
+of the open group, found by their BLAKE2b digests); :func:`table_length`,
+:func:`read_table` and :func:`rebuild` are the reader's (the run's page data
+rebuilt, every number and length checked before anything is allocated).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from ..errors import DecodeError
 
-__all__ = ["ENTRY", "MAX_REPEATED", "GroupPages", "assemble", "pack_copies"]
+__all__ = ["ENTRY", "MAX_REPEATED", "GroupPages", "pack_copies", "read_table", "rebuild", "table_length"]
 
 MAX_REPEATED = 64 << 20  # bytes of pages the copies of one GROUP may repeat, at most (§2.5)
 ENTRY = struct.Struct(">II")  # the page's index in its run, the number of the earlier page it repeats
@@ -76,21 +76,22 @@ def stretches(count: int, copied: set[int]) -> list[tuple[int, int]]:
     return out
 
 
-def assemble(tail: memoryview, count: int, ps: int, table: list[memoryview], budget: int,
-             unfilter: Callable[[memoryview, int], bytes] | None, at: int, path: str) -> tuple[memoryview, int]:
-    """The page data of a PAGES frame with copies (``tail``: its body after the run header) and the bytes its
-    copies repeat.  ``table`` holds the pages of the group so far (this run's are appended); ``budget`` is how
-    many bytes of copies the group may still hand out; ``unfilter(data, index)`` undoes the x86 filter of a
-    stretch of carried pages starting at page ``index`` of the run."""
+def table_length(tail: Any, count: int, at: int, path: str) -> tuple[int, int]:
+    """How many copies a PAGES frame names (``tail``: its body after the run header) and the length of its copy
+    table."""
     if len(tail) < _COUNT.size:
         raise DecodeError("PAGES frame too short for its copy table", at, path)
     (k,) = _COUNT.unpack_from(tail, 0)
     if not 1 <= k <= count:
         raise DecodeError(f"PAGES frame of {count} pages names {k} copies", at, path)
-    data_at = _COUNT.size + k * ENTRY.size
-    if len(tail) != data_at + (count - k) * ps:
-        raise DecodeError(f"PAGES frame holds {len(tail)} bytes for {count} pages of {ps}, {k} of them copies",
-                          at, path)
+    return k, _COUNT.size + k * ENTRY.size
+
+
+def read_table(tail: Any, k: int, count: int, ps: int, known: int, budget: int, at: int,
+               path: str) -> dict[int, int]:
+    """The ``k`` copies of a run of ``count`` pages (whose frame has the length its tables say): page index ->
+    number of the page of the group it repeats.  ``known`` pages of the group came before the run; ``budget``
+    is how many bytes of copies the group may still hand out."""
     if k * ps > budget:
         raise DecodeError(f"the copies of a GROUP repeat more than {budget} bytes of pages", at, path)
     refs: dict[int, int] = {}
@@ -99,13 +100,20 @@ def assemble(tail: memoryview, count: int, ps: int, table: list[memoryview], bud
         index, ref = ENTRY.unpack_from(tail, _COUNT.size + j * ENTRY.size)
         if index <= last or index >= count:
             raise DecodeError(f"copy {j} names page {index} of a run of {count} (indexes must ascend)", at, path)
-        if ref >= len(table) + index:
+        if ref >= known + index:
             raise DecodeError(f"page {index} repeats page {ref} of its GROUP, which has carried only "
-                              f"{len(table) + index} pages before it", at, path)
+                              f"{known + index} pages before it", at, path)
         refs[index] = ref
         last = index
+    return refs
+
+
+def rebuild(data: Any, count: int, ps: int, refs: dict[int, int], table: list[memoryview],
+            unfilter: Callable[[Any, int], bytes] | None, at: int, path: str) -> memoryview:
+    """The page data of a run from the pages it carries (``data``, in order) and its copies (``refs``, from
+    :func:`read_table`).  ``table`` holds the pages of the group so far (this run's are appended);
+    ``unfilter(data, index)`` undoes the x86 filter of a stretch of carried pages starting at page ``index``."""
     out = bytearray(count * ps)
-    data = tail[data_at:]
     pos = 0
     for first, end in stretches(count, set(refs)):
         piece = data[pos:pos + (end - first) * ps]
@@ -122,4 +130,4 @@ def assemble(tail: memoryview, count: int, ps: int, table: list[memoryview], bud
             view[i * ps:(i + 1) * ps] = source
         table.append(view[i * ps:(i + 1) * ps])
     assert len(table) == base + count
-    return view.toreadonly(), k * ps
+    return view.toreadonly()

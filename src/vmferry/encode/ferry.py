@@ -37,7 +37,7 @@ from ..events import (
     RamRecord,
     RamZeros,
 )
-from . import bcj, copies
+from . import bcj, copies, planes
 from .msgpack import check_cost
 from .records import NATIVE, RecordDecoder, RecordEncoder, UnknownFrame
 from .runs import PageGroup, regroup
@@ -45,7 +45,7 @@ from .runs import PageGroup, regroup
 NAME = "ferry"
 CAP = Cap.CODEC_FERRY
 FEATURES = (Cap.FERRY_FRAMING | Cap.FRAME_CRC32C | Cap.ZSTD | Cap.LZ4 | Cap.SELF_DESCRIBING | Cap.FRAME_GROUPS
-            | Cap.X86_FILTER | Cap.PAGE_COPIES)
+            | Cap.X86_FILTER | Cap.PAGE_COPIES | Cap.PAGE_PLANES)
 REQUIRES = ("msgpack", "crc32c")  # zstandard and lz4 only for --compress
 MAGIC = b"\x89FRY\r\n\x1a\n"
 FORMAT_VERSION = 1
@@ -73,7 +73,7 @@ COMPRESSIONS = {"none": COMP_NONE, "zstd": COMP_ZSTD, "lz4": COMP_LZ4}
 COMPRESSION_CAPS = {COMP_ZSTD: Cap.ZSTD, COMP_LZ4: Cap.LZ4}
 # Bits a version-1 stream may set in its header.
 STREAM_CAPS = (Cap.FERRY_FRAMING | Cap.FRAME_CRC32C | Cap.ZSTD | Cap.LZ4 | Cap.SELF_DESCRIBING | Cap.FRAME_GROUPS
-               | Cap.X86_FILTER | Cap.PAGE_COPIES)
+               | Cap.X86_FILTER | Cap.PAGE_COPIES | Cap.PAGE_PLANES)
 
 MAX_BODY = 64 << 20
 PAGES_PER_FRAME = 256
@@ -90,11 +90,14 @@ RUN_FILL = 0x02
 RUN_QEMU_LAYOUT = 0x04  # PAGES: the pages as QEMU's own PAGE records (docs/format.md §2.2)
 RUN_X86 = 0x08  # PAGES, packed: the data went through xz's x86 branch filter, from the run's offset (§2.2)
 RUN_COPIES = 0x10  # PAGES, packed, in a GROUP: some pages are copies of earlier pages of the group (§2.5)
+RUN_PLANES = 0x20  # PAGES, packed, in a GROUP: a code per carried page, some stored as byte planes (§2.6)
 
 # GROUP frames (docs/format.md §2.4): frames compressed together, written once their frames reach GROUP_BYTES.
 GROUP_BYTES = 2 << 20
 PROBE_BYTES = 16 << 10  # page data whose first bytes do not shrink by PROBE_GAIN goes in a frame of its own
 PROBE_GAIN = 0.95
+# zstd's level for choosing byte planes: twice as fast as level 1 on 4 KiB pages, and it chose as well (§2.6).
+PLANE_PROBE_LEVEL = -1
 # A first group that carries this much of the main RAM block's pages is a booted guest's: the faster parameters.
 BOOTED_BYTES = 64 << 10
 
@@ -216,19 +219,20 @@ def _group_compressor(kind: int, level: int | None, bulk: bool = False) -> Calla
     return compress_group
 
 
-def _probe() -> Callable[[Any], bytes] | None:
-    """A fast compressor that tells incompressible page data (random, encrypted, already compressed)."""
+def _probe(level: int = 1) -> Callable[[Any], bytes] | None:
+    """A fast compressor that tells incompressible page data (random, encrypted, already compressed), or, at
+    :data:`PLANE_PROBE_LEVEL`, which pages to store as byte planes (§2.6)."""
     try:
         import zstandard
     except ImportError:
         return None
-    return zstandard.ZstdCompressor(level=1).compress
+    return zstandard.ZstdCompressor(level=level).compress
 
 
 def available_caps() -> Cap:
     """The stream features this installation can read and write."""
     mask = (Cap.FERRY_FRAMING | Cap.FRAME_CRC32C | Cap.SELF_DESCRIBING | Cap.FRAME_GROUPS | Cap.X86_FILTER
-            | Cap.PAGE_COPIES)
+            | Cap.PAGE_COPIES | Cap.PAGE_PLANES)
     for cap, mod in ((Cap.ZSTD, "zstandard"), (Cap.LZ4, "lz4.block")):
         try:
             __import__(mod)
@@ -325,6 +329,7 @@ class _Writer:
             self.level = level
             self.group_compressor: Callable[[Any], bytes] | None = None  # chosen when the first group is written
             self.probe = _probe()
+            self.plane_probe = _probe(PLANE_PROBE_LEVEL)
         elif self.comp:
             self.compressor = _compressor(self.comp, level)
         self.group = bytearray()  # the frames of the open group, CRCs zero (docs/format.md §2.4)
@@ -342,7 +347,9 @@ class _Writer:
     @property
     def caps(self) -> Cap:
         caps = Cap.FERRY_FRAMING | Cap.FRAME_CRC32C | Cap.SELF_DESCRIBING | COMPRESSION_CAPS.get(self.comp, Cap(0))
-        return caps | Cap.FRAME_GROUPS | Cap.X86_FILTER | Cap.PAGE_COPIES if self.groups else caps
+        if not self.groups:
+            return caps
+        return caps | Cap.FRAME_GROUPS | Cap.X86_FILTER | Cap.PAGE_COPIES | Cap.PAGE_PLANES
 
     def frame(self, ftype: int, parts: list[Any], size: int, compressible: bool = True) -> Iterator[Any]:
         """Yield one frame whose body is the concatenation of ``parts`` (``size`` bytes).
@@ -476,8 +483,9 @@ class _Writer:
 
     def _grouped_pages(self, ev: RamPages, crcs: list[int], flags: int, name: bytes) -> Iterator[Any]:
         """A PAGES frame in the open group: packed (QEMU's record headers would only cost bytes; the reader
-        rebuilds them), pages that repeat a page of the group as copies of it (§2.5), and code through the x86
-        filter, which makes its call targets repeat (each stretch of carried pages on its own)."""
+        rebuilds them), pages that repeat a page of the group as copies of it (§2.5), code through the x86
+        filter, which makes its call targets repeat (each stretch of carried pages on its own), and pages of
+        words as their byte planes where the probe finds them smaller so (§2.6)."""
         ps = ev.page_size
         if self.group_compressor is None and ev.block == self.main_block:
             self.main_bytes += ev.count * ps
@@ -494,8 +502,15 @@ class _Writer:
         if carried and bcj.looks_like_x86(carried[0][1] if len(carried) == 1 else b"".join(p for _, p in carried)):
             carried = [(first, bcj.encode_pages(p, ev.offset + first * ps)) for first, p in carried]
             flags |= RUN_X86
+        payload: list[Any] = [p for _, p in carried]
+        if self.plane_probe is not None and carried:
+            codes, stored = planes.store(carried, ps, self.plane_probe)
+            if codes:
+                flags |= RUN_PLANES
+                table += codes
+                payload = stored
         head = _RUN.pack(ev.offset, ev.count, ps, flags, len(name)) + name + table
-        parts = [head] + [p for _, p in carried]
+        parts = [head, *payload]
         yield from self._grouped(MUST_UNDERSTAND | T_PAGES, parts, sum(len(p) for p in parts))
 
     def zeros(self, ev: RamZeros) -> Iterator[Any]:
@@ -928,10 +943,11 @@ class FerryDecoder:
             raise DecodeError(f"implausible page size {ps}", start, path)
         if count == 0:
             raise DecodeError("RAM frame of no pages", start, path)
-        if flags & ~(RUN_NAMED | RUN_FILL | RUN_QEMU_LAYOUT | RUN_X86 | RUN_COPIES) or (
+        packed_only = RUN_X86 | RUN_COPIES | RUN_PLANES
+        if flags & ~(RUN_NAMED | RUN_FILL | RUN_QEMU_LAYOUT | packed_only) or (
                 kind == T_PAGES and flags & RUN_FILL) or (
-                kind == T_ZEROS and flags & (RUN_QEMU_LAYOUT | RUN_X86 | RUN_COPIES)) or (
-                flags & (RUN_X86 | RUN_COPIES) and flags & RUN_QEMU_LAYOUT):
+                kind == T_ZEROS and flags & (RUN_QEMU_LAYOUT | packed_only)) or (
+                flags & packed_only and flags & RUN_QEMU_LAYOUT):
             raise DecodeError(f"unknown RAM frame flags {flags:#04x}", start, path)
         if flags & RUN_X86 and not self.caps & Cap.X86_FILTER:
             raise DecodeError("x86-filtered PAGES frame in a stream whose header does not announce x86-filter",
@@ -941,6 +957,11 @@ class FerryDecoder:
                               start, path)
         if flags & RUN_COPIES and not self._inner:
             raise DecodeError("PAGES frame with copies outside a GROUP", start, path)
+        if flags & RUN_PLANES and not self.caps & Cap.PAGE_PLANES:
+            raise DecodeError("PAGES frame with byte planes in a stream whose header does not announce page-planes",
+                              start, path)
+        if flags & RUN_PLANES and not self._inner:
+            raise DecodeError("PAGES frame with byte planes outside a GROUP", start, path)
         self._records.check_run(block, offset, count, ps, path, start)
         named = bool(flags & RUN_NAMED)
         if kind == T_PAGES and flags & RUN_QEMU_LAYOUT:
@@ -951,22 +972,7 @@ class FerryDecoder:
                 self._group_pages.extend(run.pages())
             return run
         if kind == T_PAGES:
-            if flags & RUN_COPIES:
-                if count * ps > self.opts.max_body:
-                    raise DecodeError(f"PAGES frame of {count} pages of {ps} bytes, over the limit", start, path)
-
-                def unfilter(piece: memoryview, first: int) -> bytes:
-                    return bcj.decode_pages(piece, offset + first * ps)
-
-                data, repeated = copies.assemble(tail, count, ps, self._group_pages, self._copy_budget,
-                                                 unfilter if flags & RUN_X86 else None, start, path)
-                self._copy_budget -= repeated
-            else:
-                if len(tail) != count * ps:
-                    raise DecodeError(f"PAGES frame holds {len(tail)} bytes for {count} pages of {ps}", start, path)
-                data = memoryview(bcj.decode_pages(tail, offset)) if flags & RUN_X86 else tail
-                if self._inner and self.caps & Cap.PAGE_COPIES:
-                    self._group_pages.extend(data[i * ps:(i + 1) * ps] for i in range(count))
+            data = self._packed(tail, offset, count, ps, flags, start, path)
             run = RamPages(block, offset, count, named, ps, data=data)
             if self.opts.legacy_records:
                 run.legacy = legacy_page_records(block, offset, count, named, ps, data)
@@ -979,6 +985,41 @@ class FerryDecoder:
         elif len(tail):
             raise DecodeError("ZEROS frame has trailing bytes", start, path)
         return RamZeros(block, offset, count, named, ps, fill)
+
+    def _packed(self, tail: Any, offset: int, count: int, ps: int, flags: int, start: int, path: str) -> Any:
+        """The page data of a packed PAGES frame (``tail``: its body after the run header): its copy table and
+        plane codes read and checked, then the pages rebuilt, their planes joined and the x86 filter undone."""
+        k = 0
+        data_at = 0
+        if flags & RUN_COPIES and count * ps > self.opts.max_body:
+            raise DecodeError(f"PAGES frame of {count} pages of {ps} bytes, over the limit", start, path)
+        if flags & RUN_COPIES:
+            k, data_at = copies.table_length(tail, count, start, path)
+        codes_at = data_at
+        if flags & RUN_PLANES:
+            data_at += count - k
+        if len(tail) != data_at + (count - k) * ps:
+            raise DecodeError(f"PAGES frame holds {len(tail)} bytes for {count} pages of {ps}"
+                              + (f", {k} of them copies" if k else ""), start, path)
+        data = tail[data_at:]
+        if flags & RUN_PLANES:
+            codes = planes.read_codes(tail[codes_at:data_at], start, path)
+            if any(codes):
+                data = planes.restore(data, codes, ps)
+        x86 = bool(flags & RUN_X86)
+        if k:
+            refs = copies.read_table(tail, k, count, ps, len(self._group_pages), self._copy_budget, start, path)
+            self._copy_budget -= k * ps
+
+            def unfilter(piece: Any, first: int) -> bytes:
+                return bcj.decode_pages(piece, offset + first * ps)
+
+            return copies.rebuild(data, count, ps, refs, self._group_pages, unfilter if x86 else None, start, path)
+        if x86:
+            data = memoryview(bcj.decode_pages(data, offset))
+        if self._inner and self.caps & Cap.PAGE_COPIES:
+            self._group_pages.extend(data[i * ps:(i + 1) * ps] for i in range(count))
+        return data
 
     def _record(self, kind: int, body: memoryview, start: int) -> None:
         path = f"$.frames[{self._totals.frames - 1}]"
