@@ -171,7 +171,11 @@ def _size(ps: int):
     (_size(8192), "do not fit block|bytes for 3 pages of 8192"),
 ])
 def test_a_copy_of_a_page_never_sent_is_a_decode_error(edit, message):
-    data, at = _forged(edit)
+    decodes_or_fails_at(*_forged(edit), message)
+
+
+def decodes_or_fails_at(data: bytes, at: int, message: str | None) -> None:
+    """``data`` decodes (``message`` None), or fails with a DecodeError matching ``message`` at offset ``at``."""
     if message is None:
         list(ferry.decode([data]))
         return

@@ -988,7 +988,8 @@ class FerryDecoder:
 
     def _packed(self, tail: Any, offset: int, count: int, ps: int, flags: int, start: int, path: str) -> Any:
         """The page data of a packed PAGES frame (``tail``: its body after the run header): its copy table and
-        plane codes read and checked, then the pages rebuilt, their planes joined and the x86 filter undone."""
+        plane codes read and checked, then the carried pages' planes joined, the x86 filter undone and the
+        copies placed (§2.5, §2.6)."""
         k = 0
         data_at = 0
         if flags & RUN_COPIES and count * ps > self.opts.max_body:
