@@ -91,6 +91,7 @@ RUN_QEMU_LAYOUT = 0x04  # PAGES: the pages as QEMU's own PAGE records (docs/form
 RUN_X86 = 0x08  # PAGES, packed: the data went through xz's x86 branch filter, from the run's offset (§2.2)
 RUN_COPIES = 0x10  # PAGES, packed, in a GROUP: some pages are copies of earlier pages of the group (§2.5)
 RUN_PLANES = 0x20  # PAGES, packed, in a GROUP: a code per carried page, some stored as byte planes (§2.6)
+RUN_PACKED_ONLY = RUN_X86 | RUN_COPIES | RUN_PLANES  # flags of the packed layout: never in ZEROS or QEMU layout
 
 # GROUP frames (docs/format.md §2.4): frames compressed together, written once their frames reach GROUP_BYTES.
 GROUP_BYTES = 2 << 20
@@ -943,11 +944,10 @@ class FerryDecoder:
             raise DecodeError(f"implausible page size {ps}", start, path)
         if count == 0:
             raise DecodeError("RAM frame of no pages", start, path)
-        packed_only = RUN_X86 | RUN_COPIES | RUN_PLANES
-        if flags & ~(RUN_NAMED | RUN_FILL | RUN_QEMU_LAYOUT | packed_only) or (
+        if flags & ~(RUN_NAMED | RUN_FILL | RUN_QEMU_LAYOUT | RUN_PACKED_ONLY) or (
                 kind == T_PAGES and flags & RUN_FILL) or (
-                kind == T_ZEROS and flags & (RUN_QEMU_LAYOUT | packed_only)) or (
-                flags & packed_only and flags & RUN_QEMU_LAYOUT):
+                kind == T_ZEROS and flags & (RUN_QEMU_LAYOUT | RUN_PACKED_ONLY)) or (
+                flags & RUN_PACKED_ONLY and flags & RUN_QEMU_LAYOUT):
             raise DecodeError(f"unknown RAM frame flags {flags:#04x}", start, path)
         if flags & RUN_X86 and not self.caps & Cap.X86_FILTER:
             raise DecodeError("x86-filtered PAGES frame in a stream whose header does not announce x86-filter",
@@ -992,9 +992,9 @@ class FerryDecoder:
         copies placed (§2.5, §2.6)."""
         k = 0
         data_at = 0
-        if flags & RUN_COPIES and count * ps > self.opts.max_body:
-            raise DecodeError(f"PAGES frame of {count} pages of {ps} bytes, over the limit", start, path)
         if flags & RUN_COPIES:
+            if count * ps > self.opts.max_body:
+                raise DecodeError(f"PAGES frame of {count} pages of {ps} bytes, over the limit", start, path)
             k, data_at = copies.table_length(tail, count, start, path)
         codes_at = data_at
         if flags & RUN_PLANES:
